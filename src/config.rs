@@ -1,0 +1,412 @@
+//! The one configuration struct, read once at start from defaults, an optional TOML file and
+//! `COMFYRELAY_*` environment variables (nested keys joined by `__`, e.g. `COMFYRELAY_GRPC__LISTEN`).
+//!
+//! Nothing below `main` reads the environment: this struct is passed down.
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    Figment,
+    providers::{Format, Serialized, Toml},
+};
+use serde::{Deserialize, Serialize};
+
+/// Everything comfyrelay can be configured with. Every field has a default.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Directory for the SQLite database and stored artifacts.
+    pub data_dir: PathBuf,
+    /// Directory of workflow manifests and graphs.
+    pub workflows_dir: PathBuf,
+    /// gRPC server settings.
+    pub grpc: GrpcConfig,
+    /// Logging settings.
+    pub log: LogConfig,
+    /// ComfyUI servers and client behaviour.
+    pub comfyui: ComfyUiConfig,
+    /// Job engine settings.
+    pub jobs: JobsConfig,
+    /// RunComfy machine pool.
+    pub runcomfy: RunComfyConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("data"),
+            workflows_dir: PathBuf::from("workflows"),
+            grpc: GrpcConfig::default(),
+            log: LogConfig::default(),
+            comfyui: ComfyUiConfig::default(),
+            jobs: JobsConfig::default(),
+            runcomfy: RunComfyConfig::default(),
+        }
+    }
+}
+
+/// gRPC server settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request or response message, in bytes. The default fits 32 MiB images with room to spare.
+    pub max_message_bytes: usize,
+    /// How long shutdown waits for open calls and running work before cutting them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Serve gRPC-Web (HTTP/1.1, for browsers) next to gRPC.
+    pub grpc_web: bool,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 48 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            grpc_web: true,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// `EnvFilter` directives; `RUST_LOG` overrides them.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, filter: "info,comfyrelay=debug".into() }
+    }
+}
+
+/// A ComfyUI server named by the operator.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StaticServer {
+    /// A short unique name, used as the machine id.
+    pub name: String,
+    /// Base URL, e.g. `http://127.0.0.1:8188`.
+    pub url: String,
+}
+
+impl fmt::Debug for StaticServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StaticServer")
+            .field("name", &self.name)
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
+}
+
+/// Returns `url` with any user-info (credentials) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("***");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => "<invalid url>".into(),
+    }
+}
+
+/// ComfyUI servers and client behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ComfyUiConfig {
+    /// Static ComfyUI servers jobs run on.
+    pub servers: Vec<StaticServer>,
+    /// Timeout of one HTTP request to ComfyUI.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A socket with no frame for this long is probed; one that fails the probe is reconnected.
+    #[serde(with = "humantime_serde")]
+    pub idle_probe: Duration,
+    /// Prompts queued on one server ahead of the running one (ComfyUI runs one at a time).
+    pub prequeue: usize,
+}
+
+impl Default for ComfyUiConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec![StaticServer { name: "local".into(), url: "http://127.0.0.1:8188".into() }],
+            request_timeout: Duration::from_secs(30),
+            idle_probe: Duration::from_secs(10),
+            prequeue: 1,
+        }
+    }
+}
+
+/// Job engine settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Outputs at most this large are sent inline in events and `Job.outputs`.
+    pub inline_output_max_bytes: u64,
+    /// Finished jobs, their events and artifacts are deleted this long after they end.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Attempts for a job whose backend lost it (1 = no retry).
+    pub max_attempts: u32,
+    /// Longest wait in the queue.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// Longest input upload.
+    #[serde(with = "humantime_serde")]
+    pub upload_timeout: Duration,
+    /// Longest execution on ComfyUI.
+    #[serde(with = "humantime_serde")]
+    pub execution_timeout: Duration,
+    /// Longest output download.
+    #[serde(with = "humantime_serde")]
+    pub download_timeout: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            inline_output_max_bytes: 1024 * 1024,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            max_attempts: 2,
+            queue_timeout: Duration::from_secs(3600),
+            upload_timeout: Duration::from_secs(120),
+            execution_timeout: Duration::from_secs(1800),
+            download_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A secret string: never shown by `Debug`, `Display` or serialization.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether it is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Serialized only to seed figment's defaults; never write the secret out.
+        s.serialize_str("")
+    }
+}
+
+/// RunComfy machine pool settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunComfyConfig {
+    /// Launch and use RunComfy machines.
+    pub enabled: bool,
+    /// API base URL.
+    pub base_url: String,
+    /// The account's user id.
+    pub user_id: String,
+    /// The API token (Bearer). Set it through `COMFYRELAY_RUNCOMFY__API_TOKEN`.
+    pub api_token: Secret,
+    /// Requests per second allowed for the whole account.
+    pub requests_per_second: u32,
+    /// Extra requests allowed in a burst.
+    pub burst: u32,
+}
+
+impl Default for RunComfyConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            base_url: "https://beta-api.runcomfy.net".into(),
+            user_id: String::new(),
+            api_token: Secret::default(),
+            requests_per_second: 1,
+            burst: 1,
+        }
+    }
+}
+
+/// A configuration error that names the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads defaults, then `file` (TOML) if given, then `COMFYRELAY_*` variables from `env`, and validates.
+    ///
+    /// `env` is passed in (rather than read here) so tests can supply their own.
+    ///
+    /// # Errors
+    /// A message naming the key and what is wrong with it.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        if let Some(path) = file
+            && !path.exists()
+        {
+            return Err(ConfigError(format!("config file {} does not exist", path.display())));
+        }
+        // The environment is injected (not read here, so tests can supply their own); each
+        // `COMFYRELAY_A__B` becomes the key `a.b`, its value parsed like a TOML value.
+        let vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("COMFYRELAY_") && k != "COMFYRELAY_CONFIG")
+            .collect();
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            figment = figment.merge(Toml::file(path));
+        }
+        for (key, value) in vars {
+            let path = key["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
+            let parsed: figment::value::Value =
+                value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
+            figment = figment.merge(Serialized::global(&path, parsed).named(format!("env var {key}")));
+        }
+        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot.
+    ///
+    /// # Errors
+    /// A message naming the first key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("key `{key}`: {why}")));
+        if self.grpc.max_message_bytes < 1024 * 1024 {
+            return bad("grpc.max_message_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        if self.jobs.max_attempts == 0 {
+            return bad("jobs.max_attempts", "must be at least 1");
+        }
+        if self.comfyui.prequeue > 16 {
+            return bad("comfyui.prequeue", "must be at most 16");
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.comfyui.servers.iter().enumerate() {
+            if s.name.is_empty() || !names.insert(s.name.as_str()) {
+                return bad(&format!("comfyui.servers[{i}].name"), "must be non-empty and unique");
+            }
+            match url::Url::parse(&s.url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                _ => return bad(&format!("comfyui.servers[{i}].url"), "must be an http(s) URL"),
+            }
+        }
+        if self.runcomfy.enabled {
+            if self.runcomfy.user_id.is_empty() {
+                return bad("runcomfy.user_id", "is required when runcomfy.enabled is true");
+            }
+            if self.runcomfy.api_token.is_empty() {
+                return bad("runcomfy.api_token", "is required when runcomfy.enabled is true");
+            }
+            if self.runcomfy.requests_per_second == 0 {
+                return bad("runcomfy.requests_per_second", "must be at least 1");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|e| {
+            let key = if e.path.is_empty() { "<root>".to_string() } else { e.path.join(".") };
+            let source = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+            let mut kind = e.kind.to_string();
+            // Never echo a value back: it could be a secret placed under the wrong key.
+            if let Some(i) = kind.find(": found ") {
+                kind.truncate(i);
+            }
+            if source.is_empty() {
+                format!("key `{key}`: {kind}")
+            } else {
+                format!("key `{key}` (from {source}): {kind}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn env_overrides_nested_keys() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0"),
+                ("COMFYRELAY_JOBS__RETENTION", "2h"),
+                ("COMFYRELAY_LOG__FORMAT", "json"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.grpc.listen.port(), 0);
+        assert_eq!(c.jobs.retention, Duration::from_secs(7200));
+        assert_eq!(c.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let e = Config::load(None, env(&[("COMFYRELAY_GRPC__MAX_MESSAGE_BYTES", "lots")])).unwrap_err();
+        assert!(e.to_string().contains("grpc.max_message_bytes"), "{e}");
+        let e = Config::load(None, env(&[("COMFYRELAY_JOBS__MAX_ATTEMPTS", "0")])).unwrap_err();
+        assert!(e.to_string().contains("jobs.max_attempts"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let mut c = Config::default();
+        c.runcomfy.api_token = Secret::new("tok-very-secret");
+        c.comfyui.servers[0].url = "http://user:pw@127.0.0.1:8188".into();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("tok-very-secret"));
+        assert!(!dbg.contains("pw@"));
+    }
+}

@@ -1,0 +1,94 @@
+//! The gRPC adapter: the only module (with `proto`) that knows tonic and `pb::` types.
+//!
+//! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
+//! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
+
+mod jobs;
+mod machines;
+pub mod status;
+mod workflows;
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::{config::Config, proto::pb};
+
+/// Serves every service on `listener` until `shutdown` is cancelled.
+///
+/// # Errors
+/// A transport failure while serving.
+pub async fn serve(listener: TcpListener, config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let max = config.grpc.max_message_bytes;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
+    health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
+    health.set_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let workflows = pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new())
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");
+
+    let incoming = TcpListenerStream::new(listener);
+    let health_for_shutdown = health.clone();
+    let token = shutdown.clone();
+    let signal = async move {
+        token.cancelled().await;
+        // Tell load balancers first, so no new work arrives while we drain.
+        health_for_shutdown.set_not_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
+        tracing::info!("draining gRPC connections");
+    };
+
+    let mut builder = Server::builder()
+        .accept_http1(config.grpc.grpc_web)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .trace_fn(|req| {
+            tracing::info_span!("rpc", method = %req.uri().path())
+        });
+    let router = if config.grpc.grpc_web {
+        builder
+            .layer(tonic_web::GrpcWebLayer::new())
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(jobs)
+            .add_service(workflows)
+            .add_service(machines)
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+    } else {
+        builder
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(jobs)
+            .add_service(workflows)
+            .add_service(machines)
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+    };
+    router?;
+    tracing::info!("gRPC server stopped");
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! The one mapping from domain errors to `tonic::Status`, with `google.rpc` details (AIP-193).
+//!
+//! Each `From` impl matches exhaustively (no `_ =>` arm), so a new error variant fails the build here.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The `ErrorInfo.domain` of every error comfyrelay returns.
+pub const ERROR_DOMAIN: &str = "comfyrelay.dev";
+
+/// A caller fault: `INVALID_ARGUMENT` with one field violation per problem.
+pub fn invalid_argument(violations: &[(String, String)]) -> Status {
+    let message = violations
+        .iter()
+        .map(|(f, d)| format!("{f}: {d}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for (field, description) in violations {
+        details.add_bad_request_violation(field.clone(), description.clone());
+    }
+    details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, Default::default());
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// `INVALID_ARGUMENT` for one field.
+pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
+    invalid_argument(&[(field.to_string(), description.into())])
+}
+
+/// A status with an `ErrorInfo` reason.
+pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(reason, ERROR_DOMAIN, Default::default());
+    Status::with_error_details(code, message.into(), details)
+}
+
+/// `UNIMPLEMENTED` for an RPC whose capability is not built yet.
+pub fn unimplemented(rpc: &str) -> Status {
+    with_reason(Code::Unimplemented, "NOT_IMPLEMENTED", format!("{rpc} is not implemented yet"))
+}
+
+/// An internal failure: logs the full cause chain and returns a generic message.
+pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
+    let mut chain = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::error!(error = %chain, "internal error");
+    with_reason(Code::Internal, "INTERNAL", "internal error; see the server log")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_carries_every_violation() {
+        let s = invalid_argument(&[("a".into(), "bad".into()), ("b".into(), "worse".into())]);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        let br = s.get_details_bad_request().expect("bad request details");
+        assert_eq!(br.field_violations.len(), 2);
+        assert_eq!(br.field_violations[1].field, "b");
+    }
+
+    #[test]
+    fn internal_hides_the_cause() {
+        let e = std::io::Error::other("secret path /root/token");
+        let s = internal(&e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret"));
+    }
+}

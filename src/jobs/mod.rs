@@ -1,0 +1,1 @@
+//! The job engine: submission, scheduling, running on backends, event logs and subscriptions.

@@ -1,0 +1,1 @@
+//! RunComfy Server API client: rate-limited, retrying, tolerant of the API's documented quirks.
