@@ -2,7 +2,6 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
-    // SAFETY-free: build scripts run single-threaded before any other code; prost reads PROTOC.
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     let include = protoc_bin_vendored::include_path()?;
     let mut config = tonic_prost_build::Config::new();
@@ -12,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".comfyrelay.v1")
         .compile_with_config(
             config,
-            &["proto/comfyrelay/v1/comfyrelay.proto"],
+            &[std::path::PathBuf::from("proto/comfyrelay/v1/comfyrelay.proto")],
             &[std::path::PathBuf::from("proto"), include],
         )?;
     println!("cargo:rerun-if-changed=proto");

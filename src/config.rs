@@ -109,10 +109,7 @@ pub struct StaticServer {
 
 impl fmt::Debug for StaticServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticServer")
-            .field("name", &self.name)
-            .field("url", &redact_url(&self.url))
-            .finish()
+        f.debug_struct("StaticServer").field("name", &self.name).field("url", &redact_url(&self.url)).finish()
     }
 }
 
@@ -290,13 +287,14 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file(path));
         }
+        let env_keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
         for (key, value) in vars {
             let path = key["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
             let parsed: figment::value::Value =
                 value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
-            figment = figment.merge(Serialized::global(&path, parsed).named(format!("env var {key}")));
+            figment = figment.merge(Serialized::global(&path, parsed));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e)))?;
+        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e, &env_keys)))?;
         config.validate()?;
         Ok(config)
     }
@@ -341,11 +339,16 @@ impl Config {
     }
 }
 
-fn describe(e: figment::Error) -> String {
+fn describe(e: figment::Error, env_keys: &[String]) -> String {
     e.into_iter()
         .map(|e| {
             let key = if e.path.is_empty() { "<root>".to_string() } else { e.path.join(".") };
-            let source = e.metadata.as_ref().map(|m| m.name.to_string()).unwrap_or_default();
+            let var = format!("COMFYRELAY_{}", key.replace('.', "__").to_ascii_uppercase());
+            let source = if env_keys.contains(&var) {
+                format!("environment variable {var}")
+            } else {
+                e.metadata.as_ref().and_then(|m| m.source.as_ref()).map(|s| s.to_string()).unwrap_or_default()
+            };
             let mut kind = e.kind.to_string();
             // Never echo a value back: it could be a secret placed under the wrong key.
             if let Some(i) = kind.find(": found ") {

@@ -12,9 +12,9 @@ pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let _ = match format {
-        LogFormat::Json => registry
-            .with(fmt::layer().json().with_current_span(true).with_span_list(false))
-            .try_init(),
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().with_current_span(true).with_span_list(false)).try_init()
+        }
         LogFormat::Pretty => registry.with(fmt::layer().with_target(true)).try_init(),
     };
 }

@@ -24,11 +24,17 @@ impl pb::machine_service_server::MachineService for MachineApi {
         Err(unimplemented("ListMachines"))
     }
 
-    async fn get_machine(&self, _req: Request<pb::GetMachineRequest>) -> Result<Response<pb::Machine>, Status> {
+    async fn get_machine(
+        &self,
+        _req: Request<pb::GetMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
         Err(unimplemented("GetMachine"))
     }
 
-    async fn drain_machine(&self, _req: Request<pb::DrainMachineRequest>) -> Result<Response<pb::Machine>, Status> {
+    async fn drain_machine(
+        &self,
+        _req: Request<pb::DrainMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
         Err(unimplemented("DrainMachine"))
     }
 }

@@ -21,7 +21,11 @@ use crate::{config::Config, proto::pb};
 ///
 /// # Errors
 /// A transport failure while serving.
-pub async fn serve(listener: TcpListener, config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
@@ -63,9 +67,7 @@ pub async fn serve(listener: TcpListener, config: &Config, shutdown: Cancellatio
     let mut builder = Server::builder()
         .accept_http1(config.grpc.grpc_web)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .trace_fn(|req| {
-            tracing::info_span!("rpc", method = %req.uri().path())
-        });
+        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()));
     let router = if config.grpc.grpc_web {
         builder
             .layer(tonic_web::GrpcWebLayer::new())

@@ -10,16 +10,16 @@ pub const ERROR_DOMAIN: &str = "comfyrelay.dev";
 
 /// A caller fault: `INVALID_ARGUMENT` with one field violation per problem.
 pub fn invalid_argument(violations: &[(String, String)]) -> Status {
-    let message = violations
-        .iter()
-        .map(|(f, d)| format!("{f}: {d}"))
-        .collect::<Vec<_>>()
-        .join("; ");
+    let message = violations.iter().map(|(f, d)| format!("{f}: {d}")).collect::<Vec<_>>().join("; ");
     let mut details = ErrorDetails::new();
     for (field, description) in violations {
         details.add_bad_request_violation(field.clone(), description.clone());
     }
-    details.set_error_info("INVALID_ARGUMENT", ERROR_DOMAIN, Default::default());
+    details.set_error_info(
+        "INVALID_ARGUMENT",
+        ERROR_DOMAIN,
+        std::collections::HashMap::<String, String>::new(),
+    );
     Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
@@ -31,7 +31,7 @@ pub fn invalid_field(field: &str, description: impl Into<String>) -> Status {
 /// A status with an `ErrorInfo` reason.
 pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Status {
     let mut details = ErrorDetails::new();
-    details.set_error_info(reason, ERROR_DOMAIN, Default::default());
+    details.set_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::<String, String>::new());
     Status::with_error_details(code, message.into(), details)
 }
 

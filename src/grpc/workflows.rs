@@ -24,7 +24,10 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         Err(unimplemented("ListWorkflows"))
     }
 
-    async fn get_workflow(&self, _req: Request<pb::GetWorkflowRequest>) -> Result<Response<pb::Workflow>, Status> {
+    async fn get_workflow(
+        &self,
+        _req: Request<pb::GetWorkflowRequest>,
+    ) -> Result<Response<pb::Workflow>, Status> {
         Err(unimplemented("GetWorkflow"))
     }
 }

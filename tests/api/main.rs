@@ -1,1 +1,7 @@
+//! The one integration-test binary: every test talks to a real comfyrelay over gRPC on 127.0.0.1:0.
 
+mod helpers;
+
+mod config_errors;
+mod foundation;
+mod unimplemented;
