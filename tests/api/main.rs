@@ -2,6 +2,10 @@
 
 mod helpers;
 
+mod cancel;
 mod config_errors;
 mod foundation;
+mod jobs;
+mod load;
+mod recovery;
 mod unimplemented;
