@@ -44,9 +44,12 @@ pub async fn serve(
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
-    let workflows = pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    // Until the job engine owns the catalog: the WorkflowService needs one to serve.
+    let catalog = crate::catalog::Catalog::load(&config.workflows_dir)?;
+    let workflows =
+        pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
     let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
