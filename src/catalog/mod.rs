@@ -115,14 +115,40 @@ impl Catalog {
     /// with its path and reason.
     pub fn load(dir: &Path) -> Result<Self, CatalogError> {
         let snapshot = load_snapshot(dir)?;
+        Ok(Self::from_snapshot(dir, snapshot))
+    }
+
+    /// A catalog of the given workflows (e.g. built with [`parse_workflow`] in tests), as if loaded from
+    /// `dir`, which [`Catalog::reload`] and [`Catalog::watch`] read later.
+    ///
+    /// # Errors
+    /// [`CatalogError::Invalid`] if two workflows share a name.
+    pub fn from_workflows(dir: &Path, workflows: Vec<Workflow>) -> Result<Self, CatalogError> {
+        let mut workflows: Vec<Arc<Workflow>> = workflows.into_iter().map(Arc::new).collect();
+        workflows.sort_by(|a, b| a.name.cmp(&b.name));
+        let duplicates: Vec<LoadProblem> = workflows
+            .windows(2)
+            .filter(|pair| pair[0].name == pair[1].name)
+            .map(|pair| LoadProblem {
+                path: dir.join(&pair[0].name),
+                reason: "two workflows have this name".into(),
+            })
+            .collect();
+        if !duplicates.is_empty() {
+            return Err(CatalogError::Invalid(duplicates));
+        }
+        Ok(Self::from_snapshot(dir, Snapshot { workflows }))
+    }
+
+    fn from_snapshot(dir: &Path, snapshot: Snapshot) -> Self {
         let (status, _) = tokio_watch::channel(ReloadStatus { generation: 1, ..ReloadStatus::default() });
-        Ok(Self {
+        Self {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 current: RwLock::new(Arc::new(snapshot)),
                 status,
             }),
-        })
+        }
     }
 
     /// The directory the catalog loads from.

@@ -683,8 +683,8 @@ async fn a_bad_file_is_rejected_and_the_last_good_catalog_stays() {
     // A good new workflow, moved in whole.
     copy_workflow(&bundled_dir().join("scale-blur"), &staging.join("scale-blur"));
     std::fs::rename(staging.join("scale-blur"), dir.join("scale-blur")).unwrap_or_else(|e| panic!("{e}"));
-    wait_for_status(&catalog, "the good reload", |s| s.generation >= 2).await;
-    assert!(catalog.get("scale-blur").is_some());
+    let seen = catalog.clone();
+    wait_for_status(&catalog, "the good reload", |_| seen.get("scale-blur").is_some()).await;
 
     // A bad one: the reload is rejected, and the last good catalog stays in service.
     std::fs::create_dir_all(staging.join("bad")).unwrap_or_else(|e| panic!("{e}"));
@@ -722,4 +722,44 @@ fn reload_keeps_the_last_good_catalog() {
     let status = catalog.status().borrow().clone();
     assert_eq!((status.generation, status.attempts), (1, 1));
     assert!(status.last_error.is_some_and(|e| e.contains("invert/workflow.json")));
+}
+
+#[test]
+fn a_catalog_can_be_built_from_parsed_workflows() {
+    let manifest =
+        std::fs::read_to_string(bundled_dir().join("invert").join(MANIFEST_FILE)).unwrap_or_default();
+    let graph = std::fs::read_to_string(bundled_dir().join("invert").join(GRAPH_FILE)).unwrap_or_default();
+    let workflow = parse_workflow("invert", &manifest, &graph).unwrap_or_else(|e| panic!("{e:?}"));
+    let catalog = Catalog::from_workflows(Path::new("unused"), vec![workflow.clone()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(catalog.get("invert").as_deref(), Some(&workflow));
+    assert!(matches!(
+        Catalog::from_workflows(Path::new("unused"), vec![workflow.clone(), workflow]),
+        Err(CatalogError::Invalid(p)) if p.len() == 1
+    ));
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_reloads() {
+    let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    copy_workflow(&bundled_dir().join("invert"), &root.path().join("invert"));
+    let catalog = Catalog::load(root.path()).unwrap_or_else(|e| panic!("{e}"));
+    let cancel = CancellationToken::new();
+    let task = catalog.watch(cancel.clone());
+    // `watching` is set only once the SIGHUP handler is installed, so the signal cannot kill the process.
+    wait_for_status(&catalog, "the watcher", |s| s.watching).await;
+    let before = catalog.status().borrow().attempts;
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("kill: {e}"));
+    assert!(status.success());
+    // Nothing changed on disk, so only the signal can cause this reload.
+    wait_for_status(&catalog, "the SIGHUP reload", |s| s.attempts > before && s.last_error.is_none()).await;
+    cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("the watch task must stop on cancel"))
+        .unwrap_or_else(|e| panic!("{e}"));
 }
