@@ -305,7 +305,7 @@ pub(crate) fn prepare_named(
             },
             None if spec.kind == InputKind::Seed => {
                 let seed = random_seed(spec);
-                summary.insert(spec.name.clone(), format!("{seed} (random)"));
+                summary.insert(spec.name.clone(), seed.to_string());
                 write_targets(&mut graph, spec, &ScalarValue::Int(seed));
                 param_field(&spec.name)
             }
