@@ -507,6 +507,13 @@ mod tests {
 
     proptest! {
         #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let text = String::from_utf8_lossy(&bytes);
+            let (manifest, graph) = text.split_once('\0').unwrap_or((&text, &text));
+            let _ = parse_workflow("w", manifest, graph);
+        }
+
+        #[test]
         fn arbitrary_manifests_never_panic(manifest in ".{0,300}", graph in ".{0,300}") {
             let _ = parse_workflow("w", &manifest, &graph);
             let _ = parse_workflow("w", &manifest, GRAPH);

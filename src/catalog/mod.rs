@@ -191,7 +191,10 @@ impl Catalog {
             WorkflowSource::Named(name) => match self.get(&name) {
                 Some(workflow) => prepare::prepare_named(&workflow, inputs, object_info),
                 None => {
-                    let known = self.list().iter().map(|w| w.name.clone()).collect::<Vec<_>>().join(", ");
+                    let mut known = self.list().iter().map(|w| w.name.clone()).collect::<Vec<_>>().join(", ");
+                    if known.is_empty() {
+                        known = "(no workflows)".to_string();
+                    }
                     Err(vec![FieldViolation::new(
                         "workflow",
                         format!("unknown workflow `{name}`; the catalog has: {known}"),

@@ -59,7 +59,9 @@ pub(crate) fn check(
                 .or_else(|| optional.and_then(|o| o.get(name)))
                 .or_else(|| hidden.and_then(|h| h.get(name)));
             let Some(spec) = spec else {
-                if class_info.get("input").is_some() {
+                // Only literals: links to undeclared inputs are how dynamic ("autogrow") inputs look, and
+                // ComfyUI accepts them; a literal to an undeclared input is a typo ComfyUI would ignore.
+                if class_info.get("input").is_some() && as_link(value).is_none() {
                     problems.push(GraphProblem::input(
                         id,
                         name,
@@ -216,9 +218,9 @@ mod tests {
         let p = problems(json!({
             "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
             "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area", "width": 8, "height": 8, "crop": "center"}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x", "dynamic_1": ["2", 0]}}
         }));
-        assert!(p.is_empty(), "{p:?}");
+        assert!(p.is_empty(), "links to undeclared (dynamic) inputs are accepted: {p:?}");
     }
 
     #[test]
