@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 
 
 /// Python's recursion limit stands in for a cycle detector, as in ComfyUI.
-const MAX_DEPTH: usize = 200;
+const MAX_DEPTH: usize = 64;
 
 /// The result of validating a POST /prompt body's `prompt`.
 #[derive(Debug)]
@@ -40,6 +40,7 @@ struct Validator<'a> {
     prompt: &'a mut Map<String, Value>,
     dirs: &'a Dirs,
     validated: Vec<(String, Verdict)>,
+    visiting: Vec<String>,
 }
 
 impl Validator<'_> {
@@ -58,13 +59,22 @@ impl Validator<'_> {
         if let Some(v) = self.get_validated(unique_id) {
             return Ok(v.clone());
         }
-        if depth > MAX_DEPTH {
+        // CPython recurses around a cycle until RecursionError; raising when the cycle closes leaves the
+        // same final `validated` state (every node on the cycle is overwritten by its outer frame).
+        if depth > MAX_DEPTH || self.visiting.iter().any(|v| v == unique_id) {
             return Err(PyException {
                 exception_type: "RecursionError",
                 message: "maximum recursion depth exceeded".into(),
                 traceback: vec![TB_INNER.into()],
             });
         }
+        self.visiting.push(unique_id.to_string());
+        let result = self.validate_node(unique_id, depth);
+        self.visiting.pop();
+        result
+    }
+
+    fn validate_node(&mut self, unique_id: &str, depth: usize) -> Result<Verdict, PyException> {
         let node = self.prompt.get(unique_id).cloned().unwrap_or(Value::Null);
         let class_type = node.get("class_type").map(py_str).unwrap_or_default();
         let Some(inputs) = node.get("inputs").and_then(Value::as_object).cloned() else {
@@ -425,7 +435,7 @@ pub(crate) fn validate_prompt(prompt: &mut Value, partial: Option<&[String]>, di
     // CPython iterates the `outputs` set in hash order; the captured servers showed reverse prompt order.
     outputs.reverse();
 
-    let mut v = Validator { prompt: map, dirs, validated: Vec::new() };
+    let mut v = Validator { prompt: map, dirs, validated: Vec::new(), visiting: Vec::new() };
     let mut good = Vec::new();
     let mut failed: Vec<Vec<Value>> = Vec::new();
     let mut node_errors = Map::new();

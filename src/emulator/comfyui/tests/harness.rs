@@ -124,6 +124,11 @@ impl Ws {
         }
     }
 
+    /// Sends a normal close frame; the echo arrives as `Frame::Closed { clean: true }`.
+    pub(crate) async fn send_close(&mut self) {
+        let _ = self.stream.close(None).await;
+    }
+
     pub(crate) async fn close(mut self) {
         let _ = self.stream.close(None).await;
     }
