@@ -1,0 +1,1 @@
+//! Integration tests against the ComfyUI emulator (added when the emulator lands).
