@@ -279,14 +279,10 @@ async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Ve
                 () = sleep(backoff_delay(&options, 1)) => continue,
             }
         }
-        // Subscribe first (the socket is live and routed), then read state: nothing finishing in between
-        // can be missed.
-        let due = shared.router().on_new_socket(&client_id);
-        shared.connected.send_replace(true);
-        tracing::info!(client_id, in_flight = due.len(), "ComfyUI websocket connected");
-        spawn_reconcile(&shared, &mut tasks, due);
-
-        let end = session(&shared, ws, &mut tasks, &mut requests).await;
+        // New prompts go to this socket from now on; in-flight ones are reconciled once ComfyUI has
+        // registered the socket (its greeting), see `session`.
+        shared.router().set_socket_client_id(&client_id);
+        let end = session(&shared, &client_id, ws, &mut tasks, &mut requests).await;
         shared.connected.send_replace(false);
         match end {
             SessionEnd::Cancelled => break,
@@ -350,6 +346,7 @@ async fn connect(client: &ComfyClient, client_id: &str) -> Result<Ws, ComfyError
 /// Reads one socket until it ends; answers the idle probe, routes frames, runs reconciles.
 async fn session(
     shared: &Arc<Shared>,
+    client_id: &str,
     mut ws: Ws,
     tasks: &mut JoinSet<()>,
     requests: &mut mpsc::UnboundedReceiver<Vec<String>>,
@@ -360,6 +357,11 @@ async fn session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_frame = Instant::now();
     let mut probe_sent: Option<Instant> = None;
+    // ComfyUI registers a socket for routing only after the upgrade, then greets it with `status`+`sid`.
+    // Until the greeting, events for our prompts may still go nowhere, so in-flight prompts are
+    // reconciled (subscribe first, then read state) only once it arrived.
+    let mut greeted = false;
+    let greeting_deadline = Instant::now() + o.request_timeout;
     loop {
         let deadline = match probe_sent {
             None => last_frame + o.idle_probe,
@@ -388,6 +390,18 @@ async fn session(
                 };
                 match parsed {
                     Ok(m) => {
+                        if !greeted {
+                            if let ServerMessage::Status { sid: Some(sid), .. } = &m {
+                                greeted = true;
+                                if sid != client_id {
+                                    tracing::warn!(%sid, client_id, "ComfyUI greeted with another sid");
+                                }
+                                let due = shared.router().on_new_socket();
+                                shared.connected.send_replace(true);
+                                tracing::info!(client_id, reconciling = due.len(), "ComfyUI websocket connected");
+                                spawn_reconcile(shared, tasks, due);
+                            }
+                        }
                         let follow = shared.router().handle(m);
                         if let Some(f) = follow {
                             followup(shared, tasks, f);
@@ -395,6 +409,11 @@ async fn session(
                     }
                     Err(e) => tracing::debug!(error = %e, "ignoring unparseable ComfyUI frame"),
                 }
+            }
+            () = sleep_until(greeting_deadline), if !greeted => {
+                tracing::warn!("no greeting from ComfyUI on the new socket; replacing it");
+                close(ws, o.probe_timeout).await;
+                return SessionEnd::Abandoned;
             }
             () = sleep_until(deadline) => {
                 if probe_sent.is_some() {

@@ -144,10 +144,14 @@ impl Router {
         }
     }
 
-    /// A new socket is up. Every in-flight prompt may have missed events; returns the acknowledged ones,
-    /// which must be reconciled now.
-    pub(crate) fn on_new_socket(&mut self, client_id: &str) -> Vec<String> {
+    /// A new socket was opened with this clientId: prompts submitted from now on use it.
+    pub(crate) fn set_socket_client_id(&mut self, client_id: &str) {
         self.socket_client_id = client_id.to_owned();
+    }
+
+    /// The new socket is registered by ComfyUI (greeted). Every prompt in flight may have missed events;
+    /// returns the acknowledged ones, which must be reconciled now.
+    pub(crate) fn on_new_socket(&mut self) -> Vec<String> {
         let mut due = Vec::new();
         for (id, r) in &mut self.routes {
             r.gap = true;
@@ -445,7 +449,8 @@ mod tests {
             r.handle(msg(r#"{"type": "executing", "data": {"node": null, "prompt_id": "a"}}"#)),
             Some(Followup::Reconcile("a".into()))
         );
-        assert_eq!(r.on_new_socket("c1"), vec!["a".to_owned()]);
+        r.set_socket_client_id("c1");
+        assert_eq!(r.on_new_socket(), vec!["a".to_owned()]);
         assert_eq!(
             r.handle(msg(r#"{"type": "execution_success", "data": {"prompt_id": "a"}}"#)),
             Some(Followup::ConfirmSuccess("a".into()))
