@@ -429,10 +429,7 @@ async fn session(
                 }
                 probe_sent = Some(Instant::now());
             }
-            Some(ids) = requests.recv() => {
-                let ids = shared.router().begin_reconcile(ids);
-                spawn_reconcile(shared, tasks, ids);
-            }
+            Some(ids) = requests.recv() => spawn_reconcile(shared, tasks, ids),
             _ = tick.tick() => {
                 let due = shared.router().due(Instant::now(), o.silence_reconcile, o.orphan_poll);
                 spawn_reconcile_marked(shared, tasks, due);
