@@ -147,9 +147,10 @@ impl ComfyConnection {
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), ComfyError> {
         let mut rx = self.shared.connected.subscribe();
         tokio::select! {
+            biased;
+            () = self.shared.cancel.cancelled() => Err(ComfyError::Closed),
             r = rx.wait_for(|c| *c) => r.map(drop).map_err(|_| ComfyError::Closed),
             () = sleep(timeout) => Err(ComfyError::NotConnected(timeout)),
-            () = self.shared.cancel.cancelled() => Err(ComfyError::Closed),
         }
     }
 
