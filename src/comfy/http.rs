@@ -265,6 +265,11 @@ impl ComfyClient {
             .await?;
         let prompt_id = v.get("prompt_id").and_then(Value::as_str).unwrap_or(&req.prompt_id).to_owned();
         if prompt_id != req.prompt_id {
+            // An old ComfyUI that ignores client-chosen ids: its events could never be routed to us, so
+            // take the prompt back out (best effort) rather than leave it running unobserved.
+            if let Err(e) = self.cancel(&prompt_id).await {
+                tracing::warn!(error = %e, "could not withdraw a prompt queued under a server-chosen id");
+            }
             return Err(ComfyError::Protocol(format!(
                 "ComfyUI queued the prompt as {prompt_id} instead of {} (server ignores client prompt ids)",
                 req.prompt_id
