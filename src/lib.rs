@@ -80,7 +80,9 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     .await
     .context("starting the job engine")?;
 
-    let served = grpc::serve(listener, &config, grpc::Services { jobs: jobs.clone(), catalog }, shutdown.clone()).await;
+    let served =
+        grpc::serve(listener, &config, grpc::Services { jobs: jobs.clone(), catalog }, shutdown.clone())
+            .await;
 
     // The server has stopped taking calls; give running work the grace period to reach a resumable state.
     if !jobs.drain(config.grpc.shutdown_grace).await {

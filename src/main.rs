@@ -101,14 +101,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
             let comfy = ComfyEmulator::start(comfy_listener, EmulatorConfig::default()).await?;
             tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
-            config.comfyui.servers = vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
+            config.comfyui.servers =
+                vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
             let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
             let result = comfyrelay::run(listener, config, shutdown).await;
             comfy.shutdown().await;
             result
         }
         Command::Emulate { target: EmulateTarget::Comfyui { port, host } } => {
-            comfyrelay::emulator::comfyui::run_standalone((host, port).into(), EmulatorConfig::default(), shutdown).await
+            comfyrelay::emulator::comfyui::run_standalone(
+                (host, port).into(),
+                EmulatorConfig::default(),
+                shutdown,
+            )
+            .await
         }
         Command::Version => Ok(()),
     }

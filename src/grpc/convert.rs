@@ -9,8 +9,8 @@ use prost_types::{Duration as PbDuration, Timestamp};
 use crate::{
     catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource},
     jobs::{
-        Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, ListRequest, OutputFile, OutputView,
-        SubmitRequest, Violation,
+        Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, ListRequest, OutputFile,
+        OutputView, SubmitRequest, Violation,
     },
     proto::pb,
 };
@@ -79,7 +79,8 @@ fn image_input(field: &str, img: pb::InputImage, violations: &mut Vec<Violation>
 
 /// Decodes `SubmitJobRequest`.
 pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest, Vec<Violation>> {
-    let pb::SubmitJobRequest { source, image, prompt, parameters, request_id, priority, labels, deadline } = req;
+    let pb::SubmitJobRequest { source, image, prompt, parameters, request_id, priority, labels, deadline } =
+        req;
     let mut violations = Vec::new();
     let source = match source {
         Some(pb::submit_job_request::Source::Workflow(name)) => Some(WorkflowSource::Named(name)),
@@ -99,10 +100,12 @@ pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest,
             Some(pb::parameter_value::Kind::IntValue(i)) => ParamValue::Int(i),
             Some(pb::parameter_value::Kind::FloatValue(f)) => ParamValue::Float(f),
             Some(pb::parameter_value::Kind::BoolValue(b)) => ParamValue::Bool(b),
-            Some(pb::parameter_value::Kind::ImageValue(img)) => match image_input(&field, img, &mut violations) {
-                Some(i) => ParamValue::Image(i),
-                None => continue,
-            },
+            Some(pb::parameter_value::Kind::ImageValue(img)) => {
+                match image_input(&field, img, &mut violations) {
+                    Some(i) => ParamValue::Image(i),
+                    None => continue,
+                }
+            }
             None => {
                 violations.push(Violation::new(field, "has no value"));
                 continue;
@@ -293,12 +296,16 @@ pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEve
         EventKind::Started { machine_id, prompt_id } => {
             Kind::Started(pb::Started { machine_id: machine_id.clone(), comfy_prompt_id: prompt_id.clone() })
         }
-        EventKind::NodeStarted { node_id, display_node_id, class_type } => Kind::NodeStarted(pb::NodeStarted {
-            node_id: node_id.clone(),
-            display_node_id: display_node_id.clone(),
-            class_type: class_type.clone(),
-        }),
-        EventKind::NodesCached { node_ids } => Kind::NodesCached(pb::NodesCached { node_ids: node_ids.clone() }),
+        EventKind::NodeStarted { node_id, display_node_id, class_type } => {
+            Kind::NodeStarted(pb::NodeStarted {
+                node_id: node_id.clone(),
+                display_node_id: display_node_id.clone(),
+                class_type: class_type.clone(),
+            })
+        }
+        EventKind::NodesCached { node_ids } => {
+            Kind::NodesCached(pb::NodesCached { node_ids: node_ids.clone() })
+        }
         EventKind::Progress { node_id, value, max } => {
             Kind::Progress(pb::Progress { node_id: node_id.clone(), value: *value, max: *max })
         }
@@ -310,9 +317,10 @@ pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEve
         EventKind::OutputReady { output } => Kind::OutputReady(pb::OutputReady {
             output: Some(if outputs.is_empty() { output_to_pb(output, None) } else { outputs.remove(0) }),
         }),
-        EventKind::NodeExecuted { node_id, output_json } => {
-            Kind::NodeExecuted(pb::NodeExecuted { node_id: node_id.clone(), output_json: output_json.clone() })
-        }
+        EventKind::NodeExecuted { node_id, output_json } => Kind::NodeExecuted(pb::NodeExecuted {
+            node_id: node_id.clone(),
+            output_json: output_json.clone(),
+        }),
         EventKind::ProgressText { node_id, text } => {
             Kind::ProgressText(pb::ProgressText { node_id: node_id.clone(), text: text.clone() })
         }
@@ -332,7 +340,12 @@ pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEve
         EventKind::Failed { error } => Kind::Failed(pb::Failed { error: Some(error_to_pb(error)) }),
         EventKind::Cancelled { reason } => Kind::Cancelled(pb::Cancelled { reason: reason.clone() }),
     };
-    pb::JobEvent { job_id: e.job_id.to_string(), sequence: e.seq, time: Some(ts(e.time_ms)), kind: Some(kind) }
+    pb::JobEvent {
+        job_id: e.job_id.to_string(),
+        sequence: e.seq,
+        time: Some(ts(e.time_ms)),
+        kind: Some(kind),
+    }
 }
 
 #[cfg(test)]

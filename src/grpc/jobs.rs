@@ -134,7 +134,9 @@ impl pb::job_service_server::JobService for JobApi {
         let jobs = page
             .jobs
             .iter()
-            .map(|j| convert::job_to_pb(j, j.outputs.iter().map(|o| convert::output_to_pb(o, None)).collect()))
+            .map(|j| {
+                convert::job_to_pb(j, j.outputs.iter().map(|o| convert::output_to_pb(o, None)).collect())
+            })
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs, next_page_token: page.next_page_token }))
     }

@@ -58,9 +58,9 @@ pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
 /// The one mapping from job-engine errors to `Status`: exhaustive, no wildcard arm.
 pub fn job_error(e: JobError) -> Status {
     match e {
-        JobError::InvalidArgument(violations) => invalid_argument(
-            &violations.into_iter().map(|v| (v.field, v.description)).collect::<Vec<_>>(),
-        ),
+        JobError::InvalidArgument(violations) => {
+            invalid_argument(&violations.into_iter().map(|v| (v.field, v.description)).collect::<Vec<_>>())
+        }
         JobError::NotFound(what) => with_reason(Code::NotFound, "NOT_FOUND", format!("{what} not found")),
         JobError::AlreadyExists { request_id, job_id } => with_reason(
             Code::AlreadyExists,
@@ -70,7 +70,11 @@ pub fn job_error(e: JobError) -> Status {
         JobError::ShuttingDown => {
             let mut details = ErrorDetails::new();
             details.set_retry_info(Some(std::time::Duration::from_secs(1)));
-            details.set_error_info("SHUTTING_DOWN", ERROR_DOMAIN, std::collections::HashMap::<String, String>::new());
+            details.set_error_info(
+                "SHUTTING_DOWN",
+                ERROR_DOMAIN,
+                std::collections::HashMap::<String, String>::new(),
+            );
             Status::with_error_details(Code::Unavailable, "comfyrelay is shutting down; retry", details)
         }
         e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_)) => internal(&e),

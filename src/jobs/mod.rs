@@ -225,7 +225,10 @@ impl JobManager {
             graph: prepared.graph,
             images,
             output_nodes,
-            runcomfy_workflow_version_id: prepared.requirements.runcomfy_workflow_version_id.unwrap_or_default(),
+            runcomfy_workflow_version_id: prepared
+                .requirements
+                .runcomfy_workflow_version_id
+                .unwrap_or_default(),
             server_type: prepared.requirements.server_type.unwrap_or_default(),
             created_ms: now,
             provision_ms: None,
@@ -311,7 +314,10 @@ impl JobManager {
         let limit = match req.page_size {
             0 => 50,
             n if n > 500 => {
-                return Err(JobError::InvalidArgument(vec![Violation::new("page_size", "must be at most 500")]));
+                return Err(JobError::InvalidArgument(vec![Violation::new(
+                    "page_size",
+                    "must be at most 500",
+                )]));
             }
             n => n,
         };
@@ -400,7 +406,12 @@ impl JobManager {
     ///
     /// # Errors
     /// `NotFound`, storage failures.
-    pub async fn subscribe(&self, id: JobId, after_sequence: u64, skip_previews: bool) -> Result<EventStream, JobError> {
+    pub async fn subscribe(
+        &self,
+        id: JobId,
+        after_sequence: u64,
+        skip_previews: bool,
+    ) -> Result<EventStream, JobError> {
         // Subscribe to the live feed FIRST, then read the log: an event committed in between is in one or
         // the other, and duplicates are dropped by sequence.
         let live_rx = self.live(id).map(|l| l.tx.subscribe());
@@ -433,7 +444,11 @@ impl JobManager {
     ///
     /// # Errors
     /// `NotFound` for an unknown job or file name.
-    pub async fn open_output(&self, id: JobId, filename: &str) -> Result<(OutputFile, tokio::fs::File), JobError> {
+    pub async fn open_output(
+        &self,
+        id: JobId,
+        filename: &str,
+    ) -> Result<(OutputFile, tokio::fs::File), JobError> {
         let job = self.get(id).await?;
         let output = job
             .outputs
@@ -527,7 +542,8 @@ impl JobManager {
                 }
             };
             let id = job.id;
-            let machine = job.machine_id.as_ref().and_then(|m| self.inner.machines.iter().position(|x| &x.id == m));
+            let machine =
+                job.machine_id.as_ref().and_then(|m| self.inner.machines.iter().position(|x| &x.id == m));
             let state = job.state;
             let submitted = job.submitted;
             let (priority, created_ms) = (job.priority, job.created_ms);
@@ -570,7 +586,8 @@ impl JobManager {
                 if let Err(e) = runner::run(&manager, &live, idx, reattach).await {
                     tracing::error!(error = %e, "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
-                        let failure = JobFailure::new(FailureReason::Internal, "internal error; see the server log");
+                        let failure =
+                            JobFailure::new(FailureReason::Internal, "internal error; see the server log");
                         let _ = manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await;
                     }
                 }
@@ -598,7 +615,11 @@ impl JobManager {
                             }
                         }
                         if !ids.is_empty() {
-                            tracing::info!(jobs = ids.len(), artifacts = orphaned.len(), "expired jobs deleted");
+                            tracing::info!(
+                                jobs = ids.len(),
+                                artifacts = orphaned.len(),
+                                "expired jobs deleted"
+                            );
                         }
                         if ids.len() < 500 {
                             break;

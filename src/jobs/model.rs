@@ -453,7 +453,11 @@ mod tests {
             job_id: JobId::new(),
             seq: 3,
             time_ms: 5,
-            kind: EventKind::Preview { mime_type: "image/png".into(), node_id: "2".into(), data: Bytes::from_static(b"\x89PNG") },
+            kind: EventKind::Preview {
+                mime_type: "image/png".into(),
+                node_id: "2".into(),
+                data: Bytes::from_static(b"\x89PNG"),
+            },
         };
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);

@@ -20,7 +20,12 @@ use crate::comfy::{ComfyError, FileRef, PromptEvent, PromptEvents};
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
 
 /// Runs (or, with `reattach`, resumes) the job on machine `idx`.
-pub(super) async fn run(manager: &JobManager, live: &Arc<LiveJob>, idx: usize, reattach: bool) -> Result<(), JobError> {
+pub(super) async fn run(
+    manager: &JobManager,
+    live: &Arc<LiveJob>,
+    idx: usize,
+    reattach: bool,
+) -> Result<(), JobError> {
     let machine = manager.inner.machines[idx].clone();
     let cfg = manager.inner.config.clone();
     let shutdown = manager.inner.shutdown.clone();
@@ -34,14 +39,18 @@ pub(super) async fn run(manager: &JobManager, live: &Arc<LiveJob>, idx: usize, r
     } else {
         let now = now_ms();
         manager
-            .append(live, EventKind::Started { machine_id: machine.id.clone(), prompt_id: prompt_id.clone() }, |job| {
-                job.state = JobState::Running;
-                job.machine_id = Some(machine.id.clone());
-                job.comfy_prompt_id = Some(prompt_id.clone());
-                job.started_ms = Some(now);
-                job.queue_position = 0;
-                job.timings.queue_wait_ms = Some((now - job.created_ms).max(0) as u64);
-            })
+            .append(
+                live,
+                EventKind::Started { machine_id: machine.id.clone(), prompt_id: prompt_id.clone() },
+                |job| {
+                    job.state = JobState::Running;
+                    job.machine_id = Some(machine.id.clone());
+                    job.comfy_prompt_id = Some(prompt_id.clone());
+                    job.started_ms = Some(now);
+                    job.queue_position = 0;
+                    job.timings.queue_wait_ms = Some((now - job.created_ms).max(0) as u64);
+                },
+            )
             .await?;
         if live.cancel.is_cancelled() {
             if shutdown.is_cancelled() {
@@ -60,7 +69,8 @@ pub(super) async fn run(manager: &JobManager, live: &Arc<LiveJob>, idx: usize, r
             }
             Ok(Err(UploadError::Job(e))) => return Err(e),
             Err(_) => {
-                return fail(manager, live, FailureReason::UploadTimeout, "uploading inputs took too long").await;
+                return fail(manager, live, FailureReason::UploadTimeout, "uploading inputs took too long")
+                    .await;
             }
         };
         {
@@ -74,16 +84,25 @@ pub(super) async fn run(manager: &JobManager, live: &Arc<LiveJob>, idx: usize, r
             Ok((queued, events)) => {
                 if !queued.node_errors.is_empty() {
                     // ComfyUI runs the valid outputs and skips the others: tell the caller which.
-                    let data = serde_json::to_string(&queued.node_errors.iter().map(node_error_json).collect::<Vec<_>>())
-                        .unwrap_or_default();
+                    let data = serde_json::to_string(
+                        &queued.node_errors.iter().map(node_error_json).collect::<Vec<_>>(),
+                    )
+                    .unwrap_or_default();
                     manager
-                        .append(live, EventKind::Comfy { kind: "node_errors".into(), data_json: data }, |_| {})
+                        .append(
+                            live,
+                            EventKind::Comfy { kind: "node_errors".into(), data_json: data },
+                            |_| {},
+                        )
                         .await?;
                 }
                 events
             }
             Err(ComfyError::Validation { message, node_errors, .. }) => {
-                let mut failure = JobFailure::new(FailureReason::Validation, format!("ComfyUI rejected the graph: {message}"));
+                let mut failure = JobFailure::new(
+                    FailureReason::Validation,
+                    format!("ComfyUI rejected the graph: {message}"),
+                );
                 failure.node_errors = node_errors.iter().map(node_error_info).collect();
                 return finish_failed(manager, live, failure).await;
             }
@@ -91,7 +110,8 @@ pub(super) async fn run(manager: &JobManager, live: &Arc<LiveJob>, idx: usize, r
                 // The POST may or may not have reached ComfyUI: make sure it does not run, then retry.
                 let _ = machine.client.delete_pending(std::slice::from_ref(&prompt_id)).await;
                 let _ = machine.client.interrupt(&prompt_id).await;
-                return backend_error(manager, live, &machine, format!("queueing the prompt failed: {e}")).await;
+                return backend_error(manager, live, &machine, format!("queueing the prompt failed: {e}"))
+                    .await;
             }
         }
     };
@@ -162,7 +182,11 @@ async fn relay(
         match event {
             PromptEvent::ExecutionStart => {
                 manager
-                    .append(live, EventKind::Comfy { kind: "execution_start".into(), data_json: "{}".into() }, |_| {})
+                    .append(
+                        live,
+                        EventKind::Comfy { kind: "execution_start".into(), data_json: "{}".into() },
+                        |_| {},
+                    )
                     .await?;
             }
             PromptEvent::Cached { nodes } => {
@@ -179,7 +203,11 @@ async fn relay(
                     .to_string();
                 let display_node_id = display_node.unwrap_or_else(|| node.clone());
                 manager
-                    .append(live, EventKind::NodeStarted { node_id: node, display_node_id, class_type }, |_| {})
+                    .append(
+                        live,
+                        EventKind::NodeStarted { node_id: node, display_node_id, class_type },
+                        |_| {},
+                    )
                     .await?;
             }
             PromptEvent::Progress { node, value, max } => {
@@ -190,7 +218,9 @@ async fn relay(
             }
             PromptEvent::Executed { node, output, .. } => {
                 let output_json = serde_json::to_string(&output).unwrap_or_default();
-                manager.append(live, EventKind::NodeExecuted { node_id: node.clone(), output_json }, |_| {}).await?;
+                manager
+                    .append(live, EventKind::NodeExecuted { node_id: node.clone(), output_json }, |_| {})
+                    .await?;
                 let keep_all_of_node = output_nodes.iter().any(|n| n == &node);
                 let files = image_refs(&output);
                 for file in files {
@@ -198,7 +228,8 @@ async fn relay(
                         continue;
                     }
                     let t = Instant::now();
-                    let stored = tokio::time::timeout(cfg.download_timeout, download(manager, machine, &file)).await;
+                    let stored =
+                        tokio::time::timeout(cfg.download_timeout, download(manager, machine, &file)).await;
                     download_ms += t.elapsed().as_millis() as u64;
                     match stored {
                         Ok(Ok(mut out)) => {
@@ -212,8 +243,13 @@ async fn relay(
                         Ok(Err(DownloadError::Job(e))) => return Err(e),
                         Err(_) => {
                             interrupt(machine, &prompt_id).await;
-                            return fail(manager, live, FailureReason::DownloadTimeout, "downloading outputs took too long")
-                                .await;
+                            return fail(
+                                manager,
+                                live,
+                                FailureReason::DownloadTimeout,
+                                "downloading outputs took too long",
+                            )
+                            .await;
                         }
                     }
                 }
@@ -226,7 +262,9 @@ async fn relay(
                     let out = store_bytes(manager, &data, &mime, &node_id, ws_counter).await?;
                     record_output(manager, live, out).await?;
                 } else {
-                    manager.append(live, EventKind::Preview { mime_type: mime, node_id, data }, |_| {}).await?;
+                    manager
+                        .append(live, EventKind::Preview { mime_type: mime, node_id, data }, |_| {})
+                        .await?;
                 }
             }
             PromptEvent::Text { node, text } => {
@@ -269,8 +307,13 @@ async fn relay(
                     (None, Some(n)) => format!(" at node {n}"),
                     _ => String::new(),
                 };
-                return fail(manager, live, FailureReason::Interrupted, format!("ComfyUI interrupted the prompt{at}"))
-                    .await;
+                return fail(
+                    manager,
+                    live,
+                    FailureReason::Interrupted,
+                    format!("ComfyUI interrupted the prompt{at}"),
+                )
+                .await;
             }
             PromptEvent::Lost { reason } => {
                 if interrupting.is_some() {
@@ -321,7 +364,8 @@ async fn upload_inputs(
         (job.graph.clone(), job.images.clone())
     };
     for image in images {
-        let data = manager.inner.artifacts.read(&image.sha256).await.map_err(|e| UploadError::Job(e.into()))?;
+        let data =
+            manager.inner.artifacts.read(&image.sha256).await.map_err(|e| UploadError::Job(e.into()))?;
         let uploaded = machine
             .client
             .upload_image(Bytes::from(data), &image.filename, &image.content_type)
@@ -333,7 +377,9 @@ async fn upload_inputs(
             format!("{}/{}", uploaded.subfolder, uploaded.name)
         };
         for (node, input) in &image.targets {
-            if let Some(inputs) = graph.get_mut(node).and_then(|n| n.get_mut("inputs")).and_then(|i| i.as_object_mut()) {
+            if let Some(inputs) =
+                graph.get_mut(node).and_then(|n| n.get_mut("inputs")).and_then(|i| i.as_object_mut())
+            {
                 inputs.insert(input.clone(), serde_json::Value::String(name.clone()));
             }
         }
@@ -364,11 +410,17 @@ fn image_refs(output: &serde_json::Value) -> Vec<FileRef> {
 }
 
 /// Streams one output from ComfyUI into the artifact store, verified on the way.
-async fn download(manager: &JobManager, machine: &Machine, file: &FileRef) -> Result<OutputFile, DownloadError> {
+async fn download(
+    manager: &JobManager,
+    machine: &Machine,
+    file: &FileRef,
+) -> Result<OutputFile, DownloadError> {
     let mut writer = manager.inner.artifacts.writer().await.map_err(|e| DownloadError::Job(e.into()))?;
     let downloaded = match machine.client.download(file, &mut writer).await {
         Ok(d) => d,
-        Err(e) => return Err(DownloadError::Invalid(format!("output {} could not be fetched: {e}", file.filename))),
+        Err(e) => {
+            return Err(DownloadError::Invalid(format!("output {} could not be fetched: {e}", file.filename)));
+        }
     };
     let stored = writer.finish().await.map_err(|e| DownloadError::Job(e.into()))?;
     if stored.sha256 != downloaded.sha256 || stored.size != downloaded.size {
@@ -421,7 +473,7 @@ fn image_size(data: &[u8]) -> (u32, u32) {
 async fn record_output(manager: &JobManager, live: &LiveJob, mut out: OutputFile) -> Result<(), JobError> {
     {
         let job = live.job.lock().await;
-        if job.outputs.iter().any(|o| o.sha256 == out.sha256 && o.node_id == out.node_id) {
+        if job.outputs.iter().any(|o| o.sha256 == out.sha256 && o.filename == out.filename) {
             // Already stored (a completion recovered from history re-sends what we saw live).
             return Ok(());
         }
@@ -475,13 +527,22 @@ async fn cancelled(manager: &JobManager, live: &LiveJob) -> Result<(), JobError>
 }
 
 /// A backend failure before the prompt ran: retry under the attempts policy, else fail.
-async fn backend_error(manager: &JobManager, live: &Arc<LiveJob>, machine: &Machine, reason: String) -> Result<(), JobError> {
+async fn backend_error(
+    manager: &JobManager,
+    live: &Arc<LiveJob>,
+    machine: &Machine,
+    reason: String,
+) -> Result<(), JobError> {
     tracing::warn!(machine = %machine.id, %reason, "backend error");
     retry_or(manager, live, reason, FailureReason::BackendUnavailable).await
 }
 
 /// The prompt vanished from its ComfyUI: retry under the attempts policy, else fail with `LOST`.
-pub(super) async fn lost_or_retry(manager: &JobManager, live: &Arc<LiveJob>, reason: String) -> Result<(), JobError> {
+pub(super) async fn lost_or_retry(
+    manager: &JobManager,
+    live: &Arc<LiveJob>,
+    reason: String,
+) -> Result<(), JobError> {
     retry_or(manager, live, reason, FailureReason::Lost).await
 }
 

@@ -195,9 +195,19 @@ impl Scheduler {
                 continue;
             }
             if job.deadline_ms.is_some_and(|d| d <= now) {
-                expired.push((*key, live.clone(), FailureReason::DeadlineExceeded, "the deadline passed in the queue"));
+                expired.push((
+                    *key,
+                    live.clone(),
+                    FailureReason::DeadlineExceeded,
+                    "the deadline passed in the queue",
+                ));
             } else if now - job.created_ms >= timeout {
-                expired.push((*key, live.clone(), FailureReason::QueueTimeout, "waited in the queue too long"));
+                expired.push((
+                    *key,
+                    live.clone(),
+                    FailureReason::QueueTimeout,
+                    "waited in the queue too long",
+                ));
             }
         }
         for (key, live, reason, message) in expired {

@@ -146,12 +146,20 @@ mod tests {
 
     #[test]
     fn coalesce_keeps_the_last_progress_per_node_and_every_lifecycle_event() {
-        let p = |seq, node: &str, v| ev(seq, EventKind::Progress { node_id: node.into(), value: v, max: 10.0 });
+        let p =
+            |seq, node: &str, v| ev(seq, EventKind::Progress { node_id: node.into(), value: v, max: 10.0 });
         let page = vec![
             p(1, "a", 1.0),
             p(2, "b", 1.0),
             p(3, "a", 2.0),
-            ev(4, EventKind::NodeStarted { node_id: "c".into(), display_node_id: "c".into(), class_type: String::new() }),
+            ev(
+                4,
+                EventKind::NodeStarted {
+                    node_id: "c".into(),
+                    display_node_id: "c".into(),
+                    class_type: String::new(),
+                },
+            ),
             p(5, "a", 3.0),
             ev(6, EventKind::Succeeded { outputs: vec![] }),
         ];

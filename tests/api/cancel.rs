@@ -23,7 +23,10 @@ async fn wait_for(app: &crate::helpers::TestApp, job_id: &str, pred: impl Fn(&pb
         }
         false
     };
-    assert!(tokio::time::timeout(Duration::from_secs(30), found).await.expect("event within 30 s"), "stream ended first");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(30), found).await.expect("event within 30 s"),
+        "stream ended first"
+    );
 }
 
 #[tokio::test]

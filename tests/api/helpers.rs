@@ -78,7 +78,9 @@ pub(crate) async fn spawn_comfy() -> ComfyEmulator {
 
 /// A PNG of `w`×`h` pixels with a gradient, so every pixel differs from its inverse.
 pub(crate) fn png(w: u32, h: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 77]));
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 77])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
     out.into_inner()
@@ -88,17 +90,25 @@ pub(crate) fn png(w: u32, h: u32) -> Vec<u8> {
 pub(crate) fn submit_request(workflow: &str, image: Vec<u8>) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         source: Some(pb::submit_job_request::Source::Workflow(workflow.into())),
-        image: Some(pb::InputImage { data: image.into(), filename: "in.png".into(), content_type: "image/png".into() }),
+        image: Some(pb::InputImage {
+            data: image.into(),
+            filename: "in.png".into(),
+            content_type: "image/png".into(),
+        }),
         ..Default::default()
     }
 }
 
 /// Reads a job's whole event stream from `after` until it ends (bounded by a generous timeout).
 pub(crate) async fn collect_events(channel: &Channel, job_id: &str, after: u64) -> Vec<pb::JobEvent> {
-    let mut client = pb::job_service_client::JobServiceClient::new(channel.clone())
-        .max_decoding_message_size(64 << 20);
+    let mut client =
+        pb::job_service_client::JobServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
     let mut stream = client
-        .stream_job(pb::StreamJobRequest { job_id: job_id.into(), after_sequence: after, skip_previews: false })
+        .stream_job(pb::StreamJobRequest {
+            job_id: job_id.into(),
+            after_sequence: after,
+            skip_previews: false,
+        })
         .await
         .expect("stream_job")
         .into_inner();

@@ -51,7 +51,11 @@ async fn invert_job_succeeds_with_the_inverted_pixels() {
     // DownloadOutput streams the same bytes in chunks.
     let mut stream = app
         .jobs
-        .download_output(pb::DownloadOutputRequest { job_id: job.id.clone(), filename: out.filename.clone(), chunk_size: 1024 })
+        .download_output(pb::DownloadOutputRequest {
+            job_id: job.id.clone(),
+            filename: out.filename.clone(),
+            chunk_size: 1024,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -113,8 +117,13 @@ async fn bad_requests_are_invalid_argument_with_every_field_named() {
     req.labels.insert("bad key!".into(), "v".into());
     let err = app.jobs.submit_job(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let fields: Vec<String> =
-        err.get_details_bad_request().expect("BadRequest").field_violations.into_iter().map(|v| v.field).collect();
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
     for f in ["workflow", "priority", "labels[bad key!]"] {
         assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
     }
@@ -135,7 +144,11 @@ async fn bad_requests_are_invalid_argument_with_every_field_named() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    let err = app.jobs.cancel_job(pb::CancelJobRequest { job_id: missing, reason: String::new() }).await.unwrap_err();
+    let err = app
+        .jobs
+        .cancel_job(pb::CancelJobRequest { job_id: missing, reason: String::new() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     // Nothing was stored by any of these.

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use comfyrelay::proto::pb;
 
-use crate::helpers::{assert_gap_free, collect_events, png, spawn_app, spawn_app_with, submit_request, terminal};
+use crate::helpers::{
+    assert_gap_free, collect_events, png, spawn_app, spawn_app_with, submit_request, terminal,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_jobs_with_ten_subscribers_each_all_finish_with_equal_streams() {

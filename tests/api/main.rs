@@ -9,3 +9,4 @@ mod jobs;
 mod load;
 mod recovery;
 mod unimplemented;
+mod workflows;

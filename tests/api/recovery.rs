@@ -24,7 +24,10 @@ async fn start_relay(data_dir: &Path, comfy_url: &str, extra: &[(&str, &str)]) -
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
         .env("COMFYRELAY_LOG__FORMAT", "json")
-        .env("COMFYRELAY_LOG__FILTER", if std::env::var_os("TEST_LOG").is_some() { "info,comfyrelay=debug" } else { "info" })
+        .env(
+            "COMFYRELAY_LOG__FILTER",
+            if std::env::var_os("TEST_LOG").is_some() { "info,comfyrelay=debug" } else { "info" },
+        )
         .env("COMFYRELAY_DATA_DIR", data_dir)
         .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
         .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{comfy_url}\"}}]"))
@@ -99,7 +102,9 @@ async fn sigkill_mid_job_then_restart_finishes_every_job() {
     let relay = start_relay(data.path(), &comfy.url(), &[]).await;
     let mut ids = Vec::new();
     for i in 0..3 {
-        ids.push(relay.jobs().submit_job(submit_request("invert", png(4 + i, 4))).await.unwrap().into_inner().id);
+        ids.push(
+            relay.jobs().submit_job(submit_request("invert", png(4 + i, 4))).await.unwrap().into_inner().id,
+        );
     }
     wait_started(&relay.channel, &ids[0]).await;
     relay.kill9().await;
@@ -169,7 +174,10 @@ async fn sigterm_drains_and_exits_zero_and_the_job_resumes_after_restart() {
     // SIGTERM through the shell's kill, to avoid unsafe libc calls in tests.
     let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(40), relay.child.wait()).await.expect("exits in time").unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(40), relay.child.wait())
+        .await
+        .expect("exits in time")
+        .unwrap();
     assert_eq!(exit.code(), Some(0));
 
     let relay = start_relay(data.path(), &comfy.url(), &[]).await;
