@@ -18,6 +18,7 @@ pub mod config;
 pub mod emulator;
 pub mod grpc;
 pub mod jobs;
+pub mod machine;
 pub mod proto;
 pub mod runcomfy;
 pub mod shutdown;
@@ -59,7 +60,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     };
     let mut machines = Vec::new();
     for server in &config.comfyui.servers {
-        let machine = jobs::Machine::connect_static(
+        let machine = machine::Machine::connect_static(
             &server.name,
             &server.url,
             options.clone(),
@@ -75,6 +76,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         artifacts,
         catalog.clone(),
         machines,
+        None,
         shutdown.child_token(),
     )
     .await

@@ -6,7 +6,6 @@
 //! reads the log second never misses an event (see `subscribe`).
 
 mod error;
-mod machines;
 pub mod model;
 mod runner;
 mod scheduler;
@@ -24,14 +23,15 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
+pub use crate::machine::{Machine, MachineKind};
 pub use error::{JobError, Violation};
-pub use machines::{Machine, MachineKind};
 pub use model::{Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, OutputFile};
 pub use subscribe::EventStream;
 
 use crate::{
     catalog::{Catalog, JobInputs, ParamValue, WorkflowSource},
     config::JobsConfig,
+    machine::{MachineSpec, PoolEvent, Provisioner},
     store::{ArtifactStore, CreateOutcome, EventRow, IdempotencyKey, JobQuery, JobRow, Store},
 };
 use model::{StoredImage, now_ms};
@@ -111,7 +111,10 @@ struct Inner {
     store: Arc<dyn Store>,
     artifacts: ArtifactStore,
     catalog: Catalog,
-    machines: Vec<Arc<Machine>>,
+    /// Machines jobs may be given. Read often, changed rarely (the pool adds and removes RunComfy machines).
+    machines: std::sync::RwLock<Vec<Arc<Machine>>>,
+    /// The RunComfy pool, when enabled: it hears the demand per spec.
+    provisioner: Option<Arc<dyn Provisioner>>,
     /// Jobs not yet terminal. A std mutex: held only for map operations, never across `.await`.
     live: StdMutex<HashMap<JobId, Arc<LiveJob>>>,
     sched: mpsc::UnboundedSender<SchedMsg>,
@@ -124,6 +127,8 @@ struct Inner {
 impl JobManager {
     /// Recovers unfinished jobs from the store, then starts the scheduler and the retention task.
     ///
+    /// `machines` are the machines known at start (static ones, and RunComfy ones the pool adopted);
+    /// `pool`, when RunComfy is enabled, is the pool's demand sink and the channel of its events.
     /// Background tasks live in the manager's tracker and stop when `shutdown` is cancelled; call
     /// [`JobManager::drain`] to wait for them.
     ///
@@ -135,15 +140,21 @@ impl JobManager {
         artifacts: ArtifactStore,
         catalog: Catalog,
         machines: Vec<Arc<Machine>>,
+        pool: Option<(Arc<dyn Provisioner>, mpsc::UnboundedReceiver<PoolEvent>)>,
         shutdown: CancellationToken,
     ) -> Result<Self, JobError> {
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
+        let (provisioner, pool_rx) = match pool {
+            Some((p, rx)) => (Some(p), Some(rx)),
+            None => (None, None),
+        };
         let inner = Arc::new(Inner {
             config,
             store,
             artifacts,
             catalog,
-            machines,
+            machines: std::sync::RwLock::new(machines),
+            provisioner,
             live: StdMutex::new(HashMap::new()),
             sched: sched_tx,
             tracker: TaskTracker::new(),
@@ -151,7 +162,7 @@ impl JobManager {
         });
         let manager = Self { inner };
         let recovered = manager.recover().await?;
-        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, recovered);
+        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
         manager.inner.tracker.spawn(retention.retention_loop().instrument(tracing::info_span!("retention")));
@@ -165,9 +176,20 @@ impl JobManager {
         tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok()
     }
 
-    /// The machines jobs run on.
-    pub fn machines(&self) -> &[Arc<Machine>] {
-        &self.inner.machines
+    /// The machines jobs may run on now.
+    pub fn machines(&self) -> Vec<Arc<Machine>> {
+        self.inner.machines.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// The spec a job needs, when a RunComfy pool decides where it runs.
+    fn spec_of(&self, job: &Job) -> Option<MachineSpec> {
+        if self.inner.provisioner.is_none() || job.runcomfy_workflow_version_id.is_empty() {
+            return None;
+        }
+        Some(MachineSpec {
+            workflow_version_id: job.runcomfy_workflow_version_id.clone(),
+            server_type: job.server_type.clone(),
+        })
     }
 
     /// Validates, stores durably and queues a job. Returns it in `QUEUED` (or the earlier job for a
@@ -267,6 +289,7 @@ impl JobManager {
             id: job.id,
             priority: job.priority,
             created_ms: job.created_ms,
+            spec: self.spec_of(&job),
         });
         Ok(job)
     }
@@ -529,8 +552,8 @@ impl JobManager {
     }
 
     /// Loads unfinished jobs: queued ones are queued again, running ones re-attached to their machine.
-    /// Returns the running jobs re-attached, as `(job, machine index)`, so the scheduler counts their slots.
-    async fn recover(&self) -> Result<Vec<(JobId, usize)>, JobError> {
+    /// Returns the running jobs re-attached, with their machines, so the scheduler counts their slots.
+    async fn recover(&self) -> Result<Vec<(JobId, Arc<Machine>)>, JobError> {
         let rows = self.inner.store.unfinished_jobs().await?;
         let mut running = Vec::new();
         for row in rows {
@@ -543,16 +566,17 @@ impl JobManager {
             };
             let id = job.id;
             let machine =
-                job.machine_id.as_ref().and_then(|m| self.inner.machines.iter().position(|x| &x.id == m));
+                job.machine_id.as_ref().and_then(|m| self.machines().into_iter().find(|x| &x.id == m));
             let state = job.state;
             let submitted = job.submitted;
             let (priority, created_ms) = (job.priority, job.created_ms);
+            let spec = self.spec_of(&job);
             let live = self.register(job);
             match (state, submitted, machine) {
-                (JobState::Running, true, Some(idx)) => {
+                (JobState::Running, true, Some(machine)) => {
                     tracing::info!(job_id = %id, "re-attaching to a prompt that was running before the restart");
-                    running.push((id, idx));
-                    self.spawn_runner(live, idx, true);
+                    running.push((id, machine.clone()));
+                    self.spawn_runner(live, machine, true);
                 }
                 (JobState::Running, true, None) => {
                     // Its machine is no longer configured: treat like a lost prompt.
@@ -567,23 +591,23 @@ impl JobManager {
                         })
                         .await?;
                     }
-                    let _ = self.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms });
+                    let _ = self.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms, spec });
                 }
             }
         }
         Ok(running)
     }
 
-    /// Spawns the runner of `live` on machine `idx`; it reports the freed slot to the scheduler when done.
-    fn spawn_runner(&self, live: Arc<LiveJob>, idx: usize, reattach: bool) {
+    /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
+    fn spawn_runner(&self, live: Arc<LiveJob>, machine: Arc<Machine>, reattach: bool) {
         let manager = self.clone();
-        let span = tracing::info_span!("job", job_id = tracing::field::Empty, machine = %self.inner.machines[idx].id);
+        let span = tracing::info_span!("job", job_id = tracing::field::Empty, machine = %machine.id);
         self.inner.tracker.spawn(
             async move {
                 let id = live.job.lock().await.id;
                 tracing::Span::current().record("job_id", tracing::field::display(id));
                 // Exit policy: a runner never panics the service; any error fails the job with INTERNAL.
-                if let Err(e) = runner::run(&manager, &live, idx, reattach).await {
+                if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
                     tracing::error!(error = %e, "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
                         let failure =
@@ -591,10 +615,26 @@ impl JobManager {
                         let _ = manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await;
                     }
                 }
-                let _ = manager.inner.sched.send(SchedMsg::Done { machine: idx });
+                manager.attribute_cost(&live, &machine).await;
+                let _ = manager.inner.sched.send(SchedMsg::Done { machine });
             }
             .instrument(span),
         );
+    }
+
+    /// Attributes machine time and cost to a finished job that ran on a billed machine.
+    async fn attribute_cost(&self, live: &LiveJob, machine: &Machine) {
+        if machine.price_per_hour_usd <= 0.0 {
+            return;
+        }
+        let mut job = live.job.lock().await;
+        let (Some(start), Some(end)) = (job.started_ms, job.ended_ms) else { return };
+        let seconds = ((end - start).max(0) as f64) / 1000.0;
+        job.machine_seconds = seconds;
+        job.cost_usd = seconds * machine.price_per_hour_usd / 3600.0;
+        if let Err(e) = self.persist(&job).await {
+            tracing::warn!(error = %e, "cannot record the job's cost");
+        }
     }
 
     /// Deletes finished jobs, their events and unreferenced artifacts after the retention period.

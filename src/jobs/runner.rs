@@ -19,14 +19,13 @@ use crate::comfy::{ComfyError, FileRef, PromptEvent, PromptEvents};
 /// How long a cancelled prompt may take to acknowledge the interrupt before the job is cancelled anyway.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
 
-/// Runs (or, with `reattach`, resumes) the job on machine `idx`.
+/// Runs (or, with `reattach`, resumes) the job on `machine`.
 pub(super) async fn run(
     manager: &JobManager,
     live: &Arc<LiveJob>,
-    idx: usize,
+    machine: Arc<Machine>,
     reattach: bool,
 ) -> Result<(), JobError> {
-    let machine = manager.inner.machines[idx].clone();
     let cfg = manager.inner.config.clone();
     let shutdown = manager.inner.shutdown.clone();
     let (id, prompt_id) = {
@@ -419,7 +418,10 @@ async fn download(
     let downloaded = match machine.client.download(file, &mut writer).await {
         Ok(d) => d,
         Err(e) => {
-            return Err(DownloadError::Invalid(format!("output {} could not be fetched: {e}", file.filename)));
+            return Err(DownloadError::Invalid(format!(
+                "output {} could not be fetched: {e}",
+                file.filename
+            )));
         }
     };
     let stored = writer.finish().await.map_err(|e| DownloadError::Job(e.into()))?;
@@ -552,9 +554,9 @@ async fn retry_or(
     reason: String,
     failure: FailureReason,
 ) -> Result<(), JobError> {
-    let (attempt, priority, created_ms, cancel_requested) = {
+    let (attempt, priority, created_ms, cancel_requested, spec) = {
         let job = live.job.lock().await;
-        (job.attempt, job.priority, job.created_ms, job.cancel_requested)
+        (job.attempt, job.priority, job.created_ms, job.cancel_requested, manager.spec_of(&job))
     };
     if cancel_requested {
         return cancelled(manager, live).await;
@@ -577,7 +579,7 @@ async fn retry_or(
         })
         .await?;
     let id = live.job.lock().await.id;
-    let _ = manager.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms });
+    let _ = manager.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms, spec });
     Ok(())
 }
 
