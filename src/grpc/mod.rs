@@ -53,17 +53,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let jobs =
-        pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(job_manager, shutdown.clone()))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
+        job_manager.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let workflows =
         pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-    let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let machines =
+        pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(job_manager.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");

@@ -7,6 +7,7 @@ mod config_errors;
 mod foundation;
 mod jobs;
 mod load;
+mod machines;
+mod policies;
 mod recovery;
-mod unimplemented;
 mod workflows;
