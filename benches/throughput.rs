@@ -109,9 +109,11 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let data = tempfile::tempdir()?;
-    let mut config = Config::default();
-    config.data_dir = data.path().to_path_buf();
-    config.workflows_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    let mut config = Config {
+        data_dir: data.path().to_path_buf(),
+        workflows_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+        ..Config::default()
+    };
     config.comfyui.servers[0].url = emulator.url();
     config.log.filter = "warn".into();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
