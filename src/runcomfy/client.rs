@@ -119,6 +119,8 @@ impl ClientOptions {
 pub enum DeleteOutcome {
     /// The server is being deleted; billing stopped when this answer arrived.
     Deleting(Box<Server>),
+    /// The API accepted the deletion with an empty body (200/202/204); billing stopped.
+    Accepted,
     /// The API no longer knows the server (already deleted or stopped).
     AlreadyGone,
 }
@@ -278,7 +280,7 @@ impl RunComfyClient {
         let result =
             self.with_not_found_grace(server_id, || self.call(Method::DELETE, url.clone(), None, true)).await;
         let outcome = match result {
-            Ok(Value::Null) => DeleteOutcome::AlreadyGone,
+            Ok(Value::Null) => DeleteOutcome::Accepted,
             Ok(v) => DeleteOutcome::Deleting(Box::new(decode_server(v)?)),
             Err(RunComfyError::NotFound { .. }) => DeleteOutcome::AlreadyGone,
             Err(e) => return Err(e),

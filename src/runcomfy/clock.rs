@@ -53,28 +53,3 @@ pub(crate) async fn acquire(limiter: &DirectLimiter) {
         tokio::time::sleep(wait).await;
     }
 }
-
-/// Test helper: under `tokio::time::pause()`, keeps a timer firing every `step` so the auto-advancing
-/// clock moves at most `step` while real loopback I/O is in flight (otherwise it would jump straight to
-/// the next timer, e.g. a request timeout). Stops when dropped.
-#[cfg(test)]
-#[derive(Debug)]
-pub(crate) struct Ticker(tokio::task::JoinHandle<()>);
-
-#[cfg(test)]
-impl Ticker {
-    pub(crate) fn start(step: std::time::Duration) -> Self {
-        Self(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(step).await;
-            }
-        }))
-    }
-}
-
-#[cfg(test)]
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}

@@ -8,21 +8,21 @@ use super::*;
 use crate::{
     config::Secret,
     emulator::runcomfy::{
-        DEFAULT_TOKEN, DEFAULT_USER_ID, DEFAULT_WORKFLOW_VERSION_ID, LaunchFailure, RunComfyEmulator,
-        RunComfyEmulatorConfig,
+        DEFAULT_TOKEN, DEFAULT_USER_ID, DEFAULT_WORKFLOW_VERSION_ID, LaunchFailure, PausedTimeTicker,
+        RunComfyEmulator, RunComfyEmulatorConfig,
     },
 };
 
-const STEP: Duration = Duration::from_millis(10);
+const STEP: Duration = Duration::from_millis(50);
 
 struct Harness {
     emu: RunComfyEmulator,
     client: RunComfyClient,
-    _ticker: Ticker,
+    _ticker: PausedTimeTicker,
 }
 
 async fn harness(config: RunComfyEmulatorConfig, tweak: impl FnOnce(&mut ClientOptions)) -> Harness {
-    let ticker = Ticker::start(STEP);
+    let ticker = PausedTimeTicker::start(STEP);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emu = RunComfyEmulator::start(listener, config).await.unwrap();
     let mut options = ClientOptions {

@@ -405,6 +405,35 @@ impl RunComfyEmulator {
     }
 }
 
+/// Keeps a timer firing every `step` so that, under `tokio::time::pause()`, the auto-advancing clock moves
+/// at most `step` at a time while real (loopback) I/O is in flight. Without it, a paused runtime waiting
+/// on a socket jumps straight to the next timer, which is often a request timeout. Tests and benchmarks
+/// that pause time around the emulators start one (10 ms is a good step; a simulated day then takes a
+/// few seconds). The timer task stops when this is dropped.
+#[derive(Debug)]
+pub struct PausedTimeTicker(JoinHandle<()>);
+
+impl PausedTimeTicker {
+    /// Starts ticking every `step` on the current runtime.
+    pub fn start(step: Duration) -> Self {
+        // Exit policy: loops until aborted by `Drop`.
+        Self(tokio::spawn(
+            async move {
+                loop {
+                    tokio::time::sleep(step).await;
+                }
+            }
+            .instrument(tracing::trace_span!("paused_time_ticker")),
+        ))
+    }
+}
+
+impl Drop for PausedTimeTicker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// `comfyrelay emulate runcomfy --port N` calls this; returns when `shutdown` is cancelled.
 ///
 /// # Errors

@@ -7,7 +7,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use super::*;
-use crate::runcomfy::Ticker;
 
 const STEP: Duration = Duration::from_millis(10);
 
@@ -72,7 +71,7 @@ fn launch_body(duration: u64) -> Value {
 
 #[tokio::test(start_paused = true)]
 async fn lifecycle_follows_the_reference_shapes_and_bills_ready_time() {
-    let _ticker = Ticker::start(STEP);
+    let _ticker = PausedTimeTicker::start(STEP);
     let emu = emulator(RunComfyEmulatorConfig { boot_time: Duration::from_secs(120), ..fast() }).await;
     let raw = Raw::new(&emu);
 
@@ -176,7 +175,7 @@ async fn launch_validates_its_body() {
 
 #[tokio::test(start_paused = true)]
 async fn requests_above_the_rate_get_429_with_retry_after() {
-    let _ticker = Ticker::start(STEP);
+    let _ticker = PausedTimeTicker::start(STEP);
     let emu =
         emulator(RunComfyEmulatorConfig { requests_per_second: 1, burst: 3, ..Default::default() }).await;
     let raw = Raw::new(&emu);
@@ -198,7 +197,7 @@ async fn requests_above_the_rate_get_429_with_retry_after() {
 
 #[tokio::test(start_paused = true)]
 async fn machines_stop_themselves_at_estimated_stopping_at_unless_extended() {
-    let _ticker = Ticker::start(STEP);
+    let _ticker = PausedTimeTicker::start(STEP);
     let emu = emulator(RunComfyEmulatorConfig { boot_time: Duration::from_secs(10), ..fast() }).await;
     let raw = Raw::new(&emu);
     let (_, a) = raw.send(Method::POST, "/servers", Some(launch_body(60))).await;
@@ -231,7 +230,7 @@ async fn machines_stop_themselves_at_estimated_stopping_at_unless_extended() {
 
 #[tokio::test(start_paused = true)]
 async fn faults_fire_once_each_in_order() {
-    let _ticker = Ticker::start(STEP);
+    let _ticker = PausedTimeTicker::start(STEP);
     let emu = emulator(fast()).await;
     let raw = Raw::new(&emu);
     emu.faults().fail_requests(1, 503);
