@@ -1,2 +1,237 @@
 //! An emulated ComfyUI server: the same routes, WebSocket messages, routing quirks and error shapes as the
 //! real one, running a few model-free nodes on real pixels, with scriptable fault injection.
+//!
+//! Built from the captured behaviour of ComfyUI 0.3.64 (`shared/reference/comfyui/`). Layout:
+//! - [`routes`](self::routes): the HTTP surface (axum), including uploads and `/view`;
+//! - `ws`: the `/ws` endpoint and ComfyUI's per-`clientId` routing;
+//! - `state`: queue (CPython heap order), history, cache and the socket table;
+//! - `executor`: the single prompt worker (ComfyUI's execution order, caching and message sequence);
+//! - `validation`: `validate_prompt` with the same error shapes;
+//! - `nodes`: the emulated node classes; `frames`: binary frame layouts; `pyjson`: `json.dumps` output;
+//! - [`Faults`]: fault injection.
+//!
+//! This module knows nothing about comfyrelay's own domain; it only imitates the external server.
+
+mod executor;
+mod faults;
+mod frames;
+mod nodes;
+mod pyjson;
+mod routes;
+mod state;
+mod validation;
+mod ws;
+
+#[cfg(test)]
+mod tests;
+
+pub use faults::Faults;
+
+use nodes::Dirs;
+use state::Shared;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long `shutdown` waits for the HTTP server to drain before aborting it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Options; `Default` gives a fast emulator with a fresh temp dir for input/output/temp files.
+#[derive(Debug, Clone, Default)]
+pub struct EmulatorConfig {
+    /// Root of the `input/`, `output/` and `temp/` folders; `None` makes a temp dir removed on drop.
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A running emulated ComfyUI server (`Arc` inside; cheap to clone).
+#[derive(Debug, Clone)]
+pub struct ComfyEmulator {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        abandon_everything(&self.shared);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for t in tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Bumps the epoch (the running prompt goes silent), empties the socket table and drops every socket
+/// without a close frame.
+fn abandon_everything(shared: &Shared) {
+    {
+        let mut st = shared.lock();
+        st.epoch += 1;
+        st.sockets.clear();
+        st.running = None;
+        st.client_id = None;
+        st.last_node_id = None;
+    }
+    shared.restarted.notify_waiters();
+    shared.faults.drop_sockets_now();
+}
+
+impl ComfyEmulator {
+    /// Serves on an already-bound listener (tests bind 127.0.0.1:0). The server task is owned by the handle:
+    /// it stops on `shutdown()` or when the last clone is dropped.
+    ///
+    /// # Errors
+    /// The listener's address cannot be read, or the data folders cannot be created.
+    pub async fn start(listener: TcpListener, config: EmulatorConfig) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let (root, tempdir) = match config.data_dir {
+            Some(dir) => (dir, None),
+            None => {
+                let t = tempfile::Builder::new().prefix("comfyrelay-comfyui-").tempdir()?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let dirs = Dirs { input: root.join("input"), output: root.join("output"), temp: root.join("temp") };
+        for d in [&dirs.input, &dirs.output] {
+            tokio::fs::create_dir_all(d).await?;
+        }
+        // ComfyUI empties its temp folder at startup.
+        let _ = tokio::fs::remove_dir_all(&dirs.temp).await;
+        tokio::fs::create_dir_all(&dirs.temp).await?;
+        let example = dirs.input.join("example.png");
+        if !example.exists() {
+            let img = image::RgbImage::from_pixel(64, 64, image::Rgb([200, 120, 40]));
+            let mut png = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut png, image::ImageFormat::Png).map_err(std::io::Error::other)?;
+            tokio::fs::write(&example, png.into_inner()).await?;
+        }
+
+        let shared = Arc::new(Shared::new(dirs));
+        let cancel = CancellationToken::new();
+        let app = routes::router(shared.clone());
+        let server_cancel = cancel.clone();
+        let server = tokio::spawn(
+            async move {
+                let res = axum::serve(listener, app).with_graceful_shutdown(server_cancel.cancelled_owned()).await;
+                if let Err(e) = res {
+                    tracing::error!(error = %e, "emulated ComfyUI server failed");
+                }
+            }
+            .instrument(tracing::info_span!("comfyui_emulator", %addr)),
+        );
+        let worker = executor::spawn_worker(shared.clone(), cancel.child_token());
+        tracing::debug!(%addr, "emulated ComfyUI listening");
+        Ok(ComfyEmulator {
+            inner: Arc::new(Inner {
+                shared,
+                addr,
+                cancel,
+                tasks: Mutex::new(vec![server, worker]),
+                _tempdir: tempdir,
+            }),
+        })
+    }
+
+    /// `"http://127.0.0.1:PORT"`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.inner.addr)
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Scriptable fault injection.
+    pub fn faults(&self) -> &Faults {
+        &self.inner.shared.faults
+    }
+
+    /// Simulates a crash + restart on the same port: every WebSocket dropped WITHOUT a close frame,
+    /// queue and history wiped, `number` counter reset to 0, running prompt abandoned (no more messages).
+    /// Output caches, feature flags and log subscriptions are lost too; files on disk stay.
+    pub async fn restart(&self) {
+        let shared = &self.inner.shared;
+        abandon_everything(shared);
+        {
+            let mut st = shared.lock();
+            st.queue.clear();
+            st.history.clear();
+            st.number = 0;
+            st.cache.clear();
+            st.temp_suffixes.clear();
+            st.log_subscribers.clear();
+            st.log_size_sent = false;
+        }
+        shared.interrupt.store(false, Ordering::SeqCst);
+        tracing::debug!(addr = %self.inner.addr, "emulated ComfyUI restarted");
+    }
+
+    /// Drops sockets without a close frame and stops serving.
+    pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
+        abandon_everything(&self.inner.shared);
+        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for mut t in tasks {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await.is_err() {
+                t.abort();
+            }
+        }
+    }
+
+    /// Ids of the prompts in history, oldest first.
+    pub async fn history_ids(&self) -> Vec<String> {
+        self.inner.shared.lock().history.keys().cloned().collect()
+    }
+
+    /// The id of the prompt being executed, if any.
+    pub async fn running_prompt(&self) -> Option<String> {
+        self.inner.shared.lock().running.as_ref().map(|r| r.prompt_id.clone())
+    }
+
+    /// Ids of the pending prompts, in the queue's raw heap order.
+    pub async fn pending_prompts(&self) -> Vec<String> {
+        self.inner.shared.lock().queue.iter().map(|i| i.prompt_id.clone()).collect()
+    }
+
+    /// The folder uploads go to (`input/`).
+    pub fn input_dir(&self) -> PathBuf {
+        self.inner.shared.dirs.input.clone()
+    }
+
+    /// The folder SaveImage writes to (`output/`).
+    pub fn output_dir(&self) -> PathBuf {
+        self.inner.shared.dirs.output.clone()
+    }
+}
+
+/// `comfyrelay emulate comfyui --port N` calls this; returns when `shutdown` is cancelled.
+///
+/// # Errors
+/// The address cannot be bound or the data folders cannot be created.
+pub async fn run_standalone(
+    addr: SocketAddr,
+    config: EmulatorConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    let emulator = ComfyEmulator::start(listener, config).await?;
+    tracing::info!(url = %emulator.url(), "emulated ComfyUI 0.3.64 ready");
+    shutdown.cancelled().await;
+    emulator.shutdown().await;
+    Ok(())
+}

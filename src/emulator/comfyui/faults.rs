@@ -1,0 +1,176 @@
+//! Scriptable fault injection for one emulator instance. Tests flip these switches; the socket table,
+//! the worker, the executor and the HTTP layer consult them. Knows nothing about ComfyUI semantics.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// `usize::MAX` means "no drop scheduled".
+const NO_DROP: usize = usize::MAX;
+
+#[derive(Debug, Default)]
+struct Settings {
+    fail_nodes: HashMap<String, String>,
+    vanish_next: bool,
+    history_delay: Duration,
+    fail_http: Vec<(String, usize)>,
+    node_delay: Duration,
+    node_progress_steps: u64,
+}
+
+/// The fault switches of one emulator (interior mutability; every method takes `&self`).
+#[derive(Debug)]
+pub struct Faults {
+    settings: Mutex<Settings>,
+    silent: AtomicBool,
+    silent_tx: watch::Sender<bool>,
+    drop_after: AtomicUsize,
+    /// Cancelled to drop every socket that is open now; replaced by a fresh token for later sockets.
+    kill: Mutex<CancellationToken>,
+}
+
+impl Faults {
+    pub(crate) fn new() -> Self {
+        let (silent_tx, _) = watch::channel(false);
+        Faults {
+            settings: Mutex::new(Settings::default()),
+            silent: AtomicBool::new(false),
+            silent_tx,
+            drop_after: AtomicUsize::new(NO_DROP),
+            kill: Mutex::new(CancellationToken::new()),
+        }
+    }
+
+    fn settings(&self) -> std::sync::MutexGuard<'_, Settings> {
+        self.settings.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// After `n_messages` more WebSocket messages are sent (to any socket), every socket is dropped
+    /// without a close frame. `0` drops at once.
+    pub fn drop_sockets_after(&self, n_messages: usize) {
+        if n_messages == 0 {
+            self.drop_sockets_now();
+        } else {
+            self.drop_after.store(n_messages, Ordering::SeqCst);
+        }
+    }
+
+    /// Drops every open WebSocket now, without a close frame (the peer sees an abrupt EOF).
+    pub fn drop_sockets_now(&self) {
+        self.drop_after.store(NO_DROP, Ordering::SeqCst);
+        let mut kill = self.kill.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        kill.cancel();
+        *kill = CancellationToken::new();
+    }
+
+    /// Keeps sockets open but sends nothing and reads nothing (client pings go unanswered): a half-dead
+    /// connection. Messages produced meanwhile are lost.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::SeqCst);
+        self.silent_tx.send_replace(silent);
+    }
+
+    /// Every execution of `class_type` raises `execution_error` with `message` until cleared.
+    pub fn fail_node(&self, class_type: &str, message: &str) {
+        self.settings().fail_nodes.insert(class_type.to_string(), message.to_string());
+    }
+
+    /// The next prompt the worker takes disappears: no more WebSocket messages about it, absent from
+    /// `/queue` and `/history`, no error.
+    pub fn vanish_next_prompt(&self) {
+        self.settings().vanish_next = true;
+    }
+
+    /// Delays every `/history` response by `d`.
+    pub fn set_history_delay(&self, d: Duration) {
+        self.settings().history_delay = d;
+    }
+
+    /// The next `count` requests whose path starts with `path_prefix` (with or without the `/api` prefix)
+    /// get ComfyUI's plain-text 500.
+    pub fn fail_http(&self, path_prefix: &str, count: usize) {
+        self.settings().fail_http.push((path_prefix.to_string(), count));
+    }
+
+    /// Each executed (uncached) node takes at least `d`.
+    pub fn set_node_delay(&self, d: Duration) {
+        self.settings().node_delay = d;
+    }
+
+    /// During a node delay, report `steps` `progress` updates (0..steps of steps), as a sampler would.
+    /// Interrupts are honoured at each step.
+    pub fn set_node_progress_steps(&self, steps: u64) {
+        self.settings().node_progress_steps = steps;
+    }
+
+    /// Removes every fault (a silent emulator starts talking again; a scheduled drop is cancelled).
+    pub fn clear(&self) {
+        *self.settings() = Settings::default();
+        self.drop_after.store(NO_DROP, Ordering::SeqCst);
+        self.set_silent(false);
+    }
+
+    pub(crate) fn is_silent(&self) -> bool {
+        self.silent.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn silent_watch(&self) -> watch::Receiver<bool> {
+        self.silent_tx.subscribe()
+    }
+
+    /// The token a newly opened socket watches.
+    pub(crate) fn kill_token(&self) -> CancellationToken {
+        self.kill.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Counts one sent message for `drop_sockets_after`.
+    pub(crate) fn note_sent(&self) {
+        let prev = self.drop_after.load(Ordering::SeqCst);
+        if prev == NO_DROP {
+            return;
+        }
+        if self
+            .drop_after
+            .compare_exchange(prev, prev.saturating_sub(1), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            && prev <= 1
+        {
+            self.drop_sockets_now();
+        }
+    }
+
+    pub(crate) fn node_failure(&self, class_type: &str) -> Option<String> {
+        self.settings().fail_nodes.get(class_type).cloned()
+    }
+
+    /// Consumes the vanish flag.
+    pub(crate) fn take_vanish(&self) -> bool {
+        std::mem::take(&mut self.settings().vanish_next)
+    }
+
+    pub(crate) fn history_delay(&self) -> Duration {
+        self.settings().history_delay
+    }
+
+    pub(crate) fn node_delay(&self) -> (Duration, u64) {
+        let s = self.settings();
+        (s.node_delay, s.node_progress_steps)
+    }
+
+    /// Whether this request should get a scripted 500 (consumes one count).
+    pub(crate) fn take_http_failure(&self, path: &str) -> bool {
+        let stripped = path.strip_prefix("/api").filter(|p| p.starts_with('/'));
+        let mut s = self.settings();
+        for (prefix, count) in s.fail_http.iter_mut() {
+            if *count > 0 && (path.starts_with(prefix.as_str()) || stripped.is_some_and(|p| p.starts_with(prefix.as_str()))) {
+                *count -= 1;
+                return true;
+            }
+        }
+        s.fail_http.retain(|(_, c)| *c > 0);
+        false
+    }
+}
