@@ -12,7 +12,6 @@
 //! This module imitates the external service only; it must not know comfyrelay's client or pool (it
 //! writes its own JSON rather than reuse the client's models, so the two check each other).
 
-pub mod comfy_shim;
 mod faults;
 #[cfg(test)]
 mod tests;
@@ -41,10 +40,12 @@ use tokio::{net::TcpListener, sync::Notify, task::JoinHandle, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, info, warn};
 
-use self::comfy_shim::{ComfyEmulator, EmulatorConfig};
 pub use self::faults::{LaunchFailure, RunComfyFaults};
 use self::faults::{MachinePlan, RequestFault};
-use crate::runcomfy::{DirectLimiter, limiter, try_acquire};
+use crate::{
+    emulator::comfyui::{ComfyEmulator, EmulatorConfig},
+    runcomfy::{DirectLimiter, limiter, try_acquire},
+};
 
 /// The user id the default configuration serves.
 pub const DEFAULT_USER_ID: &str = "5e1f6c7a-0000-4000-8000-00000000e001";
