@@ -307,3 +307,33 @@ async fn a_dead_machine_still_reports_ready() {
     assert!(h.client.get_server(&launched.server_id).await.unwrap().current_status.is_ready());
     assert_eq!(h.emu.running_machines().len(), 1, "billed until deleted");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_429_without_retry_after_waits_the_default() {
+    let config = RunComfyEmulatorConfig { send_retry_after: false, ..boot(1) };
+    let h = harness(config, |o| o.default_retry_after = Duration::from_secs(9)).await;
+    h.emu.faults().rate_limit_requests(2, Duration::from_secs(1));
+    let start = Instant::now();
+    h.client.list_servers().await.unwrap();
+    assert!(start.elapsed() >= Duration::from_secs(18), "{:?}", start.elapsed());
+    assert_eq!(h.emu.rate_limited_responses(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_launches_get_distinct_machines_even_when_one_is_ambiguous() {
+    let h = harness(boot(30), |o| o.request_timeout = Duration::from_secs(10)).await;
+    h.emu.faults().fail_next_launch(LaunchFailure::CreatedButStalled(Duration::from_secs(60)));
+    let mut launches = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let client = h.client.clone();
+        launches.spawn(async move { client.launch(&request(600)).await.map(|s| s.server_id) });
+    }
+    let mut ids = Vec::new();
+    while let Some(result) = launches.join_next().await {
+        ids.push(result.unwrap().unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each launch adopted its own machine");
+    assert_eq!(h.emu.machines_launched(), 3);
+}

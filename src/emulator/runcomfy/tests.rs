@@ -253,3 +253,37 @@ async fn faults_fire_once_each_in_order() {
     let url = server["main_service_url"].as_str().unwrap();
     assert!(reqwest::get(format!("{url}/system_stats")).await.is_err());
 }
+
+#[tokio::test]
+async fn run_standalone_serves_until_cancelled() {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run_standalone("127.0.0.1:0".parse().unwrap(), fast(), shutdown.clone()));
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleting_a_starting_machine_bills_nothing_and_never_boots_it() {
+    let _ticker = PausedTimeTicker::start(STEP);
+    let emu = emulator(RunComfyEmulatorConfig { boot_time: Duration::from_secs(60), ..fast() }).await;
+    let raw = Raw::new(&emu);
+    let (_, launched) = raw.send(Method::POST, "/servers", Some(launch_body(600))).await;
+    let id = launched["server_id"].as_str().unwrap().to_string();
+    let (status, extended) = raw
+        .send(
+            Method::POST,
+            &format!("/servers/{id}/update-estimated-duration"),
+            Some(json!({"update_estimated_duration": 900})),
+        )
+        .await;
+    assert_eq!((status, extended["estimated_duration"].as_u64()), (200, Some(900)));
+    assert_eq!(extended["estimated_stopping_at"], Value::Null, "no stop time before Ready");
+    let (status, deleting) = raw.send(Method::DELETE, &format!("/servers/{id}"), None).await;
+    assert_eq!((status, deleting["current_status"].as_str()), (200, Some("Deleting")));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let machine = &emu.machines()[0];
+    assert_eq!(
+        (machine.status, machine.main_service_url.as_deref(), machine.billed),
+        ("Gone", None, Duration::ZERO)
+    );
+}
