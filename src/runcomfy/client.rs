@@ -296,8 +296,8 @@ impl RunComfyClient {
     /// (timeout, lost connection, 5xx, internal error in the body) the list is read again for up to
     /// `launch_confirm_grace`; a new server matching the request (same `server_type` and duration, and
     /// `workflow_version_id`/creation time if the API reports them) is taken as this launch. Only if none
-    /// appears is the launch repeated, up to `max_launch_attempts` times in all. Launches are serialized
-    /// process-wide so that attribution is unambiguous.
+    /// appears is the launch repeated (after one more look), up to `max_launch_attempts` times in all.
+    /// Launches through this client and its clones are serialized so that attribution is unambiguous.
     ///
     /// # Errors
     /// The last failure; [`RunComfyError::is_ambiguous`] errors mean the outcome could not be confirmed
@@ -312,12 +312,14 @@ impl RunComfyClient {
         });
         let url = self.url(&["servers"]);
         let mut backoff = self.backoff();
+        // Servers that existed before the first attempt. Kept for every attempt, so a server from an
+        // earlier ambiguous attempt that shows up late is still recognised as ours.
+        let before: HashSet<String> = self.list_servers().await?.into_iter().map(|s| s.server_id).collect();
+        let started = SystemTime::now();
+        let mut any_ambiguous = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let before: HashSet<String> =
-                self.list_servers().await?.into_iter().map(|s| s.server_id).collect();
-            let started = SystemTime::now();
             let result = match self.call(Method::POST, url.clone(), Some(body.clone()), false).await {
                 Ok(v) => decode_server(v),
                 Err(e) => Err(e),
@@ -331,8 +333,10 @@ impl RunComfyClient {
                 Err(e) => e,
             };
             if error.is_ambiguous() {
+                any_ambiguous = true;
                 warn!(error = %error, attempt, "launch outcome unknown; checking the server list before launching again");
-                if let Some(server) = self.find_launched(request, &before, started).await? {
+                let grace = self.inner.options.launch_confirm_grace;
+                if let Some(server) = self.find_launched(request, &before, started, grace).await? {
                     info!(server_id = %server.server_id, "the ambiguous launch did happen; adopting its server");
                     return Ok(server);
                 }
@@ -345,6 +349,12 @@ impl RunComfyClient {
             let delay = backoff.next().unwrap_or(self.inner.options.max_backoff);
             warn!(error = %error, attempt, ?delay, "launch did not happen; launching again");
             tokio::time::sleep(delay).await;
+            if any_ambiguous
+                && let Some(server) = self.find_launched(request, &before, started, Duration::ZERO).await?
+            {
+                info!(server_id = %server.server_id, "an earlier ambiguous launch did happen; adopting its server");
+                return Ok(server);
+            }
         }
     }
 
@@ -434,14 +444,16 @@ impl RunComfyClient {
         }
     }
 
-    /// After an ambiguous launch failure: looks for a server that appeared since `before` and matches.
+    /// After an ambiguous launch failure: looks for a server that appeared since `before`, matches the
+    /// request and is not claimed, for up to `grace` (at least once).
     async fn find_launched(
         &self,
         request: &LaunchRequest,
         before: &HashSet<String>,
         started: SystemTime,
+        grace: Duration,
     ) -> Result<Option<Server>, RunComfyError> {
-        let deadline = Instant::now() + self.inner.options.launch_confirm_grace;
+        let deadline = Instant::now() + grace;
         loop {
             // If even the list fails, the outcome stays unknown: report that rather than launch again.
             let servers = self.list_servers().await?;
