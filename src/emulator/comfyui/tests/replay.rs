@@ -86,6 +86,7 @@ struct Replayer {
     ids: Vec<(String, String)>,
     last: Option<(String, String, Actual)>,
     skip: Vec<u64>,
+    loose_status: bool,
     failures: Vec<String>,
 }
 
@@ -245,7 +246,8 @@ impl Replayer {
                     if (img.width(), img.height()) != size {
                         self.failures.push(format!("{here}: image size {:?} != {size:?}", (img.width(), img.height())));
                     }
-                    if let Some(b64) = &body.b64 {
+                    let lossy = matches!(actual.content_type.as_deref(), Some("image/jpeg" | "image/webp"));
+                    if let (Some(b64), false) = (&body.b64, lossy) {
                         let exp_bytes = base64::engine::general_purpose::STANDARD.decode(b64).expect("b64");
                         let exp_img = image::load_from_memory(&exp_bytes).expect("trace image").to_rgb8();
                         let act_img = img.to_rgb8();
@@ -280,13 +282,26 @@ impl Replayer {
         for name in names {
             let Some(ws) = self.sockets.get(&name) else { continue };
             let expected = &self.expected[&name];
-            let got_kinds = kinds(&ws.log);
-            let exp_kinds: Vec<String> = expected.iter().map(|e| expected_kind(&e.frame)).collect();
+            let (got, exp): (Vec<&Frame>, Vec<&Expected>) = if self.loose_status {
+                let got_status = ws.log.iter().filter(|f| f.kind() == "status").count();
+                let exp_status = expected.iter().filter(|e| expected_kind(&e.frame) == "status").count();
+                if got_status != exp_status {
+                    self.failures.push(format!("socket {name}: {got_status} status messages, expected {exp_status}"));
+                }
+                (
+                    ws.log.iter().filter(|f| f.kind() != "status").collect(),
+                    expected.iter().filter(|e| expected_kind(&e.frame) != "status").collect(),
+                )
+            } else {
+                (ws.log.iter().collect(), expected.iter().collect())
+            };
+            let got_kinds: Vec<String> = got.iter().map(|f| f.kind()).collect();
+            let exp_kinds: Vec<String> = exp.iter().map(|e| expected_kind(&e.frame)).collect();
             if got_kinds != exp_kinds {
                 self.failures.push(format!("socket {name}: frame types differ\n got      {got_kinds:?}\n expected {exp_kinds:?}"));
                 continue;
             }
-            for (e, a) in expected.iter().zip(ws.log.iter()) {
+            for (e, a) in exp.iter().zip(got.iter()) {
                 let res = match (&e.frame, a) {
                     (ExpectedFrame::Json(ev), Frame::Json(av)) => compare(&self.subst_value(ev), av, &mut Vec::new(), &self.root),
                     (ExpectedFrame::Binary(dec), Frame::Binary(bytes)) => compare_binary(&self.subst_value(dec), bytes, &self.root),
@@ -359,8 +374,9 @@ fn normalize_temp(s: &str) -> String {
         out.push_str(&rest[..i + 13]);
         rest = &rest[i + 13..];
         if rest.len() >= 6 && rest.as_bytes()[5] == b'_' && rest[..5].bytes().all(|b| b.is_ascii_lowercase()) {
-            out.push_str("?????");
-            rest = &rest[5..];
+            // The random part, and the counter (it depends on the temp files earlier captures left).
+            out.push_str("?????_");
+            rest = rest[6..].trim_start_matches(|c: char| c.is_ascii_digit());
         }
     }
     out.push_str(rest);
@@ -453,6 +469,9 @@ struct Opts {
     skip: &'static [u64],
     /// Emulated node duration, standing in for the captured slow CPU work.
     node_delay: Option<Duration>,
+    /// Compare `status` broadcasts apart from the other frames (their interleaving with another
+    /// client's prompt is a race in the capture itself): each subsequence in order, statuses by count.
+    loose_status: bool,
     /// Files the capture had in input/ before it started.
     preload: Vec<(&'static str, Vec<u8>)>,
 }
@@ -476,12 +495,14 @@ async fn replay(name: &str, opts: Opts) {
         ids: Vec::new(),
         last: None,
         skip: opts.skip.to_vec(),
+        loose_status: opts.loose_status,
         failures: Vec::new(),
     };
     let events = trace.events;
     for (i, ev) in events.iter().enumerate() {
         match ev {
             Event::WsOpen { ws, url } => {
+                r.barrier().await;
                 let client_id = url.split_once("clientId=").map(|(_, id)| id.to_string());
                 if client_id.is_none() {
                     r.anonymous.push(ws.clone());
@@ -609,7 +630,8 @@ async fn replay_e4_queue_ops() {
 
 #[tokio::test]
 async fn replay_f1_multi_client() {
-    replay("f1_multi_client", Opts { node_delay: Some(Duration::from_millis(300)), ..Opts::default() }).await;
+    replay("f1_multi_client", Opts { node_delay: Some(Duration::from_millis(300)), loose_status: true, ..Opts::default() })
+        .await;
 }
 
 #[tokio::test]
