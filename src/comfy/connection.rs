@@ -17,9 +17,14 @@
 //!   events can no longer reach us, so they are polled from /queue + /history every `orphan_poll` until
 //!   they end (outputs are recovered from history; live progress is lost for them).
 //!
-//! In both cases every in-flight prompt is reconciled right after the new socket is up (subscribe first,
-//! then read state), and a prompt silent for `silence_reconcile` is reconciled even on a healthy socket,
-//! which also covers an unrouted socket.
+//! In both cases every in-flight prompt is reconciled once ComfyUI has registered the new socket (its
+//! `status`+`sid` greeting: subscribe first, then read state), and a prompt silent for
+//! `silence_reconcile` is reconciled even on a healthy socket.
+//!
+//! Unrouting is also detected directly: ComfyUI broadcasts `status` to every routed socket on each queue
+//! change, so after one of our prompts is queued at least one `status` must arrive within
+//! `probe_timeout`. If none does, the socket is unrouted (the f2 bug, or anything else) and is replaced
+//! under a fresh clientId.
 //!
 //! # Tasks
 //! One supervisor task per connection (spawned by [`ComfyConnection::spawn`], instrumented with a span).
@@ -76,7 +81,11 @@ struct Shared {
     // A std Mutex: held only for synchronous routing, never across an await.
     router: Mutex<Router>,
     connected: watch::Sender<bool>,
-    requests: mpsc::UnboundedSender<Vec<String>>,
+    requests: mpsc::UnboundedSender<Request>,
+    /// Greeted sockets so far (identifies the current socket in routing checks).
+    generation: AtomicU64,
+    /// `status` messages received so far, on any socket: each one proves the socket is routed.
+    statuses: AtomicU64,
     cancel: CancellationToken,
     connects: AtomicU64,
 }
@@ -87,6 +96,16 @@ impl Shared {
         // the lock, so recover the guard instead of propagating the poison.
         self.router.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Work for the supervisor from the public API.
+#[derive(Debug)]
+enum Request {
+    /// Reconcile these prompts now.
+    Reconcile(Vec<String>),
+    /// A prompt was queued while socket `generation` was up and `statuses` status messages had been seen:
+    /// ComfyUI broadcasts `status` on every queue change to every routed socket, so one more must arrive.
+    VerifyRouting { generation: u64, statuses: u64 },
 }
 
 /// Why a socket session ended.
@@ -120,6 +139,8 @@ impl ComfyConnection {
             requests,
             cancel: cancel.clone(),
             connects: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
+            statuses: AtomicU64::new(0),
         });
         let span = tracing::info_span!("comfy_connection", server = %shared.client.base_url(), client_id = %shared.base_client_id);
         let task = tokio::spawn(supervise(shared.clone(), requests_rx).instrument(span));
@@ -208,12 +229,15 @@ impl ComfyConnection {
                 .map_err(|_| ComfyError::Protocol(format!("prompt {prompt_id} is already in flight")))?;
             (client_id, events)
         };
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let statuses = self.shared.statuses.load(Ordering::SeqCst);
         let req = QueuePrompt { prompt_id: prompt_id.to_owned(), graph, client_id };
         match self.shared.client.queue_prompt(&req).await {
             Ok(queued) => {
                 if self.shared.router().ack(prompt_id) {
-                    let _ = self.shared.requests.send(vec![prompt_id.to_owned()]);
+                    let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
                 }
+                let _ = self.shared.requests.send(Request::VerifyRouting { generation, statuses });
                 Ok((queued, events))
             }
             Err(e) => {
@@ -238,13 +262,13 @@ impl ComfyConnection {
                 }
             }
         };
-        let _ = self.shared.requests.send(vec![prompt_id.to_owned()]);
+        let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
         events
     }
 }
 
 /// The supervisor: connect, run a session, reconnect; see the module docs for the exit policy.
-async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Vec<String>>) {
+async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Request>) {
     let options = shared.client.options().clone();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut failures: u32 = 0;
@@ -350,7 +374,7 @@ async fn session(
     client_id: &str,
     mut ws: Ws,
     tasks: &mut JoinSet<()>,
-    requests: &mut mpsc::UnboundedReceiver<Vec<String>>,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
 ) -> SessionEnd {
     let o = shared.client.options().clone();
     let tick_every = o.silence_reconcile.min(o.orphan_poll).max(Duration::from_millis(10)) / 2;
@@ -363,6 +387,9 @@ async fn session(
     // reconciled (subscribe first, then read state) only once it arrived.
     let mut greeted = false;
     let greeting_deadline = Instant::now() + o.request_timeout;
+    // Pending routing check: (deadline, status count to exceed).
+    let mut verify: Option<(Instant, u64)> = None;
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let deadline = match probe_sent {
             None => last_frame + o.idle_probe,
@@ -391,12 +418,19 @@ async fn session(
                 };
                 match parsed {
                     Ok(m) => {
+                        if matches!(m, ServerMessage::Status { .. }) {
+                            let seen = shared.statuses.fetch_add(1, Ordering::SeqCst) + 1;
+                            if verify.is_some_and(|(_, mark)| seen > mark) {
+                                verify = None;
+                            }
+                        }
                         if !greeted {
                             if let ServerMessage::Status { sid: Some(sid), .. } = &m {
                                 greeted = true;
                                 if sid != client_id {
                                     tracing::warn!(%sid, client_id, "ComfyUI greeted with another sid");
                                 }
+                                shared.generation.fetch_add(1, Ordering::SeqCst);
                                 let due = shared.router().on_new_socket();
                                 shared.connected.send_replace(true);
                                 tracing::info!(client_id, reconciling = due.len(), "ComfyUI websocket connected");
@@ -430,7 +464,26 @@ async fn session(
                 }
                 probe_sent = Some(Instant::now());
             }
-            Some(ids) = requests.recv() => spawn_reconcile(shared, tasks, ids),
+            Some(request) = requests.recv() => match request {
+                Request::Reconcile(ids) => spawn_reconcile(shared, tasks, ids),
+                Request::VerifyRouting { generation, statuses } => {
+                    let current = greeted && generation == shared.generation.load(Ordering::SeqCst);
+                    if current && verify.is_none() && shared.statuses.load(Ordering::SeqCst) <= statuses {
+                        verify = Some((Instant::now() + o.probe_timeout, statuses));
+                    }
+                }
+            },
+            () = sleep_until(verify.map_or(far_future, |(at, _)| at)), if verify.is_some() => {
+                let mark = verify.map_or(0, |(_, m)| m);
+                if shared.statuses.load(Ordering::SeqCst) <= mark {
+                    // The f2 bug (an older socket's cleanup removed our registration) or any other
+                    // unrouting: this socket will never get events. Replace it under a fresh clientId.
+                    tracing::warn!("no status broadcast after our prompt was queued: the socket is not routed");
+                    close(ws, o.probe_timeout).await;
+                    return SessionEnd::Abandoned;
+                }
+                verify = None;
+            }
             _ = tick.tick() => {
                 let due = shared.router().due(Instant::now(), o.silence_reconcile, o.orphan_poll);
                 spawn_reconcile_marked(shared, tasks, due);

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
@@ -417,6 +418,62 @@ async fn silent_socket_is_detected_and_replaced() {
         }
     }
     assert!(streamed, "the replacement socket never streamed events");
+}
+
+#[tokio::test]
+async fn duplicate_client_id_cleanup_loses_no_completion() {
+    // ComfyUI's duplicate-clientId bug (f2): when an older socket with our clientId closes after we
+    // registered, the server's cleanup unregisters our socket. (Real ComfyUI leaves our socket open and
+    // silent, which `missing_status_broadcast_replaces_the_socket` covers; the emulator also closes it.)
+    let emu = emulator().await;
+    let id = format!("dup-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}/ws?clientId={id}", emu.url().replace("http://", "ws://"));
+    let (mut older, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert!(timeout(WAIT, older.next()).await.unwrap().is_some(), "older socket greeted");
+
+    let client = ComfyClient::new(&emu.url(), options()).unwrap();
+    let cancel = CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let conn = ComfyConnection::spawn_with_client_id(client, id.clone(), cancel);
+    conn.wait_connected(WAIT).await.unwrap();
+    // The server drops the older socket (replaced by ours) and its cleanup unregisters ours.
+    while let Some(Ok(_)) = timeout(WAIT, older.next()).await.unwrap() {}
+
+    let (_, events) = conn.submit(&pid(), save_graph(19, 8)).await.unwrap();
+    let events = collect(events).await;
+    assert_eq!(events.last(), Some(&PromptEvent::Succeeded), "{events:?}");
+    assert_eq!(executed_nodes(&events), ["3"], "{events:?}");
+    let mut streamed = false;
+    for i in 0..3 {
+        conn.wait_connected(WAIT).await.unwrap();
+        let (_, events) = conn.submit(&pid(), save_graph(20 + i, 8)).await.unwrap();
+        let events = collect(events).await;
+        assert_eq!(events.last(), Some(&PromptEvent::Succeeded), "{events:?}");
+        if events.first() == Some(&PromptEvent::ExecutionStart) {
+            streamed = true;
+            break;
+        }
+    }
+    assert!(streamed, "a routed socket streams events again");
+}
+
+#[tokio::test]
+async fn missing_status_broadcast_replaces_the_socket() {
+    // A socket that stays open but is no longer routed gets no `status` broadcast when our prompt is
+    // queued: detected within probe_timeout, long before the idle probe would fire.
+    let mut o = options();
+    o.idle_probe = Duration::from_secs(30);
+    o.probe_timeout = Duration::from_millis(300);
+    let h = harness(o).await;
+    h.emu.faults().set_silent(true);
+    let started = tokio::time::Instant::now();
+    let (_, events) = h.conn.submit(&pid(), save_graph(23, 8)).await.unwrap();
+    let events = collect(events).await;
+    assert_eq!(events.last(), Some(&PromptEvent::Succeeded), "{events:?}");
+    assert_eq!(executed_nodes(&events), ["3"], "outputs recovered from history: {events:?}");
+    assert!(h.conn.connects() >= 2);
+    assert_ne!(h.conn.socket_client_id(), h.conn.client_id(), "replaced under a fresh clientId");
+    assert!(started.elapsed() < Duration::from_secs(10), "detected by the routing check, not the idle probe");
 }
 
 #[tokio::test]
