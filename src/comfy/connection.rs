@@ -22,9 +22,9 @@
 //! `silence_reconcile` is reconciled even on a healthy socket.
 //!
 //! Unrouting is also detected directly: ComfyUI broadcasts `status` to every routed socket on each queue
-//! change, so after one of our prompts is queued at least one `status` must arrive within
-//! `probe_timeout`. If none does, the socket is unrouted (the f2 bug, or anything else) and is replaced
-//! under a fresh clientId.
+//! change (and sends nothing at all to an unrouted one), so after one of our prompts is queued at least
+//! one frame must arrive within `probe_timeout`. If none does, the socket is unrouted (the f2 bug, or a
+//! half-dead socket) and is replaced under a fresh clientId.
 //!
 //! # Tasks
 //! One supervisor task per connection (spawned by [`ComfyConnection::spawn`], instrumented with a span).
@@ -84,8 +84,9 @@ struct Shared {
     requests: mpsc::UnboundedSender<Request>,
     /// Greeted sockets so far (identifies the current socket in routing checks).
     generation: AtomicU64,
-    /// `status` messages received so far, on any socket: each one proves the socket is routed.
-    statuses: AtomicU64,
+    /// Data frames (text/binary) received so far, on any socket. ComfyUI sends nothing at all, not even
+    /// broadcasts, to a socket missing from its routing table, so each one proves the socket is routed.
+    frames: AtomicU64,
     cancel: CancellationToken,
     connects: AtomicU64,
 }
@@ -103,9 +104,9 @@ impl Shared {
 enum Request {
     /// Reconcile these prompts now.
     Reconcile(Vec<String>),
-    /// A prompt was queued while socket `generation` was up and `statuses` status messages had been seen:
-    /// ComfyUI broadcasts `status` on every queue change to every routed socket, so one more must arrive.
-    VerifyRouting { generation: u64, statuses: u64 },
+    /// A prompt was queued while socket `generation` was up and `frames` frames had been received: ComfyUI
+    /// broadcasts `status` on every queue change to every routed socket, so one more frame must arrive.
+    VerifyRouting { generation: u64, frames: u64 },
 }
 
 /// Why a socket session ended.
@@ -140,7 +141,7 @@ impl ComfyConnection {
             cancel: cancel.clone(),
             connects: AtomicU64::new(0),
             generation: AtomicU64::new(0),
-            statuses: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
         });
         let span = tracing::info_span!("comfy_connection", server = %shared.client.base_url(), client_id = %shared.base_client_id);
         let task = tokio::spawn(supervise(shared.clone(), requests_rx).instrument(span));
@@ -230,14 +231,14 @@ impl ComfyConnection {
             (client_id, events)
         };
         let generation = self.shared.generation.load(Ordering::SeqCst);
-        let statuses = self.shared.statuses.load(Ordering::SeqCst);
+        let frames = self.shared.frames.load(Ordering::SeqCst);
         let req = QueuePrompt { prompt_id: prompt_id.to_owned(), graph, client_id };
         match self.shared.client.queue_prompt(&req).await {
             Ok(queued) => {
                 if self.shared.router().ack(prompt_id) {
                     let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
                 }
-                let _ = self.shared.requests.send(Request::VerifyRouting { generation, statuses });
+                let _ = self.shared.requests.send(Request::VerifyRouting { generation, frames });
                 Ok((queued, events))
             }
             Err(e) => {
@@ -411,19 +412,18 @@ async fn session(
                 let parsed = match msg {
                     Message::Text(t) => ServerMessage::parse_text(&t),
                     Message::Binary(b) => ServerMessage::parse_binary(&b),
+                    // Pongs are answered by the server's WebSocket layer, routed or not.
                     Message::Close(frame) => {
                         return SessionEnd::ServerGone(format!("close frame {frame:?}"));
                     }
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
+                let seen = shared.frames.fetch_add(1, Ordering::SeqCst) + 1;
+                if verify.is_some_and(|(_, mark)| seen > mark) {
+                    verify = None;
+                }
                 match parsed {
                     Ok(m) => {
-                        if matches!(m, ServerMessage::Status { .. }) {
-                            let seen = shared.statuses.fetch_add(1, Ordering::SeqCst) + 1;
-                            if verify.is_some_and(|(_, mark)| seen > mark) {
-                                verify = None;
-                            }
-                        }
                         if !greeted {
                             if let ServerMessage::Status { sid: Some(sid), .. } = &m {
                                 greeted = true;
@@ -466,19 +466,19 @@ async fn session(
             }
             Some(request) = requests.recv() => match request {
                 Request::Reconcile(ids) => spawn_reconcile(shared, tasks, ids),
-                Request::VerifyRouting { generation, statuses } => {
+                Request::VerifyRouting { generation, frames } => {
                     let current = greeted && generation == shared.generation.load(Ordering::SeqCst);
-                    if current && verify.is_none() && shared.statuses.load(Ordering::SeqCst) <= statuses {
-                        verify = Some((Instant::now() + o.probe_timeout, statuses));
+                    if current && verify.is_none() && shared.frames.load(Ordering::SeqCst) <= frames {
+                        verify = Some((Instant::now() + o.probe_timeout, frames));
                     }
                 }
             },
             () = sleep_until(verify.map_or(far_future, |(at, _)| at)), if verify.is_some() => {
                 let mark = verify.map_or(0, |(_, m)| m);
-                if shared.statuses.load(Ordering::SeqCst) <= mark {
+                if shared.frames.load(Ordering::SeqCst) <= mark {
                     // The f2 bug (an older socket's cleanup removed our registration) or any other
                     // unrouting: this socket will never get events. Replace it under a fresh clientId.
-                    tracing::warn!("no status broadcast after our prompt was queued: the socket is not routed");
+                    tracing::warn!("no frame after our prompt was queued: the socket is not routed");
                     close(ws, o.probe_timeout).await;
                     return SessionEnd::Abandoned;
                 }

@@ -424,7 +424,7 @@ async fn silent_socket_is_detected_and_replaced() {
 async fn duplicate_client_id_cleanup_loses_no_completion() {
     // ComfyUI's duplicate-clientId bug (f2): when an older socket with our clientId closes after we
     // registered, the server's cleanup unregisters our socket. (Real ComfyUI leaves our socket open and
-    // silent, which `missing_status_broadcast_replaces_the_socket` covers; the emulator also closes it.)
+    // silent, which `no_frame_after_queueing_replaces_the_socket` covers; the emulator also closes it.)
     let emu = emulator().await;
     let id = format!("dup-{}", uuid::Uuid::new_v4().simple());
     let url = format!("{}/ws?clientId={id}", emu.url().replace("http://", "ws://"));
@@ -458,8 +458,8 @@ async fn duplicate_client_id_cleanup_loses_no_completion() {
 }
 
 #[tokio::test]
-async fn missing_status_broadcast_replaces_the_socket() {
-    // A socket that stays open but is no longer routed gets no `status` broadcast when our prompt is
+async fn no_frame_after_queueing_replaces_the_socket() {
+    // A socket that stays open but is no longer routed gets no frame (not even the `status` broadcast) when our prompt is
     // queued: detected within probe_timeout, long before the idle probe would fire.
     let mut o = options();
     o.idle_probe = Duration::from_secs(30);
