@@ -60,7 +60,7 @@ fn pid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// EmptyImage → SaveImage (color varies so nothing is cached).
+/// EmptyImage → ImageInvert → SaveImage (color varies so nothing is cached).
 fn save_graph(color: u32, size: u32) -> Value {
     json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
@@ -459,8 +459,8 @@ async fn duplicate_client_id_cleanup_loses_no_completion() {
 
 #[tokio::test]
 async fn no_frame_after_queueing_replaces_the_socket() {
-    // A socket that stays open but is no longer routed gets no frame (not even the `status` broadcast) when our prompt is
-    // queued: detected within probe_timeout, long before the idle probe would fire.
+    // A socket that stays open but is no longer routed gets no frame (not even the `status` broadcast)
+    // when our prompt is queued: detected within probe_timeout, long before the idle probe would fire.
     let mut o = options();
     o.idle_probe = Duration::from_secs(30);
     o.probe_timeout = Duration::from_millis(300);
