@@ -89,6 +89,8 @@ struct Shared {
     frames: AtomicU64,
     cancel: CancellationToken,
     connects: AtomicU64,
+    /// `status.exec_info.queue_remaining` from the last `status` message.
+    queue_remaining: watch::Sender<Option<u64>>,
 }
 
 impl Shared {
@@ -140,6 +142,7 @@ impl ComfyConnection {
             requests,
             cancel: cancel.clone(),
             connects: AtomicU64::new(0),
+            queue_remaining: watch::channel(None).0,
             generation: AtomicU64::new(0),
             frames: AtomicU64::new(0),
         });
@@ -190,6 +193,12 @@ impl ComfyConnection {
     /// Whether a socket is open right now.
     pub fn is_connected(&self) -> bool {
         *self.shared.connected.borrow()
+    }
+
+    /// ComfyUI's queue length (running + pending, all clients) from the last `status` message, updated
+    /// live; `None` before the first one.
+    pub fn queue_remaining(&self) -> watch::Receiver<Option<u64>> {
+        self.shared.queue_remaining.subscribe()
     }
 
     /// How many sockets were opened so far (1 after the first connect).
@@ -424,6 +433,9 @@ async fn session(
                 }
                 match parsed {
                     Ok(m) => {
+                        if let ServerMessage::Status { queue_remaining: Some(n), .. } = &m {
+                            shared.queue_remaining.send_replace(Some(*n));
+                        }
                         if !greeted {
                             if let ServerMessage::Status { sid: Some(sid), .. } = &m {
                                 greeted = true;

@@ -312,6 +312,8 @@ async fn previews_and_text_frames_are_routed() {
 #[tokio::test]
 async fn two_hundred_fast_jobs_back_to_back_each_end_once() {
     let h = harness(options()).await;
+    // About 5 ms per job (three nodes), like trivial prompts on a real ComfyUI.
+    h.emu.faults().set_node_delay(Duration::from_millis(1));
     let mut streams = Vec::new();
     for i in 0..200u32 {
         let (_, ev) = h.conn.submit(&pid(), save_graph(1000 + i, 4)).await.unwrap();
@@ -325,6 +327,8 @@ async fn two_hundred_fast_jobs_back_to_back_each_end_once() {
     }
     assert_eq!(h.conn.connects(), 1);
     assert_eq!(h.conn.in_flight(), 0);
+    let mut remaining = h.conn.queue_remaining();
+    timeout(WAIT, remaining.wait_for(|n| *n == Some(0))).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -584,4 +588,75 @@ async fn shutdown_ends_every_stream() {
     }
     assert!(!h.conn.is_connected());
     assert!(matches!(h.conn.submit(&pid(), save_graph(17, 8)).await, Err(ComfyError::Closed)));
+}
+
+/// Faults the emulator cannot inject (an answer that never comes, a body cut short), served by small
+/// fakes on 127.0.0.1.
+mod fakes {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unanswered_post_is_not_queued_twice_on_retry() {
+        let posts = Arc::new(AtomicUsize::new(0));
+        let id = pid();
+        let queue = json!({"queue_running": [], "queue_pending": [[7, id, {}, {"client_id": "c"}, []]]});
+        let app = Router::new()
+            .route(
+                "/prompt",
+                post(|State(posts): State<Arc<AtomicUsize>>| async move {
+                    // Queued, but the answer never makes it back.
+                    posts.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                }),
+            )
+            .route("/queue", get(move || async move { axum::Json(queue) }))
+            .route("/history/{id}", get(|| async { axum::Json(json!({})) }))
+            .with_state(posts.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut o = options();
+        o.request_timeout = Duration::from_millis(200);
+        let client = ComfyClient::new(&format!("http://{addr}"), o).unwrap();
+        let req = QueuePrompt { prompt_id: id.clone(), graph: json!({}), client_id: "c".into() };
+        let queued = client.queue_prompt(&req).await.unwrap();
+        assert_eq!((queued.prompt_id.as_str(), queued.number), (id.as_str(), 7.0));
+        assert_eq!(posts.load(Ordering::SeqCst), 1, "found in /queue instead of being posted again");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_download_cut_short_is_an_error_not_a_file() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let body = png(64, 64, [1, 2, 3]);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+                    body.len() + 500
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        let client = ComfyClient::new(&format!("http://{addr}"), options()).unwrap();
+        let file = FileRef { filename: "x.png".into(), subfolder: String::new(), kind: "output".into() };
+        let err = client.download(&file, &mut Vec::new()).await.unwrap_err();
+        assert!(matches!(err, ComfyError::Transport { .. } | ComfyError::Truncated { .. }), "{err:?}");
+        assert!(err.is_retryable());
+        server.abort();
+    }
 }
