@@ -101,6 +101,21 @@ impl Shared {
     }
 }
 
+/// Removes a registered route unless disarmed (submit succeeded).
+struct Registration<'a> {
+    shared: &'a Shared,
+    prompt_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.router().unregister(self.prompt_id);
+        }
+    }
+}
+
 /// Work for the supervisor from the public API.
 #[derive(Debug)]
 enum Request {
@@ -239,22 +254,18 @@ impl ComfyConnection {
                 .map_err(|_| ComfyError::Protocol(format!("prompt {prompt_id} is already in flight")))?;
             (client_id, events)
         };
+        // Unregisters on error, and also if the caller drops this future mid-POST.
+        let mut registration = Registration { shared: &self.shared, prompt_id, armed: true };
         let generation = self.shared.generation.load(Ordering::SeqCst);
         let frames = self.shared.frames.load(Ordering::SeqCst);
         let req = QueuePrompt { prompt_id: prompt_id.to_owned(), graph, client_id };
-        match self.shared.client.queue_prompt(&req).await {
-            Ok(queued) => {
-                if self.shared.router().ack(prompt_id) {
-                    let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
-                }
-                let _ = self.shared.requests.send(Request::VerifyRouting { generation, frames });
-                Ok((queued, events))
-            }
-            Err(e) => {
-                self.shared.router().unregister(prompt_id);
-                Err(e)
-            }
+        let queued = self.shared.client.queue_prompt(&req).await?;
+        registration.armed = false;
+        if self.shared.router().ack(prompt_id) {
+            let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
         }
+        let _ = self.shared.requests.send(Request::VerifyRouting { generation, frames });
+        Ok((queued, events))
     }
 
     /// Re-attaches to a prompt queued earlier (e.g. before a comfyrelay restart): registers the route and
