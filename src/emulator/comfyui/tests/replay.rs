@@ -653,3 +653,10 @@ async fn replay_e5_server_stop() {
 async fn replay_b_upload() {
     replay("b_upload", Opts::default()).await;
 }
+
+#[tokio::test]
+async fn replay_a_http_gets() {
+    // Not emulated byte for byte: folder paths and file listings of the captured machine, the model
+    // browser, /extensions, the full 496-class /object_info and the frontend's index.html.
+    replay("a_http_gets", Opts { skip: &[23, 29, 31, 49, 53, 75, 78], ..Opts::default() }).await;
+}
