@@ -179,8 +179,9 @@ impl<'p> ExecList<'p> {
         if let Some(id) = ready.iter().find(|id| self.blocks(id).iter().any(|b| self.is_output(b))) {
             return Some((*id).clone());
         }
-        if let Some(id) =
-            ready.iter().find(|id| self.blocks(id).iter().any(|b| self.blocks(b).iter().any(|b1| self.is_output(b1))))
+        if let Some(id) = ready
+            .iter()
+            .find(|id| self.blocks(id).iter().any(|b| self.blocks(b).iter().any(|b1| self.is_output(b1))))
         {
             return Some((*id).clone());
         }
@@ -302,7 +303,11 @@ impl Exec<'_> {
     }
 
     fn ensure_progress(&mut self, node: &str) -> &mut Progress {
-        self.progress.entry(node.to_string()).or_insert(Progress { state: NodeState::Pending, value: json!(0), max: json!(1) })
+        self.progress.entry(node.to_string()).or_insert(Progress {
+            state: NodeState::Pending,
+            value: json!(0),
+            max: json!(1),
+        })
     }
 
     fn send_progress_state(&self) -> Result<(), NodeFailure> {
@@ -610,8 +615,11 @@ fn execute(ex: &mut Exec<'_>, outputs: &[String]) -> Result<(), NodeFailure> {
 
     // `cache.set_prompt` + `clean_unused`, then the cached list in prompt order.
     let used: HashSet<String> = ex.sigs.values().cloned().collect();
-    let prompt_keys: HashSet<String> =
-        ex.prompt.iter().map(|(id, n)| format!("{id}\u{0}{}", n.get("class_type").map(py_str).unwrap_or_default())).collect();
+    let prompt_keys: HashSet<String> = ex
+        .prompt
+        .iter()
+        .map(|(id, n)| format!("{id}\u{0}{}", n.get("class_type").map(py_str).unwrap_or_default()))
+        .collect();
     let sigs = ex.sigs.clone();
     let cached_entries: Vec<(String, CacheEntry)> = ex.with_state(|st, _| {
         st.cache.retain(|k, _| used.contains(k));

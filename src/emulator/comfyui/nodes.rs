@@ -15,8 +15,9 @@ static OBJECT_INFO: LazyLock<Map<String, Value>> = LazyLock::new(|| {
 });
 
 /// Extensions ComfyUI's LoadImage lists (files whose guessed mimetype is `image/*`).
-const IMAGE_EXTENSIONS: &[&str] =
-    &["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ico", "svg", "avif", "heic", "heif", "jfif"];
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ico", "svg", "avif", "heic", "heif", "jfif",
+];
 
 /// A batch of RGB float images, `[B, H, W, 3]` like ComfyUI's IMAGE tensors.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,9 +54,12 @@ impl NodeValue {
     pub(crate) fn formatted(&self) -> Value {
         match self {
             NodeValue::Int(i) => json!(i),
-            NodeValue::Image(img) => {
-                Value::String(format!("tensor(<{}x{}x{}x3 float32>)", img.frames.len(), img.height, img.width))
-            }
+            NodeValue::Image(img) => Value::String(format!(
+                "tensor(<{}x{}x{}x3 float32>)",
+                img.frames.len(),
+                img.height,
+                img.width
+            )),
             NodeValue::Mask { width, height, batch } => {
                 Value::String(format!("tensor(<{batch}x{height}x{width} float32>)"))
             }
@@ -76,12 +80,20 @@ pub(crate) enum NodeFailure {
     Interrupted,
     /// The emulator was restarted: stop silently.
     Abandoned,
-    Error { exception_type: String, message: String, traceback: Vec<String> },
+    Error {
+        exception_type: String,
+        message: String,
+        traceback: Vec<String>,
+    },
 }
 
 impl NodeFailure {
     pub(crate) fn error(exception_type: &str, message: impl Into<String>) -> Self {
-        NodeFailure::Error { exception_type: exception_type.into(), message: message.into(), traceback: Vec::new() }
+        NodeFailure::Error {
+            exception_type: exception_type.into(),
+            message: message.into(),
+            traceback: Vec::new(),
+        }
     }
 }
 
@@ -214,7 +226,10 @@ pub(crate) fn run(
     let image = |name: &str| -> Result<Arc<ImageBatch>, NodeFailure> {
         match links.get(name) {
             Some(NodeValue::Image(img)) => Ok(img.clone()),
-            _ => Err(NodeFailure::error("AttributeError", format!("'NoneType' object has no attribute 'shape' ({name})"))),
+            _ => Err(NodeFailure::error(
+                "AttributeError",
+                format!("'NoneType' object has no attribute 'shape' ({name})"),
+            )),
         }
     };
     let int = |name: &str, default: i64| inputs.get(name).and_then(Value::as_i64).unwrap_or(default);
@@ -230,7 +245,8 @@ pub(crate) fn run(
             Ok(single(ImageBatch { width: img.width, height: img.height, frames }))
         }
         "EmptyImage" => {
-            let (w, h, b, color) = (int("width", 512), int("height", 512), int("batch_size", 1), int("color", 0));
+            let (w, h, b, color) =
+                (int("width", 512), int("height", 512), int("batch_size", 1), int("color", 0));
             empty_image(w, h, b, color)
         }
         "ImageBlur" => {
@@ -239,7 +255,13 @@ pub(crate) fn run(
         }
         "ImageScale" => {
             let img = image("image")?;
-            scale(&img, &string("upscale_method", "nearest-exact"), int("width", 512), int("height", 512), &string("crop", "disabled"))
+            scale(
+                &img,
+                &string("upscale_method", "nearest-exact"),
+                int("width", 512),
+                int("height", 512),
+                &string("crop", "disabled"),
+            )
         }
         "SaveImage" => {
             let img = image("images")?;
@@ -266,7 +288,10 @@ pub(crate) fn run(
             let img = image("image")?;
             let (w, h, b) = (img.width as i64, img.height as i64, img.frames.len() as i64);
             ctx.progress_text(&format!("width: {w}, height: {h}\n batch size: {b}"))?;
-            Ok(NodeOutput { outputs: vec![NodeValue::Int(w), NodeValue::Int(h), NodeValue::Int(b)], ui: None })
+            Ok(NodeOutput {
+                outputs: vec![NodeValue::Int(w), NodeValue::Int(h), NodeValue::Int(b)],
+                ui: None,
+            })
         }
         "PreviewAny" => {
             let text = match links.get("source") {
@@ -305,7 +330,10 @@ fn encode_png(img: &ImageBuffer<Rgb<u8>, Vec<u8>>) -> Result<Vec<u8>, NodeFailur
 fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
     let path = dirs.annotated_input_path(name);
     let bytes = std::fs::read(&path).map_err(|e| {
-        NodeFailure::error("FileNotFoundError", format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()))
+        NodeFailure::error(
+            "FileNotFoundError",
+            format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()),
+        )
     })?;
     let decoded = image::load_from_memory(&bytes).map_err(|_| NodeFailure::Error {
         exception_type: "PIL.UnidentifiedImageError".into(),
@@ -326,7 +354,10 @@ fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
         NodeValue::Mask { width: 64, height: 64, batch: 1 }
     };
     Ok(NodeOutput {
-        outputs: vec![NodeValue::Image(Arc::new(ImageBatch { width: w, height: h, frames: vec![frame] })), mask],
+        outputs: vec![
+            NodeValue::Image(Arc::new(ImageBatch { width: w, height: h, frames: vec![frame] })),
+            mask,
+        ],
         ui: None,
     })
 }
@@ -398,7 +429,14 @@ fn blur(img: &ImageBatch, radius: i64, sigma: f64) -> Result<NodeOutput, NodeFai
 }
 
 /// Separable convolution over reflect-padded rows, then a row-wise vertical pass.
-fn blur_frame(f: &[f32], w: usize, h: usize, r: usize, weights: &[f32], reflect: impl Fn(isize, usize) -> usize) -> Vec<f32> {
+fn blur_frame(
+    f: &[f32],
+    w: usize,
+    h: usize,
+    r: usize,
+    weights: &[f32],
+    reflect: impl Fn(isize, usize) -> usize,
+) -> Vec<f32> {
     let k = weights.len();
     let stride = w * 3;
     let mut tmp = vec![0f32; f.len()];
@@ -434,7 +472,13 @@ fn blur_frame(f: &[f32], w: usize, h: usize, r: usize, weights: &[f32], reflect:
 }
 
 /// ImageScale via `comfy.utils.common_upscale` (torch `interpolate`, align_corners=False).
-fn scale(img: &ImageBatch, method: &str, width: i64, height: i64, crop: &str) -> Result<NodeOutput, NodeFailure> {
+fn scale(
+    img: &ImageBatch,
+    method: &str,
+    width: i64,
+    height: i64,
+    crop: &str,
+) -> Result<NodeOutput, NodeFailure> {
     if width == 0 && height == 0 {
         return Ok(single(img.clone()));
     }
@@ -485,7 +529,8 @@ fn resize(src: &[f32], sw: usize, sh: usize, tw: usize, th: usize, method: &str)
                 let yy = (((y as f32 + 0.5) * sy).floor() as usize).min(sh - 1);
                 for x in 0..tw {
                     let xx = (((x as f32 + 0.5) * sx).floor() as usize).min(sw - 1);
-                    out[(y * tw + x) * 3..(y * tw + x) * 3 + 3].copy_from_slice(&src[(yy * sw + xx) * 3..(yy * sw + xx) * 3 + 3]);
+                    out[(y * tw + x) * 3..(y * tw + x) * 3 + 3]
+                        .copy_from_slice(&src[(yy * sw + xx) * 3..(yy * sw + xx) * 3 + 3]);
                 }
             }
         }
@@ -553,7 +598,9 @@ fn save_images(
     kind: &str,
     _compress_level: u8,
 ) -> Result<NodeOutput, NodeFailure> {
-    let prefix = filename_prefix.replace("%width%", &img.width.to_string()).replace("%height%", &img.height.to_string());
+    let prefix = filename_prefix
+        .replace("%width%", &img.width.to_string())
+        .replace("%height%", &img.height.to_string());
     let (subfolder, filename) = match prefix.rsplit_once('/') {
         Some((dir, file)) => (dir.trim_start_matches('/').to_string(), file.to_string()),
         None => (String::new(), prefix.clone()),
@@ -570,15 +617,14 @@ fn save_images(
     }
     let folder = output_dir.join(&subfolder);
     std::fs::create_dir_all(&folder).map_err(|e| NodeFailure::error("OSError", e.to_string()))?;
-    let mut counter = next_counter(&folder, &filename);
+    let first = next_counter(&folder, &filename);
     let mut results = Vec::new();
-    for (batch_number, _) in img.frames.iter().enumerate() {
+    for (counter, batch_number) in (first..).zip(0..img.frames.len()) {
         let name = filename.replace("%batch_num%", &batch_number.to_string());
         let file = format!("{name}_{counter:05}_.png");
         let png = img.png(batch_number)?;
         std::fs::write(folder.join(&file), png).map_err(|e| NodeFailure::error("OSError", e.to_string()))?;
         results.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
-        counter += 1;
     }
     Ok(NodeOutput { outputs: Vec::new(), ui: Some(json!({"images": results})) })
 }

@@ -58,7 +58,10 @@ async fn drop_sockets_after_n_messages() {
     submit(&emu, trivial(2), "n").await;
     // status (put), status (get), execution_start, execution_cached, then the drop.
     let frames = ws.until(|f| matches!(f, Frame::Closed { .. })).await;
-    assert_eq!(kinds(&frames), vec!["status", "status", "execution_start", "execution_cached", "closed(clean=false)"]);
+    assert_eq!(
+        kinds(&frames),
+        vec!["status", "status", "execution_start", "execution_cached", "closed(clean=false)"]
+    );
 }
 
 #[tokio::test]
@@ -89,8 +92,16 @@ async fn fail_node_reports_execution_error_with_the_full_field_set() {
     assert_eq!(
         keys,
         vec![
-            "prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type", "traceback",
-            "current_inputs", "current_outputs", "timestamp"
+            "prompt_id",
+            "node_id",
+            "node_type",
+            "executed",
+            "exception_message",
+            "exception_type",
+            "traceback",
+            "current_inputs",
+            "current_outputs",
+            "timestamp"
         ]
     );
     assert_eq!(err.data()["node_id"], "2");
@@ -142,10 +153,18 @@ async fn fail_http_returns_comfyui_plain_500_for_the_next_n_matching_requests() 
     let emu = start().await;
     emu.faults().fail_http("/prompt", 2);
     for path in ["/prompt", "/api/prompt"] {
-        let resp = http().post(format!("{}{path}", emu.url())).json(&json!({"prompt": trivial(1)})).send().await.expect("post");
+        let resp = http()
+            .post(format!("{}{path}", emu.url()))
+            .json(&json!({"prompt": trivial(1)}))
+            .send()
+            .await
+            .expect("post");
         assert_eq!(resp.status(), 500);
         assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
-        assert_eq!(resp.text().await.expect("text"), "500 Internal Server Error\n\nServer got itself in trouble");
+        assert_eq!(
+            resp.text().await.expect("text"),
+            "500 Internal Server Error\n\nServer got itself in trouble"
+        );
     }
     let (status, _) = post_prompt(&emu, &json!({"prompt": trivial(1)})).await;
     assert_eq!(status, 200);
@@ -173,7 +192,12 @@ async fn node_delay_with_progress_steps_reports_progress_and_honours_interrupt()
     let pid = submit(&emu, trivial(9), "p").await;
     ws.until(|f| f.kind() == "progress").await;
     let t = Instant::now();
-    let resp = http().post(format!("{}/interrupt", emu.url())).json(&json!({"prompt_id": pid})).send().await.expect("interrupt");
+    let resp = http()
+        .post(format!("{}/interrupt", emu.url()))
+        .json(&json!({"prompt_id": pid}))
+        .send()
+        .await
+        .expect("interrupt");
     assert_eq!(resp.status(), 200);
     let frames = ws.until_done(&pid).await;
     assert!(t.elapsed() < Duration::from_secs(3), "interrupt honoured at the next progress step");
@@ -192,7 +216,10 @@ async fn restart_wipes_queue_history_counter_and_drops_sockets() {
     let slow = submit(&emu, trivial(11), "r").await;
     ws.until(|f| f.kind() == "executing").await;
     emu.restart().await;
-    assert!(matches!(ws.until(|f| matches!(f, Frame::Closed { .. })).await.last(), Some(Frame::Closed { clean: false })));
+    assert!(matches!(
+        ws.until(|f| matches!(f, Frame::Closed { .. })).await.last(),
+        Some(Frame::Closed { clean: false })
+    ));
     emu.faults().clear();
     assert_eq!(get_json(&emu, &format!("/history/{pid}")).await, json!({}));
     assert_eq!(get_json(&emu, "/queue").await, json!({"queue_running": [], "queue_pending": []}));

@@ -21,7 +21,11 @@ async fn image_invert_inverts_uploaded_pixels() {
     let frames = ws.until_done(&pid).await;
     let executed = frames.iter().find(|f| f.kind() == "executed").expect("executed");
     let name = executed.data()["output"]["images"][0]["filename"].as_str().expect("filename").to_string();
-    let resp = http().get(format!("{}/view?filename={name}&subfolder=&type=output", emu.url())).send().await.expect("view");
+    let resp = http()
+        .get(format!("{}/view?filename={name}&subfolder=&type=output", emu.url()))
+        .send()
+        .await
+        .expect("view");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "image/png");
     let bytes = resp.bytes().await.expect("bytes");

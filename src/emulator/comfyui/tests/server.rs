@@ -44,8 +44,17 @@ async fn c2_sequence_then_fully_cached_rerun() {
     assert_eq!(
         kinds(&frames),
         vec![
-            "status", "status", "execution_start", "execution_cached", "executed", "progress_state", "executed",
-            "progress_state", "execution_success", "status", "executing"
+            "status",
+            "status",
+            "execution_start",
+            "execution_cached",
+            "executed",
+            "progress_state",
+            "executed",
+            "progress_state",
+            "execution_success",
+            "status",
+            "executing"
         ]
     );
     assert_eq!(frames[3].data()["nodes"], json!(["1", "2", "3", "4", "5"]));
@@ -90,10 +99,20 @@ async fn interrupt_targets_only_the_running_prompt() {
     let pid = body["prompt_id"].as_str().expect("id").to_string();
     ws.until(|f| f.kind() == "executing").await;
     // Not the running prompt: ignored.
-    let resp = http().post(format!("{}/interrupt", emu.url())).json(&json!({"prompt_id": "other"})).send().await.expect("post");
+    let resp = http()
+        .post(format!("{}/interrupt", emu.url()))
+        .json(&json!({"prompt_id": "other"}))
+        .send()
+        .await
+        .expect("post");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.content_length(), Some(0));
-    http().post(format!("{}/interrupt", emu.url())).json(&json!({"prompt_id": pid})).send().await.expect("post");
+    http()
+        .post(format!("{}/interrupt", emu.url()))
+        .json(&json!({"prompt_id": pid}))
+        .send()
+        .await
+        .expect("post");
     let frames = ws.until_done(&pid).await;
     let k = kinds(&frames);
     let i = k.iter().position(|t| t == "execution_interrupted").expect("interrupted");
@@ -135,7 +154,13 @@ async fn http_error_shapes() {
     assert_eq!(resp.status(), 404);
     let resp = c.get(format!("{}/ws", emu.url())).send().await.expect("get");
     assert_eq!(resp.status(), 400);
-    let resp = c.post(format!("{}/prompt", emu.url())).header("Origin", "http://evil.example").body("{}").send().await.expect("post");
+    let resp = c
+        .post(format!("{}/prompt", emu.url()))
+        .header("Origin", "http://evil.example")
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
     assert_eq!(resp.status(), 403);
     let resp = c.get(format!("{}/api/internal/logs", emu.url())).send().await.expect("get");
     assert_eq!(resp.status(), 404);
