@@ -7,7 +7,7 @@
 use super::faults::Faults;
 use super::frames;
 use super::nodes::{self, Dirs, NodeContext, NodeFailure, NodeValue};
-use super::pyjson::py_str;
+use super::pyjson::{self, py_str};
 use super::state::{CacheEntry, QueueItem, Shared, State, heap, now_ms};
 use indexmap::IndexMap;
 use rand::Rng;
@@ -272,6 +272,7 @@ struct Exec<'a> {
     ui_outputs: IndexMap<String, (Value, Value)>,
     values: HashMap<String, CacheEntry>,
     current_node: String,
+    extra_pnginfo: Option<Value>,
 }
 
 impl Exec<'_> {
@@ -556,6 +557,16 @@ impl NodeContext for Ctx<'_, '_> {
     fn dirs(&self) -> &Dirs {
         &self.dirs
     }
+
+    fn png_text(&self) -> Vec<(String, String)> {
+        let mut out = vec![("prompt".to_string(), pyjson::dumps(&Value::Object(self.exec.prompt.clone())))];
+        if let Some(Value::Object(extra)) = &self.exec.extra_pnginfo {
+            for (k, v) in extra {
+                out.push((k.clone(), pyjson::dumps(v)));
+            }
+        }
+        out
+    }
 }
 
 /// Executes one taken prompt to completion (or abandonment), then `task_done` + `executing {node: null}`.
@@ -576,6 +587,7 @@ pub(crate) fn run_prompt(shared: &Shared, item: QueueItem, epoch: u64) {
         ui_outputs: IndexMap::new(),
         values: HashMap::new(),
         current_node: String::new(),
+        extra_pnginfo: item.extra_data.get("extra_pnginfo").cloned(),
     };
     // A stale interrupt is cleared when a prompt starts.
     shared.interrupt.store(false, Ordering::SeqCst);
