@@ -4,7 +4,7 @@
 //! side channels (progress, text frames, interrupts) go through [`NodeContext`].
 
 use super::pyjson;
-use image::{ImageBuffer, ImageEncoder, Rgb};
+use image::{ImageBuffer, Rgb};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
