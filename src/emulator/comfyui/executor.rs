@@ -39,7 +39,8 @@ pub(crate) async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
                 let s = shared.clone();
                 let prompt_id = item.prompt_id.clone();
                 let restarted = shared.restarted.notified();
-                let job = tokio::task::spawn_blocking(move || run_prompt(&s, item, epoch));
+                let span = tracing::debug_span!("comfyui_emulator_prompt", prompt_id = %prompt_id);
+                let job = tokio::task::spawn_blocking(move || span.in_scope(|| run_prompt(&s, item, epoch)));
                 tokio::select! {
                     res = job => {
                         if let Err(e) = res {
@@ -531,6 +532,10 @@ struct Ctx<'e, 'a> {
 impl NodeContext for Ctx<'_, '_> {
     fn progress(&mut self, value: u64, max: u64, preview_png: Option<Vec<u8>>) -> Result<(), NodeFailure> {
         self.exec.progress(value, max, preview_png)
+    }
+
+    fn check_interrupt(&mut self) -> Result<(), NodeFailure> {
+        self.exec.check_interrupt()
     }
 
     fn progress_text(&mut self, text: &str) -> Result<(), NodeFailure> {

@@ -102,6 +102,8 @@ impl NodeFailure {
 pub(crate) trait NodeContext {
     /// `ProgressBar.update_absolute(value, max, preview)`; checks the interrupt flag first.
     fn progress(&mut self, value: u64, max: u64, preview_png: Option<Vec<u8>>) -> Result<(), NodeFailure>;
+    /// `throw_exception_if_processing_interrupted()` (clears the flag when it fires).
+    fn check_interrupt(&mut self) -> Result<(), NodeFailure>;
     /// `PromptServer.send_progress_text` (always broadcast).
     fn progress_text(&mut self, text: &str) -> Result<(), NodeFailure>;
     /// The per-node random part of PreviewImage's prefix (`_temp_xxxxx`).
@@ -282,6 +284,8 @@ pub(crate) fn run(
             let img = image("images")?;
             let n = img.frames.len() as u64;
             for i in 0..img.frames.len() {
+                // The hook checks the interrupt before the preview is encoded and sent.
+                ctx.check_interrupt()?;
                 let png = img.png(i)?;
                 ctx.progress(i as u64, n, Some(png))?;
             }

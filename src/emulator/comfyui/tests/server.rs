@@ -168,3 +168,95 @@ async fn http_error_shapes() {
     assert_eq!(info.as_object().expect("object").len(), 10);
     assert_eq!(get_json(&emu, "/features").await["max_upload_size"], 104857600);
 }
+
+#[tokio::test]
+async fn view_serves_files_with_aiohttp_headers() {
+    let emu = start().await;
+    let png = test_png(4, 4);
+    upload(&emu, "v.png", png.clone()).await;
+    let resp =
+        http().get(format!("{}/view?filename=v.png&type=input", emu.url())).send().await.expect("view");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["content-type"], "image/png");
+    assert_eq!(h["content-disposition"], "filename=\"v.png\"");
+    assert_eq!(h["content-length"], png.len().to_string().as_str());
+    assert!(h.contains_key("etag") && h.contains_key("last-modified"));
+    assert_eq!(h["accept-ranges"], "bytes");
+    assert_eq!(resp.bytes().await.expect("bytes").as_ref(), png.as_slice());
+    // Annotated names pick the folder; traversal is refused.
+    let resp =
+        http().get(format!("{}/view?filename=v.png%20%5Binput%5D", emu.url())).send().await.expect("view");
+    assert_eq!(resp.status(), 200);
+    let resp = http().get(format!("{}/view?filename=../x.png", emu.url())).send().await.expect("view");
+    assert_eq!(resp.status(), 400);
+    let resp = http()
+        .get(format!("{}/view?filename=v.png&type=input&subfolder=../..", emu.url()))
+        .send()
+        .await
+        .expect("view");
+    assert_eq!(resp.status(), 403);
+}
+
+#[tokio::test]
+async fn history_paging_delete_and_clear() {
+    let emu = start().await;
+    let mut ws = Ws::connect(&emu, Some("h")).await;
+    ws.next().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let (_, body) = post_prompt(
+            &emu,
+            &json!({"prompt": c2_prompt("h", i), "client_id": "h", "prompt_id": format!("p{i}")}),
+        )
+        .await;
+        assert_eq!(body["prompt_id"], format!("p{i}"));
+        ids.push(format!("p{i}"));
+        ws.until_done(&format!("p{i}")).await;
+    }
+    let last_two = get_json(&emu, "/history?max_items=2").await;
+    assert_eq!(last_two.as_object().expect("object").keys().collect::<Vec<_>>(), vec!["p1", "p2"]);
+    let paged = get_json(&emu, "/history?max_items=1&offset=0").await;
+    assert_eq!(paged.as_object().expect("object").keys().collect::<Vec<_>>(), vec!["p0"]);
+    let entry = &get_json(&emu, "/history/p0").await["p0"];
+    assert_eq!(
+        entry.as_object().expect("entry").keys().collect::<Vec<_>>(),
+        vec!["prompt", "outputs", "status", "meta"]
+    );
+    let resp = http()
+        .post(format!("{}/history", emu.url()))
+        .json(&json!({"delete": ["p0"]}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(emu.history_ids().await, vec!["p1", "p2"]);
+    http().post(format!("{}/history", emu.url())).json(&json!({"clear": true})).send().await.expect("post");
+    assert!(emu.history_ids().await.is_empty());
+}
+
+#[tokio::test]
+async fn run_standalone_serves_until_cancelled() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(super::super::run_standalone(
+        addr,
+        super::super::EmulatorConfig::default(),
+        cancel.clone(),
+    ));
+    let url = format!("http://{addr}/system_stats");
+    let deadline = std::time::Instant::now() + WAIT;
+    let stats: serde_json::Value = loop {
+        match http().get(&url).send().await {
+            Ok(r) => break r.json().await.expect("json"),
+            Err(_) => {
+                assert!(std::time::Instant::now() < deadline, "standalone never came up");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(stats["system"]["comfyui_version"], "0.3.64");
+    cancel.cancel();
+    tokio::time::timeout(WAIT, task).await.expect("returns on cancel").expect("join").expect("ok");
+}
