@@ -773,3 +773,8 @@ async fn replay_e3_interrupt() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn replay_h_timing() {
+    replay("h_timing", Opts::default()).await;
+}

@@ -260,3 +260,47 @@ async fn run_standalone_serves_until_cancelled() {
     cancel.cancel();
     tokio::time::timeout(WAIT, task).await.expect("returns on cancel").expect("join").expect("ok");
 }
+
+/// i_ws_handshake: the raw upgrade, and the first frame byte for byte.
+#[tokio::test]
+async fn raw_websocket_handshake_and_first_frame_match_the_capture() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let emu = start().await;
+    let mut tcp = tokio::net::TcpStream::connect(emu.addr()).await.expect("connect");
+    let req = format!(
+        "GET /ws?clientId=raw-1 HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        emu.addr()
+    );
+    tcp.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    let expected_frame = "815d7b2274797065223a2022737461747573222c202264617461223a207b22737461747573223a207b22657865635f696e666f223a207b2271756575655f72656d61696e696e67223a20307d7d2c2022736964223a20227261772d31227d7d";
+    let want = expected_frame.len() / 2;
+    loop {
+        let mut chunk = [0u8; 512];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk)).await.expect("read in time").expect("read");
+        assert!(n > 0, "closed early");
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if buf.len() >= end + 4 + want {
+                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                assert!(head.starts_with("http/1.1 101"), "{head}");
+                assert!(head.contains("upgrade: websocket"));
+                assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
+                assert_eq!(hex::encode(&buf[end + 4..end + 4 + want]), expected_frame);
+                break;
+            }
+        }
+    }
+    let resp = http()
+        .get(format!("{}/ws?clientId=raw-4", emu.url()))
+        .header("Origin", "http://evil.example")
+        .header("Upgrade", "websocket")
+        .header("Connection", "Upgrade")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Version", "13")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.bytes().await.expect("body").len(), 0);
+}
