@@ -34,6 +34,7 @@ enum Event {
     },
     WsRecv {
         seq: u64,
+        t_rel: f64,
         ws: String,
         opcode: String,
         raw: Option<String>,
@@ -44,6 +45,7 @@ enum Event {
     },
     HttpRequest {
         seq: u64,
+        t_rel: f64,
         method: String,
         path: String,
         headers: Map<String, Value>,
@@ -573,6 +575,7 @@ async fn replay(name: &str, opts: Opts) {
         failures: Vec::new(),
     };
     let events = trace.events;
+    let mut last_ws_t = 0.0f64;
     for (i, ev) in events.iter().enumerate() {
         match ev {
             Event::WsOpen { ws, url } => {
@@ -594,7 +597,8 @@ async fn replay(name: &str, opts: Opts) {
                     sock.send_text(t).await;
                 }
             }
-            Event::WsRecv { seq, ws, opcode, raw, decoded } => {
+            Event::WsRecv { seq, t_rel, ws, opcode, raw, decoded } => {
+                last_ws_t = *t_rel;
                 let frame = match opcode.as_str() {
                     "text" => ExpectedFrame::Json(
                         serde_json::from_str(raw.as_deref().unwrap_or("null")).expect("raw"),
@@ -610,7 +614,7 @@ async fn replay(name: &str, opts: Opts) {
                     .or_default()
                     .push(Expected { seq: 0, frame: ExpectedFrame::Closed { clean: false } });
             }
-            Event::HttpRequest { seq, method, path, headers, body } => {
+            Event::HttpRequest { seq, t_rel, method, path, headers, body } => {
                 if opts.skip_requests.contains(seq) {
                     r.last = None;
                     continue;
@@ -619,6 +623,12 @@ async fn replay(name: &str, opts: Opts) {
                     continue; // the capture's server was down; the emulator restarts instantly
                 }
                 r.barrier().await;
+                // Reproduce the client's think time (capped), so e.g. an interrupt meant for the middle
+                // of a node does not land in the microseconds between `executing` and the node's start.
+                let gap = t_rel - last_ws_t;
+                if gap >= 0.1 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 r.request(method, path, headers, body.as_ref()).await;
             }
             Event::HttpResponse { seq, status, headers, body } => {
@@ -769,7 +779,7 @@ async fn replay_e3_interrupt() {
     // the equivalent here.
     replay(
         "e3_interrupt",
-        Opts { skip_requests: &[35], node_delay: Some(Duration::from_millis(300)), ..Opts::default() },
+        Opts { skip_requests: &[35], node_delay: Some(Duration::from_millis(500)), ..Opts::default() },
     )
     .await;
 }
