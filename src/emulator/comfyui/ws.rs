@@ -32,10 +32,8 @@ pub(crate) async fn serve_socket(shared: Arc<Shared>, mut socket: WebSocket, cli
         };
         st.next_conn_id += 1;
         let conn_id = st.next_conn_id;
-        st.sockets.insert(
-            sid.clone(),
-            SocketEntry { conn_id, tx, feature_flags: json!({}), kill: kill.clone() },
-        );
+        st.sockets
+            .insert(sid.clone(), SocketEntry { conn_id, tx, feature_flags: json!({}), kill: kill.clone() });
         let info = st.queue_info();
         st.send_json(&shared.faults, "status", json!({"status": info, "sid": sid}), Some(&sid));
         if st.client_id.as_deref() == Some(sid.as_str()) {
@@ -49,12 +47,17 @@ pub(crate) async fn serve_socket(shared: Arc<Shared>, mut socket: WebSocket, cli
     let mut silent_rx = shared.faults.silent_watch();
     let mut first_message = true;
     let mut killed = false;
+    // Unregistered (replaced by a newer socket with the same clientId): stays open, gets nothing more.
+    let mut registered = true;
     loop {
         let silent = *silent_rx.borrow_and_update();
         tokio::select! {
             biased;
-            out = rx.recv() => {
-                let Some(out) = out else { break };
+            out = rx.recv(), if registered => {
+                let Some(out) = out else {
+                    registered = false;
+                    continue;
+                };
                 let msg = match out {
                     Outgoing::Text(t) => Message::Text(t.into()),
                     Outgoing::Binary(b) => Message::Binary(b),
