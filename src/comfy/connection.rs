@@ -17,9 +17,14 @@
 //!   events can no longer reach us, so they are polled from /queue + /history every `orphan_poll` until
 //!   they end (outputs are recovered from history; live progress is lost for them).
 //!
-//! In both cases every in-flight prompt is reconciled right after the new socket is up (subscribe first,
-//! then read state), and a prompt silent for `silence_reconcile` is reconciled even on a healthy socket,
-//! which also covers an unrouted socket.
+//! In both cases every in-flight prompt is reconciled once ComfyUI has registered the new socket (its
+//! `status`+`sid` greeting: subscribe first, then read state), and a prompt silent for
+//! `silence_reconcile` is reconciled even on a healthy socket.
+//!
+//! Unrouting is also detected directly: ComfyUI broadcasts `status` to every routed socket on each queue
+//! change (and sends nothing at all to an unrouted one), so after one of our prompts is queued at least
+//! one frame must arrive within `probe_timeout`. If none does, the socket is unrouted (the f2 bug, or a
+//! half-dead socket) and is replaced under a fresh clientId.
 //!
 //! # Tasks
 //! One supervisor task per connection (spawned by [`ComfyConnection::spawn`], instrumented with a span).
@@ -76,9 +81,16 @@ struct Shared {
     // A std Mutex: held only for synchronous routing, never across an await.
     router: Mutex<Router>,
     connected: watch::Sender<bool>,
-    requests: mpsc::UnboundedSender<Vec<String>>,
+    requests: mpsc::UnboundedSender<Request>,
+    /// Greeted sockets so far (identifies the current socket in routing checks).
+    generation: AtomicU64,
+    /// Data frames (text/binary) received so far, on any socket. ComfyUI sends nothing at all, not even
+    /// broadcasts, to a socket missing from its routing table, so each one proves the socket is routed.
+    frames: AtomicU64,
     cancel: CancellationToken,
     connects: AtomicU64,
+    /// `status.exec_info.queue_remaining` from the last `status` message.
+    queue_remaining: watch::Sender<Option<u64>>,
 }
 
 impl Shared {
@@ -87,6 +99,31 @@ impl Shared {
         // the lock, so recover the guard instead of propagating the poison.
         self.router.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Removes a registered route unless disarmed (submit succeeded).
+struct Registration<'a> {
+    shared: &'a Shared,
+    prompt_id: &'a str,
+    armed: bool,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.router().unregister(self.prompt_id);
+        }
+    }
+}
+
+/// Work for the supervisor from the public API.
+#[derive(Debug)]
+enum Request {
+    /// Reconcile these prompts now.
+    Reconcile(Vec<String>),
+    /// A prompt was queued while socket `generation` was up and `frames` frames had been received: ComfyUI
+    /// broadcasts `status` on every queue change to every routed socket, so one more frame must arrive.
+    VerifyRouting { generation: u64, frames: u64 },
 }
 
 /// Why a socket session ended.
@@ -120,6 +157,9 @@ impl ComfyConnection {
             requests,
             cancel: cancel.clone(),
             connects: AtomicU64::new(0),
+            queue_remaining: watch::channel(None).0,
+            generation: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
         });
         let span = tracing::info_span!("comfy_connection", server = %shared.client.base_url(), client_id = %shared.base_client_id);
         let task = tokio::spawn(supervise(shared.clone(), requests_rx).instrument(span));
@@ -170,6 +210,12 @@ impl ComfyConnection {
         *self.shared.connected.borrow()
     }
 
+    /// ComfyUI's queue length (running + pending, all clients) from the last `status` message, updated
+    /// live; `None` before the first one.
+    pub fn queue_remaining(&self) -> watch::Receiver<Option<u64>> {
+        self.shared.queue_remaining.subscribe()
+    }
+
     /// How many sockets were opened so far (1 after the first connect).
     pub fn connects(&self) -> u64 {
         self.shared.connects.load(Ordering::Relaxed)
@@ -208,19 +254,18 @@ impl ComfyConnection {
                 .map_err(|_| ComfyError::Protocol(format!("prompt {prompt_id} is already in flight")))?;
             (client_id, events)
         };
+        // Unregisters on error, and also if the caller drops this future mid-POST.
+        let mut registration = Registration { shared: &self.shared, prompt_id, armed: true };
+        let generation = self.shared.generation.load(Ordering::SeqCst);
+        let frames = self.shared.frames.load(Ordering::SeqCst);
         let req = QueuePrompt { prompt_id: prompt_id.to_owned(), graph, client_id };
-        match self.shared.client.queue_prompt(&req).await {
-            Ok(queued) => {
-                if self.shared.router().ack(prompt_id) {
-                    let _ = self.shared.requests.send(vec![prompt_id.to_owned()]);
-                }
-                Ok((queued, events))
-            }
-            Err(e) => {
-                self.shared.router().unregister(prompt_id);
-                Err(e)
-            }
+        let queued = self.shared.client.queue_prompt(&req).await?;
+        registration.armed = false;
+        if self.shared.router().ack(prompt_id) {
+            let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
         }
+        let _ = self.shared.requests.send(Request::VerifyRouting { generation, frames });
+        Ok((queued, events))
     }
 
     /// Re-attaches to a prompt queued earlier (e.g. before a comfyrelay restart): registers the route and
@@ -238,13 +283,13 @@ impl ComfyConnection {
                 }
             }
         };
-        let _ = self.shared.requests.send(vec![prompt_id.to_owned()]);
+        let _ = self.shared.requests.send(Request::Reconcile(vec![prompt_id.to_owned()]));
         events
     }
 }
 
 /// The supervisor: connect, run a session, reconnect; see the module docs for the exit policy.
-async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Vec<String>>) {
+async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Request>) {
     let options = shared.client.options().clone();
     let mut tasks: JoinSet<()> = JoinSet::new();
     let mut failures: u32 = 0;
@@ -350,7 +395,7 @@ async fn session(
     client_id: &str,
     mut ws: Ws,
     tasks: &mut JoinSet<()>,
-    requests: &mut mpsc::UnboundedReceiver<Vec<String>>,
+    requests: &mut mpsc::UnboundedReceiver<Request>,
 ) -> SessionEnd {
     let o = shared.client.options().clone();
     let tick_every = o.silence_reconcile.min(o.orphan_poll).max(Duration::from_millis(10)) / 2;
@@ -363,6 +408,9 @@ async fn session(
     // reconciled (subscribe first, then read state) only once it arrived.
     let mut greeted = false;
     let greeting_deadline = Instant::now() + o.request_timeout;
+    // Pending routing check: (deadline, status count to exceed).
+    let mut verify: Option<(Instant, u64)> = None;
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
     loop {
         let deadline = match probe_sent {
             None => last_frame + o.idle_probe,
@@ -384,19 +432,28 @@ async fn session(
                 let parsed = match msg {
                     Message::Text(t) => ServerMessage::parse_text(&t),
                     Message::Binary(b) => ServerMessage::parse_binary(&b),
+                    // Pongs are answered by the server's WebSocket layer, routed or not.
                     Message::Close(frame) => {
                         return SessionEnd::ServerGone(format!("close frame {frame:?}"));
                     }
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
                 };
+                let seen = shared.frames.fetch_add(1, Ordering::SeqCst) + 1;
+                if verify.is_some_and(|(_, mark)| seen > mark) {
+                    verify = None;
+                }
                 match parsed {
                     Ok(m) => {
+                        if let ServerMessage::Status { queue_remaining: Some(n), .. } = &m {
+                            shared.queue_remaining.send_replace(Some(*n));
+                        }
                         if !greeted {
                             if let ServerMessage::Status { sid: Some(sid), .. } = &m {
                                 greeted = true;
                                 if sid != client_id {
                                     tracing::warn!(%sid, client_id, "ComfyUI greeted with another sid");
                                 }
+                                shared.generation.fetch_add(1, Ordering::SeqCst);
                                 let due = shared.router().on_new_socket();
                                 shared.connected.send_replace(true);
                                 tracing::info!(client_id, reconciling = due.len(), "ComfyUI websocket connected");
@@ -430,7 +487,26 @@ async fn session(
                 }
                 probe_sent = Some(Instant::now());
             }
-            Some(ids) = requests.recv() => spawn_reconcile(shared, tasks, ids),
+            Some(request) = requests.recv() => match request {
+                Request::Reconcile(ids) => spawn_reconcile(shared, tasks, ids),
+                Request::VerifyRouting { generation, frames } => {
+                    let current = greeted && generation == shared.generation.load(Ordering::SeqCst);
+                    if current && verify.is_none() && shared.frames.load(Ordering::SeqCst) <= frames {
+                        verify = Some((Instant::now() + o.probe_timeout, frames));
+                    }
+                }
+            },
+            () = sleep_until(verify.map_or(far_future, |(at, _)| at)), if verify.is_some() => {
+                let mark = verify.map_or(0, |(_, m)| m);
+                if shared.frames.load(Ordering::SeqCst) <= mark {
+                    // The f2 bug (an older socket's cleanup removed our registration) or any other
+                    // unrouting: this socket will never get events. Replace it under a fresh clientId.
+                    tracing::warn!("no frame after our prompt was queued: the socket is not routed");
+                    close(ws, o.probe_timeout).await;
+                    return SessionEnd::Abandoned;
+                }
+                verify = None;
+            }
             _ = tick.tick() => {
                 let due = shared.router().due(Instant::now(), o.silence_reconcile, o.orphan_poll);
                 spawn_reconcile_marked(shared, tasks, due);

@@ -75,6 +75,10 @@ pub(crate) struct Router {
     routes: HashMap<String, Route>,
     /// The prompt of ours currently executing on the server (for frames without a prompt id).
     running: Option<String>,
+    /// An `executing` without prompt id that arrived while the running prompt was unknown (right after a
+    /// reconnect): delivered once a reconcile learns from /queue which of our prompts is running, unless a
+    /// message naming its prompt comes first.
+    unattributed: Option<(String, Option<String>)>,
     /// clientId of the current (or last) socket.
     socket_client_id: String,
 }
@@ -85,7 +89,7 @@ pub(crate) struct AlreadyInFlight;
 
 impl Router {
     pub(crate) fn new(socket_client_id: String) -> Self {
-        Self { routes: HashMap::new(), running: None, socket_client_id }
+        Self { routes: HashMap::new(), running: None, unattributed: None, socket_client_id }
     }
 
     pub(crate) fn socket_client_id(&self) -> &str {
@@ -144,9 +148,13 @@ impl Router {
         }
     }
 
-    /// A new socket was opened with this clientId: prompts submitted from now on use it.
+    /// A new socket was opened with this clientId: prompts submitted from now on use it. What ran while
+    /// no socket was up is unknown: the prompt we last saw running may have ended and another started, so
+    /// frames without a prompt id are not attributed again until a message or /queue says who runs.
     pub(crate) fn set_socket_client_id(&mut self, client_id: &str) {
         self.socket_client_id = client_id.to_owned();
+        self.running = None;
+        self.unattributed = None;
     }
 
     /// The new socket is registered by ComfyUI (greeted). Every prompt in flight may have missed events;
@@ -201,8 +209,21 @@ impl Router {
             r.last_activity = Instant::now();
             if alive_running && self.running.is_none() && !r.finishing {
                 self.running = Some(prompt_id.to_owned());
+                if let Some((node, display_node)) = self.unattributed.take() {
+                    self.route_executing(prompt_id.to_owned(), node, display_node, true);
+                }
             }
         }
+    }
+
+    fn route_executing(&mut self, id: String, node: String, display_node: Option<String>, resent: bool) {
+        let Some(route) = self.routes.get_mut(&id) else { return };
+        // After a reconnect ComfyUI re-sends the current node without a prompt id: not news if seen.
+        if resent && route.last_executing.as_deref() == Some(node.as_str()) {
+            return;
+        }
+        route.last_executing = Some(node.clone());
+        self.deliver(&id, PromptEvent::Executing { node, display_node });
     }
 
     /// Applies a history entry: unseen outputs as `Executed`, then the terminal event. Returns false when
@@ -274,6 +295,7 @@ impl Router {
             ServerMessage::ExecutionStart { prompt_id } => {
                 let id = self.resolve(prompt_id)?;
                 self.running = Some(id.clone());
+                self.unattributed = None;
                 self.deliver(&id, PromptEvent::ExecutionStart);
                 None
             }
@@ -282,22 +304,17 @@ impl Router {
                 self.deliver(&id, PromptEvent::Cached { nodes });
                 None
             }
-            ServerMessage::Executing { prompt_id, node: Some(node), display_node } => {
-                let resent = prompt_id.is_none();
-                let id = match prompt_id {
-                    Some(id) => {
-                        self.running = Some(id.clone());
-                        id
-                    }
-                    None => self.running.clone()?,
-                };
-                let route = self.routes.get_mut(&id)?;
-                // After a reconnect ComfyUI re-sends the current node without a prompt id: not news.
-                if resent && route.last_executing.as_deref() == Some(node.as_str()) {
-                    return None;
+            ServerMessage::Executing { prompt_id: Some(id), node: Some(node), display_node } => {
+                self.running = Some(id.clone());
+                self.unattributed = None;
+                self.route_executing(id, node, display_node, false);
+                None
+            }
+            ServerMessage::Executing { prompt_id: None, node: Some(node), display_node } => {
+                match self.running.clone() {
+                    Some(id) => self.route_executing(id, node, display_node, true),
+                    None => self.unattributed = Some((node, display_node)),
                 }
-                route.last_executing = Some(node.clone());
-                self.deliver(&id, PromptEvent::Executing { node, display_node });
                 None
             }
             ServerMessage::Executing { prompt_id, node: None, .. } => {
@@ -439,6 +456,24 @@ mod tests {
         assert!(a.recv().await.is_none(), "stream ends after the terminal event");
         assert!(drain(&mut b).is_empty());
         assert_eq!(r.in_flight(), 1);
+    }
+
+    #[test]
+    fn resent_executing_after_reconnect_waits_for_the_running_prompt() {
+        tokio_test_block(|| {
+            let mut r = Router::new("c1".into());
+            let mut a = r.register("a", Some("c1".into()), true).unwrap();
+            let mut b = r.register("b", Some("c1".into()), true).unwrap();
+            r.handle(msg(r#"{"type": "executing", "data": {"node": "3", "prompt_id": "a"}}"#));
+            drain(&mut a);
+            // Socket lost; meanwhile `a` ended and `b` started. The re-sent node is `b`'s, not `a`'s.
+            r.set_socket_client_id("c1");
+            r.handle(msg(r#"{"type": "executing", "data": {"node": "2"}}"#));
+            assert!(drain(&mut a).is_empty() && drain(&mut b).is_empty());
+            r.end_reconcile("b", true);
+            assert_eq!(drain(&mut b), [PromptEvent::Executing { node: "2".into(), display_node: None }]);
+            assert!(drain(&mut a).is_empty());
+        });
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::time::timeout;
@@ -59,7 +60,7 @@ fn pid() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-/// EmptyImage → SaveImage (color varies so nothing is cached).
+/// EmptyImage → ImageInvert → SaveImage (color varies so nothing is cached).
 fn save_graph(color: u32, size: u32) -> Value {
     json!({
         "1": {"class_type": "EmptyImage", "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}},
@@ -311,6 +312,8 @@ async fn previews_and_text_frames_are_routed() {
 #[tokio::test]
 async fn two_hundred_fast_jobs_back_to_back_each_end_once() {
     let h = harness(options()).await;
+    // About 5 ms per job (three nodes), like trivial prompts on a real ComfyUI.
+    h.emu.faults().set_node_delay(Duration::from_millis(1));
     let mut streams = Vec::new();
     for i in 0..200u32 {
         let (_, ev) = h.conn.submit(&pid(), save_graph(1000 + i, 4)).await.unwrap();
@@ -324,6 +327,8 @@ async fn two_hundred_fast_jobs_back_to_back_each_end_once() {
     }
     assert_eq!(h.conn.connects(), 1);
     assert_eq!(h.conn.in_flight(), 0);
+    let mut remaining = h.conn.queue_remaining();
+    timeout(WAIT, remaining.wait_for(|n| *n == Some(0))).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -417,6 +422,56 @@ async fn silent_socket_is_detected_and_replaced() {
         }
     }
     assert!(streamed, "the replacement socket never streamed events");
+}
+
+#[tokio::test]
+async fn duplicate_client_id_cleanup_is_detected_and_loses_no_completion() {
+    // ComfyUI's duplicate-clientId bug (f2): when an older socket with our clientId closes after we
+    // registered, the server's cleanup unregisters our socket, which stays open and silently unrouted.
+    let emu = emulator().await;
+    let id = format!("dup-{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{}/ws?clientId={id}", emu.url().replace("http://", "ws://"));
+    let (mut older, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert!(timeout(WAIT, older.next()).await.unwrap().is_some(), "older socket greeted");
+
+    let client = ComfyClient::new(&emu.url(), options()).unwrap();
+    let cancel = CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let conn = ComfyConnection::spawn_with_client_id(client, id.clone(), cancel);
+    conn.wait_connected(WAIT).await.unwrap();
+    // The older socket closes cleanly; the server's cleanup removes the entry, which is now ours.
+    older.close(None).await.unwrap();
+    while let Some(Ok(_)) = timeout(WAIT, older.next()).await.unwrap() {}
+
+    let (_, events) = conn.submit(&pid(), save_graph(19, 8)).await.unwrap();
+    let events = collect(events).await;
+    assert_eq!(events.last(), Some(&PromptEvent::Succeeded), "{events:?}");
+    assert_eq!(executed_nodes(&events), ["3"], "outputs recovered from history: {events:?}");
+    assert!(conn.connects() >= 2, "the unrouted socket was replaced");
+    assert_ne!(conn.socket_client_id(), id, "replaced under a fresh clientId");
+    conn.wait_connected(WAIT).await.unwrap();
+    let (_, events) = conn.submit(&pid(), save_graph(20, 8)).await.unwrap();
+    let events = collect(events).await;
+    assert_eq!(events.first(), Some(&PromptEvent::ExecutionStart), "the new socket is routed: {events:?}");
+}
+
+#[tokio::test]
+async fn no_frame_after_queueing_replaces_the_socket() {
+    // A socket that stays open but is no longer routed gets no frame (not even the `status` broadcast)
+    // when our prompt is queued: detected within probe_timeout, long before the idle probe would fire.
+    let mut o = options();
+    o.idle_probe = Duration::from_secs(30);
+    o.probe_timeout = Duration::from_millis(300);
+    let h = harness(o).await;
+    h.emu.faults().set_silent(true);
+    let started = tokio::time::Instant::now();
+    let (_, events) = h.conn.submit(&pid(), save_graph(23, 8)).await.unwrap();
+    let events = collect(events).await;
+    assert_eq!(events.last(), Some(&PromptEvent::Succeeded), "{events:?}");
+    assert_eq!(executed_nodes(&events), ["3"], "outputs recovered from history: {events:?}");
+    assert!(h.conn.connects() >= 2);
+    assert_ne!(h.conn.socket_client_id(), h.conn.client_id(), "replaced under a fresh clientId");
+    assert!(started.elapsed() < Duration::from_secs(10), "detected by the routing check, not the idle probe");
 }
 
 #[tokio::test]
@@ -527,4 +582,75 @@ async fn shutdown_ends_every_stream() {
     }
     assert!(!h.conn.is_connected());
     assert!(matches!(h.conn.submit(&pid(), save_graph(17, 8)).await, Err(ComfyError::Closed)));
+}
+
+/// Faults the emulator cannot inject (an answer that never comes, a body cut short), served by small
+/// fakes on 127.0.0.1.
+mod fakes {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Router;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_unanswered_post_is_not_queued_twice_on_retry() {
+        let posts = Arc::new(AtomicUsize::new(0));
+        let id = pid();
+        let queue = json!({"queue_running": [], "queue_pending": [[7, id, {}, {"client_id": "c"}, []]]});
+        let app = Router::new()
+            .route(
+                "/prompt",
+                post(|State(posts): State<Arc<AtomicUsize>>| async move {
+                    // Queued, but the answer never makes it back.
+                    posts.fetch_add(1, Ordering::SeqCst);
+                    std::future::pending::<()>().await;
+                }),
+            )
+            .route("/queue", get(move || async move { axum::Json(queue) }))
+            .route("/history/{id}", get(|| async { axum::Json(json!({})) }))
+            .with_state(posts.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let mut o = options();
+        o.request_timeout = Duration::from_millis(200);
+        let client = ComfyClient::new(&format!("http://{addr}"), o).unwrap();
+        let req = QueuePrompt { prompt_id: id.clone(), graph: json!({}), client_id: "c".into() };
+        let queued = client.queue_prompt(&req).await.unwrap();
+        assert_eq!((queued.prompt_id.as_str(), queued.number), (id.as_str(), 7.0));
+        assert_eq!(posts.load(Ordering::SeqCst), 1, "found in /queue instead of being posted again");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_download_cut_short_is_an_error_not_a_file() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let body = png(64, 64, [1, 2, 3]);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+                    body.len() + 500
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+                let _ = sock.shutdown().await;
+            }
+        });
+        let client = ComfyClient::new(&format!("http://{addr}"), options()).unwrap();
+        let file = FileRef { filename: "x.png".into(), subfolder: String::new(), kind: "output".into() };
+        let err = client.download(&file, &mut Vec::new()).await.unwrap_err();
+        assert!(matches!(err, ComfyError::Transport { .. } | ComfyError::Truncated { .. }), "{err:?}");
+        assert!(err.is_retryable());
+        server.abort();
+    }
 }

@@ -7,7 +7,7 @@
 use super::faults::Faults;
 use super::frames;
 use super::nodes::{self, Dirs, NodeContext, NodeFailure, NodeValue};
-use super::pyjson::py_str;
+use super::pyjson::{self, py_str};
 use super::state::{CacheEntry, QueueItem, Shared, State, heap, now_ms};
 use indexmap::IndexMap;
 use rand::Rng;
@@ -39,7 +39,8 @@ pub(crate) async fn worker(shared: Arc<Shared>, cancel: CancellationToken) {
                 let s = shared.clone();
                 let prompt_id = item.prompt_id.clone();
                 let restarted = shared.restarted.notified();
-                let job = tokio::task::spawn_blocking(move || run_prompt(&s, item, epoch));
+                let span = tracing::debug_span!("comfyui_emulator_prompt", prompt_id = %prompt_id);
+                let job = tokio::task::spawn_blocking(move || span.in_scope(|| run_prompt(&s, item, epoch)));
                 tokio::select! {
                     res = job => {
                         if let Err(e) = res {
@@ -179,8 +180,9 @@ impl<'p> ExecList<'p> {
         if let Some(id) = ready.iter().find(|id| self.blocks(id).iter().any(|b| self.is_output(b))) {
             return Some((*id).clone());
         }
-        if let Some(id) =
-            ready.iter().find(|id| self.blocks(id).iter().any(|b| self.blocks(b).iter().any(|b1| self.is_output(b1))))
+        if let Some(id) = ready
+            .iter()
+            .find(|id| self.blocks(id).iter().any(|b| self.blocks(b).iter().any(|b1| self.is_output(b1))))
         {
             return Some((*id).clone());
         }
@@ -271,6 +273,7 @@ struct Exec<'a> {
     ui_outputs: IndexMap<String, (Value, Value)>,
     values: HashMap<String, CacheEntry>,
     current_node: String,
+    extra_pnginfo: Option<Value>,
 }
 
 impl Exec<'_> {
@@ -302,7 +305,11 @@ impl Exec<'_> {
     }
 
     fn ensure_progress(&mut self, node: &str) -> &mut Progress {
-        self.progress.entry(node.to_string()).or_insert(Progress { state: NodeState::Pending, value: json!(0), max: json!(1) })
+        self.progress.entry(node.to_string()).or_insert(Progress {
+            state: NodeState::Pending,
+            value: json!(0),
+            max: json!(1),
+        })
     }
 
     fn send_progress_state(&self) -> Result<(), NodeFailure> {
@@ -527,6 +534,10 @@ impl NodeContext for Ctx<'_, '_> {
         self.exec.progress(value, max, preview_png)
     }
 
+    fn check_interrupt(&mut self) -> Result<(), NodeFailure> {
+        self.exec.check_interrupt()
+    }
+
     fn progress_text(&mut self, text: &str) -> Result<(), NodeFailure> {
         let frame = frames::text(&self.exec.current_node, text);
         self.exec.with_state(|st, f| st.send_binary(f, frame, None))
@@ -551,6 +562,16 @@ impl NodeContext for Ctx<'_, '_> {
     fn dirs(&self) -> &Dirs {
         &self.dirs
     }
+
+    fn png_text(&self) -> Vec<(String, String)> {
+        let mut out = vec![("prompt".to_string(), pyjson::dumps(&Value::Object(self.exec.prompt.clone())))];
+        if let Some(Value::Object(extra)) = &self.exec.extra_pnginfo {
+            for (k, v) in extra {
+                out.push((k.clone(), pyjson::dumps(v)));
+            }
+        }
+        out
+    }
 }
 
 /// Executes one taken prompt to completion (or abandonment), then `task_done` + `executing {node: null}`.
@@ -571,6 +592,7 @@ pub(crate) fn run_prompt(shared: &Shared, item: QueueItem, epoch: u64) {
         ui_outputs: IndexMap::new(),
         values: HashMap::new(),
         current_node: String::new(),
+        extra_pnginfo: item.extra_data.get("extra_pnginfo").cloned(),
     };
     // A stale interrupt is cleared when a prompt starts.
     shared.interrupt.store(false, Ordering::SeqCst);
@@ -610,8 +632,11 @@ fn execute(ex: &mut Exec<'_>, outputs: &[String]) -> Result<(), NodeFailure> {
 
     // `cache.set_prompt` + `clean_unused`, then the cached list in prompt order.
     let used: HashSet<String> = ex.sigs.values().cloned().collect();
-    let prompt_keys: HashSet<String> =
-        ex.prompt.iter().map(|(id, n)| format!("{id}\u{0}{}", n.get("class_type").map(py_str).unwrap_or_default())).collect();
+    let prompt_keys: HashSet<String> = ex
+        .prompt
+        .iter()
+        .map(|(id, n)| format!("{id}\u{0}{}", n.get("class_type").map(py_str).unwrap_or_default()))
+        .collect();
     let sigs = ex.sigs.clone();
     let cached_entries: Vec<(String, CacheEntry)> = ex.with_state(|st, _| {
         st.cache.retain(|k, _| used.contains(k));

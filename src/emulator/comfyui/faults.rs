@@ -165,7 +165,10 @@ impl Faults {
         let stripped = path.strip_prefix("/api").filter(|p| p.starts_with('/'));
         let mut s = self.settings();
         for (prefix, count) in s.fail_http.iter_mut() {
-            if *count > 0 && (path.starts_with(prefix.as_str()) || stripped.is_some_and(|p| p.starts_with(prefix.as_str()))) {
+            if *count > 0
+                && (path.starts_with(prefix.as_str())
+                    || stripped.is_some_and(|p| p.starts_with(prefix.as_str())))
+            {
                 *count -= 1;
                 return true;
             }

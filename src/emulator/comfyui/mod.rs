@@ -68,7 +68,8 @@ impl Drop for Inner {
     fn drop(&mut self) {
         self.cancel.cancel();
         abandon_everything(&self.shared);
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks =
+            std::mem::take(&mut *self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for t in tasks {
             t.abort();
         }
@@ -126,7 +127,8 @@ impl ComfyEmulator {
         let server_cancel = cancel.clone();
         let server = tokio::spawn(
             async move {
-                let res = axum::serve(listener, app).with_graceful_shutdown(server_cancel.cancelled_owned()).await;
+                let res =
+                    axum::serve(listener, app).with_graceful_shutdown(server_cancel.cancelled_owned()).await;
                 if let Err(e) = res {
                     tracing::error!(error = %e, "emulated ComfyUI server failed");
                 }
@@ -185,7 +187,8 @@ impl ComfyEmulator {
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
         abandon_everything(&self.inner.shared);
-        let tasks = std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for mut t in tasks {
             if tokio::time::timeout(SHUTDOWN_GRACE, &mut t).await.is_err() {
                 t.abort();

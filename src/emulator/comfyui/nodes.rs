@@ -4,7 +4,7 @@
 //! side channels (progress, text frames, interrupts) go through [`NodeContext`].
 
 use super::pyjson;
-use image::{ImageBuffer, ImageEncoder, Rgb};
+use image::{ImageBuffer, Rgb};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
@@ -15,16 +15,18 @@ static OBJECT_INFO: LazyLock<Map<String, Value>> = LazyLock::new(|| {
 });
 
 /// Extensions ComfyUI's LoadImage lists (files whose guessed mimetype is `image/*`).
-const IMAGE_EXTENSIONS: &[&str] =
-    &["png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ico", "svg", "avif", "heic", "heif", "jfif"];
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "png", "jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff", "ico", "svg", "avif", "heic", "heif", "jfif",
+];
 
 /// A batch of RGB float images, `[B, H, W, 3]` like ComfyUI's IMAGE tensors.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct ImageBatch {
     pub(crate) width: usize,
     pub(crate) height: usize,
-    /// One interleaved RGB `f32` buffer per image, values nominally in `0..=1`.
-    pub(crate) frames: Vec<Vec<f32>>,
+    /// One interleaved RGB `f32` buffer per image, values nominally in `0..=1` (shared when equal, so a
+    /// large EmptyImage batch costs one frame of memory).
+    pub(crate) frames: Vec<Arc<Vec<f32>>>,
 }
 
 impl ImageBatch {
@@ -36,7 +38,7 @@ impl ImageBatch {
 
     /// Encodes frame `i` as a PNG (fast compression, like `compress_level=1`).
     pub(crate) fn png(&self, i: usize) -> Result<Vec<u8>, NodeFailure> {
-        encode_png(&self.to_rgb8(i))
+        encode_png(&self.to_rgb8(i), &[])
     }
 }
 
@@ -53,9 +55,12 @@ impl NodeValue {
     pub(crate) fn formatted(&self) -> Value {
         match self {
             NodeValue::Int(i) => json!(i),
-            NodeValue::Image(img) => {
-                Value::String(format!("tensor(<{}x{}x{}x3 float32>)", img.frames.len(), img.height, img.width))
-            }
+            NodeValue::Image(img) => Value::String(format!(
+                "tensor(<{}x{}x{}x3 float32>)",
+                img.frames.len(),
+                img.height,
+                img.width
+            )),
             NodeValue::Mask { width, height, batch } => {
                 Value::String(format!("tensor(<{batch}x{height}x{width} float32>)"))
             }
@@ -76,12 +81,20 @@ pub(crate) enum NodeFailure {
     Interrupted,
     /// The emulator was restarted: stop silently.
     Abandoned,
-    Error { exception_type: String, message: String, traceback: Vec<String> },
+    Error {
+        exception_type: String,
+        message: String,
+        traceback: Vec<String>,
+    },
 }
 
 impl NodeFailure {
     pub(crate) fn error(exception_type: &str, message: impl Into<String>) -> Self {
-        NodeFailure::Error { exception_type: exception_type.into(), message: message.into(), traceback: Vec::new() }
+        NodeFailure::Error {
+            exception_type: exception_type.into(),
+            message: message.into(),
+            traceback: Vec::new(),
+        }
     }
 }
 
@@ -89,10 +102,14 @@ impl NodeFailure {
 pub(crate) trait NodeContext {
     /// `ProgressBar.update_absolute(value, max, preview)`; checks the interrupt flag first.
     fn progress(&mut self, value: u64, max: u64, preview_png: Option<Vec<u8>>) -> Result<(), NodeFailure>;
+    /// `throw_exception_if_processing_interrupted()` (clears the flag when it fires).
+    fn check_interrupt(&mut self) -> Result<(), NodeFailure>;
     /// `PromptServer.send_progress_text` (always broadcast).
     fn progress_text(&mut self, text: &str) -> Result<(), NodeFailure>;
     /// The per-node random part of PreviewImage's prefix (`_temp_xxxxx`).
     fn temp_suffix(&mut self) -> String;
+    /// PNG `tEXt` metadata for saved images: `prompt`, then each `extra_pnginfo` entry (JSON text).
+    fn png_text(&self) -> Vec<(String, String)>;
     fn dirs(&self) -> &Dirs;
 }
 
@@ -214,7 +231,10 @@ pub(crate) fn run(
     let image = |name: &str| -> Result<Arc<ImageBatch>, NodeFailure> {
         match links.get(name) {
             Some(NodeValue::Image(img)) => Ok(img.clone()),
-            _ => Err(NodeFailure::error("AttributeError", format!("'NoneType' object has no attribute 'shape' ({name})"))),
+            _ => Err(NodeFailure::error(
+                "AttributeError",
+                format!("'NoneType' object has no attribute 'shape' ({name})"),
+            )),
         }
     };
     let int = |name: &str, default: i64| inputs.get(name).and_then(Value::as_i64).unwrap_or(default);
@@ -226,11 +246,12 @@ pub(crate) fn run(
         "LoadImage" => load_image(&string("image", ""), ctx.dirs()),
         "ImageInvert" => {
             let img = image("image")?;
-            let frames = img.frames.iter().map(|f| f.iter().map(|&x| 1.0f32 - x).collect()).collect();
+            let frames = map_frames(&img, |f| Arc::new(f.iter().map(|&x| 1.0f32 - x).collect()));
             Ok(single(ImageBatch { width: img.width, height: img.height, frames }))
         }
         "EmptyImage" => {
-            let (w, h, b, color) = (int("width", 512), int("height", 512), int("batch_size", 1), int("color", 0));
+            let (w, h, b, color) =
+                (int("width", 512), int("height", 512), int("batch_size", 1), int("color", 0));
             empty_image(w, h, b, color)
         }
         "ImageBlur" => {
@@ -239,24 +260,32 @@ pub(crate) fn run(
         }
         "ImageScale" => {
             let img = image("image")?;
-            scale(&img, &string("upscale_method", "nearest-exact"), int("width", 512), int("height", 512), &string("crop", "disabled"))
+            scale(
+                &img,
+                &string("upscale_method", "nearest-exact"),
+                int("width", 512),
+                int("height", 512),
+                &string("crop", "disabled"),
+            )
         }
         "SaveImage" => {
             let img = image("images")?;
             let prefix = string("filename_prefix", "ComfyUI");
             let dir = ctx.dirs().output.clone();
-            save_images(&img, &prefix, &dir, "output", 4)
+            save_images(&img, &prefix, &dir, "output", &ctx.png_text())
         }
         "PreviewImage" => {
             let img = image("images")?;
             let prefix = format!("ComfyUI_temp_{}", ctx.temp_suffix());
             let dir = ctx.dirs().temp.clone();
-            save_images(&img, &prefix, &dir, "temp", 1)
+            save_images(&img, &prefix, &dir, "temp", &ctx.png_text())
         }
         "SaveImageWebsocket" => {
             let img = image("images")?;
             let n = img.frames.len() as u64;
             for i in 0..img.frames.len() {
+                // The hook checks the interrupt before the preview is encoded and sent.
+                ctx.check_interrupt()?;
                 let png = img.png(i)?;
                 ctx.progress(i as u64, n, Some(png))?;
             }
@@ -266,7 +295,10 @@ pub(crate) fn run(
             let img = image("image")?;
             let (w, h, b) = (img.width as i64, img.height as i64, img.frames.len() as i64);
             ctx.progress_text(&format!("width: {w}, height: {h}\n batch size: {b}"))?;
-            Ok(NodeOutput { outputs: vec![NodeValue::Int(w), NodeValue::Int(h), NodeValue::Int(b)], ui: None })
+            Ok(NodeOutput {
+                outputs: vec![NodeValue::Int(w), NodeValue::Int(h), NodeValue::Int(b)],
+                ui: None,
+            })
         }
         "PreviewAny" => {
             let text = match links.get("source") {
@@ -285,19 +317,43 @@ pub(crate) fn run(
     }
 }
 
+/// Applies `op` to each frame, once per distinct (shared) frame buffer.
+fn map_frames(img: &ImageBatch, mut op: impl FnMut(&Arc<Vec<f32>>) -> Arc<Vec<f32>>) -> Vec<Arc<Vec<f32>>> {
+    let mut done: Vec<(*const Vec<f32>, Arc<Vec<f32>>)> = Vec::new();
+    img.frames
+        .iter()
+        .map(|f| {
+            if let Some((_, out)) = done.iter().find(|(p, _)| std::ptr::eq(*p, Arc::as_ptr(f))) {
+                return out.clone();
+            }
+            let out = op(f);
+            done.push((Arc::as_ptr(f), out.clone()));
+            out
+        })
+        .collect()
+}
+
 fn single(img: ImageBatch) -> NodeOutput {
     NodeOutput { outputs: vec![NodeValue::Image(Arc::new(img))], ui: None }
 }
 
-fn encode_png(img: &ImageBuffer<Rgb<u8>, Vec<u8>>) -> Result<Vec<u8>, NodeFailure> {
+/// Encodes an RGB PNG with `tEXt` chunks (SaveImage's `prompt` / `extra_pnginfo` metadata).
+fn encode_png(
+    img: &ImageBuffer<Rgb<u8>, Vec<u8>>,
+    texts: &[(String, String)],
+) -> Result<Vec<u8>, NodeFailure> {
+    let err = |e: png::EncodingError| NodeFailure::error("OSError", e.to_string());
     let mut out = Vec::new();
-    let enc = image::codecs::png::PngEncoder::new_with_quality(
-        &mut out,
-        image::codecs::png::CompressionType::Fast,
-        image::codecs::png::FilterType::Adaptive,
-    );
-    enc.write_image(img.as_raw(), img.width(), img.height(), image::ExtendedColorType::Rgb8)
-        .map_err(|e| NodeFailure::error("OSError", e.to_string()))?;
+    let mut enc = png::Encoder::new(&mut out, img.width(), img.height());
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    enc.set_compression(png::Compression::Fast);
+    for (k, v) in texts {
+        enc.add_text_chunk(k.clone(), v.clone()).map_err(err)?;
+    }
+    let mut writer = enc.write_header().map_err(err)?;
+    writer.write_image_data(img.as_raw()).map_err(err)?;
+    writer.finish().map_err(err)?;
     Ok(out)
 }
 
@@ -305,7 +361,10 @@ fn encode_png(img: &ImageBuffer<Rgb<u8>, Vec<u8>>) -> Result<Vec<u8>, NodeFailur
 fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
     let path = dirs.annotated_input_path(name);
     let bytes = std::fs::read(&path).map_err(|e| {
-        NodeFailure::error("FileNotFoundError", format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()))
+        NodeFailure::error(
+            "FileNotFoundError",
+            format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()),
+        )
     })?;
     let decoded = image::load_from_memory(&bytes).map_err(|_| NodeFailure::Error {
         exception_type: "PIL.UnidentifiedImageError".into(),
@@ -326,7 +385,10 @@ fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
         NodeValue::Mask { width: 64, height: 64, batch: 1 }
     };
     Ok(NodeOutput {
-        outputs: vec![NodeValue::Image(Arc::new(ImageBatch { width: w, height: h, frames: vec![frame] })), mask],
+        outputs: vec![
+            NodeValue::Image(Arc::new(ImageBatch { width: w, height: h, frames: vec![Arc::new(frame)] })),
+            mask,
+        ],
         ui: None,
     })
 }
@@ -339,6 +401,7 @@ fn empty_image(w: i64, h: i64, b: i64, color: i64) -> Result<NodeOutput, NodeFai
     for _ in 0..w * h {
         frame.extend_from_slice(&px);
     }
+    let frame = Arc::new(frame);
     Ok(single(ImageBatch { width: w, height: h, frames: vec![frame; b] }))
 }
 
@@ -382,23 +445,26 @@ fn blur(img: &ImageBatch, radius: i64, sigma: f64) -> Result<NodeOutput, NodeFai
         i.clamp(0, n - 1) as usize
     };
     let (w, h) = (img.width, img.height);
-    let frames = img
-        .frames
-        .iter()
-        .map(|f| {
-            // A uniform frame (EmptyImage) blurs to itself; skipping the convolution keeps the captured
-            // "slow" 512x512 chains cheap in debug builds.
-            if f.chunks_exact(3).all(|px| px == &f[..3]) {
-                return f.clone();
-            }
-            blur_frame(f, w, h, r, &weights, reflect)
-        })
-        .collect();
+    let frames = map_frames(img, |f| {
+        // A uniform frame (EmptyImage) blurs to itself; skipping the convolution keeps the captured
+        // "slow" 512x512 chains cheap in debug builds.
+        if f.chunks_exact(3).all(|px| px == &f[..3]) {
+            return f.clone();
+        }
+        Arc::new(blur_frame(f, w, h, r, &weights, reflect))
+    });
     Ok(single(ImageBatch { width: w, height: h, frames }))
 }
 
 /// Separable convolution over reflect-padded rows, then a row-wise vertical pass.
-fn blur_frame(f: &[f32], w: usize, h: usize, r: usize, weights: &[f32], reflect: impl Fn(isize, usize) -> usize) -> Vec<f32> {
+fn blur_frame(
+    f: &[f32],
+    w: usize,
+    h: usize,
+    r: usize,
+    weights: &[f32],
+    reflect: impl Fn(isize, usize) -> usize,
+) -> Vec<f32> {
     let k = weights.len();
     let stride = w * 3;
     let mut tmp = vec![0f32; f.len()];
@@ -434,16 +500,22 @@ fn blur_frame(f: &[f32], w: usize, h: usize, r: usize, weights: &[f32], reflect:
 }
 
 /// ImageScale via `comfy.utils.common_upscale` (torch `interpolate`, align_corners=False).
-fn scale(img: &ImageBatch, method: &str, width: i64, height: i64, crop: &str) -> Result<NodeOutput, NodeFailure> {
+fn scale(
+    img: &ImageBatch,
+    method: &str,
+    width: i64,
+    height: i64,
+    crop: &str,
+) -> Result<NodeOutput, NodeFailure> {
     if width == 0 && height == 0 {
         return Ok(single(img.clone()));
     }
     let (ow, oh) = (img.width as f64, img.height as f64);
     let (mut width, mut height) = (width, height);
     if width == 0 {
-        width = ((ow * height as f64 / oh).round() as i64).max(1);
+        width = ((ow * height as f64 / oh).round_ties_even() as i64).max(1);
     } else if height == 0 {
-        height = ((oh * width as f64 / ow).round() as i64).max(1);
+        height = ((oh * width as f64 / ow).round_ties_even() as i64).max(1);
     }
     let (tw, th) = (width.max(1) as usize, height.max(1) as usize);
     // Center crop to the target aspect first.
@@ -452,26 +524,22 @@ fn scale(img: &ImageBatch, method: &str, width: i64, height: i64, crop: &str) ->
         let old_aspect = ow / oh;
         let new_aspect = tw as f64 / th as f64;
         if old_aspect > new_aspect {
-            x0 = ((ow - ow * (new_aspect / old_aspect)) / 2.0).round() as usize;
+            x0 = ((ow - ow * (new_aspect / old_aspect)) / 2.0).round_ties_even() as usize;
         } else if old_aspect < new_aspect {
-            y0 = ((oh - oh * (old_aspect / new_aspect)) / 2.0).round() as usize;
+            y0 = ((oh - oh * (old_aspect / new_aspect)) / 2.0).round_ties_even() as usize;
         }
         cw = img.width.saturating_sub(2 * x0).max(1);
         ch = img.height.saturating_sub(2 * y0).max(1);
     }
-    let frames = img
-        .frames
-        .iter()
-        .map(|f| {
-            let src: Vec<f32> = (0..ch)
-                .flat_map(|y| {
-                    let start = ((y + y0) * img.width + x0) * 3;
-                    f[start..start + cw * 3].iter().copied()
-                })
-                .collect();
-            resize(&src, cw, ch, tw, th, method)
-        })
-        .collect();
+    let frames = map_frames(img, |f| {
+        let src: Vec<f32> = (0..ch)
+            .flat_map(|y| {
+                let start = ((y + y0) * img.width + x0) * 3;
+                f[start..start + cw * 3].iter().copied()
+            })
+            .collect();
+        Arc::new(resize(&src, cw, ch, tw, th, method))
+    });
     Ok(single(ImageBatch { width: tw, height: th, frames }))
 }
 
@@ -485,7 +553,8 @@ fn resize(src: &[f32], sw: usize, sh: usize, tw: usize, th: usize, method: &str)
                 let yy = (((y as f32 + 0.5) * sy).floor() as usize).min(sh - 1);
                 for x in 0..tw {
                     let xx = (((x as f32 + 0.5) * sx).floor() as usize).min(sw - 1);
-                    out[(y * tw + x) * 3..(y * tw + x) * 3 + 3].copy_from_slice(&src[(yy * sw + xx) * 3..(yy * sw + xx) * 3 + 3]);
+                    out[(y * tw + x) * 3..(y * tw + x) * 3 + 3]
+                        .copy_from_slice(&src[(yy * sw + xx) * 3..(yy * sw + xx) * 3 + 3]);
                 }
             }
         }
@@ -551,9 +620,11 @@ fn save_images(
     filename_prefix: &str,
     output_dir: &Path,
     kind: &str,
-    _compress_level: u8,
+    texts: &[(String, String)],
 ) -> Result<NodeOutput, NodeFailure> {
-    let prefix = filename_prefix.replace("%width%", &img.width.to_string()).replace("%height%", &img.height.to_string());
+    let prefix = filename_prefix
+        .replace("%width%", &img.width.to_string())
+        .replace("%height%", &img.height.to_string());
     let (subfolder, filename) = match prefix.rsplit_once('/') {
         Some((dir, file)) => (dir.trim_start_matches('/').to_string(), file.to_string()),
         None => (String::new(), prefix.clone()),
@@ -570,15 +641,14 @@ fn save_images(
     }
     let folder = output_dir.join(&subfolder);
     std::fs::create_dir_all(&folder).map_err(|e| NodeFailure::error("OSError", e.to_string()))?;
-    let mut counter = next_counter(&folder, &filename);
+    let first = next_counter(&folder, &filename);
     let mut results = Vec::new();
-    for (batch_number, _) in img.frames.iter().enumerate() {
+    for (counter, batch_number) in (first..).zip(0..img.frames.len()) {
         let name = filename.replace("%batch_num%", &batch_number.to_string());
         let file = format!("{name}_{counter:05}_.png");
-        let png = img.png(batch_number)?;
+        let png = encode_png(&img.to_rgb8(batch_number), texts)?;
         std::fs::write(folder.join(&file), png).map_err(|e| NodeFailure::error("OSError", e.to_string()))?;
         results.push(json!({"filename": file, "subfolder": subfolder, "type": kind}));
-        counter += 1;
     }
     Ok(NodeOutput { outputs: Vec::new(), ui: Some(json!({"images": results})) })
 }
@@ -611,7 +681,8 @@ mod tests {
     #[test]
     fn invert_truncates_like_numpy() {
         // float32 `1 - 200/255` times 255 is 54.999996, which numpy's astype(uint8) truncates to 54.
-        let img = ImageBatch { width: 1, height: 1, frames: vec![vec![1.0f32 - 200.0f32 / 255.0f32; 3]] };
+        let img =
+            ImageBatch { width: 1, height: 1, frames: vec![Arc::new(vec![1.0f32 - 200.0f32 / 255.0f32; 3])] };
         assert_eq!(img.to_rgb8(0).as_raw(), &vec![54, 54, 54]);
     }
 
@@ -627,5 +698,92 @@ mod tests {
         assert_eq!(class_names().count(), 10);
         assert!(traits("SaveImage").is_some_and(|t| t.output_node));
         assert_eq!(return_types("GetImageSize"), vec!["INT", "INT", "INT"]);
+    }
+}
+
+#[cfg(test)]
+mod pixel_tests {
+    use super::*;
+
+    fn batch(w: usize, h: usize, f: impl Fn(usize, usize, usize) -> f32) -> ImageBatch {
+        let mut frame = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            for x in 0..w {
+                for c in 0..3 {
+                    frame.push(f(x, y, c));
+                }
+            }
+        }
+        ImageBatch { width: w, height: h, frames: vec![Arc::new(frame)] }
+    }
+
+    fn image_of(out: NodeOutput) -> Arc<ImageBatch> {
+        match out.outputs.into_iter().next() {
+            Some(NodeValue::Image(img)) => img,
+            other => panic!("expected an image, got {other:?}"),
+        }
+    }
+
+    /// ComfyUI's Blur written the direct way: a 2D gaussian over linspace(-1, 1) with reflect padding.
+    #[test]
+    fn blur_matches_a_direct_2d_convolution() {
+        let img = batch(9, 7, |x, y, c| ((x * 7 + y * 13 + c * 5) % 11) as f32 / 10.0);
+        let (r, sigma) = (2usize, 0.8f32);
+        let out = image_of(blur(&img, r as i64, f64::from(sigma)).expect("blur"));
+        let k = 2 * r + 1;
+        let lin = |i: usize| -1.0f32 + 2.0 * i as f32 / (k as f32 - 1.0);
+        let mut kernel = vec![0f32; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                let d2 = lin(i) * lin(i) + lin(j) * lin(j);
+                kernel[i * k + j] = (-d2 / (2.0 * sigma * sigma)).exp();
+            }
+        }
+        let sum: f32 = kernel.iter().sum();
+        let reflect = |i: isize, n: usize| -> usize {
+            let n = n as isize;
+            let i = if i < 0 { -i } else { i };
+            (if i >= n { 2 * (n - 1) - i } else { i }) as usize
+        };
+        for y in 0..7 {
+            for x in 0..9 {
+                for c in 0..3 {
+                    let mut acc = 0f32;
+                    for i in 0..k {
+                        for j in 0..k {
+                            let sy = reflect(y as isize + i as isize - r as isize, 7);
+                            let sx = reflect(x as isize + j as isize - r as isize, 9);
+                            acc += kernel[i * k + j] / sum * img.frames[0][(sy * 9 + sx) * 3 + c];
+                        }
+                    }
+                    let got = out.frames[0][(y * 9 + x) * 3 + c];
+                    assert!((got - acc).abs() < 1e-5, "({x},{y},{c}): {got} vs {acc}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bilinear_halving_averages_2x2_blocks() {
+        let img = batch(4, 4, |x, y, _| if (x + y) % 2 == 0 { 1.0 } else { 0.0 });
+        let out = image_of(scale(&img, "bilinear", 2, 2, "disabled").expect("scale"));
+        assert!(out.frames[0].iter().all(|v| (v - 0.5).abs() < 1e-6));
+    }
+
+    #[test]
+    fn scale_keeps_aspect_when_one_side_is_zero_and_crops_center() {
+        let img = batch(40, 20, |x, _, _| x as f32 / 40.0);
+        let out = image_of(scale(&img, "nearest-exact", 10, 0, "disabled").expect("scale"));
+        assert_eq!((out.width, out.height), (10, 5));
+        let out = image_of(scale(&img, "area", 10, 10, "center").expect("scale"));
+        assert_eq!((out.width, out.height), (10, 10));
+        // The center crop drops 10 columns on each side: the leftmost output averages columns 10..12.
+        assert!((out.frames[0][0] - 10.5 / 40.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn empty_image_batches_share_one_buffer() {
+        let img = image_of(empty_image(16, 16, 24, 0x123456).expect("empty"));
+        assert!(Arc::ptr_eq(&img.frames[0], &img.frames[23]));
     }
 }

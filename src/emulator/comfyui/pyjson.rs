@@ -22,7 +22,19 @@ impl serde_json::ser::Formatter for PyFormatter {
         writer.write_all(b": ")
     }
 
-    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, writer: &mut W, fragment: &str) -> io::Result<()> {
+    fn write_f64<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f64) -> io::Result<()> {
+        writer.write_all(float_repr(value).as_bytes())
+    }
+
+    fn write_f32<W: ?Sized + io::Write>(&mut self, writer: &mut W, value: f32) -> io::Result<()> {
+        self.write_f64(writer, f64::from(value))
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
         if fragment.is_ascii() {
             return writer.write_all(fragment.as_bytes());
         }
@@ -103,8 +115,10 @@ pub(crate) fn py_repr(value: &Value) -> String {
             format!("[{}]", inner.join(", "))
         }
         Value::Object(map) => {
-            let inner: Vec<String> =
-                map.iter().map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v))).collect();
+            let inner: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v)))
+                .collect();
             format!("{{{}}}", inner.join(", "))
         }
     }
@@ -119,6 +133,7 @@ mod tests {
     fn dumps_uses_python_separators_and_ascii_escapes() {
         let v = json!({"type": "status", "data": {"a": [1, 2.0, null], "s": "é"}});
         assert_eq!(dumps(&v), r#"{"type": "status", "data": {"a": [1, 2.0, null], "s": "\u00e9"}}"#);
+        assert_eq!(dumps(&json!([1e-5, 1e16, 0.1, -100.0])), "[1e-05, 1e+16, 0.1, -100.0]");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use super::ws;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path as AxPath, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, Multipart, Path as AxPath, Query, Request, State, WebSocketUpgrade,
+};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -80,7 +82,8 @@ fn api_routes() -> Router<Arc<Shared>> {
 pub(crate) fn json_response(status: StatusCode, value: &Value) -> Response {
     let mut resp = Response::new(Body::from(pyjson::dumps(value)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
     resp
 }
 
@@ -135,16 +138,17 @@ fn origin_mismatch(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
     let Some(origin) = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok()) else { return false };
     let host_name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_matches(['[', ']']);
-    let loopback = host_name == "localhost" || host_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let loopback =
+        host_name == "localhost" || host_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
     if !loopback {
         return false;
     }
-    let origin_host = url::Url::parse(origin)
-        .ok()
-        .and_then(|u| u.host_str().map(|h| match u.port_or_known_default() {
+    let origin_host = url::Url::parse(origin).ok().and_then(|u| {
+        u.host_str().map(|h| match u.port_or_known_default() {
             Some(p) => format!("{h}:{p}"),
             None => h.to_string(),
-        }));
+        })
+    });
     let host_with_port = if host.contains(':') { host.to_string() } else { format!("{host}:80") };
     origin_host.is_none_or(|o| o != host_with_port)
 }
@@ -167,10 +171,12 @@ async fn ws_handler(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
-        let mut resp =
-            Response::new(Body::from("No WebSocket UPGRADE hdr: None\n Can \"Upgrade\" only to \"WebSocket\"."));
+        let mut resp = Response::new(Body::from(
+            "No WebSocket UPGRADE hdr: None\n Can \"Upgrade\" only to \"WebSocket\".",
+        ));
         *resp.status_mut() = StatusCode::BAD_REQUEST;
-        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         return resp;
     };
     let client_id = q.get("clientId").cloned().unwrap_or_default();
@@ -255,7 +261,8 @@ async fn post_prompt(State(shared): Shr, body: Bytes) -> Response {
         let error = json!({"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}});
         return json_response(StatusCode::BAD_REQUEST, &json!({"error": error, "node_errors": {}}));
     };
-    let prompt_id = body.get("prompt_id").map(pyjson::py_str).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let prompt_id =
+        body.get("prompt_id").map(pyjson::py_str).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let partial: Option<Vec<String>> = body
         .get("partial_execution_targets")
         .and_then(Value::as_array)
@@ -418,9 +425,26 @@ async fn object_info_one(State(shared): Shr, AxPath(class): AxPath<String>) -> R
 }
 
 const MODEL_FOLDERS: &[&str] = &[
-    "checkpoints", "configs", "loras", "vae", "text_encoders", "diffusion_models", "clip_vision", "style_models",
-    "embeddings", "diffusers", "vae_approx", "controlnet", "gligen", "upscale_models", "custom_nodes",
-    "hypernetworks", "photomaker", "classifiers", "model_patches", "audio_encoders",
+    "checkpoints",
+    "configs",
+    "loras",
+    "vae",
+    "text_encoders",
+    "diffusion_models",
+    "clip_vision",
+    "style_models",
+    "embeddings",
+    "diffusers",
+    "vae_approx",
+    "controlnet",
+    "gligen",
+    "upscale_models",
+    "custom_nodes",
+    "hypernetworks",
+    "photomaker",
+    "classifiers",
+    "model_patches",
+    "audio_encoders",
 ];
 
 async fn models() -> Response {
@@ -505,7 +529,8 @@ struct UploadForm {
 /// Reads the multipart form; `Err` is the response to return.
 async fn read_form(req: Request, shared: &Arc<Shared>) -> Result<UploadForm, Response> {
     let mut mp = Multipart::from_request(req, shared).await.map_err(|_| empty(StatusCode::BAD_REQUEST))?;
-    let mut form = UploadForm { image: None, overwrite: None, subfolder: String::new(), kind: None, original_ref: None };
+    let mut form =
+        UploadForm { image: None, overwrite: None, subfolder: String::new(), kind: None, original_ref: None };
     let mut image_without_file = false;
     while let Some(field) = mp.next_field().await.map_err(|_| empty(StatusCode::BAD_REQUEST))? {
         let name = field.name().unwrap_or_default().to_string();
@@ -540,7 +565,9 @@ async fn do_upload(shared: Arc<Shared>, req: Request, mask: bool) -> Response {
     let kind = form.kind.clone().unwrap_or_else(|| "input".to_string());
     let Some(upload_dir) = shared.dirs.by_type(&kind).map(Path::to_path_buf) else { return internal_error() };
     let Some((filename, data)) = form.image.clone() else { return empty(StatusCode::BAD_REQUEST) };
-    let Some(folder) = join_inside(&upload_dir, &form.subfolder) else { return empty(StatusCode::BAD_REQUEST) };
+    let Some(folder) = join_inside(&upload_dir, &form.subfolder) else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
     let Some(mut filepath) = join_inside(&folder, &filename) else { return empty(StatusCode::BAD_REQUEST) };
     if !filepath.starts_with(&upload_dir) {
         return empty(StatusCode::BAD_REQUEST);
@@ -590,7 +617,9 @@ fn merge_mask(dirs: &Dirs, original_ref: Option<&str>, mask: &[u8]) -> Result<Op
     if file.is_empty() || file.starts_with('/') || file.contains("..") {
         return Ok(None);
     }
-    let kind = annotated.map(str::to_string).unwrap_or_else(|| original.get("type").map(pyjson::py_str).unwrap_or("output".into()));
+    let kind = annotated
+        .map(str::to_string)
+        .unwrap_or_else(|| original.get("type").map(pyjson::py_str).unwrap_or("output".into()));
     let Some(dir) = dirs.by_type(&kind) else { return Ok(None) };
     let sub = original.get("subfolder").map(pyjson::py_str).unwrap_or_default();
     let Some(dir) = join_inside(dir, &sub) else { return Ok(None) };
@@ -639,8 +668,12 @@ async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String
     if filename.is_empty() || filename.starts_with('/') || filename.contains("..") {
         return empty(StatusCode::BAD_REQUEST);
     }
-    let kind = annotated.map(str::to_string).unwrap_or_else(|| q.get("type").cloned().unwrap_or_else(|| "output".into()));
-    let Some(mut dir) = shared.dirs.by_type(&kind).map(Path::to_path_buf) else { return empty(StatusCode::BAD_REQUEST) };
+    let kind = annotated
+        .map(str::to_string)
+        .unwrap_or_else(|| q.get("type").cloned().unwrap_or_else(|| "output".into()));
+    let Some(mut dir) = shared.dirs.by_type(&kind).map(Path::to_path_buf) else {
+        return empty(StatusCode::BAD_REQUEST);
+    };
     if let Some(sub) = q.get("subfolder") {
         match join_inside(&dir, sub) {
             Some(d) => dir = d,
@@ -654,7 +687,8 @@ async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String
         return empty(StatusCode::NOT_FOUND);
     }
     let Ok(bytes) = tokio::fs::read(&path).await else { return empty(StatusCode::NOT_FOUND) };
-    let disposition = HeaderValue::from_str(&format!("filename=\"{base}\"")).unwrap_or(HeaderValue::from_static("inline"));
+    let disposition =
+        HeaderValue::from_str(&format!("filename=\"{base}\"")).unwrap_or(HeaderValue::from_static("inline"));
 
     if let Some(preview) = q.get("preview") {
         let (fmt, quality) = preview.split_once(';').unwrap_or((preview.as_str(), "90"));

@@ -8,7 +8,6 @@ use super::nodes::{self, Dirs};
 use super::pyjson::{py_repr, py_str};
 use serde_json::{Map, Value, json};
 
-
 /// Python's recursion limit stands in for a cycle detector, as in ComfyUI.
 const MAX_DEPTH: usize = 64;
 
@@ -130,7 +129,12 @@ impl Validator<'_> {
                             });
                         }
                     };
-                    let o_class = self.prompt.get(&o_id).and_then(|n| n.get("class_type")).map(py_str).unwrap_or_default();
+                    let o_class = self
+                        .prompt
+                        .get(&o_id)
+                        .and_then(|n| n.get("class_type"))
+                        .map(py_str)
+                        .unwrap_or_default();
                     let returns = nodes::return_types(&o_class);
                     let received_type = match &link[1] {
                         Value::Number(n) if n.is_i64() => {
@@ -287,7 +291,12 @@ impl Validator<'_> {
 
         // Conversions are written back into the prompt, as ComfyUI does (`inputs[x] = val`).
         if !converted.is_empty() {
-            if let Some(node_inputs) = self.prompt.get_mut(unique_id).and_then(|n| n.get_mut("inputs")).and_then(Value::as_object_mut) {
+            if let Some(node_inputs) = self
+                .prompt
+                .get_mut(unique_id)
+                .and_then(|n| n.get_mut("inputs"))
+                .and_then(Value::as_object_mut)
+            {
                 for (k, v) in converted {
                     node_inputs.insert(k, v);
                 }
@@ -319,7 +328,9 @@ fn type_matches(received: &str, input_type: &Value) -> bool {
 fn py_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
-        (Value::Bool(x), Value::Number(y)) | (Value::Number(y), Value::Bool(x)) => y.as_f64() == Some(f64::from(u8::from(*x))),
+        (Value::Bool(x), Value::Number(y)) | (Value::Number(y), Value::Bool(x)) => {
+            y.as_f64() == Some(f64::from(u8::from(*x)))
+        }
         _ => a == b,
     }
 }
@@ -378,7 +389,9 @@ fn convert(val: &Value, input_type: &str) -> Result<Option<Value>, String> {
                     _ => Err(format!("could not convert string to float: {}", py_repr(val))),
                 }
             }
-            other => Err(format!("float() argument must be a string or a real number, not '{}'", type_name(other))),
+            other => {
+                Err(format!("float() argument must be a string or a real number, not '{}'", type_name(other)))
+            }
         },
         "STRING" => Ok(Some(Value::String(py_str(val)))),
         "BOOLEAN" => Ok(Some(Value::Bool(match val {
@@ -463,7 +476,8 @@ pub(crate) fn validate_prompt(prompt: &mut Value, partial: Option<&[String]>, di
                 continue;
             }
             let entry = node_errors.entry(node_id.clone()).or_insert_with(|| {
-                let class_type = v.prompt.get(node_id).and_then(|n| n.get("class_type")).map(py_str).unwrap_or_default();
+                let class_type =
+                    v.prompt.get(node_id).and_then(|n| n.get("class_type")).map(py_str).unwrap_or_default();
                 json!({"errors": reasons, "dependent_outputs": [], "class_type": class_type})
             });
             if let Some(deps) = entry.get_mut("dependent_outputs").and_then(Value::as_array_mut) {
@@ -500,16 +514,4 @@ pub(crate) fn input_names(class: &str, input_dir: &std::path::Path) -> Vec<Strin
         }
     }
     names
-}
-
-/// Groups the error entries by node for quick lookups in tests.
-#[cfg(test)]
-pub(crate) fn error_types(node_errors: &Map<String, Value>) -> std::collections::HashMap<String, Vec<String>> {
-    node_errors
-        .iter()
-        .map(|(k, v)| {
-            let types = v["errors"].as_array().map(|a| a.iter().map(|e| py_str(&e["type"])).collect()).unwrap_or_default();
-            (k.clone(), types)
-        })
-        .collect()
 }

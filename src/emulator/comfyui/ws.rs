@@ -32,10 +32,8 @@ pub(crate) async fn serve_socket(shared: Arc<Shared>, mut socket: WebSocket, cli
         };
         st.next_conn_id += 1;
         let conn_id = st.next_conn_id;
-        st.sockets.insert(
-            sid.clone(),
-            SocketEntry { conn_id, tx, feature_flags: json!({}), kill: kill.clone() },
-        );
+        st.sockets
+            .insert(sid.clone(), SocketEntry { conn_id, tx, feature_flags: json!({}), kill: kill.clone() });
         let info = st.queue_info();
         st.send_json(&shared.faults, "status", json!({"status": info, "sid": sid}), Some(&sid));
         if st.client_id.as_deref() == Some(sid.as_str()) {

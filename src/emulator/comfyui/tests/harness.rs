@@ -26,14 +26,18 @@ pub(crate) enum Frame {
     Json(Value),
     Binary(Vec<u8>),
     /// The server closed the connection; `clean` is true when a close frame arrived.
-    Closed { clean: bool },
+    Closed {
+        clean: bool,
+    },
 }
 
 impl Frame {
     pub(crate) fn kind(&self) -> String {
         match self {
             Frame::Json(v) => v["type"].as_str().unwrap_or("?").to_string(),
-            Frame::Binary(b) if b.len() >= 4 => format!("binary{}", u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+            Frame::Binary(b) if b.len() >= 4 => {
+                format!("binary{}", u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            }
             Frame::Binary(_) => "binary?".into(),
             Frame::Closed { clean } => format!("closed(clean={clean})"),
         }
@@ -81,7 +85,9 @@ impl Ws {
             let frame = match msg {
                 None => Frame::Closed { clean: false },
                 Some(Err(_)) => Frame::Closed { clean: false },
-                Some(Ok(Message::Text(t))) => Frame::Json(serde_json::from_str(t.as_str()).expect("json frame")),
+                Some(Ok(Message::Text(t))) => {
+                    Frame::Json(serde_json::from_str(t.as_str()).expect("json frame"))
+                }
                 Some(Ok(Message::Binary(b))) => Frame::Binary(b.to_vec()),
                 Some(Ok(Message::Close(_))) => Frame::Closed { clean: true },
                 Some(Ok(_)) => continue,
@@ -113,8 +119,10 @@ impl Ws {
     /// Reads until `executing {node: null}` for `prompt_id`.
     pub(crate) async fn until_done(&mut self, prompt_id: &str) -> Vec<Frame> {
         let pid = prompt_id.to_string();
-        self.until(move |f| f.kind() == "executing" && f.data()["node"].is_null() && f.data()["prompt_id"] == pid.as_str())
-            .await
+        self.until(move |f| {
+            f.kind() == "executing" && f.data()["node"].is_null() && f.data()["prompt_id"] == pid.as_str()
+        })
+        .await
     }
 
     /// Asserts nothing arrives for `d` (used only to prove silence).
@@ -148,9 +156,13 @@ pub(crate) async fn post_prompt(emu: &ComfyEmulator, body: &Value) -> (u16, Valu
 
 /// Uploads `bytes` as `name` to /upload/image.
 pub(crate) async fn upload(emu: &ComfyEmulator, name: &str, bytes: Vec<u8>) -> Value {
-    let part = reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()).mime_str("image/png").expect("mime");
+    let part = reqwest::multipart::Part::bytes(bytes)
+        .file_name(name.to_string())
+        .mime_str("image/png")
+        .expect("mime");
     let form = reqwest::multipart::Form::new().part("image", part);
-    let resp = http().post(format!("{}/upload/image", emu.url())).multipart(form).send().await.expect("upload");
+    let resp =
+        http().post(format!("{}/upload/image", emu.url())).multipart(form).send().await.expect("upload");
     assert_eq!(resp.status(), 200);
     resp.json().await.expect("json")
 }

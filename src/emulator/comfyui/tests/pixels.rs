@@ -21,10 +21,19 @@ async fn image_invert_inverts_uploaded_pixels() {
     let frames = ws.until_done(&pid).await;
     let executed = frames.iter().find(|f| f.kind() == "executed").expect("executed");
     let name = executed.data()["output"]["images"][0]["filename"].as_str().expect("filename").to_string();
-    let resp = http().get(format!("{}/view?filename={name}&subfolder=&type=output", emu.url())).send().await.expect("view");
+    let resp = http()
+        .get(format!("{}/view?filename={name}&subfolder=&type=output", emu.url()))
+        .send()
+        .await
+        .expect("view");
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["content-type"], "image/png");
     let bytes = resp.bytes().await.expect("bytes");
+    // Like ComfyUI, the saved PNG carries the prompt as a tEXt chunk.
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes.to_vec())).read_info().expect("png");
+    let text = &reader.info().uncompressed_latin1_text;
+    assert_eq!(text[0].keyword, "prompt");
+    assert!(text[0].text.starts_with(r#"{"1": {"class_type": "LoadImage""#));
     let out = image::load_from_memory(&bytes).expect("png").to_rgb8();
     let input = image::load_from_memory(&png).expect("png").to_rgb8();
     for (a, b) in input.pixels().zip(out.pixels()) {
