@@ -58,12 +58,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         idle_probe: config.comfyui.idle_probe,
         ..comfy::ClientOptions::default()
     };
+    let instance = instance_id(&config.data_dir).await.context("reading the instance id")?;
     let mut machines = Vec::new();
     for server in &config.comfyui.servers {
         let machine = machine::Machine::connect_static(
             &server.name,
             &server.url,
             options.clone(),
+            Some(machine::stable_client_id(&instance, &server.name)),
             config.comfyui.prequeue,
             shutdown.child_token(),
         )
@@ -92,4 +94,20 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     }
     catalog_watch.abort();
     served
+}
+
+/// This instance's id, created once in the data directory: it keeps WebSocket clientIds stable across
+/// restarts, so ComfyUI routes the events of prompts queued before a restart to the new socket.
+async fn instance_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join("instance_id");
+    match tokio::fs::read_to_string(&path).await {
+        Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
+        _ => {
+            let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+            let tmp = data_dir.join("instance_id.tmp");
+            tokio::fs::write(&tmp, &id).await?;
+            tokio::fs::rename(&tmp, &path).await?;
+            Ok(id)
+        }
+    }
 }

@@ -78,11 +78,17 @@ impl Machine {
         url: &str,
         price_per_hour_usd: f64,
         options: ClientOptions,
+        options_client_id: Option<String>,
         prequeue: usize,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ComfyError> {
         let client = ComfyClient::new(url, options)?;
-        let conn = ComfyConnection::spawn(client.clone(), cancel);
+        let conn = match &options_client_id {
+            Some(client_id) => {
+                ComfyConnection::spawn_with_client_id(client.clone(), client_id.clone(), cancel)
+            }
+            None => ComfyConnection::spawn(client.clone(), cancel),
+        };
         let created_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
@@ -105,16 +111,20 @@ impl Machine {
 
     /// Connects to a static ComfyUI server (the socket connects in the background, reconnecting as needed).
     ///
+    /// `client_id`, when given, is the WebSocket clientId: keep it stable across restarts of this
+    /// comfyrelay (see [`stable_client_id`]) so prompts re-attached after a restart keep streaming live.
+    ///
     /// # Errors
     /// An invalid URL.
     pub fn connect_static(
         id: &str,
         url: &str,
         options: ClientOptions,
+        client_id: Option<String>,
         prequeue: usize,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ComfyError> {
-        Self::new(id, MachineKind::Static, None, url, 0.0, options, prequeue, cancel)
+        Self::new(id, MachineKind::Static, None, url, 0.0, options, client_id, prequeue, cancel)
     }
 
     /// Connects to a RunComfy machine's ComfyUI.
@@ -130,7 +140,17 @@ impl Machine {
         prequeue: usize,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ComfyError> {
-        Self::new(id, MachineKind::RunComfy, Some(spec), url, price_per_hour_usd, options, prequeue, cancel)
+        Self::new(
+            id,
+            MachineKind::RunComfy,
+            Some(spec),
+            url,
+            price_per_hour_usd,
+            options,
+            None,
+            prequeue,
+            cancel,
+        )
     }
 
     /// Jobs assigned now (running and pre-queued).
@@ -189,6 +209,17 @@ impl Machine {
             s.idle_since = Some(Instant::now());
         }
     }
+}
+
+/// A WebSocket clientId for machine `machine_id` that is the same every time this comfyrelay instance
+/// (identified by `instance`, kept in its data directory) starts.
+pub fn stable_client_id(instance: &str, machine_id: &str) -> String {
+    let safe: String = machine_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .take(64)
+        .collect();
+    format!("comfyrelay-{instance}-{safe}")
 }
 
 /// Phases of provisioning a machine.

@@ -90,6 +90,9 @@ async fn insert_event(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, e: &EventRow
     Ok(())
 }
 
+// Every write transaction starts with BEGIN IMMEDIATE: it takes SQLite's write lock up front (waiting up to
+// the busy timeout), so a transaction that reads and then writes can never fail with SQLITE_BUSY when
+// another connection committed in between.
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn create_job(
@@ -98,7 +101,7 @@ impl Store for SqliteStore {
         first_event: &EventRow,
         key: Option<&IdempotencyKey>,
     ) -> Result<CreateOutcome, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         if let Some(key) = key {
             let existing = sqlx::query("SELECT request_hash, job_id FROM idempotency WHERE request_id = ?")
                 .bind(&key.request_id)
@@ -148,7 +151,7 @@ impl Store for SqliteStore {
     }
 
     async fn commit(&self, job: &JobRow, events: &[EventRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "UPDATE jobs SET state = ?, terminal = ?, updated_ms = ?, ended_ms = ?, body = ? WHERE id = ?",
         )
@@ -269,7 +272,7 @@ impl Store for SqliteStore {
         before_ms: i64,
         limit: u32,
     ) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let ids: Vec<String> =
             sqlx::query("SELECT id FROM jobs WHERE terminal = 1 AND ended_ms < ? ORDER BY ended_ms LIMIT ?")
                 .bind(before_ms)
