@@ -396,6 +396,20 @@ mod tests {
     }
 
     #[test]
+    fn servers_list_from_env() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "COMFYRELAY_COMFYUI__SERVERS",
+                r#"[{name = "a", url = "http://127.0.0.1:1"}, {name = "b", url = "http://127.0.0.1:2"}]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.comfyui.servers.len(), 2);
+        assert_eq!(c.comfyui.servers[1].url, "http://127.0.0.1:2");
+    }
+
+    #[test]
     fn bad_value_names_the_key() {
         let e = Config::load(None, env(&[("COMFYRELAY_GRPC__MAX_MESSAGE_BYTES", "lots")])).unwrap_err();
         assert!(e.to_string().contains("grpc.max_message_bytes"), "{e}");

@@ -18,12 +18,16 @@ pub mod config;
 pub mod emulator;
 pub mod grpc;
 pub mod jobs;
+pub mod machine;
 pub mod proto;
 pub mod runcomfy;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
 
+use std::sync::Arc;
+
+use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +35,61 @@ pub use config::Config;
 
 /// Runs the service on an already-bound listener until `shutdown` is cancelled, then drains.
 ///
+/// Startup order: storage, catalog, machines, job engine (which reconciles unfinished jobs) and only then
+/// the gRPC server, so no request is served before recovered jobs are known.
+///
 /// # Errors
 /// Startup failures (storage, catalog) and a server that fails while serving.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    grpc::serve(listener, &config, shutdown).await
+    let store = Arc::new(
+        store::SqliteStore::open(&config.data_dir)
+            .await
+            .with_context(|| format!("opening the database in {}", config.data_dir.display()))?,
+    );
+    let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"))
+        .await
+        .context("opening the artifact directory")?;
+    let catalog = catalog::Catalog::load(&config.workflows_dir)
+        .with_context(|| format!("loading workflows from {}", config.workflows_dir.display()))?;
+    let catalog_watch = catalog.watch(shutdown.child_token());
+
+    let options = comfy::ClientOptions {
+        request_timeout: config.comfyui.request_timeout,
+        idle_probe: config.comfyui.idle_probe,
+        ..comfy::ClientOptions::default()
+    };
+    let mut machines = Vec::new();
+    for server in &config.comfyui.servers {
+        let machine = machine::Machine::connect_static(
+            &server.name,
+            &server.url,
+            options.clone(),
+            config.comfyui.prequeue,
+            shutdown.child_token(),
+        )
+        .with_context(|| format!("ComfyUI server {}", server.name))?;
+        machines.push(machine);
+    }
+    let jobs = jobs::JobManager::start(
+        config.jobs.clone(),
+        store,
+        artifacts,
+        catalog.clone(),
+        machines,
+        None,
+        shutdown.child_token(),
+    )
+    .await
+    .context("starting the job engine")?;
+
+    let served =
+        grpc::serve(listener, &config, grpc::Services { jobs: jobs.clone(), catalog }, shutdown.clone())
+            .await;
+
+    // The server has stopped taking calls; give running work the grace period to reach a resumable state.
+    if !jobs.drain(config.grpc.shutdown_grace).await {
+        tracing::warn!(grace = ?config.grpc.shutdown_grace, "job tasks still running after the grace period; cut");
+    }
+    catalog_watch.abort();
+    served
 }

@@ -3,7 +3,11 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use comfyrelay::{Config, shutdown, telemetry};
+use comfyrelay::{
+    Config,
+    emulator::comfyui::{ComfyEmulator, EmulatorConfig},
+    shutdown, telemetry,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for bad configuration or usage (sysexits `EX_USAGE`).
@@ -24,8 +28,32 @@ struct Cli {
 enum Command {
     /// Serve the gRPC API against real ComfyUI servers or RunComfy machines.
     Serve,
+    /// Serve the gRPC API with a built-in emulated ComfyUI: the whole path with no GPU.
+    Dev {
+        /// Port of the emulated ComfyUI (on 127.0.0.1).
+        #[arg(long, default_value_t = 8188)]
+        comfy_port: u16,
+    },
+    /// Run an emulator of an external system on its own.
+    Emulate {
+        #[command(subcommand)]
+        target: EmulateTarget,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum EmulateTarget {
+    /// An emulated ComfyUI server.
+    Comfyui {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +95,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Serve => {
             let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
             comfyrelay::run(listener, config, shutdown).await
+        }
+        Command::Dev { comfy_port } => {
+            let mut config = config;
+            let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
+            let comfy = ComfyEmulator::start(comfy_listener, EmulatorConfig::default()).await?;
+            tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
+            config.comfyui.servers =
+                vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
+            let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
+            let result = comfyrelay::run(listener, config, shutdown).await;
+            comfy.shutdown().await;
+            result
+        }
+        Command::Emulate { target: EmulateTarget::Comfyui { port, host } } => {
+            comfyrelay::emulator::comfyui::run_standalone(
+                (host, port).into(),
+                EmulatorConfig::default(),
+                shutdown,
+            )
+            .await
         }
         Command::Version => Ok(()),
     }

@@ -1,62 +1,197 @@
-//! `comfyrelay.v1.JobService`: decode, call the job engine, encode.
+//! `comfyrelay.v1.JobService`: decode, call the job engine, encode. No logic beyond that.
 
 use std::pin::Pin;
 
 use futures::Stream;
+use tokio::{io::AsyncReadExt, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
-use super::status::unimplemented;
-use crate::proto::pb;
+use super::{convert, status::job_error};
+use crate::{
+    jobs::{EventKind, JobManager, Violation},
+    proto::pb,
+};
+
+/// Buffered events per StreamJob call; a slower client makes the producer wait (and, if it falls far
+/// behind the job, catch up from the log with progress coalesced), never the job.
+const STREAM_BUFFER: usize = 64;
 
 /// The JobService adapter.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct JobApi {}
+#[derive(Debug, Clone)]
+pub(crate) struct JobApi {
+    jobs: JobManager,
+    shutdown: CancellationToken,
+}
 
 impl JobApi {
-    pub(crate) fn new() -> Self {
-        Self {}
+    pub(crate) fn new(jobs: JobManager, shutdown: CancellationToken) -> Self {
+        Self { jobs, shutdown }
+    }
+
+    async fn job_with_outputs(&self, job: &crate::jobs::Job) -> Result<pb::Job, Status> {
+        let mut outputs = Vec::with_capacity(job.outputs.len());
+        for o in &job.outputs {
+            outputs.push(convert::output_view_to_pb(self.jobs.output_view(o).await.map_err(job_error)?));
+        }
+        Ok(convert::job_to_pb(job, outputs))
     }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadOutputResponse, Status>> + Send + 'static>>;
+type ChunkStream = ReceiverStream<Result<pb::DownloadOutputResponse, Status>>;
+
+fn bad(v: Violation) -> Status {
+    job_error(crate::jobs::JobError::InvalidArgument(vec![v]))
+}
 
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for JobApi {
-    async fn submit_job(&self, _req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Err(unimplemented("SubmitJob"))
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let req = convert::submit_request(req.into_inner())
+            .map_err(|v| job_error(crate::jobs::JobError::InvalidArgument(v)))?;
+        let job = self.jobs.submit(req).await.map_err(job_error)?;
+        Ok(Response::new(convert::job_to_pb(&job, Vec::new())))
     }
 
     type StreamJobStream = EventStream;
 
     async fn stream_job(
         &self,
-        _req: Request<pb::StreamJobRequest>,
+        req: Request<pb::StreamJobRequest>,
     ) -> Result<Response<Self::StreamJobStream>, Status> {
-        Err(unimplemented("StreamJob"))
+        let pb::StreamJobRequest { job_id, after_sequence, skip_previews } = req.into_inner();
+        let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        let mut events = self.jobs.subscribe(id, after_sequence, skip_previews).await.map_err(job_error)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let jobs = self.jobs.clone();
+        let shutdown = self.shutdown.clone();
+        // A per-call producer: it ends after the terminal event, when the client goes away, or at shutdown
+        // (telling the client to resume elsewhere from the last sequence it received).
+        tokio::spawn(
+            async move {
+                let mut last = after_sequence;
+                loop {
+                    let next = tokio::select! {
+                        () = tx.closed() => return,
+                        () = shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable(format!(
+                                "comfyrelay is shutting down; resume with after_sequence={last}"
+                            )))).await;
+                            return;
+                        }
+                        next = events.next() => next,
+                    };
+                    let Some(next) = next else { return };
+                    let item = match next {
+                        Ok(event) => {
+                            last = event.seq;
+                            let mut outputs = Vec::new();
+                            let files: Vec<_> = match &event.kind {
+                                EventKind::OutputReady { output } => vec![output.clone()],
+                                EventKind::Succeeded { outputs } => outputs.clone(),
+                                _ => Vec::new(),
+                            };
+                            for f in &files {
+                                match jobs.output_view(f).await {
+                                    Ok(v) => outputs.push(convert::output_view_to_pb(v)),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "output not readable for inline delivery");
+                                        outputs.push(convert::output_to_pb(f, None));
+                                    }
+                                }
+                            }
+                            Ok(convert::event_to_pb(&event, outputs))
+                        }
+                        Err(e) => Err(job_error(e)),
+                    };
+                    if tx.send(item).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("stream_job", job_id = %id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn get_job(&self, _req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Err(unimplemented("GetJob"))
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let pb::GetJobRequest { job_id } = req.into_inner();
+        let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        let job = self.jobs.get(id).await.map_err(job_error)?;
+        Ok(Response::new(self.job_with_outputs(&job).await?))
     }
 
     async fn list_jobs(
         &self,
-        _req: Request<pb::ListJobsRequest>,
+        req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        Err(unimplemented("ListJobs"))
+        let req = convert::list_request(req.into_inner())
+            .map_err(|v| job_error(crate::jobs::JobError::InvalidArgument(v)))?;
+        let page = self.jobs.list(req).await.map_err(job_error)?;
+        let jobs = page
+            .jobs
+            .iter()
+            .map(|j| {
+                convert::job_to_pb(j, j.outputs.iter().map(|o| convert::output_to_pb(o, None)).collect())
+            })
+            .collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs, next_page_token: page.next_page_token }))
     }
 
-    async fn cancel_job(&self, _req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
-        Err(unimplemented("CancelJob"))
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let pb::CancelJobRequest { job_id, reason } = req.into_inner();
+        let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        let job = self.jobs.cancel(id, reason).await.map_err(job_error)?;
+        Ok(Response::new(self.job_with_outputs(&job).await?))
     }
 
     type DownloadOutputStream = ChunkStream;
 
     async fn download_output(
         &self,
-        _req: Request<pb::DownloadOutputRequest>,
+        req: Request<pb::DownloadOutputRequest>,
     ) -> Result<Response<Self::DownloadOutputStream>, Status> {
-        Err(unimplemented("DownloadOutput"))
+        let pb::DownloadOutputRequest { job_id, filename, chunk_size } = req.into_inner();
+        let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        if filename.is_empty() {
+            return Err(bad(Violation::new("filename", "must name an output of the job")));
+        }
+        let chunk = match chunk_size {
+            0 => 256 * 1024,
+            n => n.clamp(1024, 4 * 1024 * 1024) as usize,
+        };
+        let (output, mut file) = self.jobs.open_output(id, &filename).await.map_err(job_error)?;
+        let (tx, rx) = mpsc::channel(4);
+        // A per-call producer that ends at EOF or when the client goes away.
+        tokio::spawn(
+            async move {
+                let mut offset = 0u64;
+                let mut first = Some(convert::output_to_pb(&output, None));
+                loop {
+                    let mut buf = vec![0u8; chunk];
+                    let n = match file.read(&mut buf).await {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tx.send(Err(super::status::internal(&e))).await;
+                            return;
+                        }
+                    };
+                    if n == 0 && first.is_none() {
+                        return;
+                    }
+                    buf.truncate(n);
+                    let msg = pb::DownloadOutputResponse { output: first.take(), offset, data: buf.into() };
+                    offset += n as u64;
+                    if tx.send(Ok(msg)).await.is_err() || n == 0 {
+                        return;
+                    }
+                }
+            }
+            .instrument(tracing::debug_span!("download_output", job_id = %id)),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -3,6 +3,7 @@
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
 //! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
 
+mod convert;
 mod jobs;
 mod machines;
 pub mod status;
@@ -15,7 +16,16 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::{config::Config, proto::pb};
+use crate::{catalog::Catalog, config::Config, jobs::JobManager, proto::pb};
+
+/// The domain handles the services call.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// The job engine.
+    pub jobs: JobManager,
+    /// The workflow catalog.
+    pub catalog: Catalog,
+}
 
 /// Serves every service on `listener` until `shutdown` is cancelled.
 ///
@@ -24,8 +34,10 @@ use crate::{config::Config, proto::pb};
 pub async fn serve(
     listener: TcpListener,
     config: &Config,
+    services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let Services { jobs: job_manager, catalog } = services;
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
@@ -41,15 +53,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let workflows = pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new())
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
+        job_manager.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let workflows =
+        pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+    let machines =
+        pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(job_manager.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");

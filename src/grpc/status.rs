@@ -5,6 +5,8 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::jobs::JobError;
+
 /// The `ErrorInfo.domain` of every error comfyrelay returns.
 pub const ERROR_DOMAIN: &str = "comfyrelay.dev";
 
@@ -51,6 +53,32 @@ pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
     }
     tracing::error!(error = %chain, "internal error");
     with_reason(Code::Internal, "INTERNAL", "internal error; see the server log")
+}
+
+/// The one mapping from job-engine errors to `Status`: exhaustive, no wildcard arm.
+pub fn job_error(e: JobError) -> Status {
+    match e {
+        JobError::InvalidArgument(violations) => {
+            invalid_argument(&violations.into_iter().map(|v| (v.field, v.description)).collect::<Vec<_>>())
+        }
+        JobError::NotFound(what) => with_reason(Code::NotFound, "NOT_FOUND", format!("{what} not found")),
+        JobError::AlreadyExists { request_id, job_id } => with_reason(
+            Code::AlreadyExists,
+            "REQUEST_ID_REUSED",
+            format!("request_id {request_id:?} was already used for job {job_id} with a different request"),
+        ),
+        JobError::ShuttingDown => {
+            let mut details = ErrorDetails::new();
+            details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+            details.set_error_info(
+                "SHUTTING_DOWN",
+                ERROR_DOMAIN,
+                std::collections::HashMap::<String, String>::new(),
+            );
+            Status::with_error_details(Code::Unavailable, "comfyrelay is shutting down; retry", details)
+        }
+        e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_)) => internal(&e),
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use comfyrelay::{Config, proto::pb};
+use comfyrelay::{Config, emulator::comfyui::ComfyEmulator, proto::pb};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -16,6 +16,8 @@ pub(crate) struct TestApp {
     pub(crate) machines: pb::machine_service_client::MachineServiceClient<Channel>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) server: Option<JoinHandle<anyhow::Result<()>>>,
+    /// The emulated ComfyUI the app runs jobs on.
+    pub(crate) comfy: ComfyEmulator,
     #[allow(dead_code, reason = "kept alive for the app's lifetime")]
     pub(crate) data_dir: tempfile::TempDir,
 }
@@ -39,7 +41,9 @@ pub(crate) async fn spawn_app() -> TestApp {
 pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
     comfyrelay::telemetry::init_for_tests(std::env::var_os("TEST_LOG").is_some());
     let data_dir = tempfile::tempdir().expect("tempdir");
+    let comfy = spawn_comfy().await;
     let mut config = test_config(data_dir.path());
+    config.comfyui.servers[0].url = comfy.url();
     customize(&mut config);
     // Bind before spawning: the port accepts connections as soon as we return, no sleep needed.
     let listener = tokio::net::TcpListener::bind(config.grpc.listen).await.expect("bind");
@@ -61,7 +65,78 @@ pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestA
         channel,
         shutdown,
         server: Some(server),
+        comfy,
         data_dir,
+    }
+}
+
+/// Starts an emulated ComfyUI on an ephemeral port.
+pub(crate) async fn spawn_comfy() -> ComfyEmulator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
+    ComfyEmulator::start(listener, Default::default()).await.expect("start emulator")
+}
+
+/// A PNG of `w`×`h` pixels with a gradient, so every pixel differs from its inverse.
+pub(crate) fn png(w: u32, h: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 77])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
+    out.into_inner()
+}
+
+/// A SubmitJobRequest for a catalog workflow with an input image.
+pub(crate) fn submit_request(workflow: &str, image: Vec<u8>) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        source: Some(pb::submit_job_request::Source::Workflow(workflow.into())),
+        image: Some(pb::InputImage {
+            data: image.into(),
+            filename: "in.png".into(),
+            content_type: "image/png".into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Reads a job's whole event stream from `after` until it ends (bounded by a generous timeout).
+pub(crate) async fn collect_events(channel: &Channel, job_id: &str, after: u64) -> Vec<pb::JobEvent> {
+    let mut client =
+        pb::job_service_client::JobServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20);
+    let mut stream = client
+        .stream_job(pb::StreamJobRequest {
+            job_id: job_id.into(),
+            after_sequence: after,
+            skip_previews: false,
+        })
+        .await
+        .expect("stream_job")
+        .into_inner();
+    let mut events = Vec::new();
+    let read = async {
+        while let Some(e) = stream.message().await.expect("stream item") {
+            events.push(e);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("stream ends within 60 s");
+    events
+}
+
+/// The state of the terminal event of a stream, as a short name.
+pub(crate) fn terminal(events: &[pb::JobEvent]) -> &'static str {
+    use pb::job_event::Kind;
+    match events.last().and_then(|e| e.kind.as_ref()) {
+        Some(Kind::Succeeded(_)) => "succeeded",
+        Some(Kind::Failed(_)) => "failed",
+        Some(Kind::Cancelled(_)) => "cancelled",
+        _ => "none",
+    }
+}
+
+/// Asserts sequences are 1.. (or after+1..) without gaps or duplicates.
+pub(crate) fn assert_gap_free(events: &[pb::JobEvent], after: u64) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.sequence, after + 1 + i as u64, "sequence gap or duplicate at index {i}: {events:?}");
     }
 }
 

@@ -2,6 +2,12 @@
 
 mod helpers;
 
+mod cancel;
 mod config_errors;
 mod foundation;
-mod unimplemented;
+mod jobs;
+mod load;
+mod machines;
+mod policies;
+mod recovery;
+mod workflows;

@@ -1,0 +1,510 @@
+//! Routing of parsed ComfyUI messages to the prompts they belong to, and each prompt's delivery state
+//! (outputs seen, last node, terminal reached).
+//!
+//! Owns the guarantees "exactly one terminal event per prompt" and "no duplicate events across a
+//! reconnect": every event goes through here under one lock, and a route is removed the moment its
+//! terminal event is sent. Synchronous and I/O-free (the connection task does the I/O and calls in);
+//! knows nothing about sockets or HTTP.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::messages::{PromptEvent, ServerMessage};
+use super::types::{HistoryEntry, HistoryStatus};
+
+/// The receiving end of one prompt's events.
+#[derive(Debug)]
+pub struct PromptEvents {
+    prompt_id: String,
+    rx: mpsc::UnboundedReceiver<PromptEvent>,
+}
+
+impl PromptEvents {
+    /// The next event. `None` only after the terminal event was delivered, or when the connection was
+    /// shut down before the prompt ended.
+    pub async fn recv(&mut self) -> Option<PromptEvent> {
+        self.rx.recv().await
+    }
+
+    /// A stream that is already over (refused registration).
+    pub(crate) fn closed(prompt_id: &str) -> Self {
+        let (_, rx) = mpsc::unbounded_channel();
+        Self { prompt_id: prompt_id.to_owned(), rx }
+    }
+
+    /// The prompt these events belong to.
+    pub fn prompt_id(&self) -> &str {
+        &self.prompt_id
+    }
+}
+
+/// What the connection task must do after a message was routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Followup {
+    /// Read /queue then /history for these prompts (a terminal may have been missed).
+    Reconcile(String),
+    /// `execution_success` arrived for a prompt that lived through a reconnect: fetch its history entry
+    /// (retrying briefly) so outputs missed during the gap are emitted before `Succeeded`.
+    ConfirmSuccess(String),
+}
+
+#[derive(Debug)]
+struct Route {
+    tx: mpsc::UnboundedSender<PromptEvent>,
+    /// POST /prompt was answered (or the prompt was attached): only then may it be declared lost.
+    acked: bool,
+    /// clientId the prompt was queued under (`None` when attached: unknown).
+    client_id: Option<String>,
+    /// A socket change happened while this prompt was in flight (events may have been missed).
+    gap: bool,
+    seen_outputs: HashSet<String>,
+    last_executing: Option<String>,
+    /// Last event or reconcile: drives the silence reconcile.
+    last_activity: Instant,
+    /// A success is being confirmed from history: everything else for this prompt is ignored.
+    finishing: bool,
+    reconciling: bool,
+}
+
+/// All routes of one connection.
+#[derive(Debug)]
+pub(crate) struct Router {
+    routes: HashMap<String, Route>,
+    /// The prompt of ours currently executing on the server (for frames without a prompt id).
+    running: Option<String>,
+    /// clientId of the current (or last) socket.
+    socket_client_id: String,
+}
+
+/// Registration refused: the id is already in flight on this connection.
+#[derive(Debug)]
+pub(crate) struct AlreadyInFlight;
+
+impl Router {
+    pub(crate) fn new(socket_client_id: String) -> Self {
+        Self { routes: HashMap::new(), running: None, socket_client_id }
+    }
+
+    pub(crate) fn socket_client_id(&self) -> &str {
+        &self.socket_client_id
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Registers a prompt before it is queued (or when attaching, with `client_id: None, acked: true`).
+    pub(crate) fn register(
+        &mut self,
+        prompt_id: &str,
+        client_id: Option<String>,
+        acked: bool,
+    ) -> Result<PromptEvents, AlreadyInFlight> {
+        if self.routes.contains_key(prompt_id) {
+            return Err(AlreadyInFlight);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.routes.insert(
+            prompt_id.to_owned(),
+            Route {
+                tx,
+                acked,
+                client_id,
+                gap: false,
+                seen_outputs: HashSet::new(),
+                last_executing: None,
+                last_activity: Instant::now(),
+                finishing: false,
+                reconciling: false,
+            },
+        );
+        Ok(PromptEvents { prompt_id: prompt_id.to_owned(), rx })
+    }
+
+    /// POST /prompt answered. Returns true when the prompt must be reconciled now (the socket changed
+    /// while the POST was in flight, so its events may have gone to a dead socket).
+    pub(crate) fn ack(&mut self, prompt_id: &str) -> bool {
+        match self.routes.get_mut(prompt_id) {
+            Some(r) => {
+                r.acked = true;
+                r.gap || r.client_id.as_deref() != Some(self.socket_client_id.as_str())
+            }
+            None => false,
+        }
+    }
+
+    /// Submission failed: forget the prompt.
+    pub(crate) fn unregister(&mut self, prompt_id: &str) {
+        self.routes.remove(prompt_id);
+        if self.running.as_deref() == Some(prompt_id) {
+            self.running = None;
+        }
+    }
+
+    /// A new socket was opened with this clientId: prompts submitted from now on use it.
+    pub(crate) fn set_socket_client_id(&mut self, client_id: &str) {
+        self.socket_client_id = client_id.to_owned();
+    }
+
+    /// The new socket is registered by ComfyUI (greeted). Every prompt in flight may have missed events;
+    /// returns the acknowledged ones, which must be reconciled now.
+    pub(crate) fn on_new_socket(&mut self) -> Vec<String> {
+        let mut due = Vec::new();
+        for (id, r) in &mut self.routes {
+            r.gap = true;
+            if r.acked && !r.finishing {
+                due.push(id.clone());
+            }
+        }
+        due
+    }
+
+    /// Prompts to reconcile now: silent for `silence`, or (for orphans, whose events cannot reach this
+    /// socket) not checked for `orphan_poll`. Marks them as reconciling.
+    pub(crate) fn due(&mut self, now: Instant, silence: Duration, orphan_poll: Duration) -> Vec<String> {
+        let socket = self.socket_client_id.as_str();
+        let mut due = Vec::new();
+        for (id, r) in &mut self.routes {
+            if !r.acked || r.finishing || r.reconciling {
+                continue;
+            }
+            let orphan = r.client_id.as_deref() != Some(socket);
+            let quiet = now.saturating_duration_since(r.last_activity);
+            if quiet >= silence || (orphan && quiet >= orphan_poll) {
+                r.reconciling = true;
+                due.push(id.clone());
+            }
+        }
+        due
+    }
+
+    /// Marks prompts as being reconciled; returns those that were not already (and still exist).
+    pub(crate) fn begin_reconcile(&mut self, ids: Vec<String>) -> Vec<String> {
+        ids.into_iter()
+            .filter(|id| match self.routes.get_mut(id) {
+                Some(r) if r.acked && !r.finishing && !r.reconciling => {
+                    r.reconciling = true;
+                    true
+                }
+                _ => false,
+            })
+            .collect()
+    }
+
+    /// End of a reconcile round for a prompt found alive (or whose check failed).
+    pub(crate) fn end_reconcile(&mut self, prompt_id: &str, alive_running: bool) {
+        if let Some(r) = self.routes.get_mut(prompt_id) {
+            r.reconciling = false;
+            r.last_activity = Instant::now();
+            if alive_running && self.running.is_none() && !r.finishing {
+                self.running = Some(prompt_id.to_owned());
+            }
+        }
+    }
+
+    /// Applies a history entry: unseen outputs as `Executed`, then the terminal event. Returns false when
+    /// the entry is not final (the prompt stays in flight).
+    pub(crate) fn apply_history(&mut self, entry: HistoryEntry) -> bool {
+        let id = entry.prompt_id.as_str();
+        let Some(route) = self.routes.get_mut(id) else { return true };
+        let terminal = match entry.status {
+            HistoryStatus::Incomplete => return false,
+            HistoryStatus::Success => {
+                for (node, output) in entry.outputs {
+                    if route.seen_outputs.insert(node.clone()) {
+                        let _ = route.tx.send(PromptEvent::Executed { node, display_node: None, output });
+                    }
+                }
+                PromptEvent::Succeeded
+            }
+            HistoryStatus::Failed(e) => PromptEvent::Failed(e),
+            HistoryStatus::Interrupted { node_id, node_type } => {
+                PromptEvent::Interrupted { node_id, node_type }
+            }
+        };
+        let id = id.to_owned();
+        self.finish(&id, terminal);
+        true
+    }
+
+    /// Delivers a terminal event (if the prompt is still in flight) and removes the route.
+    pub(crate) fn finish(&mut self, prompt_id: &str, terminal: PromptEvent) {
+        debug_assert!(terminal.is_terminal());
+        if let Some(route) = self.routes.remove(prompt_id) {
+            let _ = route.tx.send(terminal);
+        }
+        if self.running.as_deref() == Some(prompt_id) {
+            self.running = None;
+        }
+    }
+
+    /// Drops every route: subscribers see the end of their stream (connection shut down).
+    pub(crate) fn close_all(&mut self) {
+        self.routes.clear();
+        self.running = None;
+    }
+
+    fn resolve(&self, prompt_id: Option<String>) -> Option<String> {
+        prompt_id.or_else(|| self.running.clone())
+    }
+
+    /// Sends a non-terminal event to a live route.
+    fn deliver(&mut self, prompt_id: &str, event: PromptEvent) {
+        let closed = match self.routes.get_mut(prompt_id) {
+            Some(r) if !r.finishing => {
+                r.last_activity = Instant::now();
+                r.tx.send(event).is_err()
+            }
+            _ => false,
+        };
+        if closed {
+            // The subscriber went away: stop tracking the prompt.
+            tracing::debug!(prompt_id, "prompt subscriber dropped; route removed");
+            self.unregister(prompt_id);
+        }
+    }
+
+    /// Routes one server message.
+    pub(crate) fn handle(&mut self, msg: ServerMessage) -> Option<Followup> {
+        match msg {
+            ServerMessage::Status { .. } | ServerMessage::FeatureFlags(_) | ServerMessage::Logs(_) => None,
+            ServerMessage::ExecutionStart { prompt_id } => {
+                let id = self.resolve(prompt_id)?;
+                self.running = Some(id.clone());
+                self.deliver(&id, PromptEvent::ExecutionStart);
+                None
+            }
+            ServerMessage::ExecutionCached { prompt_id, nodes } => {
+                let id = self.resolve(prompt_id)?;
+                self.deliver(&id, PromptEvent::Cached { nodes });
+                None
+            }
+            ServerMessage::Executing { prompt_id, node: Some(node), display_node } => {
+                let resent = prompt_id.is_none();
+                let id = match prompt_id {
+                    Some(id) => {
+                        self.running = Some(id.clone());
+                        id
+                    }
+                    None => self.running.clone()?,
+                };
+                let route = self.routes.get_mut(&id)?;
+                // After a reconnect ComfyUI re-sends the current node without a prompt id: not news.
+                if resent && route.last_executing.as_deref() == Some(node.as_str()) {
+                    return None;
+                }
+                route.last_executing = Some(node.clone());
+                self.deliver(&id, PromptEvent::Executing { node, display_node });
+                None
+            }
+            ServerMessage::Executing { prompt_id, node: None, .. } => {
+                let id = self.resolve(prompt_id)?;
+                if self.running.as_deref() == Some(id.as_str()) {
+                    self.running = None;
+                }
+                // The terminal message precedes `executing{null}`; a route still here missed it.
+                match self.routes.get(&id) {
+                    Some(r) if r.acked && !r.finishing => Some(Followup::Reconcile(id)),
+                    _ => None,
+                }
+            }
+            ServerMessage::Progress { prompt_id, node, value, max } => {
+                let id = self.resolve(prompt_id)?;
+                self.deliver(&id, PromptEvent::Progress { node, value, max });
+                None
+            }
+            ServerMessage::ProgressState { prompt_id, data } => {
+                let id = self.resolve(prompt_id)?;
+                self.deliver(&id, PromptEvent::ProgressState { data });
+                None
+            }
+            ServerMessage::Executed { prompt_id, node, display_node, output } => {
+                let id = self.resolve(prompt_id)?;
+                let route = self.routes.get_mut(&id)?;
+                if !route.seen_outputs.insert(node.clone()) {
+                    return None;
+                }
+                self.deliver(&id, PromptEvent::Executed { node, display_node, output });
+                None
+            }
+            ServerMessage::ExecutionSuccess { prompt_id } => {
+                let id = self.resolve(prompt_id)?;
+                let route = self.routes.get_mut(&id)?;
+                if route.finishing {
+                    return None;
+                }
+                if route.gap {
+                    route.finishing = true;
+                    if self.running.as_deref() == Some(id.as_str()) {
+                        self.running = None;
+                    }
+                    return Some(Followup::ConfirmSuccess(id));
+                }
+                self.finish(&id, PromptEvent::Succeeded);
+                None
+            }
+            ServerMessage::ExecutionError { prompt_id, error } => {
+                let id = self.resolve(prompt_id)?;
+                self.finish(&id, PromptEvent::Failed(error));
+                None
+            }
+            ServerMessage::ExecutionInterrupted { prompt_id, node_id, node_type } => {
+                let id = self.resolve(prompt_id)?;
+                self.finish(&id, PromptEvent::Interrupted { node_id, node_type });
+                None
+            }
+            ServerMessage::Other { kind, prompt_id, data } => {
+                let id = prompt_id?;
+                self.deliver(&id, PromptEvent::Other { kind, data });
+                None
+            }
+            ServerMessage::Preview { mime, data } => {
+                let id = self.running.clone()?;
+                let node = self.routes.get(&id)?.last_executing.clone();
+                self.deliver(&id, PromptEvent::Preview { node, mime, data });
+                None
+            }
+            ServerMessage::PreviewWithMetadata { prompt_id, node, mime, data } => {
+                let id = self.resolve(prompt_id)?;
+                self.deliver(&id, PromptEvent::Preview { node, mime, data });
+                None
+            }
+            ServerMessage::Text { node, text } => {
+                let id = self.running.clone()?;
+                self.deliver(&id, PromptEvent::Text { node, text });
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comfy::types::ExecutionError;
+    use bytes::Bytes;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    fn msg(s: &str) -> ServerMessage {
+        ServerMessage::parse_text(s).unwrap()
+    }
+
+    fn drain(ev: &mut PromptEvents) -> Vec<PromptEvent> {
+        let mut out = Vec::new();
+        while let Ok(e) = ev.rx.try_recv() {
+            out.push(e);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn routes_by_prompt_id_and_running_prompt() {
+        let mut r = Router::new("c1".into());
+        let mut a = r.register("a", Some("c1".into()), false).unwrap();
+        let mut b = r.register("b", Some("c1".into()), true).unwrap();
+        assert!(r.register("a", None, true).is_err());
+        // Events can arrive before the HTTP answer: they are routed all the same.
+        r.handle(msg(r#"{"type": "execution_start", "data": {"prompt_id": "a", "timestamp": 1}}"#));
+        assert!(!r.ack("a"));
+        r.handle(msg(
+            r#"{"type": "executing", "data": {"node": "2", "display_node": "2", "prompt_id": "a"}}"#,
+        ));
+        // Legacy preview and text frames carry no prompt id: they go to the running prompt.
+        r.handle(ServerMessage::Preview { mime: "image/png".into(), data: Bytes::from_static(b"x") });
+        r.handle(ServerMessage::Text { node: "2".into(), text: "hi".into() });
+        // Reconnect re-send of the current node: deduplicated. A new node without prompt id: routed.
+        r.handle(msg(r#"{"type": "executing", "data": {"node": "2"}}"#));
+        r.handle(msg(r#"{"type": "executing", "data": {"node": "3"}}"#));
+        let out = r#"{"type": "executed", "data": {"node": "3", "display_node": "3", "output": {"images": []}, "prompt_id": "a"}}"#;
+        r.handle(msg(out));
+        r.handle(msg(out));
+        r.handle(msg(r#"{"type": "execution_success", "data": {"prompt_id": "a", "timestamp": 2}}"#));
+        // A second terminal for the same prompt is ignored.
+        r.handle(msg(r#"{"type": "execution_error", "data": {"prompt_id": "a", "node_id": "1"}}"#));
+        assert_eq!(r.handle(msg(r#"{"type": "executing", "data": {"node": null, "prompt_id": "a"}}"#)), None);
+        let events = drain(&mut a);
+        let kinds: Vec<_> = events
+            .iter()
+            .map(|e| format!("{e:?}").split([' ', '(', '{']).next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            kinds,
+            ["ExecutionStart", "Executing", "Preview", "Text", "Executing", "Executed", "Succeeded"]
+        );
+        assert!(matches!(&events[2], PromptEvent::Preview { node: Some(n), .. } if n == "2"));
+        assert!(a.recv().await.is_none(), "stream ends after the terminal event");
+        assert!(drain(&mut b).is_empty());
+        assert_eq!(r.in_flight(), 1);
+    }
+
+    #[test]
+    fn missed_terminal_triggers_reconcile_and_gap_success_is_confirmed() {
+        let mut r = Router::new("c1".into());
+        let mut a = r.register("a", Some("c1".into()), true).unwrap();
+        assert_eq!(
+            r.handle(msg(r#"{"type": "executing", "data": {"node": null, "prompt_id": "a"}}"#)),
+            Some(Followup::Reconcile("a".into()))
+        );
+        r.set_socket_client_id("c1");
+        assert_eq!(r.on_new_socket(), vec!["a".to_owned()]);
+        assert_eq!(
+            r.handle(msg(r#"{"type": "execution_success", "data": {"prompt_id": "a"}}"#)),
+            Some(Followup::ConfirmSuccess("a".into()))
+        );
+        // While confirming, nothing else is delivered.
+        r.handle(msg(
+            r#"{"type": "progress", "data": {"value": 0, "max": 1, "prompt_id": "a", "node": "2"}}"#,
+        ));
+        assert!(drain(&mut a).is_empty());
+        let mut outputs = BTreeMap::new();
+        outputs.insert(
+            "9".to_owned(),
+            json!({"images": [{"filename": "f.png", "subfolder": "", "type": "output"}]}),
+        );
+        assert!(r.apply_history(HistoryEntry {
+            prompt_id: "a".into(),
+            status: HistoryStatus::Success,
+            completed: true,
+            outputs,
+            messages: vec![]
+        }));
+        let ev = drain(&mut a);
+        assert!(matches!(&ev[0], PromptEvent::Executed { node, .. } if node == "9"));
+        assert_eq!(ev[1], PromptEvent::Succeeded);
+        assert_eq!(ev.len(), 2);
+    }
+
+    #[test]
+    fn due_for_reconcile_respects_silence_orphans_and_ack() {
+        tokio_test_block(|| {
+            let mut r = Router::new("c1".into());
+            let _a = r.register("a", Some("c1".into()), true).unwrap();
+            let _b = r.register("b", None, true).unwrap(); // attached: orphan
+            let _c = r.register("c", Some("c1".into()), false).unwrap(); // not acked yet
+            let now = Instant::now() + Duration::from_secs(2);
+            let mut due = r.due(now, Duration::from_secs(30), Duration::from_secs(1));
+            due.sort();
+            assert_eq!(due, ["b"]);
+            assert!(
+                r.due(now, Duration::from_secs(30), Duration::from_secs(1)).is_empty(),
+                "already reconciling"
+            );
+            r.end_reconcile("b", true);
+            let later = Instant::now() + Duration::from_secs(31);
+            let mut due = r.due(later, Duration::from_secs(30), Duration::from_secs(1));
+            due.sort();
+            assert_eq!(due, ["a", "b"]);
+            r.finish("a", PromptEvent::Failed(ExecutionError::from_data(&json!({}))));
+            assert_eq!(r.begin_reconcile(vec!["a".into(), "c".into()]), Vec::<String>::new());
+        });
+    }
+
+    fn tokio_test_block(f: impl FnOnce()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        rt.block_on(async { f() });
+    }
+}

@@ -1,0 +1,377 @@
+//! Conversions between `pb::` messages and domain types. Requests are destructured with every field named,
+//! so a field added to the proto fails the build here until it is handled.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use prost_types::{Duration as PbDuration, Timestamp};
+
+use crate::{
+    catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource},
+    jobs::{
+        Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, ListRequest, OutputFile,
+        OutputView, SubmitRequest, Violation,
+    },
+    proto::pb,
+};
+
+/// A timestamp from ms since the epoch.
+pub(crate) fn ts(ms: i64) -> Timestamp {
+    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+fn ts_opt(ms: Option<i64>) -> Option<Timestamp> {
+    ms.map(ts)
+}
+
+fn dur_ms(ms: Option<u64>) -> Option<PbDuration> {
+    ms.map(|ms| PbDuration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 })
+}
+
+/// Parses a job id field.
+pub(crate) fn job_id(field: &str, s: &str) -> Result<JobId, Violation> {
+    s.parse().map_err(|_| Violation::new(field, "must be a job id (a UUID)"))
+}
+
+/// Guesses a MIME type from the bytes' signature.
+fn sniff(data: &[u8]) -> &'static str {
+    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
+        "image/png"
+    } else if data.starts_with(&[0xff, 0xd8, 0xff]) {
+        "image/jpeg"
+    } else if data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WEBP" {
+        "image/webp"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+fn image_input(field: &str, img: pb::InputImage, violations: &mut Vec<Violation>) -> Option<ImageInput> {
+    let pb::InputImage { data, filename, content_type } = img;
+    if data.is_empty() {
+        violations.push(Violation::new(format!("{field}.data"), "must not be empty"));
+        return None;
+    }
+    let sniffed = sniff(&data);
+    if sniffed == "application/octet-stream" {
+        violations.push(Violation::new(format!("{field}.data"), "is not a PNG, JPEG or WebP image"));
+        return None;
+    }
+    let content_type = if content_type.is_empty() { sniffed.to_string() } else { content_type };
+    if !content_type.starts_with("image/") {
+        violations.push(Violation::new(format!("{field}.content_type"), "must be an image/* type"));
+    }
+    let filename = if filename.is_empty() {
+        let ext = match sniffed {
+            "image/jpeg" => "jpg",
+            "image/webp" => "webp",
+            _ => "png",
+        };
+        format!("input.{ext}")
+    } else {
+        filename
+    };
+    if filename.contains('/') || filename.contains('\\') || filename.contains("..") || filename.len() > 200 {
+        violations.push(Violation::new(format!("{field}.filename"), "must be a plain file name (no path)"));
+    }
+    Some(ImageInput { data, filename, content_type })
+}
+
+/// Decodes `SubmitJobRequest`.
+pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest, Vec<Violation>> {
+    let pb::SubmitJobRequest { source, image, prompt, parameters, request_id, priority, labels, deadline } =
+        req;
+    let mut violations = Vec::new();
+    let source = match source {
+        Some(pb::submit_job_request::Source::Workflow(name)) => Some(WorkflowSource::Named(name)),
+        Some(pb::submit_job_request::Source::GraphJson(graph)) => Some(WorkflowSource::Inline(graph)),
+        None => {
+            violations.push(Violation::new("workflow", "set either workflow (a catalog name) or graph_json"));
+            None
+        }
+    };
+    let image = image.and_then(|img| image_input("image", img, &mut violations));
+    let mut params = BTreeMap::new();
+    for (name, value) in parameters {
+        let field = format!("parameters[{name}]");
+        let pb::ParameterValue { kind } = value;
+        let v = match kind {
+            Some(pb::parameter_value::Kind::StringValue(s)) => ParamValue::String(s),
+            Some(pb::parameter_value::Kind::IntValue(i)) => ParamValue::Int(i),
+            Some(pb::parameter_value::Kind::FloatValue(f)) => ParamValue::Float(f),
+            Some(pb::parameter_value::Kind::BoolValue(b)) => ParamValue::Bool(b),
+            Some(pb::parameter_value::Kind::ImageValue(img)) => {
+                match image_input(&field, img, &mut violations) {
+                    Some(i) => ParamValue::Image(i),
+                    None => continue,
+                }
+            }
+            None => {
+                violations.push(Violation::new(field, "has no value"));
+                continue;
+            }
+        };
+        params.insert(name, v);
+    }
+    let deadline_ms = deadline.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+    let Some(source) = source else { return Err(violations) };
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    Ok(SubmitRequest {
+        source,
+        inputs: JobInputs { image, prompt: (!prompt.is_empty()).then_some(prompt), parameters: params },
+        request_id: (!request_id.is_empty()).then_some(request_id),
+        priority,
+        labels: labels.into_iter().collect(),
+        deadline_ms,
+    })
+}
+
+/// Decodes `ListJobsRequest`.
+pub(crate) fn list_request(req: pb::ListJobsRequest) -> Result<ListRequest, Vec<Violation>> {
+    let pb::ListJobsRequest { page_size, page_token, states, workflow, labels } = req;
+    let mut violations = Vec::new();
+    if page_size < 0 {
+        violations.push(Violation::new("page_size", "must not be negative"));
+    }
+    let mut parsed = Vec::new();
+    for s in states {
+        match pb::JobState::try_from(s).ok().and_then(state_from_pb) {
+            Some(s) => parsed.push(s),
+            None => violations.push(Violation::new("states", format!("{s} is not a job state"))),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(violations);
+    }
+    Ok(ListRequest {
+        page_size: page_size.max(0) as u32,
+        page_token,
+        states: parsed,
+        workflow: (!workflow.is_empty()).then_some(workflow),
+        labels: labels.into_iter().collect(),
+    })
+}
+
+fn state_from_pb(s: pb::JobState) -> Option<JobState> {
+    Some(match s {
+        pb::JobState::Unspecified => return None,
+        pb::JobState::Queued => JobState::Queued,
+        pb::JobState::Provisioning => JobState::Provisioning,
+        pb::JobState::Running => JobState::Running,
+        pb::JobState::Succeeded => JobState::Succeeded,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Cancelled => JobState::Cancelled,
+    })
+}
+
+fn state_to_pb(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Provisioning => pb::JobState::Provisioning,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+fn reason_to_pb(r: FailureReason) -> pb::FailureReason {
+    match r {
+        FailureReason::Validation => pb::FailureReason::Validation,
+        FailureReason::Execution => pb::FailureReason::Execution,
+        FailureReason::Lost => pb::FailureReason::Lost,
+        FailureReason::BackendUnavailable => pb::FailureReason::BackendUnavailable,
+        FailureReason::QueueTimeout => pb::FailureReason::QueueTimeout,
+        FailureReason::UploadTimeout => pb::FailureReason::UploadTimeout,
+        FailureReason::ExecutionTimeout => pb::FailureReason::ExecutionTimeout,
+        FailureReason::DownloadTimeout => pb::FailureReason::DownloadTimeout,
+        FailureReason::DeadlineExceeded => pb::FailureReason::DeadlineExceeded,
+        FailureReason::OutputInvalid => pb::FailureReason::OutputInvalid,
+        FailureReason::Provisioning => pb::FailureReason::Provisioning,
+        FailureReason::MachineLost => pb::FailureReason::MachineLost,
+        FailureReason::Internal => pb::FailureReason::Internal,
+        FailureReason::Interrupted => pb::FailureReason::Interrupted,
+    }
+}
+
+fn error_to_pb(e: &JobFailure) -> pb::JobError {
+    pb::JobError {
+        reason: reason_to_pb(e.reason) as i32,
+        message: e.message.clone(),
+        node_errors: e
+            .node_errors
+            .iter()
+            .map(|n| pb::NodeError {
+                node_id: n.node_id.clone(),
+                class_type: n.class_type.clone(),
+                error_type: n.error_type.clone(),
+                message: n.message.clone(),
+                details: n.details.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// An output, with its inline bytes if given.
+pub(crate) fn output_to_pb(o: &OutputFile, inline: Option<Bytes>) -> pb::Output {
+    pb::Output {
+        node_id: o.node_id.clone(),
+        filename: o.filename.clone(),
+        mime_type: o.mime_type.clone(),
+        size_bytes: o.size,
+        sha256: o.sha256.clone(),
+        width: o.width,
+        height: o.height,
+        inline_data: inline.unwrap_or_default(),
+        kind: o.kind.clone(),
+    }
+}
+
+/// An output view (metadata plus inline bytes).
+pub(crate) fn output_view_to_pb(v: OutputView) -> pb::Output {
+    output_to_pb(&v.output, v.inline)
+}
+
+/// A job; `outputs` are given separately so the caller decides about inline bytes.
+pub(crate) fn job_to_pb(job: &Job, outputs: Vec<pb::Output>) -> pb::Job {
+    pb::Job {
+        id: job.id.to_string(),
+        state: state_to_pb(job.state) as i32,
+        workflow: job.workflow.clone(),
+        workflow_version: job.workflow_version.clone(),
+        inputs: job.inputs.clone().into_iter().collect(),
+        labels: job.labels.clone().into_iter().collect(),
+        priority: job.priority,
+        request_id: job.request_id.clone().unwrap_or_default(),
+        create_time: Some(ts(job.created_ms)),
+        provision_time: ts_opt(job.provision_ms),
+        start_time: ts_opt(job.started_ms),
+        end_time: ts_opt(job.ended_ms),
+        timings: Some(pb::JobTimings {
+            queue_wait: dur_ms(job.timings.queue_wait_ms),
+            provisioning: dur_ms(job.timings.provisioning_ms),
+            upload: dur_ms(job.timings.upload_ms),
+            execution: dur_ms(job.timings.execution_ms),
+            download: dur_ms(job.timings.download_ms),
+        }),
+        machine_id: job.machine_id.clone().unwrap_or_default(),
+        comfy_prompt_id: job.comfy_prompt_id.clone().unwrap_or_default(),
+        outputs,
+        error: job.error.as_ref().map(error_to_pb),
+        last_sequence: job.last_sequence,
+        machine_seconds: job.machine_seconds,
+        cost: (job.cost_usd > 0.0).then(|| pb::Cost { amount: job.cost_usd, currency: "USD".into() }),
+        queue_position: job.queue_position,
+        attempt: job.attempt,
+        deadline: ts_opt(job.deadline_ms),
+    }
+}
+
+fn phase_to_pb(phase: &str) -> pb::ProvisioningPhase {
+    match phase {
+        "launch_requested" => pb::ProvisioningPhase::LaunchRequested,
+        "starting" => pb::ProvisioningPhase::Starting,
+        "ready" => pb::ProvisioningPhase::Ready,
+        "comfyui_reachable" => pb::ProvisioningPhase::ComfyuiReachable,
+        "waiting_for_machine" => pb::ProvisioningPhase::WaitingForMachine,
+        _ => pb::ProvisioningPhase::Unspecified,
+    }
+}
+
+/// An event; `outputs` carries the pb form of outputs the event holds (with inline bytes if any).
+pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEvent {
+    use pb::job_event::Kind;
+    let kind = match &e.kind {
+        EventKind::Queued { position } => Kind::Queued(pb::Queued { position: *position }),
+        EventKind::Provisioning { phase, machine_id, server_type, elapsed_ms } => {
+            Kind::Provisioning(pb::MachineProvisioning {
+                phase: phase_to_pb(phase) as i32,
+                machine_id: machine_id.clone(),
+                server_type: server_type.clone(),
+                elapsed: dur_ms(Some(*elapsed_ms)),
+            })
+        }
+        EventKind::Started { machine_id, prompt_id } => {
+            Kind::Started(pb::Started { machine_id: machine_id.clone(), comfy_prompt_id: prompt_id.clone() })
+        }
+        EventKind::NodeStarted { node_id, display_node_id, class_type } => {
+            Kind::NodeStarted(pb::NodeStarted {
+                node_id: node_id.clone(),
+                display_node_id: display_node_id.clone(),
+                class_type: class_type.clone(),
+            })
+        }
+        EventKind::NodesCached { node_ids } => {
+            Kind::NodesCached(pb::NodesCached { node_ids: node_ids.clone() })
+        }
+        EventKind::Progress { node_id, value, max } => {
+            Kind::Progress(pb::Progress { node_id: node_id.clone(), value: *value, max: *max })
+        }
+        EventKind::Preview { mime_type, node_id, data } => Kind::Preview(pb::Preview {
+            image: data.clone(),
+            mime_type: mime_type.clone(),
+            node_id: node_id.clone(),
+        }),
+        EventKind::OutputReady { output } => Kind::OutputReady(pb::OutputReady {
+            output: Some(if outputs.is_empty() { output_to_pb(output, None) } else { outputs.remove(0) }),
+        }),
+        EventKind::NodeExecuted { node_id, output_json } => Kind::NodeExecuted(pb::NodeExecuted {
+            node_id: node_id.clone(),
+            output_json: output_json.clone(),
+        }),
+        EventKind::ProgressText { node_id, text } => {
+            Kind::ProgressText(pb::ProgressText { node_id: node_id.clone(), text: text.clone() })
+        }
+        EventKind::Retrying { attempt, reason } => {
+            Kind::Retrying(pb::Retrying { attempt: *attempt, reason: reason.clone() })
+        }
+        EventKind::Comfy { kind, data_json } => {
+            Kind::ComfyMessage(pb::ComfyMessage { r#type: kind.clone(), data_json: data_json.clone() })
+        }
+        EventKind::Succeeded { outputs: outs } => Kind::Succeeded(pb::Succeeded {
+            outputs: if outputs.len() == outs.len() {
+                outputs
+            } else {
+                outs.iter().map(|o| output_to_pb(o, None)).collect()
+            },
+        }),
+        EventKind::Failed { error } => Kind::Failed(pb::Failed { error: Some(error_to_pb(error)) }),
+        EventKind::Cancelled { reason } => Kind::Cancelled(pb::Cancelled { reason: reason.clone() }),
+    };
+    pb::JobEvent {
+        job_id: e.job_id.to_string(),
+        sequence: e.seq,
+        time: Some(ts(e.time_ms)),
+        kind: Some(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_handle_negative_and_sub_second_values() {
+        assert_eq!(ts(1_500), Timestamp { seconds: 1, nanos: 500_000_000 });
+        assert_eq!(ts(-1), Timestamp { seconds: -1, nanos: 999_000_000 });
+    }
+
+    #[test]
+    fn submit_without_a_source_names_the_field() {
+        let err = submit_request(pb::SubmitJobRequest::default()).unwrap_err();
+        assert_eq!(err[0].field, "workflow");
+    }
+
+    #[test]
+    fn images_must_be_images() {
+        let req = pb::SubmitJobRequest {
+            source: Some(pb::submit_job_request::Source::Workflow("invert".into())),
+            image: Some(pb::InputImage { data: Bytes::from_static(b"not an image"), ..Default::default() }),
+            ..Default::default()
+        };
+        let err = submit_request(req).unwrap_err();
+        assert_eq!(err[0].field, "image.data");
+    }
+}

@@ -1,0 +1,169 @@
+//! One subscriber's view of a job's events: the log from a sequence, then the live feed, with no gap and no
+//! duplicate at the switch.
+//!
+//! The subscriber attaches to the live broadcast *before* it reads the log (the other order loses events
+//! that commit in between: pitfall "snapshot, then subscribe"). Events are de-duplicated by sequence. A
+//! subscriber that falls behind the live buffer catches up from the log, where progress and previews
+//! superseded by later ones may be coalesced; lifecycle and terminal events are never dropped.
+
+use std::{collections::VecDeque, sync::Arc};
+
+use tokio::sync::broadcast;
+
+use super::{Event, EventKind, JobError, JobId, JobManager};
+
+/// Events read from the log at a time.
+const PAGE: u32 = 500;
+
+/// A subscriber's stream of one job's events.
+#[derive(Debug)]
+pub struct EventStream {
+    manager: JobManager,
+    id: JobId,
+    last: u64,
+    skip_previews: bool,
+    live: Option<broadcast::Receiver<Arc<Event>>>,
+    backlog: VecDeque<Arc<Event>>,
+    /// Whether the log has been read up to the live feed.
+    caught_up: bool,
+    /// Whether the next catch-up may coalesce (after lagging).
+    coalesce: bool,
+    done: bool,
+}
+
+impl EventStream {
+    pub(super) fn new(
+        manager: JobManager,
+        id: JobId,
+        after: u64,
+        skip_previews: bool,
+        live: Option<broadcast::Receiver<Arc<Event>>>,
+    ) -> Self {
+        Self {
+            manager,
+            id,
+            last: after,
+            skip_previews,
+            live,
+            backlog: VecDeque::new(),
+            caught_up: false,
+            coalesce: false,
+            done: false,
+        }
+    }
+
+    /// The next event, or `None` after the terminal event (or when the job has no more events).
+    ///
+    /// # Errors
+    /// Storage failures while reading the log.
+    pub async fn next(&mut self) -> Option<Result<Arc<Event>, JobError>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if let Some(e) = self.backlog.pop_front() {
+                if e.seq <= self.last {
+                    continue;
+                }
+                self.last = e.seq;
+                if e.kind.is_terminal() {
+                    self.done = true;
+                }
+                if self.skip_previews && matches!(e.kind, EventKind::Preview { .. }) {
+                    continue;
+                }
+                return Some(Ok(e));
+            }
+            if !self.caught_up {
+                let page = match self.manager.events_after(self.id, self.last, PAGE).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                };
+                if page.is_empty() {
+                    self.caught_up = true;
+                    self.coalesce = false;
+                } else {
+                    let page: Vec<Arc<Event>> = page.into_iter().map(Arc::new).collect();
+                    self.backlog.extend(if self.coalesce { coalesce(page) } else { page });
+                }
+                continue;
+            }
+            let Some(rx) = self.live.as_mut() else {
+                // The job is finished and its whole log was read.
+                self.done = true;
+                return None;
+            };
+            match rx.recv().await {
+                Ok(e) if e.seq <= self.last => {}
+                Ok(e) if e.seq == self.last + 1 => self.backlog.push_back(e),
+                Ok(_) => self.caught_up = false, // a gap: the log has what we missed
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::debug!(job_id = %self.id, skipped = n, "subscriber lagged; catching up from the log");
+                    self.caught_up = false;
+                    self.coalesce = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.live = None;
+                    self.caught_up = false;
+                }
+            }
+        }
+    }
+}
+
+/// Drops progress, previews and queue positions that a later event of the same kind (and node) supersedes.
+fn coalesce(page: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
+    let key = |e: &Event| -> Option<(u8, String)> {
+        match &e.kind {
+            EventKind::Progress { node_id, .. } => Some((0, node_id.clone())),
+            EventKind::Preview { node_id, .. } => Some((1, node_id.clone())),
+            EventKind::Queued { .. } => Some((2, String::new())),
+            _ => None,
+        }
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut keep = vec![true; page.len()];
+    for (i, e) in page.iter().enumerate().rev() {
+        if let Some(k) = key(e)
+            && !seen.insert(k)
+        {
+            keep[i] = false;
+        }
+    }
+    page.into_iter().zip(keep).filter_map(|(e, k)| k.then_some(e)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(seq: u64, kind: EventKind) -> Arc<Event> {
+        Arc::new(Event { job_id: JobId::new(), seq, time_ms: 0, kind })
+    }
+
+    #[test]
+    fn coalesce_keeps_the_last_progress_per_node_and_every_lifecycle_event() {
+        let p =
+            |seq, node: &str, v| ev(seq, EventKind::Progress { node_id: node.into(), value: v, max: 10.0 });
+        let page = vec![
+            p(1, "a", 1.0),
+            p(2, "b", 1.0),
+            p(3, "a", 2.0),
+            ev(
+                4,
+                EventKind::NodeStarted {
+                    node_id: "c".into(),
+                    display_node_id: "c".into(),
+                    class_type: String::new(),
+                },
+            ),
+            p(5, "a", 3.0),
+            ev(6, EventKind::Succeeded { outputs: vec![] }),
+        ];
+        let kept: Vec<u64> = coalesce(page).iter().map(|e| e.seq).collect();
+        assert_eq!(kept, vec![2, 4, 5, 6]);
+    }
+}

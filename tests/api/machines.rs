@@ -1,0 +1,59 @@
+//! MachineService over the configured ComfyUI servers.
+
+use comfyrelay::proto::pb;
+use tonic::Code;
+
+use crate::helpers::{collect_events, png, spawn_app, submit_request, terminal};
+
+#[tokio::test]
+async fn lists_gets_and_drains_the_configured_servers() {
+    let mut app = spawn_app().await;
+    // The first job proves the machine is connected and counts toward jobs_completed.
+    let job = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
+    assert_eq!(terminal(&collect_events(&app.channel, &job.id, 0).await), "succeeded");
+
+    let list = app.machines.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(list.machines.len(), 1);
+    let m = &list.machines[0];
+    assert_eq!(m.id, "local");
+    assert_eq!(m.kind(), pb::MachineKind::Static);
+    assert_eq!(m.state(), pb::MachineState::Ready);
+    assert_eq!(m.comfy_url.trim_end_matches('/'), app.comfy.url().trim_end_matches('/'));
+    assert_eq!(m.jobs_completed, 1);
+    assert_eq!(m.last_workflow, "invert");
+
+    let got = app
+        .machines
+        .get_machine(pb::GetMachineRequest { machine_id: "local".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.id, "local");
+    let err =
+        app.machines.get_machine(pb::GetMachineRequest { machine_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err =
+        app.machines.get_machine(pb::GetMachineRequest { machine_id: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Drained: new jobs wait in the queue instead of going to it.
+    let drained = app
+        .machines
+        .drain_machine(pb::DrainMachineRequest { machine_id: "local".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.draining);
+    assert_eq!(drained.state(), pb::MachineState::Draining);
+    let waiting = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
+    let again =
+        app.jobs.get_job(pb::GetJobRequest { job_id: waiting.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(again.state(), pb::JobState::Queued);
+    let cancelled = app
+        .jobs
+        .cancel_job(pb::CancelJobRequest { job_id: waiting.id, reason: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), pb::JobState::Cancelled);
+}
