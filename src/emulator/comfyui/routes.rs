@@ -126,12 +126,13 @@ async fn method_not_allowed() -> Response {
 /// Scripted 500s, then ComfyUI's loopback Origin check (403 with an empty body).
 async fn guard(State(shared): Shr, req: Request, next: Next) -> Response {
     if shared.faults.take_http_failure(req.uri().path()) {
+        tracing::debug!(path = %req.uri().path(), "fault: scripted 500");
         return internal_error();
     }
-    if origin_mismatch(req.headers()) {
-        return empty(StatusCode::FORBIDDEN);
-    }
-    next.run(req).await
+    let mut resp =
+        if origin_mismatch(req.headers()) { empty(StatusCode::FORBIDDEN) } else { next.run(req).await };
+    resp.headers_mut().insert(header::SERVER, HeaderValue::from_static("Python/3.11 aiohttp/3.14.5"));
+    resp
 }
 
 fn origin_mismatch(headers: &HeaderMap) -> bool {
@@ -455,12 +456,14 @@ async fn models_folder(AxPath(folder): AxPath<String>) -> Response {
     if MODEL_FOLDERS.contains(&folder.as_str()) { json_ok(&json!([])) } else { empty(StatusCode::NOT_FOUND) }
 }
 
-async fn internal_logs() -> Response {
-    json_ok(&json!(""))
+async fn internal_logs(State(shared): Shr) -> Response {
+    let text: String = shared.lock().log_entries.iter().map(|e| pyjson::py_str(&e["m"])).collect();
+    json_ok(&json!(text))
 }
 
-async fn internal_logs_raw() -> Response {
-    json_ok(&json!({"entries": [], "size": {"cols": 80, "rows": 24}}))
+async fn internal_logs_raw(State(shared): Shr) -> Response {
+    let entries: Vec<Value> = shared.lock().log_entries.iter().cloned().collect();
+    json_ok(&json!({"entries": entries, "size": {"cols": 80, "rows": 24}}))
 }
 
 async fn logs_subscribe(State(shared): Shr, body: Bytes) -> Response {

@@ -164,6 +164,8 @@ async fn http_error_shapes() {
     assert_eq!(resp.status(), 403);
     let resp = c.get(format!("{}/api/internal/logs", emu.url())).send().await.expect("get");
     assert_eq!(resp.status(), 404);
+    let resp = c.get(format!("{}/queue", emu.url())).send().await.expect("get");
+    assert_eq!(resp.headers()["server"], "Python/3.11 aiohttp/3.14.5");
     let info = get_json(&emu, "/api/object_info").await;
     assert_eq!(info.as_object().expect("object").len(), 10);
     assert_eq!(get_json(&emu, "/features").await["max_upload_size"], 104857600);
