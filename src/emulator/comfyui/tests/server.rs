@@ -84,7 +84,7 @@ async fn back_to_back_trivial_prompts_finish_in_milliseconds() {
     took.sort();
     let median = took[took.len() / 2];
     // The real server's median is 2.5 ms; debug builds on a shared 2-core machine get some slack.
-    assert!(median < std::time::Duration::from_millis(30), "median {median:?}");
+    assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
     assert_eq!(emu.history_ids().await.len(), 200);
 }
 
