@@ -107,6 +107,7 @@ pub(crate) fn internal_error() -> Response {
     let mut resp = Response::new(Body::from(INTERNAL_ERROR));
     *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
