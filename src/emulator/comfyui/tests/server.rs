@@ -306,3 +306,64 @@ async fn raw_websocket_handshake_and_first_frame_match_the_capture() {
     assert_eq!(resp.status(), 403);
     assert_eq!(resp.bytes().await.expect("body").len(), 0);
 }
+
+#[tokio::test]
+async fn validation_edge_shapes() {
+    let emu = start().await;
+    // A link that is not [node, slot].
+    let (status, body) = post_prompt(
+        &emu,
+        &json!({"prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0, 5]}}
+        }}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "prompt_outputs_failed_validation");
+    assert_eq!(
+        body["error"]["details"],
+        "Bad linked input, must be a length-2 list of [node_id, slot_index]: images"
+    );
+    assert_eq!(body["node_errors"]["2"]["errors"][0]["type"], "bad_linked_input");
+    // An output node without `inputs` raises while validating the output itself.
+    let (status, body) = post_prompt(&emu, &json!({"prompt": {"9": {"class_type": "PreviewImage"}}})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["node_errors"]["9"]["errors"][0]["type"], "exception_during_validation");
+    assert_eq!(body["node_errors"]["9"]["errors"][0]["extra_info"]["exception_type"], "KeyError");
+    // Widget values are converted in place: the queued prompt carries int() / float() / str() results.
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": "8", "height": 8.9, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": 7}}
+    });
+    let (status, body) =
+        post_prompt(&emu, &json!({"prompt": prompt, "prompt_id": "conv", "number": 5})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["number"], json!(5.0));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !emu.history_ids().await.contains(&"conv".to_string()) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let h = get_json(&emu, "/history/conv").await;
+    let queued = &h["conv"]["prompt"][2];
+    assert_eq!(queued["1"]["inputs"]["width"], json!(8));
+    assert_eq!(queued["1"]["inputs"]["height"], json!(8));
+    assert_eq!(queued["2"]["inputs"]["sigma"], json!(1.0));
+    assert_eq!(queued["3"]["inputs"]["filename_prefix"], json!("7"));
+    assert_eq!(h["conv"]["outputs"]["3"]["images"][0]["filename"], "7_00001_.png");
+    // `front` negates the server counter; rejected prompts advanced it too.
+    let (_, body) =
+        post_prompt(&emu, &json!({"prompt": {"1": {"class_type": "PreviewImage", "inputs": {}}}})).await;
+    assert!(body.get("error").is_some());
+    let (_, body) = post_prompt(
+        &emu,
+        &json!({"front": true, "prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+        }}),
+    )
+    .await;
+    assert_eq!(body["number"], json!(-3));
+}
