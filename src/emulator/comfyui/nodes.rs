@@ -679,7 +679,10 @@ fn next_counter(folder: &Path, filename: &str) -> u64 {
     if let Ok(rd) = std::fs::read_dir(folder) {
         for entry in rd.filter_map(Result::ok) {
             let Ok(name) = entry.file_name().into_string() else { continue };
-            if name.len() <= prefix_len || !name.is_char_boundary(prefix_len + 1) {
+            if name.len() <= prefix_len
+                || !name.is_char_boundary(prefix_len)
+                || !name.is_char_boundary(prefix_len + 1)
+            {
                 continue;
             }
             let (head, rest) = name.split_at(prefix_len + 1);
@@ -703,6 +706,17 @@ mod tests {
         let img =
             ImageBatch { width: 1, height: 1, frames: vec![Arc::new(vec![1.0f32 - 200.0f32 / 255.0f32; 3])] };
         assert_eq!(img.to_rgb8(0).as_raw(), &vec![54, 54, 54]);
+    }
+
+    #[test]
+    fn save_counter_skips_other_prefixes_and_multibyte_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["a_00003_.png", "a_00001_.png", "ab_00009_.png", "é_00004_.png", "aé_00002_.png"] {
+            std::fs::write(dir.path().join(f), b"x").expect("write");
+        }
+        assert_eq!(next_counter(dir.path(), "a"), 4);
+        assert_eq!(next_counter(dir.path(), "é"), 5);
+        assert_eq!(next_counter(dir.path(), "new"), 1);
     }
 
     #[test]
