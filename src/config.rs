@@ -241,6 +241,9 @@ pub struct RunComfyConfig {
     pub requests_per_second: u32,
     /// Extra requests allowed in a burst.
     pub burst: u32,
+    /// Longest time one RunComfy API request may take.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
 }
 
 impl Default for RunComfyConfig {
@@ -252,6 +255,7 @@ impl Default for RunComfyConfig {
             api_token: Secret::default(),
             requests_per_second: 1,
             burst: 1,
+            request_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -333,6 +337,9 @@ impl Config {
             }
             if self.runcomfy.requests_per_second == 0 {
                 return bad("runcomfy.requests_per_second", "must be at least 1");
+            }
+            if self.runcomfy.request_timeout.is_zero() {
+                return bad("runcomfy.request_timeout", "must be positive");
             }
         }
         Ok(())

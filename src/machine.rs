@@ -70,6 +70,7 @@ struct Status {
 }
 
 impl Machine {
+    #[expect(clippy::too_many_arguments, reason = "a private constructor of plain fields")]
     fn new(
         id: &str,
         kind: MachineKind,
@@ -120,7 +121,6 @@ impl Machine {
     ///
     /// # Errors
     /// An invalid URL.
-    #[expect(clippy::too_many_arguments, reason = "a constructor of plain fields")]
     pub fn connect_runcomfy(
         id: &str,
         url: &str,

@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use comfyrelay::{
     Config,
-    emulator::comfyui::{ComfyEmulator, EmulatorConfig},
+    emulator::{
+        comfyui::{ComfyEmulator, EmulatorConfig},
+        runcomfy::RunComfyEmulatorConfig,
+    },
     shutdown, telemetry,
 };
 use tokio_util::sync::CancellationToken;
@@ -53,6 +56,18 @@ enum EmulateTarget {
         /// Address to bind.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+    },
+    /// An emulated RunComfy Server API whose machines are emulated ComfyUI servers.
+    Runcomfy {
+        /// Port to listen on.
+        #[arg(long, default_value_t = 8190)]
+        port: u16,
+        /// Address to bind.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Seconds from launch to Ready.
+        #[arg(long, default_value_t = 5)]
+        boot_seconds: u64,
     },
 }
 
@@ -115,6 +130,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 shutdown,
             )
             .await
+        }
+        Command::Emulate { target: EmulateTarget::Runcomfy { port, host, boot_seconds } } => {
+            let config = RunComfyEmulatorConfig {
+                boot_time: std::time::Duration::from_secs(boot_seconds),
+                ..RunComfyEmulatorConfig::default()
+            };
+            comfyrelay::emulator::runcomfy::run_standalone((host, port).into(), config, shutdown).await
         }
         Command::Version => Ok(()),
     }

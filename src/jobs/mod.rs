@@ -490,18 +490,31 @@ impl JobManager {
         live: &LiveJob,
         kind: EventKind,
         mutate: impl FnOnce(&mut Job),
-    ) -> Result<Arc<Event>, JobError> {
+    ) -> Result<(), JobError> {
         let mut job = live.job.lock().await;
+        self.append_locked(live, &mut job, kind, mutate).await
+    }
+
+    /// `append` with the job's lock held. Nothing is ever appended after a terminal event.
+    async fn append_locked(
+        &self,
+        live: &LiveJob,
+        job: &mut Job,
+        kind: EventKind,
+        mutate: impl FnOnce(&mut Job),
+    ) -> Result<(), JobError> {
+        if job.state.is_terminal() {
+            return Ok(());
+        }
         let mut next = job.clone();
         mutate(&mut next);
         next.last_sequence += 1;
         let event = Event { job_id: next.id, seq: next.last_sequence, time_ms: now_ms(), kind };
         self.inner.store.commit(&job_row(&next)?, &[event_row(&event)?]).await?;
         *job = next;
-        let event = Arc::new(event);
         // No receivers is fine: nobody is watching.
-        let _ = live.tx.send(event.clone());
-        Ok(event)
+        let _ = live.tx.send(Arc::new(event));
+        Ok(())
     }
 
     /// Persists the record without an event.
@@ -526,22 +539,21 @@ impl JobManager {
             EventKind::Failed { error } => Some(error.clone()),
             _ => None,
         };
-        let id = {
-            let job = live.job.lock().await;
-            if job.state.is_terminal() {
-                return Ok(());
-            }
-            job.id
-        };
-        self.append(live, kind, |job| {
+        // The check and the terminal append happen under one lock: two finishers cannot both succeed.
+        let mut job = live.job.lock().await;
+        if job.state.is_terminal() {
+            return Ok(());
+        }
+        let id = job.id;
+        self.append_locked(live, &mut job, kind, |job| {
             mutate(job);
             job.state = state;
             job.error = failure;
             job.queue_position = 0;
-            let now = now_ms();
-            job.ended_ms = Some(now);
+            job.ended_ms = Some(now_ms());
         })
         .await?;
+        drop(job);
         tracing::info!(job_id = %id, state = state.as_str(), "job finished");
         // Retire after the terminal event is durable: a subscriber that finds no live entry reads it from the log.
         if let Ok(mut map) = self.inner.live.lock() {

@@ -5,29 +5,7 @@ use std::time::Duration;
 use comfyrelay::proto::pb;
 use pb::job_event::Kind;
 
-use crate::helpers::{collect_events, png, spawn_app, submit_request, terminal};
-
-/// Reads a job's stream until an event matches `pred` (bounded).
-async fn wait_for(app: &crate::helpers::TestApp, job_id: &str, pred: impl Fn(&pb::JobEvent) -> bool) {
-    let mut client = app.jobs.clone();
-    let mut stream = client
-        .stream_job(pb::StreamJobRequest { job_id: job_id.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let found = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            if pred(&e) {
-                return true;
-            }
-        }
-        false
-    };
-    assert!(
-        tokio::time::timeout(Duration::from_secs(30), found).await.expect("event within 30 s"),
-        "stream ended first"
-    );
-}
+use crate::helpers::{collect_events, png, spawn_app, submit_request, terminal, wait_for_event};
 
 #[tokio::test]
 async fn cancelling_a_queued_job_is_immediate() {
@@ -60,7 +38,7 @@ async fn cancelling_a_running_job_interrupts_only_its_prompt() {
     let mut app = spawn_app().await;
     app.comfy.faults().set_node_delay(Duration::from_millis(300));
     let a = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
-    wait_for(&app, &a.id, |e| matches!(e.kind, Some(Kind::NodeStarted(_)))).await;
+    wait_for_event(&app.channel, &a.id, |e| matches!(e.kind, Some(Kind::NodeStarted(_)))).await;
     let b = app.jobs.submit_job(submit_request("invert", png(5, 5))).await.unwrap().into_inner();
     app.jobs.cancel_job(pb::CancelJobRequest { job_id: a.id.clone(), reason: String::new() }).await.unwrap();
     let events = collect_events(&app.channel, &a.id, 0).await;

@@ -154,3 +154,39 @@ impl Drop for TestApp {
         self.shutdown.cancel();
     }
 }
+
+/// Asserts `status` is INVALID_ARGUMENT whose BadRequest names every one of `fields`; returns all fields named.
+pub(crate) fn assert_violations(status: &tonic::Status, fields: &[&str]) -> Vec<String> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let named: Vec<String> = status
+        .get_details_bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    for f in fields {
+        assert!(named.iter().any(|x| x == f), "{f} missing from {named:?}");
+    }
+    named
+}
+
+/// Follows a job's stream until an event matches `pred` (bounded); panics if the stream ends first.
+pub(crate) async fn wait_for_event(channel: &Channel, job_id: &str, pred: impl Fn(&pb::JobEvent) -> bool) {
+    let mut client = pb::job_service_client::JobServiceClient::new(channel.clone());
+    let mut stream = client
+        .stream_job(pb::StreamJobRequest { job_id: job_id.into(), ..Default::default() })
+        .await
+        .expect("stream_job")
+        .into_inner();
+    let found = async {
+        while let Some(e) = stream.message().await.expect("stream item") {
+            if pred(&e) {
+                return;
+            }
+        }
+        panic!("the stream of {job_id} ended before the awaited event");
+    };
+    tokio::time::timeout(Duration::from_secs(30), found).await.expect("event within 30 s");
+}

@@ -3,9 +3,10 @@
 use comfyrelay::proto::pb;
 use pb::job_event::Kind;
 use tonic::Code;
-use tonic_types::StatusExt;
 
-use crate::helpers::{assert_gap_free, collect_events, png, spawn_app, submit_request, terminal};
+use crate::helpers::{
+    assert_gap_free, assert_violations, collect_events, png, spawn_app, submit_request, terminal,
+};
 
 #[tokio::test]
 async fn invert_job_succeeds_with_the_inverted_pixels() {
@@ -116,17 +117,7 @@ async fn bad_requests_are_invalid_argument_with_every_field_named() {
     req.priority = 1000;
     req.labels.insert("bad key!".into(), "v".into());
     let err = app.jobs.submit_job(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    for f in ["workflow", "priority", "labels[bad key!]"] {
-        assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
-    }
+    assert_violations(&err, &["workflow", "priority", "labels[bad key!]"]);
 
     let err = app.jobs.submit_job(pb::SubmitJobRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);

@@ -8,7 +8,7 @@ use pb::job_event::Kind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::transport::Channel;
 
-use crate::helpers::{collect_events, png, spawn_comfy, submit_request, terminal};
+use crate::helpers::{collect_events, png, spawn_comfy, submit_request, terminal, wait_for_event};
 
 struct Relay {
     child: tokio::process::Child,
@@ -77,21 +77,7 @@ impl Relay {
 }
 
 async fn wait_started(channel: &Channel, job_id: &str) {
-    let mut client = pb::job_service_client::JobServiceClient::new(channel.clone());
-    let mut stream = client
-        .stream_job(pb::StreamJobRequest { job_id: job_id.into(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    let wait = async {
-        while let Some(e) = stream.message().await.unwrap() {
-            if matches!(e.kind, Some(Kind::NodeStarted(_))) {
-                return;
-            }
-        }
-        panic!("job ended before starting a node");
-    };
-    tokio::time::timeout(Duration::from_secs(30), wait).await.expect("job starts");
+    wait_for_event(channel, job_id, |e| matches!(e.kind, Some(Kind::NodeStarted(_)))).await;
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use pb::job_event::Kind;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-use crate::helpers::{collect_events, png, spawn_app, submit_request, terminal};
+use crate::helpers::{assert_violations, collect_events, png, spawn_app, submit_request, terminal};
 
 fn int(v: i64) -> pb::ParameterValue {
     pb::ParameterValue { kind: Some(pb::parameter_value::Kind::IntValue(v)) }
@@ -64,17 +64,10 @@ async fn every_problem_of_a_request_is_reported_at_once() {
     req.parameters.insert("upscale_method".into(), text("magic"));
     req.parameters.insert("bogus".into(), int(1));
     let err = app.jobs.submit_job(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    let fields: Vec<String> = err
-        .get_details_bad_request()
-        .expect("BadRequest")
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    for f in ["parameters[width]", "parameters[height]", "parameters[upscale_method]", "parameters[bogus]"] {
-        assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
-    }
+    assert_violations(
+        &err,
+        &["parameters[width]", "parameters[height]", "parameters[upscale_method]", "parameters[bogus]"],
+    );
 
     // A missing required image.
     let mut req = submit_request("invert", png(4, 4));
