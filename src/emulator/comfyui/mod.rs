@@ -178,6 +178,7 @@ impl ComfyEmulator {
             st.temp_suffixes.clear();
             st.log_subscribers.clear();
             st.log_size_sent = false;
+            st.log_entries.clear();
         }
         shared.interrupt.store(false, Ordering::SeqCst);
         tracing::debug!(addr = %self.inner.addr, "emulated ComfyUI restarted");

@@ -393,8 +393,26 @@ fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
     })
 }
 
+/// Frames above this many pixels fail like torch's allocator would on a small machine, instead of
+/// exhausting the test host (the real server happily allocates 16384x16384).
+const MAX_FRAME_PIXELS: usize = 4096 * 4096;
+
+fn check_frame_size(w: usize, h: usize, b: usize) -> Result<(), NodeFailure> {
+    if w.saturating_mul(h) > MAX_FRAME_PIXELS {
+        let bytes = w.saturating_mul(h).saturating_mul(3).saturating_mul(4).saturating_mul(b.max(1));
+        return Err(NodeFailure::error(
+            "RuntimeError",
+            format!(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to allocate {bytes} bytes."
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn empty_image(w: i64, h: i64, b: i64, color: i64) -> Result<NodeOutput, NodeFailure> {
     let (w, h, b) = (w.max(0) as usize, h.max(0) as usize, b.max(0) as usize);
+    check_frame_size(w, h, b)?;
     let channel = |shift: i64| (((color >> shift) & 0xFF) as f64 / 255.0) as f32;
     let px = [channel(16), channel(8), channel(0)];
     let mut frame = Vec::with_capacity(w * h * 3);
@@ -518,6 +536,7 @@ fn scale(
         height = ((oh * width as f64 / ow).round_ties_even() as i64).max(1);
     }
     let (tw, th) = (width.max(1) as usize, height.max(1) as usize);
+    check_frame_size(tw, th, img.frames.len())?;
     // Center crop to the target aspect first.
     let (mut x0, mut y0, mut cw, mut ch) = (0usize, 0usize, img.width, img.height);
     if crop == "center" {
@@ -660,7 +679,10 @@ fn next_counter(folder: &Path, filename: &str) -> u64 {
     if let Ok(rd) = std::fs::read_dir(folder) {
         for entry in rd.filter_map(Result::ok) {
             let Ok(name) = entry.file_name().into_string() else { continue };
-            if name.len() <= prefix_len || !name.is_char_boundary(prefix_len + 1) {
+            if name.len() <= prefix_len
+                || !name.is_char_boundary(prefix_len)
+                || !name.is_char_boundary(prefix_len + 1)
+            {
                 continue;
             }
             let (head, rest) = name.split_at(prefix_len + 1);
@@ -684,6 +706,17 @@ mod tests {
         let img =
             ImageBatch { width: 1, height: 1, frames: vec![Arc::new(vec![1.0f32 - 200.0f32 / 255.0f32; 3])] };
         assert_eq!(img.to_rgb8(0).as_raw(), &vec![54, 54, 54]);
+    }
+
+    #[test]
+    fn save_counter_skips_other_prefixes_and_multibyte_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["a_00003_.png", "a_00001_.png", "ab_00009_.png", "é_00004_.png", "aé_00002_.png"] {
+            std::fs::write(dir.path().join(f), b"x").expect("write");
+        }
+        assert_eq!(next_counter(dir.path(), "a"), 4);
+        assert_eq!(next_counter(dir.path(), "é"), 5);
+        assert_eq!(next_counter(dir.path(), "new"), 1);
     }
 
     #[test]
@@ -779,6 +812,14 @@ mod pixel_tests {
         assert_eq!((out.width, out.height), (10, 10));
         // The center crop drops 10 columns on each side: the leftmost output averages columns 10..12.
         assert!((out.frames[0][0] - 10.5 / 40.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn oversized_frames_fail_like_an_allocation_error() {
+        match empty_image(16384, 16384, 1, 0) {
+            Err(NodeFailure::Error { exception_type, .. }) => assert_eq!(exception_type, "RuntimeError"),
+            other => panic!("expected an allocation error, got {other:?}"),
+        }
     }
 
     #[test]

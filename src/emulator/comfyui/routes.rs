@@ -107,6 +107,7 @@ pub(crate) fn internal_error() -> Response {
     let mut resp = Response::new(Body::from(INTERNAL_ERROR));
     *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
 }
 
@@ -126,31 +127,34 @@ async fn method_not_allowed() -> Response {
 /// Scripted 500s, then ComfyUI's loopback Origin check (403 with an empty body).
 async fn guard(State(shared): Shr, req: Request, next: Next) -> Response {
     if shared.faults.take_http_failure(req.uri().path()) {
+        tracing::debug!(path = %req.uri().path(), "fault: scripted 500");
         return internal_error();
     }
-    if origin_mismatch(req.headers()) {
-        return empty(StatusCode::FORBIDDEN);
-    }
-    next.run(req).await
+    let mut resp =
+        if origin_mismatch(req.headers()) { empty(StatusCode::FORBIDDEN) } else { next.run(req).await };
+    resp.headers_mut().insert(header::SERVER, HeaderValue::from_static("Python/3.11 aiohttp/3.14.5"));
+    resp
 }
 
+/// `create_origin_only_middleware`: when Host names a loopback address, Host must equal Origin's netloc
+/// (both as written, lowercased).
 fn origin_mismatch(headers: &HeaderMap) -> bool {
     let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else { return false };
     let Some(origin) = headers.get(header::ORIGIN).and_then(|h| h.to_str().ok()) else { return false };
-    let host_name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host).trim_matches(['[', ']']);
+    let host = host.to_ascii_lowercase();
+    let origin = origin.to_ascii_lowercase();
+    let origin_netloc = origin
+        .split_once("//")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""))
+        .unwrap_or("");
+    let hostname = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(&host)
+    };
     let loopback =
-        host_name == "localhost" || host_name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if !loopback {
-        return false;
-    }
-    let origin_host = url::Url::parse(origin).ok().and_then(|u| {
-        u.host_str().map(|h| match u.port_or_known_default() {
-            Some(p) => format!("{h}:{p}"),
-            None => h.to_string(),
-        })
-    });
-    let host_with_port = if host.contains(':') { host.to_string() } else { format!("{host}:80") };
-    origin_host.is_none_or(|o| o != host_with_port)
+        hostname == "localhost" || hostname.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    loopback && !host.is_empty() && !origin_netloc.is_empty() && host != origin_netloc
 }
 
 async fn index() -> Response {
@@ -455,12 +459,14 @@ async fn models_folder(AxPath(folder): AxPath<String>) -> Response {
     if MODEL_FOLDERS.contains(&folder.as_str()) { json_ok(&json!([])) } else { empty(StatusCode::NOT_FOUND) }
 }
 
-async fn internal_logs() -> Response {
-    json_ok(&json!(""))
+async fn internal_logs(State(shared): Shr) -> Response {
+    let text: String = shared.lock().log_entries.iter().map(|e| pyjson::py_str(&e["m"])).collect();
+    json_ok(&json!(text))
 }
 
-async fn internal_logs_raw() -> Response {
-    json_ok(&json!({"entries": [], "size": {"cols": 80, "rows": 24}}))
+async fn internal_logs_raw(State(shared): Shr) -> Response {
+    let entries: Vec<Value> = shared.lock().log_entries.iter().cloned().collect();
+    json_ok(&json!({"entries": entries, "size": {"cols": 80, "rows": 24}}))
 }
 
 async fn logs_subscribe(State(shared): Shr, body: Bytes) -> Response {
@@ -755,4 +761,26 @@ fn bytes_response(
     }
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     resp.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(host: &str, origin: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_str(host).expect("host"));
+        h.insert(header::ORIGIN, HeaderValue::from_str(origin).expect("origin"));
+        h
+    }
+
+    #[test]
+    fn origin_check_compares_host_and_origin_netloc_as_written() {
+        assert!(!origin_mismatch(&headers("127.0.0.1:8188", "http://127.0.0.1:8188")));
+        assert!(origin_mismatch(&headers("127.0.0.1:8188", "http://evil.example")));
+        assert!(origin_mismatch(&headers("localhost", "http://localhost:80")));
+        assert!(!origin_mismatch(&headers("example.com:8188", "http://evil.example")));
+        assert!(!origin_mismatch(&headers("127.0.0.1:8188", "null")));
+        assert!(origin_mismatch(&headers("[::1]:8188", "http://[::1]:9999")));
+    }
 }

@@ -17,6 +17,9 @@ use std::sync::{Mutex, MutexGuard};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+/// Entries kept for `/internal/logs` (ComfyUI's `logger` ring buffer).
+const MAX_LOG_ENTRIES: usize = 300;
+
 /// The most history entries ComfyUI keeps.
 const MAX_HISTORY: usize = 10_000;
 
@@ -175,6 +178,8 @@ pub(crate) struct State {
     pub(crate) temp_suffixes: HashMap<String, String>,
     pub(crate) log_subscribers: Vec<String>,
     pub(crate) log_size_sent: bool,
+    /// The terminal log (`/internal/logs`), newest last, bounded like ComfyUI's 300-entry ring.
+    pub(crate) log_entries: std::collections::VecDeque<Value>,
     pub(crate) next_conn_id: u64,
 }
 
@@ -253,13 +258,18 @@ impl State {
 
     /// Sends a `logs` message to every subscribed client.
     pub(crate) fn log(&mut self, faults: &Faults, message: &str) {
+        let t = httpdate_iso(std::time::SystemTime::now());
+        let entry = json!({"t": t, "m": format!("{message}\n")});
+        if self.log_entries.len() >= MAX_LOG_ENTRIES {
+            self.log_entries.pop_front();
+        }
+        self.log_entries.push_back(entry.clone());
         if self.log_subscribers.is_empty() {
             return;
         }
         let size = if self.log_size_sent { Value::Null } else { json!({"cols": 80, "rows": 24}) };
         self.log_size_sent = true;
-        let t = httpdate_iso(std::time::SystemTime::now());
-        let data = json!({"entries": [{"t": t, "m": format!("{message}\n")}], "size": size});
+        let data = json!({"entries": [entry], "size": size});
         for sid in self.log_subscribers.clone() {
             self.send_json(faults, "logs", data.clone(), Some(&sid));
         }

@@ -138,14 +138,16 @@ async fn vanished_prompt_leaves_no_trace_and_the_next_one_runs() {
 #[tokio::test]
 async fn history_delay_slows_history_only() {
     let emu = start().await;
-    emu.faults().set_history_delay(Duration::from_millis(300));
+    let delay = Duration::from_millis(800);
+    emu.faults().set_history_delay(delay);
     let t = Instant::now();
     get_json(&emu, "/queue").await;
     let queue_took = t.elapsed();
     let t = Instant::now();
     get_json(&emu, "/history").await;
-    assert!(t.elapsed() >= Duration::from_millis(300));
-    assert!(queue_took < Duration::from_millis(300));
+    get_json(&emu, "/history/any").await;
+    assert!(t.elapsed() >= 2 * delay);
+    assert!(queue_took < delay);
 }
 
 #[tokio::test]

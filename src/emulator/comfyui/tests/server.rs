@@ -84,7 +84,7 @@ async fn back_to_back_trivial_prompts_finish_in_milliseconds() {
     took.sort();
     let median = took[took.len() / 2];
     // The real server's median is 2.5 ms; debug builds on a shared 2-core machine get some slack.
-    assert!(median < std::time::Duration::from_millis(30), "median {median:?}");
+    assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
     assert_eq!(emu.history_ids().await.len(), 200);
 }
 
@@ -164,6 +164,8 @@ async fn http_error_shapes() {
     assert_eq!(resp.status(), 403);
     let resp = c.get(format!("{}/api/internal/logs", emu.url())).send().await.expect("get");
     assert_eq!(resp.status(), 404);
+    let resp = c.get(format!("{}/queue", emu.url())).send().await.expect("get");
+    assert_eq!(resp.headers()["server"], "Python/3.11 aiohttp/3.14.5");
     let info = get_json(&emu, "/api/object_info").await;
     assert_eq!(info.as_object().expect("object").len(), 10);
     assert_eq!(get_json(&emu, "/features").await["max_upload_size"], 104857600);
@@ -303,4 +305,65 @@ async fn raw_websocket_handshake_and_first_frame_match_the_capture() {
         .expect("get");
     assert_eq!(resp.status(), 403);
     assert_eq!(resp.bytes().await.expect("body").len(), 0);
+}
+
+#[tokio::test]
+async fn validation_edge_shapes() {
+    let emu = start().await;
+    // A link that is not [node, slot].
+    let (status, body) = post_prompt(
+        &emu,
+        &json!({"prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0, 5]}}
+        }}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["type"], "prompt_outputs_failed_validation");
+    assert_eq!(
+        body["error"]["details"],
+        "Bad linked input, must be a length-2 list of [node_id, slot_index]: images"
+    );
+    assert_eq!(body["node_errors"]["2"]["errors"][0]["type"], "bad_linked_input");
+    // An output node without `inputs` raises while validating the output itself.
+    let (status, body) = post_prompt(&emu, &json!({"prompt": {"9": {"class_type": "PreviewImage"}}})).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["node_errors"]["9"]["errors"][0]["type"], "exception_during_validation");
+    assert_eq!(body["node_errors"]["9"]["errors"][0]["extra_info"]["exception_type"], "KeyError");
+    // Widget values are converted in place: the queued prompt carries int() / float() / str() results.
+    let prompt = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": "8", "height": 8.9, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageBlur", "inputs": {"image": ["1", 0], "blur_radius": 1, "sigma": 1}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": 7}}
+    });
+    let (status, body) =
+        post_prompt(&emu, &json!({"prompt": prompt, "prompt_id": "conv", "number": 5})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["number"], json!(5.0));
+    let deadline = std::time::Instant::now() + WAIT;
+    while !emu.history_ids().await.contains(&"conv".to_string()) {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let h = get_json(&emu, "/history/conv").await;
+    let queued = &h["conv"]["prompt"][2];
+    assert_eq!(queued["1"]["inputs"]["width"], json!(8));
+    assert_eq!(queued["1"]["inputs"]["height"], json!(8));
+    assert_eq!(queued["2"]["inputs"]["sigma"], json!(1.0));
+    assert_eq!(queued["3"]["inputs"]["filename_prefix"], json!("7"));
+    assert_eq!(h["conv"]["outputs"]["3"]["images"][0]["filename"], "7_00001_.png");
+    // `front` negates the server counter; rejected prompts advanced it too.
+    let (_, body) =
+        post_prompt(&emu, &json!({"prompt": {"1": {"class_type": "PreviewImage", "inputs": {}}}})).await;
+    assert!(body.get("error").is_some());
+    let (_, body) = post_prompt(
+        &emu,
+        &json!({"front": true, "prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
+        }}),
+    )
+    .await;
+    assert_eq!(body["number"], json!(-3));
 }
