@@ -20,6 +20,10 @@ use crate::machine::{Machine, MachineSpec, PoolEvent};
 /// a job gets fresh position events once it is within this many of the head.
 const POSITION_WINDOW: u32 = 32;
 
+/// Queue positions are published at most this often: with millisecond jobs the queue moves on every
+/// dispatch, and re-publishing each move would cost more writes than the jobs themselves.
+const POSITION_INTERVAL: Duration = Duration::from_millis(200);
+
 /// At most this many queued jobs are examined per dispatch round (bounds the cost of a long queue of jobs
 /// whose spec has no machine yet).
 const DISPATCH_SCAN: usize = 1024;
@@ -62,6 +66,7 @@ pub(super) struct Scheduler {
     queue: BTreeSet<Key>,
     keys: HashMap<JobId, (Key, Option<MachineSpec>)>,
     published: HashMap<JobId, u32>,
+    last_published: Option<tokio::time::Instant>,
     last_demand: BTreeMap<MachineSpec, usize>,
 }
 
@@ -82,13 +87,14 @@ impl Scheduler {
             queue: BTreeSet::new(),
             keys: HashMap::new(),
             published: HashMap::new(),
+            last_published: None,
             last_demand: BTreeMap::new(),
         }
     }
 
     pub(super) async fn run(mut self) {
         let shutdown = self.manager.inner.shutdown.clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut tick = tokio::time::interval(POSITION_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -175,6 +181,11 @@ impl Scheduler {
 
     /// Publishes the position of every job within the window whose position changed.
     async fn publish_positions(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.last_published.is_some_and(|t| now - t < POSITION_INTERVAL) {
+            return;
+        }
+        self.last_published = Some(now);
         let mut changes = Vec::new();
         for (i, key) in self.queue.iter().take(POSITION_WINDOW as usize).enumerate() {
             let position = i as u32 + 1;
