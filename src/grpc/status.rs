@@ -37,11 +37,6 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
     Status::with_error_details(code, message.into(), details)
 }
 
-/// `UNIMPLEMENTED` for an RPC whose capability is not built yet.
-pub fn unimplemented(rpc: &str) -> Status {
-    with_reason(Code::Unimplemented, "NOT_IMPLEMENTED", format!("{rpc} is not implemented yet"))
-}
-
 /// An internal failure: logs the full cause chain and returns a generic message.
 pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
     let mut chain = error.to_string();
