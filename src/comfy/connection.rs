@@ -560,16 +560,40 @@ fn spawn_reconcile_marked(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, ids: Ve
 /// the second), and re-checks both before declaring a prompt lost. Failures of the reads leave the
 /// prompts in flight (they are retried by the next round).
 async fn reconcile(shared: &Arc<Shared>, ids: Vec<String>) {
+    let missing = check_round(shared, &ids).await;
+    if missing.is_empty() {
+        return;
+    }
+    // Re-check: never conclude "gone" from one pair of reads.
+    sleep(shared.client.options().backoff_min).await;
+    for id in check_round(shared, &missing).await {
+        tracing::warn!(prompt_id = %id, "prompt is neither queued nor in history: lost");
+        shared.router().finish(
+            &id,
+            PromptEvent::Lost {
+                reason: "ComfyUI no longer knows the prompt (not queued, no history entry): the server \
+                         restarted or the prompt died without reporting an error"
+                    .to_owned(),
+            },
+        );
+    }
+}
+
+/// One round of reads: `/queue`, then `/history` for each prompt not queued. Prompts found are settled
+/// (still in flight, or finished from their history entry); returns those found in neither. A failed read
+/// leaves its prompts in flight for the next round.
+async fn check_round(shared: &Arc<Shared>, ids: &[String]) -> Vec<String> {
     let client = &shared.client;
-    let mut missing = Vec::new();
     let queue = match client.queue().await {
         Ok(q) => q,
         Err(e) => {
             tracing::debug!(error = %e, "reconcile: /queue failed; will retry");
-            return end_all(shared, &ids);
+            end_all(shared, ids);
+            return Vec::new();
         }
     };
-    for id in &ids {
+    let mut missing = Vec::new();
+    for id in ids {
         if queue.contains(id) {
             shared.router().end_reconcile(id, queue.running.contains(id));
             continue;
@@ -587,41 +611,7 @@ async fn reconcile(shared: &Arc<Shared>, ids: Vec<String>) {
             }
         }
     }
-    if missing.is_empty() {
-        return;
-    }
-    // Re-check: never conclude "gone" from one pair of reads.
-    sleep(client.options().backoff_min).await;
-    let queue = match client.queue().await {
-        Ok(q) => q,
-        Err(_) => return end_all(shared, &missing),
-    };
-    for id in &missing {
-        if queue.contains(id) {
-            shared.router().end_reconcile(id, queue.running.contains(id));
-            continue;
-        }
-        match client.history(id).await {
-            Ok(Some(entry)) => {
-                if !shared.router().apply_history(entry) {
-                    shared.router().end_reconcile(id, false);
-                }
-            }
-            Ok(None) => {
-                tracing::warn!(prompt_id = %id, "prompt is neither queued nor in history: lost");
-                shared.router().finish(
-                    id,
-                    PromptEvent::Lost {
-                        reason:
-                            "ComfyUI no longer knows the prompt (not queued, no history entry): the server \
-                                 restarted or the prompt died without reporting an error"
-                                .to_owned(),
-                    },
-                );
-            }
-            Err(_) => shared.router().end_reconcile(id, false),
-        }
-    }
+    missing
 }
 
 fn end_all(shared: &Arc<Shared>, ids: &[String]) {
