@@ -36,7 +36,7 @@ async fn cancelling_a_queued_job_is_immediate() {
 #[tokio::test]
 async fn cancelling_a_running_job_interrupts_only_its_prompt() {
     let mut app = spawn_app().await;
-    app.comfy.faults().set_node_delay(Duration::from_millis(300));
+    app.comfy.faults().set_node_delay(Duration::from_millis(500));
     let a = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
     wait_for_event(&app.channel, &a.id, |e| matches!(e.kind, Some(Kind::NodeStarted(_)))).await;
     let b = app.jobs.submit_job(submit_request("invert", png(5, 5))).await.unwrap().into_inner();

@@ -90,7 +90,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn queued_jobs_see_their_position_move_up() {
     let app = spawn_app().await;
-    app.comfy.faults().set_node_delay(Duration::from_millis(100));
+    app.comfy.faults().set_node_delay(Duration::from_millis(200));
     let mut client = app.jobs.clone();
     let mut ids = Vec::new();
     for i in 0..5 {
@@ -106,9 +106,9 @@ async fn queued_jobs_see_their_position_move_up() {
             _ => None,
         })
         .collect();
+    // Positions are published at most every 200 ms, so not every step is seen, but it only moves up.
     assert!(positions.len() >= 2, "the position changed while it waited: {positions:?}");
-    assert!(positions.windows(2).skip(1).all(|w| w[1] < w[0]), "{positions:?}");
-    assert_eq!(*positions.last().unwrap(), 1, "{positions:?}");
+    assert!(positions.windows(2).all(|w| w[1] < w[0]), "{positions:?}");
 }
 
 #[tokio::test]
