@@ -115,6 +115,8 @@ struct Inner {
     machines: std::sync::RwLock<Vec<Arc<Machine>>>,
     /// The RunComfy pool, when enabled: it hears the demand per spec.
     provisioner: Option<Arc<dyn Provisioner>>,
+    /// When fetching a backend's `/object_info` last failed (to not delay every submit while it is down).
+    object_info_failed: StdMutex<Option<std::time::Instant>>,
     /// Jobs not yet terminal. A std mutex: held only for map operations, never across `.await`.
     live: StdMutex<HashMap<JobId, Arc<LiveJob>>>,
     sched: mpsc::UnboundedSender<SchedMsg>,
@@ -155,6 +157,7 @@ impl JobManager {
             catalog,
             machines: std::sync::RwLock::new(machines),
             provisioner,
+            object_info_failed: StdMutex::new(None),
             live: StdMutex::new(HashMap::new()),
             sched: sched_tx,
             tracker: TaskTracker::new(),
@@ -204,7 +207,8 @@ impl JobManager {
         let mut violations = validate_envelope(&req);
         let request_hash = request_hash(&req);
         let SubmitRequest { source, inputs, request_id, priority, labels, deadline_ms } = req;
-        let prepared = match self.inner.catalog.prepare(source, inputs, None) {
+        let object_info = self.backend_object_info().await;
+        let prepared = match self.inner.catalog.prepare(source, inputs, object_info.as_deref()) {
             Ok(p) => Some(p),
             Err(v) => {
                 violations.extend(v.into_iter().map(|v| Violation::new(v.field, v.description)));
@@ -292,6 +296,37 @@ impl JobManager {
             spec: self.spec_of(&job),
         });
         Ok(job)
+    }
+
+    /// The node catalogue (`/object_info`) of the first static server, so a graph is checked against what
+    /// the backend can run before anything is paid for. Cached by the client; `None` when the server does
+    /// not answer within 2 s (then not asked again for 30 s, and validation relies on the manifest and
+    /// ComfyUI's own checks).
+    async fn backend_object_info(&self) -> Option<Arc<serde_json::Value>> {
+        let machine = self.machines().into_iter().find(|m| m.spec.is_none())?;
+        let recently_failed = self
+            .inner
+            .object_info_failed
+            .lock()
+            .ok()
+            .and_then(|t| *t)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+        if recently_failed {
+            return None;
+        }
+        let result = tokio::time::timeout(Duration::from_secs(2), machine.client.object_info()).await;
+        match result {
+            Ok(Ok(info)) => Some(info),
+            other => {
+                if let Ok(Err(e)) = other {
+                    tracing::debug!(machine = %machine.id, error = %e, "no /object_info to validate against");
+                }
+                if let Ok(mut t) = self.inner.object_info_failed.lock() {
+                    *t = Some(std::time::Instant::now());
+                }
+                None
+            }
+        }
     }
 
     fn queued_count(&self) -> usize {

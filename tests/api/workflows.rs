@@ -146,3 +146,22 @@ async fn websocket_outputs_progress_and_are_stored() {
         assert_eq!(img.width(), 32);
     }
 }
+
+#[tokio::test]
+async fn graphs_are_checked_against_the_backends_nodes_before_anything_runs() {
+    let mut app = spawn_app().await;
+    let graph = r#"{
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "NoSuchNode", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}
+    }"#;
+    let req = pb::SubmitJobRequest {
+        source: Some(pb::submit_job_request::Source::GraphJson(graph.into())),
+        ..Default::default()
+    };
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    let fields = assert_violations(&err, &["graph_json"]);
+    assert!(err.message().contains("NoSuchNode"), "{err:?} {fields:?}");
+    let list = app.jobs.list_jobs(pb::ListJobsRequest::default()).await.unwrap().into_inner();
+    assert!(list.jobs.is_empty(), "rejected before it was stored");
+}
