@@ -138,6 +138,10 @@ pub struct ComfyUiConfig {
     /// A socket with no frame for this long is probed; one that fails the probe is reconnected.
     #[serde(with = "humantime_serde")]
     pub idle_probe: Duration,
+    /// A prompt silent this long is checked against `/queue` and `/history` (a prompt that vanished
+    /// without an error is found this way even when the socket is healthy).
+    #[serde(with = "humantime_serde")]
+    pub silence_reconcile: Duration,
     /// Prompts queued on one server ahead of the running one (ComfyUI runs one at a time).
     pub prequeue: usize,
 }
@@ -148,6 +152,7 @@ impl Default for ComfyUiConfig {
             servers: vec![StaticServer { name: "local".into(), url: "http://127.0.0.1:8188".into() }],
             request_timeout: Duration::from_secs(30),
             idle_probe: Duration::from_secs(10),
+            silence_reconcile: Duration::from_secs(10),
             prequeue: 1,
         }
     }

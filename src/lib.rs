@@ -56,6 +56,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let options = comfy::ClientOptions {
         request_timeout: config.comfyui.request_timeout,
         idle_probe: config.comfyui.idle_probe,
+        silence_reconcile: config.comfyui.silence_reconcile,
         ..comfy::ClientOptions::default()
     };
     let instance = instance_id(&config.data_dir).await.context("reading the instance id")?;

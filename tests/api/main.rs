@@ -4,6 +4,7 @@ mod helpers;
 
 mod cancel;
 mod config_errors;
+mod faults;
 mod foundation;
 mod jobs;
 mod load;
