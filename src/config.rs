@@ -249,6 +249,125 @@ pub struct RunComfyConfig {
     /// Longest time one RunComfy API request may take.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// Pause between status polls while a machine starts.
+    #[serde(with = "humantime_serde")]
+    pub status_poll: Duration,
+    /// Server type for workflows whose requirements name none.
+    pub default_server_type: String,
+    /// The pool policy for every (workflow version, server type); `pools` overrides it per pair.
+    pub default_pool: PoolPolicy,
+    /// Per (workflow version, server type) overrides of the policy, e.g. a warm minimum for one workflow.
+    pub pools: Vec<PoolOverride>,
+    /// Machines running at once across all pools (a spending cap).
+    pub max_machines_total: usize,
+    /// Each machine is launched with this `estimated_duration` and extended while comfyrelay wants it, so
+    /// that if comfyrelay dies every machine stops itself within this time.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often each Ready machine's status and ComfyUI are checked.
+    #[serde(with = "humantime_serde")]
+    pub health_interval: Duration,
+    /// A machine whose ComfyUI has not answered for this long is unhealthy: it is stopped and replaced.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_after: Duration,
+    /// After `Ready`, how long its ComfyUI may take to answer before the machine is given up.
+    #[serde(with = "humantime_serde")]
+    pub health_timeout: Duration,
+    /// Consecutive failed launches of one pool after which jobs waiting for it fail.
+    pub max_launch_failures: u32,
+    /// Pause before launching again after a failed launch (doubling per failure, at most 5 min).
+    #[serde(with = "humantime_serde")]
+    pub launch_retry_backoff: Duration,
+    /// Delete every machine on a graceful shutdown (otherwise they stop at their lease, or are adopted by
+    /// the next start).
+    pub stop_on_shutdown: bool,
+    /// Delete servers of the account this comfyrelay did not launch (off: they are only reported).
+    pub stop_unknown_servers: bool,
+    /// Price per hour in USD by server type (RunComfy's published pay-as-you-go rates, Sep 2025; prices
+    /// drift, so set your own).
+    pub prices: std::collections::BTreeMap<String, f64>,
+}
+
+/// How one pool of machines (same workflow version and server type) grows and shrinks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolPolicy {
+    /// Machines kept running even without jobs.
+    pub min_warm: usize,
+    /// Most machines at once.
+    pub max_machines: usize,
+    /// Jobs (running and waiting) one machine should carry before another is launched.
+    pub jobs_per_machine: usize,
+    /// Idle time before a machine above the warm minimum is stopped.
+    #[serde(with = "humantime_serde")]
+    pub idle_stop: Duration,
+    /// Age (from Ready) after which a machine takes no new jobs and is stopped once idle.
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Duration,
+    /// Longest wait from launch to `Ready`.
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
+}
+
+impl Default for PoolPolicy {
+    fn default() -> Self {
+        Self {
+            min_warm: 0,
+            max_machines: 2,
+            jobs_per_machine: 4,
+            idle_stop: Duration::from_secs(300),
+            max_lifetime: Duration::from_secs(12 * 3600),
+            ready_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The policy of one (workflow version, server type) pool; unset fields take the global policy.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolOverride {
+    /// The RunComfy workflow version.
+    pub workflow_version_id: String,
+    /// The server type (empty: `default_server_type`).
+    pub server_type: String,
+    /// See [`PoolPolicy::min_warm`].
+    pub min_warm: Option<usize>,
+    /// See [`PoolPolicy::max_machines`].
+    pub max_machines: Option<usize>,
+    /// See [`PoolPolicy::jobs_per_machine`].
+    pub jobs_per_machine: Option<usize>,
+    /// See [`PoolPolicy::idle_stop`].
+    #[serde(with = "humantime_serde::option")]
+    pub idle_stop: Option<Duration>,
+    /// See [`PoolPolicy::max_lifetime`].
+    #[serde(with = "humantime_serde::option")]
+    pub max_lifetime: Option<Duration>,
+    /// See [`PoolPolicy::ready_timeout`].
+    #[serde(with = "humantime_serde::option")]
+    pub ready_timeout: Option<Duration>,
+}
+
+impl PoolOverride {
+    /// `base` with this override's fields applied.
+    pub fn apply(&self, base: &PoolPolicy) -> PoolPolicy {
+        PoolPolicy {
+            min_warm: self.min_warm.unwrap_or(base.min_warm),
+            max_machines: self.max_machines.unwrap_or(base.max_machines),
+            jobs_per_machine: self.jobs_per_machine.unwrap_or(base.jobs_per_machine),
+            idle_stop: self.idle_stop.unwrap_or(base.idle_stop),
+            max_lifetime: self.max_lifetime.unwrap_or(base.max_lifetime),
+            ready_timeout: self.ready_timeout.unwrap_or(base.ready_timeout),
+        }
+    }
+}
+
+/// RunComfy's published pay-as-you-go rates (USD/hour, Sep 2025) by `server_type`; the mapping of
+/// `2xl-turbo` to the H100 tier is a guess (the reference marks it undocumented).
+pub fn default_prices() -> std::collections::BTreeMap<String, f64> {
+    [("medium", 0.99), ("large", 1.75), ("extra-large", 2.50), ("2x-large", 4.99), ("2xl-turbo", 7.49)]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 impl Default for RunComfyConfig {
@@ -261,6 +380,20 @@ impl Default for RunComfyConfig {
             requests_per_second: 1,
             burst: 1,
             request_timeout: Duration::from_secs(30),
+            status_poll: Duration::from_secs(5),
+            default_server_type: "medium".into(),
+            default_pool: PoolPolicy::default(),
+            pools: Vec::new(),
+            max_machines_total: 8,
+            lease: Duration::from_secs(15 * 60),
+            health_interval: Duration::from_secs(15),
+            unhealthy_after: Duration::from_secs(45),
+            health_timeout: Duration::from_secs(120),
+            max_launch_failures: 3,
+            launch_retry_backoff: Duration::from_secs(10),
+            stop_on_shutdown: true,
+            stop_unknown_servers: false,
+            prices: default_prices(),
         }
     }
 }
@@ -345,6 +478,42 @@ impl Config {
             }
             if self.runcomfy.request_timeout.is_zero() {
                 return bad("runcomfy.request_timeout", "must be positive");
+            }
+            let r = &self.runcomfy;
+            if r.lease < Duration::from_secs(2) {
+                return bad("runcomfy.lease", "must be at least 2s (the API counts whole seconds)");
+            }
+            if r.status_poll.is_zero() {
+                return bad("runcomfy.status_poll", "must be positive");
+            }
+            if r.max_machines_total == 0 {
+                return bad("runcomfy.max_machines_total", "must be at least 1");
+            }
+            if r.health_interval.is_zero() || r.unhealthy_after < r.health_interval {
+                return bad("runcomfy.unhealthy_after", "must be at least runcomfy.health_interval (> 0)");
+            }
+            let mut policies = vec![("runcomfy.default_pool".to_string(), r.default_pool.clone())];
+            for (i, p) in r.pools.iter().enumerate() {
+                if p.workflow_version_id.is_empty() {
+                    return bad(&format!("runcomfy.pools[{i}].workflow_version_id"), "must not be empty");
+                }
+                policies.push((format!("runcomfy.pools[{i}]"), p.apply(&r.default_pool)));
+            }
+            for (key, p) in policies {
+                if p.max_machines == 0 || p.min_warm > p.max_machines {
+                    return bad(&format!("{key}.max_machines"), "must be at least 1 and at least min_warm");
+                }
+                if p.jobs_per_machine == 0 {
+                    return bad(&format!("{key}.jobs_per_machine"), "must be at least 1");
+                }
+                if p.ready_timeout.is_zero() {
+                    return bad(&format!("{key}.ready_timeout"), "must be positive");
+                }
+            }
+            for (server_type, price) in &r.prices {
+                if !price.is_finite() || *price < 0.0 {
+                    return bad(&format!("runcomfy.prices.{server_type}"), "must be a non-negative number");
+                }
             }
         }
         Ok(())

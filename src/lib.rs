@@ -19,6 +19,7 @@ pub mod emulator;
 pub mod grpc;
 pub mod jobs;
 pub mod machine;
+pub mod pool;
 pub mod proto;
 pub mod runcomfy;
 pub mod shutdown;
@@ -73,25 +74,63 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .with_context(|| format!("ComfyUI server {}", server.name))?;
         machines.push(machine);
     }
-    let jobs = jobs::JobManager::start(
+    // The RunComfy pool reconciles the account's machines before the job engine recovers jobs, so jobs
+    // running on an adopted machine are re-attached to it. It outlives the engine's shutdown token: its
+    // machines are stopped (or left to their leases) only after the jobs drained.
+    let pool_shutdown = CancellationToken::new();
+    let mut engine_pool = None;
+    let mut pool = None;
+    if config.runcomfy.enabled {
+        let client = runcomfy::RunComfyClient::new(runcomfy::ClientOptions::from_config(&config.runcomfy))
+            .context("RunComfy client")?;
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (p, adopted) = pool::Pool::start(
+            pool::PoolParts {
+                config: config.runcomfy.clone(),
+                client,
+                store: store.clone(),
+                comfy: options.clone(),
+                prequeue: config.comfyui.prequeue,
+                instance: instance.clone(),
+                events,
+            },
+            pool_shutdown.clone(),
+        )
+        .await;
+        machines.extend(adopted);
+        engine_pool = Some((Arc::new(p.clone()) as Arc<dyn machine::Provisioner>, events_rx));
+        pool = Some(p);
+    }
+    let started = jobs::JobManager::start(
         config.jobs.clone(),
         store,
         artifacts,
         catalog.clone(),
         machines,
-        None,
+        engine_pool,
         shutdown.child_token(),
     )
     .await
-    .context("starting the job engine")?;
+    .context("starting the job engine");
+    let jobs = match started {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            if let Some(pool) = &pool {
+                pool.close(config.grpc.shutdown_grace).await;
+            }
+            return Err(e);
+        }
+    };
 
-    let served =
-        grpc::serve(listener, &config, grpc::Services { jobs: jobs.clone(), catalog }, shutdown.clone())
-            .await;
+    let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone() };
+    let served = grpc::serve(listener, &config, services, shutdown.clone()).await;
 
     // The server has stopped taking calls; give running work the grace period to reach a resumable state.
     if !jobs.drain(config.grpc.shutdown_grace).await {
         tracing::warn!(grace = ?config.grpc.shutdown_grace, "job tasks still running after the grace period; cut");
+    }
+    if let Some(pool) = &pool {
+        pool.close(config.grpc.shutdown_grace.max(std::time::Duration::from_secs(30))).await;
     }
     catalog_watch.abort();
     served

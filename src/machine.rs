@@ -60,7 +60,13 @@ pub struct Machine {
     completed: AtomicU64,
     draining: AtomicBool,
     /// The last workflow it ran, and since when it has been idle. A std mutex: never held across `.await`.
+    /// Changes of `assigned` and `draining` that must not race (assigning a job to a machine the pool is
+    /// about to stop) happen under it.
     status: Mutex<Status>,
+    /// Cancelled when the machine is gone for good (stopped, dead): runners of its jobs stop waiting for
+    /// it and retry elsewhere.
+    retired: CancellationToken,
+    retire_reason: Mutex<String>,
 }
 
 #[derive(Debug)]
@@ -106,6 +112,8 @@ impl Machine {
             completed: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             status: Mutex::new(Status { last_workflow: String::new(), idle_since: Some(Instant::now()) }),
+            retired: CancellationToken::new(),
+            retire_reason: Mutex::new(String::new()),
         }))
     }
 
@@ -127,16 +135,18 @@ impl Machine {
         Self::new(id, MachineKind::Static, None, url, 0.0, options, client_id, prequeue, cancel)
     }
 
-    /// Connects to a RunComfy machine's ComfyUI.
+    /// Connects to a RunComfy machine's ComfyUI (`client_id` as for [`Machine::connect_static`]).
     ///
     /// # Errors
     /// An invalid URL.
+    #[expect(clippy::too_many_arguments, reason = "plain fields of a machine")]
     pub fn connect_runcomfy(
         id: &str,
         url: &str,
         spec: MachineSpec,
         price_per_hour_usd: f64,
         options: ClientOptions,
+        client_id: Option<String>,
         prequeue: usize,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ComfyError> {
@@ -147,7 +157,7 @@ impl Machine {
             url,
             price_per_hour_usd,
             options,
-            None,
+            client_id,
             prequeue,
             cancel,
         )
@@ -170,6 +180,7 @@ impl Machine {
 
     /// Stops giving it new jobs.
     pub fn drain(&self) {
+        let _s = self.status.lock();
         self.draining.store(true, Ordering::Relaxed);
     }
 
@@ -188,7 +199,67 @@ impl Machine {
         !self.is_draining() && self.conn.is_connected() && self.assigned() < self.capacity
     }
 
-    /// Records a job handed to it (the scheduler's side).
+    /// Hands it a job if it still has room and is not draining, atomically with respect to
+    /// [`Machine::drain_if_idle`]: a machine the pool decided to stop never gets a job after that decision.
+    pub fn try_assign(&self, workflow: &str) -> bool {
+        let Ok(mut s) = self.status.lock() else { return false };
+        if self.is_draining() || self.assigned() >= self.capacity {
+            return false;
+        }
+        self.assigned.fetch_add(1, Ordering::Relaxed);
+        s.idle_since = None;
+        if !workflow.is_empty() {
+            s.last_workflow = workflow.to_string();
+        }
+        true
+    }
+
+    /// Drains it if it has no job; returns whether it did (it is then safe to stop).
+    pub fn drain_if_idle(&self) -> bool {
+        let Ok(_s) = self.status.lock() else { return false };
+        if self.assigned() > 0 {
+            return false;
+        }
+        self.draining.store(true, Ordering::Relaxed);
+        true
+    }
+
+    /// Marks the machine gone for good: runners of its jobs stop waiting and retry elsewhere.
+    pub fn retire(&self, reason: &str) {
+        self.drain();
+        if let Ok(mut r) = self.retire_reason.lock()
+            && r.is_empty()
+        {
+            *r = reason.to_string();
+        }
+        self.retired.cancel();
+    }
+
+    /// Resolves once the machine is retired.
+    pub async fn retired(&self) {
+        self.retired.cancelled().await;
+    }
+
+    /// Whether it is retired.
+    pub fn is_retired(&self) -> bool {
+        self.retired.is_cancelled()
+    }
+
+    /// Why it was retired.
+    pub fn retire_reason(&self) -> String {
+        self.retire_reason.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Sets since when it has been idle, if it is (an adopted machine's idle time is not known).
+    pub fn set_idle_since(&self, since: Instant) {
+        if let Ok(mut s) = self.status.lock()
+            && s.idle_since.is_some()
+        {
+            s.idle_since = Some(since);
+        }
+    }
+
+    /// Records a job handed to it regardless of room (a job re-attached after a restart).
     pub fn job_assigned(&self, workflow: &str) {
         self.assigned.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut s) = self.status.lock() {
@@ -201,11 +272,10 @@ impl Machine {
 
     /// Records a job that left it.
     pub fn job_done(&self) {
+        let Ok(mut s) = self.status.lock() else { return };
         let before = self.assigned.fetch_sub(1, Ordering::Relaxed);
         self.completed.fetch_add(1, Ordering::Relaxed);
-        if before <= 1
-            && let Ok(mut s) = self.status.lock()
-        {
+        if before <= 1 {
             s.idle_since = Some(Instant::now());
         }
     }
@@ -288,4 +358,7 @@ pub enum PoolEvent {
 pub trait Provisioner: Send + Sync + std::fmt::Debug + 'static {
     /// Reports the demand.
     fn demand(&self, queued: &BTreeMap<MachineSpec, usize>);
+
+    /// The server type of jobs whose workflow names none.
+    fn default_server_type(&self) -> String;
 }

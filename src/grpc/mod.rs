@@ -24,6 +24,8 @@ pub struct Services {
     pub jobs: JobManager,
     /// The workflow catalog.
     pub catalog: Catalog,
+    /// The RunComfy pool, when enabled.
+    pub pool: Option<crate::pool::Pool>,
 }
 
 /// Serves every service on `listener` until `shutdown` is cancelled.
@@ -36,7 +38,7 @@ pub async fn serve(
     services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Services { jobs: job_manager, catalog } = services;
+    let Services { jobs: job_manager, catalog, pool } = services;
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
@@ -63,7 +65,7 @@ pub async fn serve(
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
     let machines =
-        pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(job_manager.clone()))
+        pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(job_manager.clone(), pool))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 

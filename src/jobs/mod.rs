@@ -186,13 +186,16 @@ impl JobManager {
 
     /// The spec a job needs, when a RunComfy pool decides where it runs.
     fn spec_of(&self, job: &Job) -> Option<MachineSpec> {
-        if self.inner.provisioner.is_none() || job.runcomfy_workflow_version_id.is_empty() {
+        let provisioner = self.inner.provisioner.as_ref()?;
+        if job.runcomfy_workflow_version_id.is_empty() {
             return None;
         }
-        Some(MachineSpec {
-            workflow_version_id: job.runcomfy_workflow_version_id.clone(),
-            server_type: job.server_type.clone(),
-        })
+        let server_type = if job.server_type.is_empty() {
+            provisioner.default_server_type()
+        } else {
+            job.server_type.clone()
+        };
+        Some(MachineSpec { workflow_version_id: job.runcomfy_workflow_version_id.clone(), server_type })
     }
 
     /// Validates, stores durably and queues a job. Returns it in `QUEUED` (or the earlier job for a

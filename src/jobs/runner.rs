@@ -172,6 +172,13 @@ async fn relay(
                 };
                 return fail(manager, live, deadline_reason, message).await;
             }
+            () = machine.retired() => {
+                if interrupting.is_some() {
+                    return cancelled(manager, live).await;
+                }
+                let reason = format!("machine {} is gone: {}", machine.id, machine.retire_reason());
+                return lost_or_retry(manager, live, reason).await;
+            }
             event = events.recv() => event,
         };
         let Some(event) = event else {
@@ -536,6 +543,7 @@ async fn backend_error(
     reason: String,
 ) -> Result<(), JobError> {
     tracing::warn!(machine = %machine.id, %reason, "backend error");
+    let reason = format!("{reason} (machine {})", machine.id);
     retry_or(manager, live, reason, FailureReason::BackendUnavailable).await
 }
 

@@ -68,6 +68,9 @@ pub(super) struct Scheduler {
     published: HashMap<JobId, u32>,
     last_published: Option<tokio::time::Instant>,
     last_demand: BTreeMap<MachineSpec, usize>,
+    /// The last provisioning phase told to each waiting job, so a phase re-announced for late arrivals is
+    /// not repeated to jobs that already have it.
+    provisioning: HashMap<JobId, (String, &'static str)>,
 }
 
 impl Scheduler {
@@ -89,6 +92,7 @@ impl Scheduler {
             published: HashMap::new(),
             last_published: None,
             last_demand: BTreeMap::new(),
+            provisioning: HashMap::new(),
         }
     }
 
@@ -133,6 +137,7 @@ impl Scheduler {
                     None => false,
                 };
                 self.published.remove(&id);
+                self.provisioning.remove(&id);
                 let _ = reply.send(removed);
             }
             SchedMsg::Done { machine } => machine.job_done(),
@@ -168,7 +173,10 @@ impl Scheduler {
                 full_specs.insert(spec);
                 continue;
             };
-            machine.job_assigned(&workflow);
+            if !machine.try_assign(&workflow) {
+                // Drained by the pool between the pick and now: try again next round.
+                continue;
+            }
             taken.push(*key);
             self.manager.spawn_runner(live, machine, false);
         }
@@ -176,6 +184,7 @@ impl Scheduler {
             self.queue.remove(&key);
             self.keys.remove(&key.2);
             self.published.remove(&key.2);
+            self.provisioning.remove(&key.2);
         }
     }
 
@@ -248,6 +257,11 @@ impl Scheduler {
             PoolEvent::Provisioning { spec, machine_id, phase, elapsed } => {
                 let waiting = self.waiting_for(&spec);
                 for id in waiting {
+                    let told = (machine_id.clone(), phase.as_str());
+                    if self.provisioning.get(&id) == Some(&told) {
+                        continue;
+                    }
+                    self.provisioning.insert(id, told);
                     let Some(live) = self.manager.live(id) else { continue };
                     let kind = EventKind::Provisioning {
                         phase: phase.as_str().to_string(),
@@ -280,6 +294,7 @@ impl Scheduler {
                         self.queue.remove(&key);
                     }
                     self.published.remove(&id);
+                    self.provisioning.remove(&id);
                     let Some(live) = self.manager.live(id) else { continue };
                     let failure =
                         JobFailure::new(FailureReason::Provisioning, format!("no machine: {reason}"));
@@ -334,6 +349,7 @@ impl Scheduler {
             self.queue.remove(&key);
             self.keys.remove(&key.2);
             self.published.remove(&key.2);
+            self.provisioning.remove(&key.2);
             let failure = JobFailure::new(reason, message);
             if let Err(e) = self.manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await {
                 tracing::error!(job_id = %key.2, error = %e, "cannot expire a queued job");

@@ -109,6 +109,8 @@ impl ClientOptions {
             requests_per_second: config.requests_per_second,
             burst: config.burst,
             request_timeout: config.request_timeout,
+            ready_poll_interval: config.status_poll,
+            not_found_poll: config.status_poll.min(Self::default().not_found_poll),
             ..Self::default()
         }
     }

@@ -189,4 +189,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     /// Database failures.
     async fn list_machines(&self) -> Result<Vec<MachineRow>, StoreError>;
+
+    /// Deletes a machine row (absent: no error).
+    ///
+    /// # Errors
+    /// The database failed.
+    async fn delete_machine(&self, id: &str) -> Result<(), StoreError>;
 }

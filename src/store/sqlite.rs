@@ -331,6 +331,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn delete_machine(&self, id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM machines WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn list_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
         let rows = sqlx::query("SELECT * FROM machines ORDER BY created_ms").fetch_all(&self.pool).await?;
         rows.iter()

@@ -10,5 +10,6 @@ mod jobs;
 mod load;
 mod machines;
 mod policies;
+mod pool;
 mod recovery;
 mod workflows;

@@ -47,6 +47,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub struct EmulatorConfig {
     /// Root of the `input/`, `output/` and `temp/` folders; `None` makes a temp dir removed on drop.
     pub data_dir: Option<PathBuf>,
+    /// Time each node takes to execute (see `Faults::set_node_delay`); zero by default.
+    pub node_delay: Duration,
 }
 
 /// A running emulated ComfyUI server (`Arc` inside; cheap to clone).
@@ -135,6 +137,10 @@ impl ComfyEmulator {
             }
             .instrument(tracing::info_span!("comfyui_emulator", %addr)),
         );
+        let emulator_faults = &shared.faults;
+        if !config.node_delay.is_zero() {
+            emulator_faults.set_node_delay(config.node_delay);
+        }
         let worker = executor::spawn_worker(shared.clone(), cancel.child_token());
         tracing::debug!(%addr, "emulated ComfyUI listening");
         Ok(ComfyEmulator {

@@ -1,0 +1,468 @@
+//! The RunComfy pool through gRPC against the RunComfy emulator: launch, provisioning events, warm reuse,
+//! scale up and down, rate limits, crashes, restarts, dying machines, and no machine left running.
+
+use std::{path::Path, time::Duration};
+
+use comfyrelay::{
+    Config,
+    emulator::{
+        comfyui::EmulatorConfig,
+        runcomfy::{DEFAULT_TOKEN, DEFAULT_USER_ID, DEFAULT_WORKFLOW_VERSION_ID, RunComfyEmulator, RunComfyEmulatorConfig},
+    },
+    proto::pb,
+};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::helpers::{collect_events, png, submit_request, terminal};
+
+/// The test workflow: `invert` with RunComfy requirements.
+const WORKFLOW: &str = "invert-rc";
+
+/// A RunComfy emulator on 127.0.0.1:0.
+async fn runcomfy(config: RunComfyEmulatorConfig) -> RunComfyEmulator {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    RunComfyEmulator::start(listener, config).await.expect("start RunComfy emulator")
+}
+
+/// A quick emulator: boots in 200 ms, generous rate limit, jobs take `node_delay` per node.
+fn fast_emulator(node_delay: Duration) -> RunComfyEmulatorConfig {
+    RunComfyEmulatorConfig {
+        boot_time: Duration::from_millis(200),
+        deleting_time: Duration::from_millis(50),
+        requests_per_second: 200,
+        burst: 200,
+        comfyui: EmulatorConfig { node_delay, ..EmulatorConfig::default() },
+        ..RunComfyEmulatorConfig::default()
+    }
+}
+
+/// A workflows directory holding `invert` plus `invert-rc`, which needs a RunComfy machine.
+fn workflows_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows").join("invert");
+    let target = dir.path().join(WORKFLOW);
+    std::fs::create_dir_all(&target).expect("mkdir");
+    std::fs::copy(repo.join("workflow.json"), target.join("workflow.json")).expect("copy graph");
+    let manifest = std::fs::read_to_string(repo.join("manifest.toml")).expect("manifest");
+    let manifest = manifest.replace("name = \"invert\"", &format!("name = \"{WORKFLOW}\""));
+    let manifest = format!(
+        "{manifest}\n[requirements]\nruncomfy_workflow_version_id = \"{DEFAULT_WORKFLOW_VERSION_ID}\"\nserver_type = \"medium\"\n"
+    );
+    std::fs::write(target.join("manifest.toml"), manifest).expect("write manifest");
+    dir
+}
+
+/// Test configuration: no static ComfyUI, the pool against `emu`, with timings short enough for tests.
+fn pool_config(data_dir: &Path, workflows: &Path, emu: &RunComfyEmulator) -> Config {
+    let mut config = crate::helpers::test_config(data_dir);
+    config.workflows_dir = workflows.to_path_buf();
+    config.comfyui.servers.clear();
+    let r = &mut config.runcomfy;
+    r.enabled = true;
+    r.base_url = emu.url();
+    r.user_id = DEFAULT_USER_ID.into();
+    r.api_token = comfyrelay::config::Secret::new(DEFAULT_TOKEN);
+    r.requests_per_second = 100;
+    r.burst = 100;
+    r.status_poll = Duration::from_millis(50);
+    r.lease = Duration::from_secs(30);
+    r.health_interval = Duration::from_millis(200);
+    r.unhealthy_after = Duration::from_millis(600);
+    r.health_timeout = Duration::from_secs(10);
+    r.launch_retry_backoff = Duration::from_millis(100);
+    r.default_pool.idle_stop = Duration::from_secs(60);
+    r.default_pool.ready_timeout = Duration::from_secs(10);
+    config
+}
+
+/// comfyrelay on its own runtime (a separate thread), so a test can kill it the way a crash would: every
+/// task stops at once, nothing shuts down gracefully.
+struct Process {
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Process {
+    async fn start(config: Config) -> Self {
+        comfyrelay::telemetry::init_for_tests(std::env::var_os("TEST_LOG").is_some());
+        let std_listener = std::net::TcpListener::bind(config.grpc.listen).expect("bind");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                tokio::select! {
+                    r = comfyrelay::run(listener, config, token) => { r.expect("comfyrelay ran"); }
+                    _ = killed => {}
+                }
+            });
+            // Dropping the runtime here kills every task comfyrelay spawned, as a crash would.
+            rt.shutdown_background();
+        });
+        Self { addr, shutdown, thread: Some(thread), kill: Some(kill) }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect")
+    }
+
+    async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Channel> {
+        pb::job_service_client::JobServiceClient::new(self.channel().await)
+    }
+
+    async fn machines(&self) -> pb::machine_service_client::MachineServiceClient<Channel> {
+        pb::machine_service_client::MachineServiceClient::new(self.channel().await)
+    }
+
+    /// Graceful stop (SIGTERM).
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        let thread = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || thread.join().expect("comfyrelay thread")).await.expect("join");
+    }
+
+    /// Crash: every task dies where it is.
+    async fn kill(mut self) {
+        let _ = self.kill.take().expect("running").send(());
+        let thread = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || thread.join().expect("comfyrelay thread")).await.expect("join");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Waits (bounded) until `cond` holds, checking every 20 ms: a readiness probe on state the test cannot be
+/// notified of (the emulator's machine table).
+async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn submit(p: &Process) -> String {
+    let mut jobs = p.jobs().await;
+    jobs.submit_job(submit_request(WORKFLOW, png(8, 8))).await.expect("submit").into_inner().id
+}
+
+fn provisioning_phases(events: &[pb::JobEvent]) -> Vec<i32> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::job_event::Kind::Provisioning(p)) => Some(p.phase),
+            _ => None,
+        })
+        .collect()
+}
+
+fn started_machine(events: &[pb::JobEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::job_event::Kind::Started(s)) => Some(s.machine_id.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
+    let channel = p.channel().await;
+
+    let id = submit(&p).await;
+    let events = collect_events(&channel, &id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    use pb::ProvisioningPhase as P;
+    let phases = provisioning_phases(&events);
+    let order = [P::LaunchRequested, P::Starting, P::Ready, P::ComfyuiReachable].map(|p| p as i32);
+    assert_eq!(phases, order, "provisioning phases in order, once each: {events:#?}");
+    let launched = emu.machines();
+    assert_eq!(launched.len(), 1, "one machine launched");
+    assert_eq!(started_machine(&events), vec![launched[0].server_id.clone()]);
+
+    // The machine, its lease and its cost through MachineService.
+    let m = p
+        .machines()
+        .await
+        .get_machine(pb::GetMachineRequest { machine_id: launched[0].server_id.clone() })
+        .await
+        .expect("get machine")
+        .into_inner();
+    assert_eq!(m.kind, pb::MachineKind::Runcomfy as i32);
+    assert_eq!(m.state, pb::MachineState::Ready as i32);
+    assert_eq!(m.server_type, "medium");
+    assert_eq!(m.workflow_version_id, DEFAULT_WORKFLOW_VERSION_ID);
+    assert_eq!(m.jobs_completed, 1);
+    assert!(m.ready_time.is_some() && m.lease_expire_time.is_some(), "{m:?}");
+    assert!(m.billed_seconds > 0.0, "{m:?}");
+    assert!(m.cost.as_ref().is_some_and(|c| c.amount > 0.0 && c.currency == "USD"), "{m:?}");
+
+    // Machine time and cost on the job.
+    let job = p.jobs().await.get_job(pb::GetJobRequest { job_id: id.clone() }).await.unwrap().into_inner();
+    assert!(job.machine_seconds > 0.0, "{job:?}");
+    assert!(job.cost.as_ref().is_some_and(|c| c.amount > 0.0), "{job:?}");
+
+    // A graceful stop deletes the machine; the emulator's billing matches ours within a second.
+    p.stop().await;
+    assert!(emu.running_machines().is_empty(), "a machine was left running: {:?}", emu.running_machines());
+    let billed = emu.billed_seconds(&launched[0].server_id).expect("billed");
+    assert!(billed > 0.0 && billed < 30.0, "billed {billed}");
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_machine_is_reused_without_a_new_launch() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
+    let channel = p.channel().await;
+
+    let first = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&first), "succeeded");
+    let second = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&second), "succeeded");
+    assert!(provisioning_phases(&second).is_empty(), "the second job provisioned nothing: {second:#?}");
+    assert_eq!(started_machine(&first), started_machine(&second), "same machine");
+    assert_eq!(emu.machines_launched(), 1);
+
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
+    let emu = runcomfy(fast_emulator(Duration::from_millis(150))).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.default_pool.max_machines = 3;
+    config.runcomfy.default_pool.jobs_per_machine = 2;
+    config.runcomfy.default_pool.idle_stop = Duration::from_secs(1);
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(submit(&p).await);
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for id in &ids {
+        let events = collect_events(&channel, id, 0).await;
+        assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+        used.extend(started_machine(&events));
+    }
+    assert_eq!(emu.machines_launched(), 3, "scaled up to max_machines, no further");
+    assert_eq!(used.len(), 3, "jobs spread over the three machines: {used:?}");
+
+    // Idle for idle_stop: every machine is stopped (min_warm is 0) and shows as STOPPED.
+    eventually("the idle machines are stopped", Duration::from_secs(20), || emu.running_machines().is_empty())
+        .await;
+    let listed = p
+        .machines()
+        .await
+        .list_machines(pb::ListMachinesRequest { include_stopped: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .machines;
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|m| m.state == pb::MachineState::Stopped as i32 && m.stop_time.is_some()), "{listed:?}");
+    let current = p.machines().await.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+    assert!(current.machines.is_empty(), "stopped machines are listed only on request");
+    p.stop().await;
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_429s_is_ridden_out_within_the_rate_limit() {
+    let mut emu_config = fast_emulator(Duration::ZERO);
+    emu_config.requests_per_second = 2;
+    emu_config.burst = 2;
+    let emu = runcomfy(emu_config).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.requests_per_second = 2;
+    config.runcomfy.burst = 2;
+    config.runcomfy.status_poll = Duration::from_millis(500);
+    emu.faults().rate_limit_requests(6, Duration::from_millis(300));
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    p.stop().await;
+    // Only the six injected 429s: comfyrelay itself never went over the account's rate.
+    assert_eq!(emu.rate_limited_responses(), 6, "429s beyond the injected ones mean the limiter was exceeded");
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_comfyrelay_leaves_machines_that_stop_by_their_lease() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.lease = Duration::from_secs(3);
+    let p = Process::start(config.clone()).await;
+    let channel = p.channel().await;
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "succeeded");
+    let machine = emu.machines()[0].server_id.clone();
+    p.kill().await;
+    assert_eq!(emu.running_machines().len(), 1, "the crash stopped nothing");
+
+    // Nobody renews the lease: the machine stops itself within it.
+    eventually("the lease stops the machine", Duration::from_secs(10), || emu.running_machines().is_empty()).await;
+    let billed = emu.billed_seconds(&machine).expect("billed");
+    assert!(billed <= 3.0 + 0.5, "billed {billed} s with a 3 s lease");
+
+    // A restart finds it stopped and records it so.
+    let p = Process::start(config).await;
+    let listed = p
+        .machines()
+        .await
+        .list_machines(pb::ListMachinesRequest { include_stopped: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .machines;
+    assert!(listed.iter().all(|m| m.state != pb::MachineState::Ready as i32), "{listed:?}");
+    p.stop().await;
+    assert_eq!(emu.machines_launched(), 1);
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_adopts_tracked_machines_and_stops_the_ones_it_meant_to_stop() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.default_pool.max_machines = 2;
+    config.runcomfy.default_pool.jobs_per_machine = 1;
+    let p = Process::start(config.clone()).await;
+    let channel = p.channel().await;
+    let (a, b) = (submit(&p).await, submit(&p).await);
+    for id in [&a, &b] {
+        assert_eq!(terminal(&collect_events(&channel, id, 0).await), "succeeded");
+    }
+    let ids: Vec<String> = emu.running_machines().iter().map(|m| m.server_id.clone()).collect();
+    assert_eq!(ids.len(), 2);
+    // The operator drains one while every DELETE fails: it stays tracked as stopping; then comfyrelay dies.
+    emu.faults().fail_requests(10_000, 503);
+    let drained = p
+        .machines()
+        .await
+        .drain_machine(pb::DrainMachineRequest { machine_id: ids[0].clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.draining);
+    let mut probe = p.machines().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = probe.get_machine(pb::GetMachineRequest { machine_id: ids[0].clone() }).await.unwrap().into_inner();
+        if m.state == pb::MachineState::Stopping as i32 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never tried to stop the drained machine: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p.kill().await;
+    emu.faults().clear();
+    assert_eq!(emu.running_machines().len(), 2);
+
+    // The restart stops the machine it was stopping and adopts the other, which takes the next job.
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+    let next = submit(&p).await;
+    let events = collect_events(&channel, &next, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    assert_eq!(started_machine(&events), vec![ids[1].clone()], "ran on the adopted machine");
+    assert!(provisioning_phases(&events).is_empty(), "no launch for the adopted machine");
+    eventually("the drained machine is stopped", Duration::from_secs(10), || {
+        emu.running_machines().iter().all(|m| m.server_id != ids[0])
+    })
+    .await;
+    assert_eq!(emu.machines_launched(), 2, "nothing new launched");
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
+    let emu = runcomfy(fast_emulator(Duration::from_millis(400))).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
+    let channel = p.channel().await;
+    let id = submit(&p).await;
+    // Executing (past the upload): the machine dies under a running prompt.
+    crate::helpers::wait_for_event(&channel, &id, |e| matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_))))
+        .await;
+    let first = emu.machines()[0].server_id.clone();
+    assert!(emu.kill_machine(&first).await, "killed the machine's ComfyUI");
+
+    let events = collect_events(&channel, &id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    let retried = events.iter().find_map(|e| match &e.kind {
+        Some(pb::job_event::Kind::Retrying(r)) => Some(r.reason.clone()),
+        _ => None,
+    });
+    let reason = retried.expect("a retrying event");
+    assert!(reason.contains(&first), "the reason names the machine: {reason}");
+    let machines = started_machine(&events);
+    assert_eq!(machines.len(), 2, "{machines:?}");
+    assert_eq!(machines[0], first);
+    assert_ne!(machines[1], first, "retried on a replacement");
+    // The dead machine was deleted (its billing ended) while the API still called it Ready.
+    eventually("the dead machine is deleted", Duration::from_secs(10), || {
+        emu.running_machines().iter().all(|m| m.server_id != first)
+    })
+    .await;
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.default_pool.ready_timeout = Duration::from_millis(600);
+    config.runcomfy.max_launch_failures = 2;
+    emu.faults().never_ready(2);
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "failed", "{events:#?}");
+    let Some(pb::job_event::Kind::Failed(f)) = &events.last().unwrap().kind else { unreachable!() };
+    let error = f.error.as_ref().expect("error");
+    assert_eq!(error.reason, pb::FailureReason::Provisioning as i32, "{error:?}");
+    assert!(error.message.contains("did not become ready"), "{error:?}");
+    // Both stuck machines were deleted, not left starting.
+    eventually("the stuck machines are deleted", Duration::from_secs(10), || emu.running_machines().is_empty())
+        .await;
+    assert_eq!(emu.machines_launched(), 2);
+    p.stop().await;
+    emu.shutdown().await;
+}
