@@ -56,7 +56,9 @@ impl MachineApi {
             .into_iter()
             .find(|m| m.id == id && m.kind == MachineKind::Static)
             .map(Found::Static)
-            .ok_or_else(|| with_reason(tonic::Code::NotFound, "NOT_FOUND", format!("machine {id:?} not found")))
+            .ok_or_else(|| {
+                with_reason(tonic::Code::NotFound, "NOT_FOUND", format!("machine {id:?} not found"))
+            })
     }
 }
 
@@ -193,7 +195,11 @@ impl pb::machine_service_server::MachineService for MachineApi {
             }
             Found::Pool(_) => {
                 let view = self.pool.as_ref().and_then(|p| p.drain(&machine_id)).ok_or_else(|| {
-                    with_reason(tonic::Code::NotFound, "NOT_FOUND", format!("machine {machine_id:?} not found"))
+                    with_reason(
+                        tonic::Code::NotFound,
+                        "NOT_FOUND",
+                        format!("machine {machine_id:?} not found"),
+                    )
                 })?;
                 Ok(Response::new(pool_to_pb(&view)))
             }

@@ -64,10 +64,12 @@ pub async fn serve(
         pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-    let machines =
-        pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(job_manager.clone(), pool))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(
+        job_manager.clone(),
+        pool,
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");

@@ -23,6 +23,8 @@
 //!
 //! All timing is `tokio::time`, so the pool runs under `tokio::time::pause()` (the simulated-day benchmark).
 
+pub mod sim;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex, MutexGuard},
@@ -42,7 +44,7 @@ use crate::{
     config::{PoolPolicy, RunComfyConfig},
     machine::{Machine, MachineSpec, PoolEvent, ProvisionPhase, Provisioner, stable_client_id},
     runcomfy::{LaunchRequest, RunComfyClient, RunComfyError, Server, ServerType},
-    store::{MachineRow, Store},
+    store::{MachineRow, MachineStore},
 };
 
 /// Store `kind` of a machine row.
@@ -283,7 +285,7 @@ pub struct Pool {
 struct Inner {
     config: RunComfyConfig,
     client: RunComfyClient,
-    store: Arc<dyn Store>,
+    store: Arc<dyn MachineStore>,
     comfy: comfy::ClientOptions,
     prequeue: usize,
     instance: String,
@@ -303,7 +305,7 @@ pub struct PoolParts {
     /// The API client (shares the account-wide rate limiter).
     pub client: RunComfyClient,
     /// Durable storage of machine rows.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<dyn MachineStore>,
     /// How to talk to each machine's ComfyUI.
     pub comfy: comfy::ClientOptions,
     /// Prompts pre-queued per machine.
@@ -514,8 +516,11 @@ impl Pool {
         // Specs to look at: those with demand, with a warm minimum, and with machines.
         let mut specs: BTreeSet<MachineSpec> = st.demand.keys().cloned().collect();
         for p in &config.pools {
-            let server_type =
-                if p.server_type.is_empty() { config.default_server_type.clone() } else { p.server_type.clone() };
+            let server_type = if p.server_type.is_empty() {
+                config.default_server_type.clone()
+            } else {
+                p.server_type.clone()
+            };
             specs.insert(MachineSpec { workflow_version_id: p.workflow_version_id.clone(), server_type });
         }
         specs.extend(st.machines.values().filter(|e| e.phase.is_live()).map(|e| e.spec.clone()));
@@ -572,7 +577,8 @@ impl Pool {
                 .filter_map(|e| e.machine.as_ref().map(|m| (&e.id, m.idle_since())))
                 .collect();
             ready.sort_by_key(|(_, idle)| *idle);
-            let mut keep = st.machines.values().filter(|e| e.spec == spec && e.phase == MachinePhase::Ready).count();
+            let mut keep =
+                st.machines.values().filter(|e| e.spec == spec && e.phase == MachinePhase::Ready).count();
             let mut stop_idle = Vec::new();
             for (id, idle_since) in ready {
                 let Some(idle_since) = idle_since else { continue };
@@ -597,7 +603,8 @@ impl Pool {
                 if e.ready_at.is_some_and(|r| now.saturating_duration_since(r) >= policy.max_lifetime) {
                     info!(machine = %e.id, "machine reached its maximum lifetime; draining");
                     e.phase = MachinePhase::Draining;
-                    e.reason = format!("reached max_lifetime {}", humantime::format_duration(policy.max_lifetime));
+                    e.reason =
+                        format!("reached max_lifetime {}", humantime::format_duration(policy.max_lifetime));
                     if let Some(m) = &e.machine {
                         m.drain();
                     }
@@ -802,7 +809,11 @@ impl Pool {
         if !healthy {
             machine.retire("its ComfyUI never answered");
             let timeout = humantime::format_duration(self.inner.config.health_timeout);
-            self.launch_failed(&spec, format!("machine {id}: ComfyUI did not answer within {timeout}"), false);
+            self.launch_failed(
+                &spec,
+                format!("machine {id}: ComfyUI did not answer within {timeout}"),
+                false,
+            );
             self.mark_for_stop(&id, MachinePhase::Unhealthy, "its ComfyUI never answered".into());
             return;
         }
@@ -1026,7 +1037,8 @@ impl Pool {
                     if let Some(e) = st.machines.get_mut(&id) {
                         // Ready was seen up to one status poll late: count the lease from a poll earlier.
                         let slack = self.inner.client.options().ready_poll_interval;
-                        e.lease_until = Some((ready_at + total).checked_sub(slack).unwrap_or_else(Instant::now));
+                        e.lease_until =
+                            Some((ready_at + total).checked_sub(slack).unwrap_or_else(Instant::now));
                         e.busy = false;
                     }
                 }
@@ -1074,13 +1086,13 @@ impl Pool {
                     return self.gone(&id, "the provider no longer knows it".into());
                 }
                 Ok(_) => {}
-                Err(e) => debug!(error = %public_error(&e), "status check failed; not counted against the machine"),
+                Err(e) => {
+                    debug!(error = %public_error(&e), "status check failed; not counted against the machine")
+                }
             }
         }
-        let answered = matches!(
-            tokio::time::timeout(PROBE_TIMEOUT, machine.client.system_stats()).await,
-            Ok(Ok(_))
-        );
+        let answered =
+            matches!(tokio::time::timeout(PROBE_TIMEOUT, machine.client.system_stats()).await, Ok(Ok(_)));
         let now = Instant::now();
         let unhealthy = {
             let mut st = self.state();
@@ -1202,7 +1214,8 @@ impl Pool {
                         let drained = record.phase == MachinePhase::Draining;
                         match self.connect(&id, &url, &spec) {
                             Ok(machine) if self.wait_comfyui(&machine, PROBE_TIMEOUT).await => {
-                                entry.phase = if drained { MachinePhase::Draining } else { MachinePhase::Ready };
+                                entry.phase =
+                                    if drained { MachinePhase::Draining } else { MachinePhase::Ready };
                                 entry.reason = record.reason.clone();
                                 if drained {
                                     machine.drain();
@@ -1263,7 +1276,11 @@ impl Pool {
             if let Some(reason) = reason {
                 let spec = MachineSpec {
                     workflow_version_id: String::new(),
-                    server_type: server.server_type.as_ref().map(|t| t.as_str().to_string()).unwrap_or_default(),
+                    server_type: server
+                        .server_type
+                        .as_ref()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
                 };
                 let mut entry = self.new_entry(&id, spec, MachinePhase::Unhealthy, now);
                 entry.reason = reason.clone();
@@ -1355,7 +1372,8 @@ fn adopt_timing(entry: &mut Entry, server: &Server, record: &Record, now: Instan
         entry.ready_at = Some(now.checked_sub(ago).unwrap_or(now));
         entry.ready_ms = Some(system_to_ms(ready));
     }
-    let stopping = server.estimated_stopping_at.map(|t| t.0).or_else(|| record.lease_until_ms.map(ms_to_system));
+    let stopping =
+        server.estimated_stopping_at.map(|t| t.0).or_else(|| record.lease_until_ms.map(ms_to_system));
     if let Some(stopping) = stopping {
         let left = stopping.duration_since(wall).unwrap_or_default();
         entry.lease_until = Some(now + left);

@@ -177,7 +177,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         before_ms: i64,
         limit: u32,
     ) -> Result<(Vec<String>, Vec<String>), StoreError>;
+}
 
+/// The machine records of the RunComfy pool: the pool's only storage dependency.
+#[async_trait::async_trait]
+pub trait MachineStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts or replaces a machine.
     ///
     /// # Errors

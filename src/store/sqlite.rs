@@ -7,7 +7,9 @@ use sqlx::{
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
-use super::{CreateOutcome, EventRow, IdempotencyKey, JobQuery, JobRow, MachineRow, Store, StoreError};
+use super::{
+    CreateOutcome, EventRow, IdempotencyKey, JobQuery, JobRow, MachineRow, MachineStore, Store, StoreError,
+};
 
 /// SQLite-backed store.
 #[derive(Debug, Clone)]
@@ -313,7 +315,10 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok((ids, orphaned))
     }
+}
 
+#[async_trait::async_trait]
+impl MachineStore for SqliteStore {
     async fn put_machine(&self, m: &MachineRow) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO machines (id, kind, state, created_ms, updated_ms, body) VALUES (?, ?, ?, ?, ?, ?) \

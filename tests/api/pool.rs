@@ -7,7 +7,10 @@ use comfyrelay::{
     Config,
     emulator::{
         comfyui::EmulatorConfig,
-        runcomfy::{DEFAULT_TOKEN, DEFAULT_USER_ID, DEFAULT_WORKFLOW_VERSION_ID, RunComfyEmulator, RunComfyEmulatorConfig},
+        runcomfy::{
+            DEFAULT_TOKEN, DEFAULT_USER_ID, DEFAULT_WORKFLOW_VERSION_ID, RunComfyEmulator,
+            RunComfyEmulatorConfig,
+        },
     },
     proto::pb,
 };
@@ -274,19 +277,26 @@ async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
     assert_eq!(used.len(), 3, "jobs spread over the three machines: {used:?}");
 
     // Idle for idle_stop: every machine is stopped (min_warm is 0) and shows as STOPPED.
-    eventually("the idle machines are stopped", Duration::from_secs(20), || emu.running_machines().is_empty())
-        .await;
-    let listed = p
-        .machines()
-        .await
-        .list_machines(pb::ListMachinesRequest { include_stopped: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .machines;
+    eventually("the idle machines are stopped", Duration::from_secs(20), || {
+        emu.running_machines().is_empty()
+    })
+    .await;
+    // comfyrelay records each stop once the API confirmed it.
+    let mut client = p.machines().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let request = pb::ListMachinesRequest { include_stopped: true, ..Default::default() };
+        let listed = client.list_machines(request).await.unwrap().into_inner().machines;
+        if listed.iter().all(|m| m.state == pb::MachineState::Stopped as i32) {
+            break listed;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all recorded as stopped: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(listed.len(), 3);
-    assert!(listed.iter().all(|m| m.state == pb::MachineState::Stopped as i32 && m.stop_time.is_some()), "{listed:?}");
-    let current = p.machines().await.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+    assert!(listed.iter().all(|m| m.stop_time.is_some() && m.billed_seconds > 0.0), "{listed:?}");
+    let current =
+        p.machines().await.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
     assert!(current.machines.is_empty(), "stopped machines are listed only on request");
     p.stop().await;
     emu.shutdown().await;
@@ -311,7 +321,11 @@ async fn a_storm_of_429s_is_ridden_out_within_the_rate_limit() {
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     p.stop().await;
     // Only the six injected 429s: comfyrelay itself never went over the account's rate.
-    assert_eq!(emu.rate_limited_responses(), 6, "429s beyond the injected ones mean the limiter was exceeded");
+    assert_eq!(
+        emu.rate_limited_responses(),
+        6,
+        "429s beyond the injected ones mean the limiter was exceeded"
+    );
     assert!(emu.running_machines().is_empty());
     emu.shutdown().await;
 }
@@ -331,7 +345,8 @@ async fn a_killed_comfyrelay_leaves_machines_that_stop_by_their_lease() {
     assert_eq!(emu.running_machines().len(), 1, "the crash stopped nothing");
 
     // Nobody renews the lease: the machine stops itself within it.
-    eventually("the lease stops the machine", Duration::from_secs(10), || emu.running_machines().is_empty()).await;
+    eventually("the lease stops the machine", Duration::from_secs(10), || emu.running_machines().is_empty())
+        .await;
     let billed = emu.billed_seconds(&machine).expect("billed");
     assert!(billed <= 3.0 + 0.5, "billed {billed} s with a 3 s lease");
 
@@ -379,7 +394,11 @@ async fn a_restart_adopts_tracked_machines_and_stops_the_ones_it_meant_to_stop()
     let mut probe = p.machines().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let m = probe.get_machine(pb::GetMachineRequest { machine_id: ids[0].clone() }).await.unwrap().into_inner();
+        let m = probe
+            .get_machine(pb::GetMachineRequest { machine_id: ids[0].clone() })
+            .await
+            .unwrap()
+            .into_inner();
         if m.state == pb::MachineState::Stopping as i32 {
             break;
         }
@@ -416,8 +435,10 @@ async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
     let channel = p.channel().await;
     let id = submit(&p).await;
     // Executing (past the upload): the machine dies under a running prompt.
-    crate::helpers::wait_for_event(&channel, &id, |e| matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_))))
-        .await;
+    crate::helpers::wait_for_event(&channel, &id, |e| {
+        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
+    })
+    .await;
     let first = emu.machines()[0].server_id.clone();
     assert!(emu.kill_machine(&first).await, "killed the machine's ComfyUI");
 
@@ -460,9 +481,34 @@ async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason(
     assert_eq!(error.reason, pb::FailureReason::Provisioning as i32, "{error:?}");
     assert!(error.message.contains("did not become ready"), "{error:?}");
     // Both stuck machines were deleted, not left starting.
-    eventually("the stuck machines are deleted", Duration::from_secs(10), || emu.running_machines().is_empty())
-        .await;
+    eventually("the stuck machines are deleted", Duration::from_secs(10), || {
+        emu.running_machines().is_empty()
+    })
+    .await;
     assert_eq!(emu.machines_launched(), 2);
     p.stop().await;
     emu.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_real_pool_runs_hours_of_simulated_traffic_under_paused_time() {
+    use comfyrelay::pool::sim::{DayParams, simulate_day};
+    let params = DayParams {
+        length: Duration::from_secs(6 * 3600),
+        peak_jobs_per_hour: 300.0,
+        ..DayParams::default()
+    };
+    let max = params.policy.max_machines;
+    let r = simulate_day(params).await.expect("simulation");
+    println!("{r:#?}");
+    assert!(r.jobs > 300, "{r:?}");
+    assert_eq!(r.completed, r.jobs, "every job ran: {r:?}");
+    assert_eq!(r.left_running, 0, "no machine left running: {r:?}");
+    assert!(r.peak_machines <= max, "{r:?}");
+    assert_eq!(r.rate_limited, 0, "never above the account's rate: {r:?}");
+    assert!(r.pool.launched >= 1 && r.pool.stopped == r.pool.launched, "{r:?}");
+    // The pool's bill agrees with the provider's within a status poll per machine.
+    let slack = 5.0 * r.pool.launched as f64 + 1.0;
+    assert!((r.pool.billed_seconds - r.provider_billed_seconds).abs() <= slack, "{r:?}");
+    assert!(r.busy_seconds < r.pool.billed_seconds, "{r:?}");
 }
