@@ -7,7 +7,7 @@ use comfyrelay::{
     Config,
     emulator::{
         comfyui::{ComfyEmulator, EmulatorConfig},
-        runcomfy::RunComfyEmulatorConfig,
+        runcomfy::{RunComfyEmulator, RunComfyEmulatorConfig},
     },
     shutdown, telemetry,
 };
@@ -36,6 +36,10 @@ enum Command {
         /// Port of the emulated ComfyUI (on 127.0.0.1).
         #[arg(long, default_value_t = 8188)]
         comfy_port: u16,
+        /// Also run an emulated RunComfy account (on 127.0.0.1:8190) and enable the pool: jobs of workflows
+        /// with RunComfy requirements run on machines it launches.
+        #[arg(long)]
+        runcomfy: bool,
     },
     /// Run an emulator of an external system on its own.
     Emulate {
@@ -111,15 +115,39 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
             comfyrelay::run(listener, config, shutdown).await
         }
-        Command::Dev { comfy_port } => {
+        Command::Dev { comfy_port, runcomfy } => {
             let mut config = config;
             let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
             let comfy = ComfyEmulator::start(comfy_listener, EmulatorConfig::default()).await?;
             tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
             config.comfyui.servers =
                 vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
+            let emulator = if runcomfy {
+                let listener = tokio::net::TcpListener::bind(("127.0.0.1", 8190)).await?;
+                let emulator = RunComfyEmulator::start(
+                    listener,
+                    RunComfyEmulatorConfig {
+                        boot_time: std::time::Duration::from_secs(5),
+                        ..RunComfyEmulatorConfig::default()
+                    },
+                )
+                .await?;
+                tracing::info!(url = %emulator.url(), "emulated RunComfy account running");
+                let r = &mut config.runcomfy;
+                r.enabled = true;
+                r.base_url = emulator.url();
+                r.user_id = comfyrelay::emulator::runcomfy::DEFAULT_USER_ID.into();
+                r.api_token = comfyrelay::config::Secret::new(comfyrelay::emulator::runcomfy::DEFAULT_TOKEN);
+                r.status_poll = std::time::Duration::from_secs(1);
+                Some(emulator)
+            } else {
+                None
+            };
             let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
             let result = comfyrelay::run(listener, config, shutdown).await;
+            if let Some(emulator) = emulator {
+                emulator.shutdown().await;
+            }
             comfy.shutdown().await;
             result
         }

@@ -210,7 +210,12 @@ impl JobManager {
         let mut violations = validate_envelope(&req);
         let request_hash = request_hash(&req);
         let SubmitRequest { source, inputs, request_id, priority, labels, deadline_ms } = req;
-        let object_info = self.backend_object_info().await;
+        // A job for a RunComfy machine is checked against the manifest only: a configured ComfyUI's nodes
+        // say nothing about what that machine has installed.
+        let runs_on_pool = self.inner.provisioner.is_some()
+            && matches!(&source, WorkflowSource::Named(name)
+                if self.inner.catalog.get(name).is_some_and(|w| w.requirements.runcomfy_workflow_version_id.is_some()));
+        let object_info = if runs_on_pool { None } else { self.backend_object_info().await };
         let prepared = match self.inner.catalog.prepare(source, inputs, object_info.as_deref()) {
             Ok(p) => Some(p),
             Err(v) => {
@@ -583,12 +588,26 @@ impl JobManager {
             return Ok(());
         }
         let id = job.id;
+        // Machine time and cost are on the job by the time its terminal event is seen.
+        let price = job
+            .machine_id
+            .as_ref()
+            .and_then(|m| self.machines().into_iter().find(|x| &x.id == m))
+            .map(|m| m.price_per_hour_usd)
+            .unwrap_or(0.0);
         self.append_locked(live, &mut job, kind, |job| {
             mutate(job);
             job.state = state;
             job.error = failure;
             job.queue_position = 0;
-            job.ended_ms = Some(now_ms());
+            let end = now_ms();
+            job.ended_ms = Some(end);
+            if price > 0.0
+                && let Some(start) = job.started_ms
+            {
+                job.machine_seconds = ((end - start).max(0) as f64) / 1000.0;
+                job.cost_usd = job.machine_seconds * price / 3600.0;
+            }
         })
         .await?;
         drop(job);
@@ -672,12 +691,16 @@ impl JobManager {
         );
     }
 
-    /// Attributes machine time and cost to a finished job that ran on a billed machine.
+    /// Attributes machine time and cost to a finished job that ran on a billed machine, if `finish` could
+    /// not (the machine had already left the list).
     async fn attribute_cost(&self, live: &LiveJob, machine: &Machine) {
         if machine.price_per_hour_usd <= 0.0 {
             return;
         }
         let mut job = live.job.lock().await;
+        if !job.state.is_terminal() || job.machine_seconds > 0.0 {
+            return;
+        }
         let (Some(start), Some(end)) = (job.started_ms, job.ended_ms) else { return };
         let seconds = ((end - start).max(0) as f64) / 1000.0;
         job.machine_seconds = seconds;

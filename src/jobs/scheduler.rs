@@ -289,7 +289,13 @@ impl Scheduler {
                 if !gave_up {
                     return;
                 }
-                for id in self.waiting_for(&spec) {
+                let all: Vec<JobId> = self
+                    .keys
+                    .iter()
+                    .filter(|(_, (_, s))| s.as_ref() == Some(&spec))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in all {
                     if let Some((key, _)) = self.keys.remove(&id) {
                         self.queue.remove(&key);
                     }

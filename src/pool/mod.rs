@@ -489,11 +489,14 @@ impl Pool {
                     Action::Stop { id, reason } => self.spawn_stop(id, reason),
                     Action::Renew(id) => self.spawn_renew(id),
                     Action::Health(id) => self.spawn_health(id),
-                    Action::Reconcile => {
-                        if let Err(e) = self.reconcile().await {
-                            warn!(error = %e, "reconciling RunComfy machines failed; retrying");
+                    Action::Reconcile => match self.reconcile().await {
+                        Ok(adopted) => {
+                            for machine in adopted {
+                                self.send(PoolEvent::Ready(machine));
+                            }
                         }
-                    }
+                        Err(e) => warn!(error = %e, "reconciling RunComfy machines failed; retrying"),
+                    },
                 }
             }
         }
@@ -684,6 +687,7 @@ impl Pool {
             body: serde_json::to_string(&record).unwrap_or_default(),
         };
         if let Err(e) = self.inner.store.put_machine(&row).await {
+            self.launch_done(&spec);
             self.launch_failed(&spec, format!("cannot record the launch: {e}"), true);
             return;
         }

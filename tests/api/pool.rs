@@ -202,14 +202,18 @@ async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
     assert_eq!(launched.len(), 1, "one machine launched");
     assert_eq!(started_machine(&events), vec![launched[0].server_id.clone()]);
 
-    // The machine, its lease and its cost through MachineService.
-    let m = p
-        .machines()
-        .await
-        .get_machine(pb::GetMachineRequest { machine_id: launched[0].server_id.clone() })
-        .await
-        .expect("get machine")
-        .into_inner();
+    // The machine, its lease and its cost through MachineService (the finished job is counted once the
+    // scheduler hears the slot is free, just after the terminal event).
+    let mut machines = p.machines().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let request = pb::GetMachineRequest { machine_id: launched[0].server_id.clone() };
+        let m = machines.get_machine(request).await.expect("get machine").into_inner();
+        if m.jobs_completed == 1 || tokio::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(m.kind, pb::MachineKind::Runcomfy as i32);
     assert_eq!(m.state, pb::MachineState::Ready as i32);
     assert_eq!(m.server_type, "medium");
@@ -511,4 +515,62 @@ async fn the_real_pool_runs_hours_of_simulated_traffic_under_paused_time() {
     let slack = 5.0 * r.pool.launched as f64 + 1.0;
     assert!((r.pool.billed_seconds - r.provider_billed_seconds).abs() <= slack, "{r:?}");
     assert!(r.busy_seconds < r.pool.billed_seconds, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_is_extended_while_a_machine_has_work() {
+    // Each node takes 1.5 s: the job runs well past the 3 s lease the machine was launched with.
+    let emu = runcomfy(fast_emulator(Duration::from_millis(1500))).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.lease = Duration::from_secs(3);
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+    let started = std::time::Instant::now();
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    assert!(started.elapsed() > Duration::from_secs(4), "the job outlived one lease");
+    assert!(!events.iter().any(|e| matches!(e.kind, Some(pb::job_event::Kind::Retrying(_)))), "{events:#?}");
+    assert_eq!(emu.machines_launched(), 1);
+    assert_eq!(emu.running_machines().len(), 1, "still running: its lease was extended");
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_pool_machine_is_stopped_once_idle() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
+    let channel = p.channel().await;
+    assert_eq!(terminal(&collect_events(&channel, &submit(&p).await, 0).await), "succeeded");
+    let id = emu.machines()[0].server_id.clone();
+    let mut machines = p.machines().await;
+    let drained = machines
+        .drain_machine(pb::DrainMachineRequest { machine_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(drained.draining, "{drained:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = machines
+            .get_machine(pb::GetMachineRequest { machine_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if m.state == pb::MachineState::Stopped as i32 {
+            assert!(m.billed_seconds > 0.0 && m.stop_time.is_some(), "{m:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the drained machine was not stopped: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(emu.running_machines().is_empty());
+    let missing =
+        machines.get_machine(pb::GetMachineRequest { machine_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    p.stop().await;
+    emu.shutdown().await;
 }
