@@ -23,11 +23,14 @@ fn main() {
         length: Duration::from_secs_f64(env_f64("POOL_DAY_HOURS", 24.0) * 3600.0),
         ..DayParams::default()
     };
-    for (label, min_warm, idle_stop) in [
-        ("scale to zero, idle_stop 5 min", 0, 300),
-        ("scale to zero, idle_stop 20 min", 0, 1200),
-        ("one warm machine, idle_stop 5 min", 1, 300),
+    let peak = params.peak_jobs_per_hour;
+    for (label, peak, min_warm, idle_stop) in [
+        ("busy day, scale to zero, idle_stop 5 min", peak, 0, 300),
+        ("busy day, scale to zero, idle_stop 20 min", peak, 0, 1200),
+        ("quiet day (peak/20), scale to zero, idle_stop 5 min", peak / 20.0, 0, 300),
+        ("quiet day (peak/20), one warm machine, idle_stop 5 min", peak / 20.0, 1, 300),
     ] {
+        params.peak_jobs_per_hour = peak;
         params.policy.min_warm = min_warm;
         params.policy.idle_stop = Duration::from_secs(idle_stop);
         let wall = Instant::now();

@@ -1,0 +1,185 @@
+//! The planning loop: what to launch, stop, renew and check, decided without awaiting.
+
+use super::*;
+
+impl Pool {
+    /// Exit policy: runs until shutdown; every failure is handled inside the action that met it.
+    pub(super) async fn run(self) {
+        let mut tick = tokio::time::interval(PLAN_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.inner.shutdown.cancelled() => return,
+                () = self.inner.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+            let actions = self.plan();
+            for action in actions {
+                match action {
+                    Action::Launch(spec) => self.spawn_launch(spec),
+                    Action::Stop { id, reason } => self.spawn_stop(id, reason),
+                    Action::Renew(id) => self.spawn_renew(id),
+                    Action::Health(id) => self.spawn_health(id),
+                    Action::Reconcile => match self.reconcile().await {
+                        Ok(adopted) => {
+                            for machine in adopted {
+                                self.send(PoolEvent::Ready(machine));
+                            }
+                        }
+                        Err(e) => warn!(error = %e, "reconciling RunComfy machines failed; retrying"),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Decides what to do now. Never awaits; marks machines busy for the actions it returns.
+    pub(super) fn plan(&self) -> Vec<Action> {
+        let now = Instant::now();
+        let config = &self.inner.config;
+        let mut st = self.state();
+        if st.closing {
+            return Vec::new();
+        }
+        if !st.reconciled {
+            return vec![Action::Reconcile];
+        }
+        let mut actions = Vec::new();
+        let st = &mut *st;
+
+        // Specs to look at: those with demand, with a warm minimum, and with machines.
+        let mut specs: BTreeSet<MachineSpec> = st.demand.keys().cloned().collect();
+        for p in &config.pools {
+            let server_type = if p.server_type.is_empty() {
+                config.default_server_type.clone()
+            } else {
+                p.server_type.clone()
+            };
+            specs.insert(MachineSpec { workflow_version_id: p.workflow_version_id.clone(), server_type });
+        }
+        specs.extend(st.machines.values().filter(|e| e.phase.is_live()).map(|e| e.spec.clone()));
+
+        let mut total: usize = st.machines.values().filter(|e| e.phase != MachinePhase::Stopped).count()
+            + st.launching.values().sum::<usize>();
+        let demand_changed = std::mem::take(&mut st.demand_changed);
+
+        for spec in specs {
+            let policy = self.policy(&spec);
+            let queued = st.demand.get(&spec).copied().unwrap_or(0);
+            let live: Vec<&Entry> =
+                st.machines.values().filter(|e| e.spec == spec && e.phase.is_live()).collect();
+            let assigned: usize = live.iter().filter_map(|e| e.machine.as_ref()).map(|m| m.assigned()).sum();
+            let launching = st.launching.get(&spec).copied().unwrap_or(0);
+            let have = live.len() + launching;
+            let needed = (queued + assigned).div_ceil(policy.jobs_per_machine);
+            let target = needed.max(policy.min_warm).min(policy.max_machines);
+
+            // Jobs that started waiting after a launch was announced hear where it is.
+            if demand_changed && queued > 0 {
+                for e in live.iter().filter(|e| e.phase != MachinePhase::Ready) {
+                    self.send(PoolEvent::Provisioning {
+                        spec: spec.clone(),
+                        machine_id: e.id.clone(),
+                        phase: e.announced,
+                        elapsed: now.saturating_duration_since(e.launched_at),
+                    });
+                }
+            }
+
+            if have < target {
+                let backoff = st.failures.get(&spec).and_then(|f| f.retry_at).is_some_and(|t| now < t);
+                let room = config.max_machines_total.saturating_sub(total);
+                let n = (target - have).min(room);
+                if backoff {
+                    debug!(?spec, "launch postponed after failures");
+                } else if n == 0 {
+                    debug!(?spec, "at runcomfy.max_machines_total; not launching");
+                } else {
+                    for _ in 0..n {
+                        *st.launching.entry(spec.clone()).or_default() += 1;
+                        actions.push(Action::Launch(spec.clone()));
+                    }
+                    total += n;
+                }
+            }
+
+            // Scale down: idle machines above the warm minimum, oldest idle first; and machines too old.
+            let mut ready: Vec<(&String, Option<Instant>)> = st
+                .machines
+                .values()
+                .filter(|e| e.spec == spec && e.phase == MachinePhase::Ready && !e.busy)
+                .filter_map(|e| e.machine.as_ref().map(|m| (&e.id, m.idle_since())))
+                .collect();
+            ready.sort_by_key(|(_, idle)| *idle);
+            let mut keep =
+                st.machines.values().filter(|e| e.spec == spec && e.phase == MachinePhase::Ready).count();
+            let mut stop_idle = Vec::new();
+            for (id, idle_since) in ready {
+                let Some(idle_since) = idle_since else { continue };
+                if keep <= policy.min_warm || queued > 0 {
+                    break;
+                }
+                if now.saturating_duration_since(idle_since) >= policy.idle_stop {
+                    stop_idle.push(id.clone());
+                    keep -= 1;
+                }
+            }
+            for id in stop_idle {
+                let Some(e) = st.machines.get_mut(&id) else { continue };
+                if e.machine.as_ref().is_some_and(|m| m.drain_if_idle()) {
+                    e.phase = MachinePhase::Draining;
+                    e.reason = format!("idle for {}", humantime::format_duration(policy.idle_stop));
+                    e.busy = true;
+                    actions.push(Action::Stop { id, reason: e.reason.clone() });
+                }
+            }
+            for e in st.machines.values_mut().filter(|e| e.spec == spec && e.phase == MachinePhase::Ready) {
+                if e.ready_at.is_some_and(|r| now.saturating_duration_since(r) >= policy.max_lifetime) {
+                    info!(machine = %e.id, "machine reached its maximum lifetime; draining");
+                    e.phase = MachinePhase::Draining;
+                    e.reason =
+                        format!("reached max_lifetime {}", humantime::format_duration(policy.max_lifetime));
+                    if let Some(m) = &e.machine {
+                        m.drain();
+                    }
+                }
+            }
+        }
+
+        for e in st.machines.values_mut() {
+            if e.busy {
+                continue;
+            }
+            match e.phase {
+                MachinePhase::Draining => {
+                    let idle = e.machine.as_ref().is_none_or(|m| m.assigned() == 0);
+                    if idle {
+                        e.busy = true;
+                        actions.push(Action::Stop { id: e.id.clone(), reason: e.reason.clone() });
+                        continue;
+                    }
+                }
+                MachinePhase::Unhealthy => {
+                    e.busy = true;
+                    actions.push(Action::Stop { id: e.id.clone(), reason: e.reason.clone() });
+                    continue;
+                }
+                _ => {}
+            }
+            if !matches!(e.phase, MachinePhase::Ready | MachinePhase::Draining | MachinePhase::Checking) {
+                continue;
+            }
+            let renew_due = e
+                .lease_until
+                .is_some_and(|l| l.saturating_duration_since(now) < config.lease / 2 && now >= e.next_renew);
+            if renew_due {
+                e.busy = true;
+                actions.push(Action::Renew(e.id.clone()));
+            } else if e.phase != MachinePhase::Checking && now >= e.next_health {
+                e.busy = true;
+                actions.push(Action::Health(e.id.clone()));
+            }
+        }
+        actions
+    }
+}

@@ -1,0 +1,218 @@
+//! Persistence of machine records, and reconciliation of the account's servers with them at start.
+
+use super::*;
+
+impl Pool {
+    pub(super) async fn persist(&self, id: &str) {
+        let row = {
+            let now = Instant::now();
+            let st = self.state();
+            let Some(e) = st.machines.get(id) else { return };
+            MachineRow {
+                id: e.id.clone(),
+                kind: KIND_MACHINE.into(),
+                state: serde_json::to_value(e.phase)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                created_ms: e.launched_ms,
+                updated_ms: now_ms(),
+                body: serde_json::to_string(&e.record(now)).unwrap_or_default(),
+            }
+        };
+        if let Err(e) = self.inner.store.put_machine(&row).await {
+            // The machine is still tracked in memory and its lease bounds the cost if we die now.
+            error!(machine = %id, error = %e, "cannot record a machine's state");
+        }
+    }
+
+    pub(super) fn persist_later(&self, id: &str) {
+        let pool = self.clone();
+        let id = id.to_string();
+        self.inner.tracker.spawn(async move { pool.persist(&id).await });
+    }
+
+    /// Lists the account's servers and settles each against the store. Returns the adopted machines ready
+    /// for jobs.
+    pub(super) async fn reconcile(&self) -> Result<Vec<Arc<Machine>>, ReconcileError> {
+        let rows = self.inner.store.list_machines().await.map_err(|e| ReconcileError(e.to_string()))?;
+        let servers = self.inner.client.list_servers().await.map_err(|e| ReconcileError(public_error(&e)))?;
+        let mut records: HashMap<String, (MachineRow, Record)> = HashMap::new();
+        let mut launches: Vec<(String, LaunchRecord)> = Vec::new();
+        for row in rows {
+            match row.kind.as_str() {
+                KIND_MACHINE => match serde_json::from_str::<Record>(&row.body) {
+                    Ok(r) => {
+                        records.insert(row.id.clone(), (row, r));
+                    }
+                    Err(e) => warn!(machine = %row.id, error = %e, "unreadable machine record"),
+                },
+                KIND_LAUNCH => {
+                    if let Ok(r) = serde_json::from_str::<LaunchRecord>(&row.body) {
+                        launches.push((row.id.clone(), r));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        let mut adopted = Vec::new();
+        let mut to_stop: Vec<(String, String)> = Vec::new();
+        let mut to_bring_up: Vec<(String, MachineSpec)> = Vec::new();
+        let mut seen = BTreeSet::new();
+        for server in &servers {
+            let id = server.server_id.clone();
+            seen.insert(id.clone());
+            if server.current_status.is_terminal() {
+                continue;
+            }
+            if let Some((_, record)) = records.get(&id) {
+                let spec = MachineSpec {
+                    workflow_version_id: record.workflow_version_id.clone(),
+                    server_type: record.server_type.clone(),
+                };
+                let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, now);
+                entry.launched_ms = record.launched_ms;
+                entry.price = record.price_per_hour_usd;
+                match record.phase {
+                    MachinePhase::Stopping | MachinePhase::Stopped | MachinePhase::Unhealthy => {
+                        entry.phase = MachinePhase::Unhealthy;
+                        entry.reason = format!("left running ({:?}) by an earlier run", record.phase);
+                        adopt_timing(&mut entry, server, record, now);
+                        to_stop.push((id.clone(), entry.reason.clone()));
+                        entry.busy = true;
+                        self.state().machines.insert(id.clone(), entry);
+                    }
+                    _ if server.current_status.is_ready() && server.main_service_url.is_some() => {
+                        adopt_timing(&mut entry, server, record, now);
+                        let url = server.main_service_url.clone().unwrap_or_default();
+                        entry.url = Some(url.clone());
+                        let drained = record.phase == MachinePhase::Draining;
+                        match self.connect(&id, &url, &spec) {
+                            Ok(machine) if self.wait_comfyui(&machine, PROBE_TIMEOUT).await => {
+                                entry.phase =
+                                    if drained { MachinePhase::Draining } else { MachinePhase::Ready };
+                                entry.reason = record.reason.clone();
+                                if drained {
+                                    machine.drain();
+                                }
+                                // Its idle time died with the previous process: unless a recovered job
+                                // uses it within ADOPT_GRACE (or it is part of the warm minimum), it is
+                                // stopped rather than billed for another idle period.
+                                let policy = self.policy(&spec);
+                                let idle = policy.idle_stop.saturating_sub(ADOPT_GRACE);
+                                machine.set_idle_since(now.checked_sub(idle).unwrap_or(now));
+                                entry.machine = Some(machine.clone());
+                                info!(machine = %id, "adopted a RunComfy machine launched before the restart");
+                                adopted.push(machine);
+                            }
+                            Ok(machine) => {
+                                machine.retire("its ComfyUI did not answer after a restart");
+                                entry.phase = MachinePhase::Unhealthy;
+                                entry.reason = "its ComfyUI did not answer after a restart".into();
+                                entry.busy = true;
+                                to_stop.push((id.clone(), entry.reason.clone()));
+                            }
+                            Err(_) => {
+                                entry.phase = MachinePhase::Unhealthy;
+                                entry.reason = "its ComfyUI URL is invalid".into();
+                                entry.busy = true;
+                                to_stop.push((id.clone(), entry.reason.clone()));
+                            }
+                        }
+                        self.state().machines.insert(id.clone(), entry);
+                    }
+                    _ => {
+                        // Still starting: wait for it as for a fresh launch.
+                        entry.busy = true;
+                        self.state().machines.insert(id.clone(), entry);
+                        to_bring_up.push((id.clone(), spec));
+                    }
+                }
+                continue;
+            }
+            // Not tracked: a launch we recorded but never learned the id of?
+            let claim = launches.iter().position(|(_, l)| {
+                server.server_type.as_ref().is_some_and(|t| t.as_str() == l.server_type)
+                    && server.estimated_duration.is_none_or(|d| d == l.duration_secs)
+            });
+            let reason = match claim {
+                Some(i) => {
+                    launches.remove(i);
+                    Some("launched by an earlier run that did not record it".to_string())
+                }
+                None if self.inner.config.stop_unknown_servers => {
+                    Some("not launched by this comfyrelay (runcomfy.stop_unknown_servers)".to_string())
+                }
+                None => {
+                    warn!(machine = %id, status = %server.current_status, "a RunComfy server this comfyrelay did not launch is running; left alone");
+                    None
+                }
+            };
+            if let Some(reason) = reason {
+                let spec = MachineSpec {
+                    workflow_version_id: String::new(),
+                    server_type: server
+                        .server_type
+                        .as_ref()
+                        .map(|t| t.as_str().to_string())
+                        .unwrap_or_default(),
+                };
+                let mut entry = self.new_entry(&id, spec, MachinePhase::Unhealthy, now);
+                entry.reason = reason.clone();
+                entry.busy = true;
+                if server.current_status.is_ready() {
+                    entry.ready_at = Some(now);
+                    entry.ready_ms = Some(now_ms());
+                }
+                self.state().machines.insert(id.clone(), entry);
+                to_stop.push((id.clone(), reason));
+            }
+        }
+        // Tracked machines the API no longer lists stopped by themselves (lease) or were deleted.
+        for (id, (row, record)) in &records {
+            if seen.contains(id) || record.phase == MachinePhase::Stopped {
+                continue;
+            }
+            let mut record = record.clone();
+            record.phase = MachinePhase::Stopped;
+            let stopped = record.lease_until_ms.unwrap_or(row.updated_ms).min(now_ms());
+            record.stopped_ms = Some(stopped);
+            if let Some(r) = record.ready_ms {
+                record.billed_seconds = ((stopped - r).max(0) as f64) / 1000.0;
+            }
+            if record.reason.is_empty() {
+                record.reason = "stopped while comfyrelay was not running".into();
+            }
+            info!(machine = %id, "a machine tracked before the restart has stopped meanwhile");
+            let row = MachineRow {
+                state: "stopped".into(),
+                updated_ms: now_ms(),
+                body: serde_json::to_string(&record).unwrap_or_default(),
+                ..row.clone()
+            };
+            let _ = self.inner.store.put_machine(&row).await;
+        }
+        for (launch_id, _) in launches {
+            let _ = self.inner.store.delete_machine(&launch_id).await;
+        }
+        self.state().reconciled = true;
+        for id in adopted.iter().map(|m| m.id.clone()).collect::<Vec<_>>() {
+            self.persist(&id).await;
+        }
+        for (id, reason) in to_stop {
+            self.spawn_stop(id, reason);
+        }
+        for (id, spec) in to_bring_up {
+            let pool = self.clone();
+            let started = Instant::now();
+            self.inner.tracker.spawn(
+                async move { pool.bring_up(id, spec, started).await }
+                    .instrument(tracing::info_span!("adopt_starting")),
+            );
+        }
+        info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
+        self.inner.wake.notify_one();
+        Ok(adopted)
+    }
+}
