@@ -599,6 +599,50 @@ mod tests {
     }
 
     #[test]
+    fn the_env_example_lists_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/comfyrelay.env.example");
+        let text = std::fs::read_to_string(path).unwrap();
+        let vars: Vec<(String, String)> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .filter_map(|l| l.split_once('='))
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let c = Config::load(None, vars).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn pool_policies_are_checked_by_key() {
+        let e = Config::load(
+            None,
+            env(&[
+                ("COMFYRELAY_RUNCOMFY__ENABLED", "true"),
+                ("COMFYRELAY_RUNCOMFY__USER_ID", "u"),
+                ("COMFYRELAY_RUNCOMFY__API_TOKEN", "t"),
+                ("COMFYRELAY_RUNCOMFY__POOLS", r#"[{workflow_version_id = "v", min_warm = 3}]"#),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("runcomfy.pools[0].max_machines"), "{e}");
+        let c = Config::load(
+            None,
+            env(&[
+                (
+                    "COMFYRELAY_RUNCOMFY__POOLS",
+                    r#"[{workflow_version_id = "v", min_warm = 1, idle_stop = "1m"}]"#,
+                ),
+                ("COMFYRELAY_RUNCOMFY__PRICES", r#"{medium = 0.5}"#),
+            ]),
+        )
+        .unwrap();
+        let p = c.runcomfy.pools[0].apply(&c.runcomfy.default_pool);
+        assert_eq!((p.min_warm, p.idle_stop, p.max_machines), (1, Duration::from_secs(60), 2));
+        assert_eq!(c.runcomfy.prices.get("medium"), Some(&0.5));
+    }
+
+    #[test]
     fn secrets_are_redacted() {
         let mut c = Config::default();
         c.runcomfy.api_token = Secret::new("tok-very-secret");

@@ -14,7 +14,7 @@ use std::{
 
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use tokio::{sync::mpsc, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{Pool, PoolParts, PoolStats};
 use crate::{
@@ -153,6 +153,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
     let mut rng = StdRng::seed_from_u64(params.seed ^ 0x5eed);
     let mut running = 0usize;
     let mut sample = tokio::time::interval(Duration::from_secs(30));
+    let jobs = TaskTracker::new();
     loop {
         let arrival = arrivals.get(next).map(|a| start + *a);
         tokio::select! {
@@ -186,7 +187,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
             busy += t.as_secs_f64();
             running += 1;
             let (machine, done) = (machine.clone(), done_tx.clone());
-            tokio::spawn(async move {
+            jobs.spawn(async move {
                 tokio::time::sleep(t).await;
                 let _ = done.send(machine);
             });
@@ -200,6 +201,8 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
             break;
         }
     }
+    jobs.close();
+    jobs.wait().await;
     // Let the idle machines reach idle_stop, as the day's end would.
     tokio::time::sleep(params.policy.idle_stop + Duration::from_secs(30)).await;
     let stats = pool.stats();
