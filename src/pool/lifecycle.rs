@@ -323,7 +323,13 @@ impl Pool {
         loop {
             match self.inner.client.delete_server(&id).await {
                 Ok(outcome) => {
-                    debug!(?outcome, "DELETE confirmed");
+                    // Not the whole answer: it carries the machine's URL, which is its only credential.
+                    let status = match &outcome {
+                        DeleteOutcome::Deleting(server) => server.current_status.to_string(),
+                        DeleteOutcome::Accepted => "accepted".into(),
+                        DeleteOutcome::AlreadyGone => "already gone".into(),
+                    };
+                    debug!(%status, "DELETE confirmed");
                     break;
                 }
                 Err(e) => {

@@ -46,7 +46,7 @@ use crate::{
     comfy,
     config::{PoolPolicy, RunComfyConfig},
     machine::{Machine, MachineSpec, PoolEvent, ProvisionPhase, Provisioner, stable_client_id},
-    runcomfy::{LaunchRequest, RunComfyClient, RunComfyError, Server, ServerType},
+    runcomfy::{DeleteOutcome, LaunchRequest, RunComfyClient, RunComfyError, Server, ServerType},
     store::{MachineRow, MachineStore},
 };
 

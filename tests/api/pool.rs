@@ -574,3 +574,25 @@ async fn a_drained_pool_machine_is_stopped_once_idle() {
     p.stop().await;
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_past_its_maximum_lifetime_is_replaced() {
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let mut config = pool_config(data.path(), wf.path(), &emu);
+    config.runcomfy.default_pool.max_lifetime = Duration::from_secs(1);
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+    let first = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&first), "succeeded");
+    let old = started_machine(&first);
+    // idle_stop is a minute, but the machine is over its lifetime: it is drained and stopped.
+    eventually("the old machine is stopped", Duration::from_secs(10), || emu.running_machines().is_empty())
+        .await;
+    let second = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&second), "succeeded");
+    assert_ne!(started_machine(&second), old, "a fresh machine took the next job");
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
