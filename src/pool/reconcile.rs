@@ -55,6 +55,34 @@ impl Pool {
                 _ => {}
             }
         }
+        // Probe the ComfyUI of every tracked Ready machine at once (each may take PROBE_TIMEOUT).
+        let candidates: Vec<(String, String, MachineSpec)> = servers
+            .iter()
+            .filter(|s| s.current_status.is_ready())
+            .filter_map(|s| {
+                let (_, r) = records.get(&s.server_id)?;
+                if matches!(r.phase, MachinePhase::Stopping | MachinePhase::Stopped | MachinePhase::Unhealthy)
+                {
+                    return None;
+                }
+                let spec = MachineSpec {
+                    workflow_version_id: r.workflow_version_id.clone(),
+                    server_type: r.server_type.clone(),
+                };
+                Some((s.server_id.clone(), s.main_service_url.clone()?, spec))
+            })
+            .collect();
+        let probes = candidates.into_iter().map(|(id, url, spec)| async move {
+            match self.connect(&id, &url, &spec) {
+                Ok(machine) => {
+                    let ok = self.wait_comfyui(&machine, PROBE_TIMEOUT).await;
+                    (id, (Some(machine), ok))
+                }
+                Err(_) => (id, (None, false)),
+            }
+        });
+        let mut probed: HashMap<String, (Option<Arc<Machine>>, bool)> =
+            futures::future::join_all(probes).await.into_iter().collect();
         let now = Instant::now();
         let mut adopted = Vec::new();
         let mut to_stop: Vec<(String, String)> = Vec::new();
@@ -88,8 +116,8 @@ impl Pool {
                         let url = server.main_service_url.clone().unwrap_or_default();
                         entry.url = Some(url.clone());
                         let drained = record.phase == MachinePhase::Draining;
-                        match self.connect(&id, &url, &spec) {
-                            Ok(machine) if self.wait_comfyui(&machine, PROBE_TIMEOUT).await => {
+                        match probed.remove(&id).unwrap_or((None, false)) {
+                            (Some(machine), true) => {
                                 entry.phase =
                                     if drained { MachinePhase::Draining } else { MachinePhase::Ready };
                                 entry.reason = record.reason.clone();
@@ -106,14 +134,14 @@ impl Pool {
                                 info!(machine = %id, "adopted a RunComfy machine launched before the restart");
                                 adopted.push(machine);
                             }
-                            Ok(machine) => {
+                            (Some(machine), false) => {
                                 machine.retire("its ComfyUI did not answer after a restart");
                                 entry.phase = MachinePhase::Unhealthy;
                                 entry.reason = "its ComfyUI did not answer after a restart".into();
                                 entry.busy = true;
                                 to_stop.push((id.clone(), entry.reason.clone()));
                             }
-                            Err(_) => {
+                            (None, _) => {
                                 entry.phase = MachinePhase::Unhealthy;
                                 entry.reason = "its ComfyUI URL is invalid".into();
                                 entry.busy = true;
