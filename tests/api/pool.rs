@@ -596,3 +596,26 @@ async fn a_machine_past_its_maximum_lifetime_is_replaced() {
     assert!(emu.running_machines().is_empty());
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_faults_while_provisioning_cost_no_extra_machine() {
+    use comfyrelay::emulator::runcomfy::LaunchFailure;
+    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let config = pool_config(data.path(), wf.path(), &emu);
+    // The start-up reconcile meets a 5xx burst and an error carried in a 200; the launch creates the machine
+    // but answers 500; the new machine is unknown (404) to the first lookups.
+    emu.faults().fail_requests(2, 503);
+    emu.faults().errors_in_200(1, 500001, "internal error");
+    emu.faults().fail_next_launch(LaunchFailure::CreatedButFailed);
+    emu.faults().not_found_after_launch(2);
+    let p = Process::start(config).await;
+    let channel = p.channel().await;
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    assert_eq!(emu.machines_launched(), 1, "the failed-looking launch was found, not repeated");
+    assert_eq!(started_machine(&events), vec![emu.machines()[0].server_id.clone()]);
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
