@@ -14,7 +14,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EventKind, FailureReason, JobFailure, JobId, JobManager, JobState, model::now_ms};
-use crate::machine::{Machine, MachineSpec, PoolEvent};
+use crate::machine::{Machine, MachineSpec, PoolEvent, ProvisionPhase};
 
 /// Queue positions beyond this are not re-published on every change (they would cost O(n²) events);
 /// a job gets fresh position events once it is within this many of the head.
@@ -258,7 +258,12 @@ impl Scheduler {
                 let waiting = self.waiting_for(&spec);
                 for id in waiting {
                     let told = (machine_id.clone(), phase.as_str());
-                    if self.provisioning.get(&id) == Some(&told) {
+                    let last = self.provisioning.get(&id);
+                    // "Waiting for machine M" is news only to a job that has heard nothing of M.
+                    let stale = last == Some(&told)
+                        || (phase == ProvisionPhase::WaitingForMachine
+                            && last.is_some_and(|(m, _)| m == &machine_id));
+                    if stale {
                         continue;
                     }
                     self.provisioning.insert(id, told);

@@ -117,7 +117,6 @@ impl Pool {
             next_renew: now,
             health_checks: 0,
             unreachable_since: None,
-            announced: ProvisionPhase::Starting,
         }
     }
 

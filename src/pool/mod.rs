@@ -197,8 +197,6 @@ struct Entry {
     next_renew: Instant,
     health_checks: u32,
     unreachable_since: Option<Instant>,
-    /// The provisioning phase last announced (for jobs that start waiting later).
-    announced: ProvisionPhase,
 }
 
 impl Entry {
@@ -462,9 +460,6 @@ impl Pool {
     }
 
     fn announce(&self, spec: &MachineSpec, id: &str, phase: ProvisionPhase, since: Instant) {
-        if let Some(e) = self.state().machines.get_mut(id) {
-            e.announced = phase;
-        }
         self.send(PoolEvent::Provisioning {
             spec: spec.clone(),
             machine_id: id.to_string(),

@@ -74,13 +74,14 @@ impl Pool {
             let needed = (queued + assigned).div_ceil(policy.jobs_per_machine);
             let target = needed.max(policy.min_warm).min(policy.max_machines);
 
-            // Jobs that started waiting after a launch was announced hear where it is.
+            // Jobs that start waiting while a machine is launching hear that they wait for it (and its later
+            // phases as they come); the scheduler tells each job each (machine, phase) once.
             if demand_changed && queued > 0 {
                 for e in live.iter().filter(|e| e.phase != MachinePhase::Ready) {
                     self.send(PoolEvent::Provisioning {
                         spec: spec.clone(),
                         machine_id: e.id.clone(),
-                        phase: e.announced,
+                        phase: ProvisionPhase::WaitingForMachine,
                         elapsed: now.saturating_duration_since(e.launched_at),
                     });
                 }

@@ -619,3 +619,38 @@ async fn api_faults_while_provisioning_cost_no_extra_machine() {
     assert!(emu.running_machines().is_empty());
     emu.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_arriving_during_a_launch_hears_it_waits_for_that_machine() {
+    let emu = runcomfy(RunComfyEmulatorConfig {
+        boot_time: Duration::from_secs(2),
+        ..fast_emulator(Duration::ZERO)
+    })
+    .await;
+    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
+    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
+    let channel = p.channel().await;
+    let first = submit(&p).await;
+    let starting = pb::ProvisioningPhase::Starting as i32;
+    crate::helpers::wait_for_event(
+        &channel,
+        &first,
+        |e| matches!(&e.kind, Some(pb::job_event::Kind::Provisioning(p)) if p.phase == starting),
+    )
+    .await;
+    let second = submit(&p).await;
+    let events = collect_events(&channel, &second, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    use pb::ProvisioningPhase as P;
+    let expected = [P::WaitingForMachine, P::Ready, P::ComfyuiReachable].map(|p| p as i32);
+    assert_eq!(provisioning_phases(&events), expected, "{events:#?}");
+    assert_eq!(emu.machines_launched(), 1);
+    let first_events = collect_events(&channel, &first, 0).await;
+    assert!(
+        !provisioning_phases(&first_events).contains(&(P::WaitingForMachine as i32)),
+        "{first_events:#?}"
+    );
+    p.stop().await;
+    assert!(emu.running_machines().is_empty());
+    emu.shutdown().await;
+}
