@@ -128,6 +128,42 @@ impl Process {
         pb::machine_service_client::MachineServiceClient::new(self.channel().await)
     }
 
+    /// Polls `GetMachine` (every 20 ms, up to 10 s) until `pred` holds: comfyrelay records a machine's
+    /// changes as the provider confirms them, which the test cannot be notified of.
+    async fn machine_when(
+        &self,
+        machine_id: &str,
+        what: &str,
+        pred: impl Fn(&pb::Machine) -> bool,
+    ) -> pb::Machine {
+        let mut client = self.machines().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let request = pb::GetMachineRequest { machine_id: machine_id.into() };
+            let m = client.get_machine(request).await.expect("get machine").into_inner();
+            if pred(&m) {
+                return m;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}: {m:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Like [`Process::machine_when`], over `ListMachines(include_stopped)`.
+    async fn machines_when(&self, what: &str, pred: impl Fn(&[pb::Machine]) -> bool) -> Vec<pb::Machine> {
+        let mut client = self.machines().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let request = pb::ListMachinesRequest { include_stopped: true, ..Default::default() };
+            let listed = client.list_machines(request).await.expect("list machines").into_inner().machines;
+            if pred(&listed) {
+                return listed;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}: {listed:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Graceful stop (SIGTERM).
     async fn stop(mut self) {
         self.shutdown.cancel();
@@ -204,16 +240,8 @@ async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
 
     // The machine, its lease and its cost through MachineService (the finished job is counted once the
     // scheduler hears the slot is free, just after the terminal event).
-    let mut machines = p.machines().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    let m = loop {
-        let request = pb::GetMachineRequest { machine_id: launched[0].server_id.clone() };
-        let m = machines.get_machine(request).await.expect("get machine").into_inner();
-        if m.jobs_completed == 1 || tokio::time::Instant::now() > deadline {
-            break m;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let machine_id = &launched[0].server_id;
+    let m = p.machine_when(machine_id, "the finished job is counted", |m| m.jobs_completed == 1).await;
     assert_eq!(m.kind, pb::MachineKind::Runcomfy as i32);
     assert_eq!(m.state, pb::MachineState::Ready as i32);
     assert_eq!(m.server_type, "medium");
@@ -286,17 +314,8 @@ async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
     })
     .await;
     // comfyrelay records each stop once the API confirmed it.
-    let mut client = p.machines().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let listed = loop {
-        let request = pb::ListMachinesRequest { include_stopped: true, ..Default::default() };
-        let listed = client.list_machines(request).await.unwrap().into_inner().machines;
-        if listed.iter().all(|m| m.state == pb::MachineState::Stopped as i32) {
-            break listed;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "not all recorded as stopped: {listed:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let stopped = |m: &pb::Machine| m.state == pb::MachineState::Stopped as i32;
+    let listed = p.machines_when("all are recorded as stopped", |l| l.iter().all(stopped)).await;
     assert_eq!(listed.len(), 3);
     assert!(listed.iter().all(|m| m.stop_time.is_some() && m.billed_seconds > 0.0), "{listed:?}");
     let current =
@@ -397,20 +416,8 @@ async fn a_restart_adopts_tracked_machines_and_stops_the_ones_it_meant_to_stop()
         .unwrap()
         .into_inner();
     assert!(drained.draining);
-    let mut probe = p.machines().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = probe
-            .get_machine(pb::GetMachineRequest { machine_id: ids[0].clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.state == pb::MachineState::Stopping as i32 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "never tried to stop the drained machine: {m:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stopping = pb::MachineState::Stopping as i32;
+    p.machine_when(&ids[0], "the drained machine is being stopped", |m| m.state == stopping).await;
     p.kill().await;
     emu.faults().clear();
     assert_eq!(emu.running_machines().len(), 2);
@@ -555,20 +562,9 @@ async fn a_drained_pool_machine_is_stopped_once_idle() {
         .unwrap()
         .into_inner();
     assert!(drained.draining, "{drained:?}");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let m = machines
-            .get_machine(pb::GetMachineRequest { machine_id: id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if m.state == pb::MachineState::Stopped as i32 {
-            assert!(m.billed_seconds > 0.0 && m.stop_time.is_some(), "{m:?}");
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the drained machine was not stopped: {m:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let stopped = pb::MachineState::Stopped as i32;
+    let m = p.machine_when(&id, "the drained machine is stopped", |m| m.state == stopped).await;
+    assert!(m.billed_seconds > 0.0 && m.stop_time.is_some(), "{m:?}");
     assert!(emu.running_machines().is_empty());
     let missing =
         machines.get_machine(pb::GetMachineRequest { machine_id: "nope".into() }).await.unwrap_err();
