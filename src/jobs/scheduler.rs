@@ -68,8 +68,8 @@ pub(super) struct Scheduler {
     published: HashMap<JobId, u32>,
     last_published: Option<tokio::time::Instant>,
     last_demand: BTreeMap<MachineSpec, usize>,
-    /// The last provisioning phase told to each waiting job, so a phase re-announced for late arrivals is
-    /// not repeated to jobs that already have it.
+    /// The last (machine, provisioning phase) told to each waiting job: the pool announces to every job
+    /// waiting for a spec, and a job must not hear the same news twice.
     provisioning: HashMap<JobId, (String, &'static str)>,
 }
 

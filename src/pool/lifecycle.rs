@@ -1,5 +1,7 @@
 //! A machine's life: launch, bring-up (Ready, ComfyUI health), stop, lease renewals, health checks.
 
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+
 use super::*;
 
 impl Pool {
@@ -59,7 +61,7 @@ impl Pool {
                 if !e.is_ambiguous() {
                     let _ = self.inner.store.delete_machine(&record_id).await;
                 }
-                self.launch_failed(&spec, format!("launch failed: {}", public_error(&e)), true);
+                self.launch_failed(&spec, format!("launch failed: {}", e), true);
                 return;
             }
             Some(Ok(server)) => server,
@@ -70,7 +72,7 @@ impl Pool {
             if let Some(n) = st.launching.get_mut(&spec) {
                 *n = n.saturating_sub(1);
             }
-            st.stats.launched += 1;
+            st.counters.launched += 1;
             let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, started);
             entry.busy = true;
             st.machines.insert(id.clone(), entry);
@@ -131,7 +133,7 @@ impl Pool {
         let server = match waited {
             Ok(server) => server,
             Err(e) => {
-                let reason = format!("did not become ready: {}", public_error(&e));
+                let reason = format!("did not become ready: {}", e);
                 self.launch_failed(&spec, format!("machine {id} {reason}"), false);
                 self.mark_for_stop(&id, MachinePhase::Unhealthy, reason);
                 return;
@@ -226,7 +228,11 @@ impl Pool {
     /// Whether the machine's ComfyUI answers `/system_stats` and accepts the WebSocket within `timeout`.
     pub(super) async fn wait_comfyui(&self, machine: &Machine, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(250);
+        let mut pauses = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(250))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .build();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -236,8 +242,7 @@ impl Pool {
                 let left = deadline.saturating_duration_since(Instant::now());
                 return machine.conn.wait_connected(left).await.is_ok();
             }
-            tokio::time::sleep(pause.min(left)).await;
-            pause = (pause * 2).min(Duration::from_secs(5));
+            tokio::time::sleep(pauses.next().unwrap_or(left).min(left)).await;
         }
     }
 
@@ -245,7 +250,7 @@ impl Pool {
     pub(super) fn launch_failed(&self, spec: &MachineSpec, reason: String, launch_call_failed: bool) {
         let gave_up = {
             let mut st = self.state();
-            st.stats.launch_failures += 1;
+            st.counters.launch_failures += 1;
             let f = st.failures.entry(spec.clone()).or_default();
             f.consecutive += 1;
             let backoff = self.inner.config.launch_retry_backoff * 2u32.saturating_pow(f.consecutive - 1);
@@ -318,6 +323,13 @@ impl Pool {
         }
         self.persist(&id).await;
         info!(machine = %id, %reason, "stopping RunComfy machine");
+        // The client already retried transient failures; these pauses are between its attempts.
+        let mut pauses = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_secs(2))
+            .with_max_delay(STOP_RETRY)
+            .with_jitter()
+            .without_max_times()
+            .build();
         let mut attempt = 0u32;
         loop {
             match self.inner.client.delete_server(&id).await {
@@ -333,15 +345,15 @@ impl Pool {
                 }
                 Err(e) => {
                     attempt += 1;
-                    error!(error = %public_error(&e), attempt, "DELETE failed; the machine is still billed; retrying");
-                    tokio::time::sleep(STOP_RETRY.min(Duration::from_secs(u64::from(attempt) * 2))).await;
+                    error!(error = %e, attempt, "DELETE failed; the machine is still billed; retrying");
+                    tokio::time::sleep(pauses.next().unwrap_or(STOP_RETRY)).await;
                 }
             }
         }
         let now = Instant::now();
         let billed = {
             let mut st = self.state();
-            st.stats.stopped += 1;
+            st.counters.stopped += 1;
             let Some(e) = st.machines.get_mut(&id) else { return };
             e.phase = MachinePhase::Stopped;
             e.stopped_at = Some(now);
@@ -397,7 +409,7 @@ impl Pool {
             Ok(_) => {
                 {
                     let mut st = self.state();
-                    st.stats.renewals += 1;
+                    st.counters.renewals += 1;
                     if let Some(e) = st.machines.get_mut(&id) {
                         // Ready was seen up to one status poll late: count the lease from a poll earlier.
                         let slack = self.inner.client.options().ready_poll_interval;
@@ -413,7 +425,7 @@ impl Pool {
                 self.gone(&id, "the provider no longer knows it".into());
             }
             Err(e) => {
-                warn!(error = %public_error(&e), "cannot extend the lease; retrying");
+                warn!(error = %e, "cannot extend the lease; retrying");
                 if let Some(e) = self.state().machines.get_mut(&id) {
                     e.busy = false;
                     e.next_renew = Instant::now() + RENEW_RETRY;
@@ -451,7 +463,7 @@ impl Pool {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    debug!(error = %public_error(&e), "status check failed; not counted against the machine")
+                    debug!(error = %e, "status check failed; not counted against the machine")
                 }
             }
         }
@@ -475,7 +487,7 @@ impl Pool {
             }
         };
         if let Some(reason) = unhealthy {
-            self.state().stats.unhealthy += 1;
+            self.state().counters.unhealthy += 1;
             error!(machine = %id, %reason, "machine unhealthy; replacing it");
             self.mark_for_stop(&id, MachinePhase::Unhealthy, reason);
         }
@@ -484,7 +496,7 @@ impl Pool {
     /// The provider stopped the machine by itself (lease ran out, failure): retire it and confirm.
     pub(super) fn gone(&self, id: &str, reason: String) {
         warn!(machine = %id, %reason, "RunComfy machine gone");
-        self.state().stats.unhealthy += 1;
+        self.state().counters.unhealthy += 1;
         self.mark_for_stop(id, MachinePhase::Unhealthy, reason);
     }
 }

@@ -166,6 +166,15 @@ struct Record {
     reason: String,
 }
 
+impl Record {
+    fn spec(&self) -> MachineSpec {
+        MachineSpec {
+            workflow_version_id: self.workflow_version_id.clone(),
+            server_type: self.server_type.clone(),
+        }
+    }
+}
+
 /// The persisted record of a launch in flight.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct LaunchRecord {
@@ -263,7 +272,17 @@ struct State {
     /// The account's servers were reconciled with the store (no launch before that).
     reconciled: bool,
     closing: bool,
-    stats: PoolStats,
+    counters: Counters,
+}
+
+/// Event counts since start (the rest of [`PoolStats`] is derived from the machines).
+#[derive(Debug, Default, Clone)]
+struct Counters {
+    launched: u64,
+    launch_failures: u64,
+    stopped: u64,
+    unhealthy: u64,
+    renewals: u64,
 }
 
 /// What the planner decided.
@@ -364,20 +383,24 @@ impl Pool {
         self.state().machines.get(id).map(|e| e.view(now))
     }
 
-    /// Totals so far.
+    /// Counts since start, and billing of the machines the pool remembers (stopped ones included, up to the
+    /// last 200).
     pub fn stats(&self) -> PoolStats {
         let now = Instant::now();
         let st = self.state();
-        let mut stats = st.stats.clone();
-        stats.billed_seconds = 0.0;
-        stats.cost_usd = 0.0;
-        for e in st.machines.values() {
-            let b = e.billed(now).as_secs_f64();
-            stats.billed_seconds += b;
-            stats.cost_usd += b * e.price / 3600.0;
+        let c = st.counters.clone();
+        let billed: Vec<(f64, f64)> =
+            st.machines.values().map(|e| (e.billed(now).as_secs_f64(), e.price)).collect();
+        PoolStats {
+            launched: c.launched,
+            launch_failures: c.launch_failures,
+            stopped: c.stopped,
+            unhealthy: c.unhealthy,
+            renewals: c.renewals,
+            billed_seconds: billed.iter().map(|(b, _)| b).sum(),
+            cost_usd: billed.iter().map(|(b, p)| b * p / 3600.0).sum(),
+            running: st.machines.values().filter(|e| e.phase != MachinePhase::Stopped).count(),
         }
-        stats.running = st.machines.values().filter(|e| e.phase != MachinePhase::Stopped).count();
-        stats
     }
 
     /// Takes no new jobs on the machine and stops it once idle. `None` if the pool has no such machine.
@@ -528,11 +551,6 @@ fn lease_end(server: &Server, now: Instant, slack: Duration) -> Instant {
         _ => Duration::from_secs(server.estimated_duration.unwrap_or(0)),
     };
     now + total.saturating_sub(slack)
-}
-
-/// An API error as it may be shown to callers and logs: the client's errors never carry the token.
-fn public_error(e: &RunComfyError) -> String {
-    e.to_string()
 }
 
 fn now_ms() -> i64 {

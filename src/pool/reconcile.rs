@@ -36,7 +36,7 @@ impl Pool {
     /// for jobs.
     pub(super) async fn reconcile(&self) -> Result<Vec<Arc<Machine>>, ReconcileError> {
         let rows = self.inner.store.list_machines().await.map_err(|e| ReconcileError(e.to_string()))?;
-        let servers = self.inner.client.list_servers().await.map_err(|e| ReconcileError(public_error(&e)))?;
+        let servers = self.inner.client.list_servers().await.map_err(|e| ReconcileError(e.to_string()))?;
         let mut records: HashMap<String, (MachineRow, Record)> = HashMap::new();
         let mut launches: Vec<(String, LaunchRecord)> = Vec::new();
         for row in rows {
@@ -65,11 +65,7 @@ impl Pool {
                 {
                     return None;
                 }
-                let spec = MachineSpec {
-                    workflow_version_id: r.workflow_version_id.clone(),
-                    server_type: r.server_type.clone(),
-                };
-                Some((s.server_id.clone(), s.main_service_url.clone()?, spec))
+                Some((s.server_id.clone(), s.main_service_url.clone()?, r.spec()))
             })
             .collect();
         let probes = candidates.into_iter().map(|(id, url, spec)| async move {
@@ -90,15 +86,13 @@ impl Pool {
         let mut seen = BTreeSet::new();
         for server in &servers {
             let id = server.server_id.clone();
-            seen.insert(id.clone());
             if server.current_status.is_terminal() {
+                // Stopping or stopped by itself (no longer billed): recorded as stopped below.
                 continue;
             }
+            seen.insert(id.clone());
             if let Some((_, record)) = records.get(&id) {
-                let spec = MachineSpec {
-                    workflow_version_id: record.workflow_version_id.clone(),
-                    server_type: record.server_type.clone(),
-                };
+                let spec = record.spec();
                 let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, now);
                 entry.launched_ms = record.launched_ms;
                 entry.price = record.price_per_hour_usd;
@@ -197,9 +191,15 @@ impl Pool {
                 to_stop.push((id.clone(), reason));
             }
         }
-        // Tracked machines the API no longer lists stopped by themselves (lease) or were deleted.
+        // Tracked machines the API no longer lists stopped by themselves (lease) or were deleted; they and
+        // the machines already stopped are kept as history for `ListMachines(include_stopped)`.
+        let mut history: Vec<(String, Record)> = Vec::new();
         for (id, (row, record)) in &records {
-            if seen.contains(id) || record.phase == MachinePhase::Stopped {
+            if seen.contains(id) {
+                continue;
+            }
+            if record.phase == MachinePhase::Stopped {
+                history.push((id.clone(), record.clone()));
                 continue;
             }
             let mut record = record.clone();
@@ -220,7 +220,15 @@ impl Pool {
                 ..row.clone()
             };
             let _ = self.inner.store.put_machine(&row).await;
+            history.push((id.clone(), record));
         }
+        {
+            let mut st = self.state();
+            for (id, record) in history {
+                st.machines.entry(id.clone()).or_insert_with(|| self.stopped_entry(&id, &record, now));
+            }
+        }
+        self.prune_stopped();
         for (launch_id, _) in launches {
             let _ = self.inner.store.delete_machine(&launch_id).await;
         }
@@ -242,5 +250,20 @@ impl Pool {
         info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
         self.inner.wake.notify_one();
         Ok(adopted)
+    }
+
+    /// A machine stopped before this start, as history.
+    fn stopped_entry(&self, id: &str, record: &Record, now: Instant) -> Entry {
+        let mut e = self.new_entry(id, record.spec(), MachinePhase::Stopped, now);
+        e.launched_ms = record.launched_ms;
+        e.price = record.price_per_hour_usd;
+        e.ready_ms = record.ready_ms;
+        e.stopped_ms = record.stopped_ms;
+        e.reason = record.reason.clone();
+        // Only the span between these two instants is ever read: the billed time.
+        let billed = Duration::from_secs_f64(record.billed_seconds.max(0.0));
+        e.stopped_at = Some(now);
+        e.ready_at = record.ready_ms.map(|_| now.checked_sub(billed).unwrap_or(now));
+        e
     }
 }

@@ -215,7 +215,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
         wait_p95: percentile(&mut waits, 0.95),
         wait_max: percentile(&mut waits, 1.0),
         busy_seconds: busy,
-        pool: PoolStats { running: left_running, ..stats },
+        pool: stats,
         provider_billed_seconds: emulator.total_billed_seconds(),
         peak_machines: peak,
         left_running,

@@ -375,17 +375,14 @@ async fn a_killed_comfyrelay_leaves_machines_that_stop_by_their_lease() {
     let billed = emu.billed_seconds(&machine).expect("billed");
     assert!(billed <= 3.0 + 0.5, "billed {billed} s with a 3 s lease");
 
-    // A restart finds it stopped and records it so.
+    // A restart finds it stopped, records it so (with its billing up to the lease) and keeps it as history.
     let p = Process::start(config).await;
-    let listed = p
-        .machines()
-        .await
-        .list_machines(pb::ListMachinesRequest { include_stopped: true, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .machines;
-    assert!(listed.iter().all(|m| m.state != pb::MachineState::Ready as i32), "{listed:?}");
+    let listed = p.machines_when("the machine is listed", |l| !l.is_empty()).await;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let m = &listed[0];
+    assert_eq!(m.id, machine);
+    assert_eq!(m.state, pb::MachineState::Stopped as i32, "{m:?}");
+    assert!(m.stop_time.is_some() && m.billed_seconds > 0.0 && m.billed_seconds <= 4.0, "{m:?}");
     p.stop().await;
     assert_eq!(emu.machines_launched(), 1);
     emu.shutdown().await;
