@@ -79,6 +79,38 @@ fn pool_config(data_dir: &Path, workflows: &Path, emu: &RunComfyEmulator) -> Con
     config
 }
 
+/// An emulated RunComfy account with comfyrelay's test configuration for it (private data and workflow
+/// directories): each test adjusts `config`, starts comfyrelay, and ends with [`Account::finish`].
+struct Account {
+    emu: RunComfyEmulator,
+    config: Config,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl Account {
+    async fn new(emu: RunComfyEmulatorConfig) -> Self {
+        let emu = runcomfy(emu).await;
+        let (data, workflows) = (tempfile::tempdir().expect("tempdir"), workflows_dir());
+        let config = pool_config(data.path(), workflows.path(), &emu);
+        Self { emu, config, _dirs: (data, workflows) }
+    }
+
+    /// Starts comfyrelay (again, after a stop or a kill: same data directory) and connects to it.
+    async fn start(&self) -> (Process, Channel) {
+        let p = Process::start(self.config.clone()).await;
+        let channel = p.channel().await;
+        (p, channel)
+    }
+
+    /// Stops comfyrelay gracefully; no machine may be left running at the provider.
+    async fn finish(self, p: Process) {
+        p.stop().await;
+        let running = self.emu.running_machines();
+        assert!(running.is_empty(), "a machine was left running: {running:?}");
+        self.emu.shutdown().await;
+    }
+}
+
 /// comfyrelay on its own runtime (a separate thread), so a test can kill it the way a crash would: every
 /// task stops at once, nothing shuts down gracefully.
 struct Process {
@@ -222,10 +254,8 @@ fn started_machine(events: &[pb::JobEvent]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
-    let channel = p.channel().await;
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    let (p, channel) = acc.start().await;
 
     let id = submit(&p).await;
     let events = collect_events(&channel, &id, 0).await;
@@ -234,7 +264,7 @@ async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
     let phases = provisioning_phases(&events);
     let order = [P::LaunchRequested, P::Starting, P::Ready, P::ComfyuiReachable].map(|p| p as i32);
     assert_eq!(phases, order, "provisioning phases in order, once each: {events:#?}");
-    let launched = emu.machines();
+    let launched = acc.emu.machines();
     assert_eq!(launched.len(), 1, "one machine launched");
     assert_eq!(started_machine(&events), vec![launched[0].server_id.clone()]);
 
@@ -258,18 +288,20 @@ async fn a_job_runs_on_a_launched_machine_with_provisioning_events_and_cost() {
 
     // A graceful stop deletes the machine; the emulator's billing matches ours within a second.
     p.stop().await;
-    assert!(emu.running_machines().is_empty(), "a machine was left running: {:?}", emu.running_machines());
-    let billed = emu.billed_seconds(&launched[0].server_id).expect("billed");
+    assert!(
+        acc.emu.running_machines().is_empty(),
+        "a machine was left running: {:?}",
+        acc.emu.running_machines()
+    );
+    let billed = acc.emu.billed_seconds(&launched[0].server_id).expect("billed");
     assert!(billed > 0.0 && billed < 30.0, "billed {billed}");
-    emu.shutdown().await;
+    acc.emu.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_warm_machine_is_reused_without_a_new_launch() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
-    let channel = p.channel().await;
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    let (p, channel) = acc.start().await;
 
     let first = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&first), "succeeded");
@@ -277,23 +309,18 @@ async fn a_warm_machine_is_reused_without_a_new_launch() {
     assert_eq!(terminal(&second), "succeeded");
     assert!(provisioning_phases(&second).is_empty(), "the second job provisioned nothing: {second:#?}");
     assert_eq!(started_machine(&first), started_machine(&second), "same machine");
-    assert_eq!(emu.machines_launched(), 1);
+    assert_eq!(acc.emu.machines_launched(), 1);
 
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
-    let emu = runcomfy(fast_emulator(Duration::from_millis(150))).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.default_pool.max_machines = 3;
-    config.runcomfy.default_pool.jobs_per_machine = 2;
-    config.runcomfy.default_pool.idle_stop = Duration::from_secs(1);
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::from_millis(150))).await;
+    acc.config.runcomfy.default_pool.max_machines = 3;
+    acc.config.runcomfy.default_pool.jobs_per_machine = 2;
+    acc.config.runcomfy.default_pool.idle_stop = Duration::from_secs(1);
+    let (p, channel) = acc.start().await;
 
     let mut ids = Vec::new();
     for _ in 0..12 {
@@ -305,12 +332,12 @@ async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
         assert_eq!(terminal(&events), "succeeded", "{events:#?}");
         used.extend(started_machine(&events));
     }
-    assert_eq!(emu.machines_launched(), 3, "scaled up to max_machines, no further");
+    assert_eq!(acc.emu.machines_launched(), 3, "scaled up to max_machines, no further");
     assert_eq!(used.len(), 3, "jobs spread over the three machines: {used:?}");
 
     // Idle for idle_stop: every machine is stopped (min_warm is 0) and shows as STOPPED.
     eventually("the idle machines are stopped", Duration::from_secs(20), || {
-        emu.running_machines().is_empty()
+        acc.emu.running_machines().is_empty()
     })
     .await;
     // comfyrelay records each stop once the API confirmed it.
@@ -321,8 +348,7 @@ async fn the_pool_scales_up_to_its_maximum_under_load_and_down_when_idle() {
     let current =
         p.machines().await.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
     assert!(current.machines.is_empty(), "stopped machines are listed only on request");
-    p.stop().await;
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,79 +358,71 @@ async fn a_storm_of_429s_is_ridden_out_within_the_rate_limit() {
     // 429 beyond the injected ones means it went over the rate (not that two clocks disagreed by a tick).
     emu_config.requests_per_second = 2;
     emu_config.burst = 3;
-    let emu = runcomfy(emu_config).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.requests_per_second = 2;
-    config.runcomfy.burst = 1;
-    config.runcomfy.status_poll = Duration::from_millis(500);
-    emu.faults().rate_limit_requests(6, Duration::from_millis(300));
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(emu_config).await;
+    acc.config.runcomfy.requests_per_second = 2;
+    acc.config.runcomfy.burst = 1;
+    acc.config.runcomfy.status_poll = Duration::from_millis(500);
+    acc.emu.faults().rate_limit_requests(6, Duration::from_millis(300));
+    let (p, channel) = acc.start().await;
 
     let events = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     p.stop().await;
     // Only the six injected 429s: comfyrelay itself never went over the account's rate.
     assert_eq!(
-        emu.rate_limited_responses(),
+        acc.emu.rate_limited_responses(),
         6,
         "429s beyond the injected ones mean the limiter was exceeded"
     );
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    assert!(acc.emu.running_machines().is_empty());
+    acc.emu.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_comfyrelay_leaves_machines_that_stop_by_their_lease() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.lease = Duration::from_secs(3);
-    let p = Process::start(config.clone()).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.lease = Duration::from_secs(3);
+    let (p, channel) = acc.start().await;
     let events = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&events), "succeeded");
-    let machine = emu.machines()[0].server_id.clone();
+    let machine = acc.emu.machines()[0].server_id.clone();
     p.kill().await;
-    assert_eq!(emu.running_machines().len(), 1, "the crash stopped nothing");
+    assert_eq!(acc.emu.running_machines().len(), 1, "the crash stopped nothing");
 
     // Nobody renews the lease: the machine stops itself within it.
-    eventually("the lease stops the machine", Duration::from_secs(10), || emu.running_machines().is_empty())
-        .await;
-    let billed = emu.billed_seconds(&machine).expect("billed");
+    eventually("the lease stops the machine", Duration::from_secs(10), || {
+        acc.emu.running_machines().is_empty()
+    })
+    .await;
+    let billed = acc.emu.billed_seconds(&machine).expect("billed");
     assert!(billed <= 3.0 + 0.5, "billed {billed} s with a 3 s lease");
 
     // A restart finds it stopped, records it so (with its billing up to the lease) and keeps it as history.
-    let p = Process::start(config).await;
+    let (p, _) = acc.start().await;
     let listed = p.machines_when("the machine is listed", |l| !l.is_empty()).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     let m = &listed[0];
     assert_eq!(m.id, machine);
     assert_eq!(m.state, pb::MachineState::Stopped as i32, "{m:?}");
     assert!(m.stop_time.is_some() && m.billed_seconds > 0.0 && m.billed_seconds <= 4.0, "{m:?}");
-    p.stop().await;
-    assert_eq!(emu.machines_launched(), 1);
-    emu.shutdown().await;
+    assert_eq!(acc.emu.machines_launched(), 1, "the restart launched nothing");
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_adopts_tracked_machines_and_stops_the_ones_it_meant_to_stop() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.default_pool.max_machines = 2;
-    config.runcomfy.default_pool.jobs_per_machine = 1;
-    let p = Process::start(config.clone()).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.default_pool.max_machines = 2;
+    acc.config.runcomfy.default_pool.jobs_per_machine = 1;
+    let (p, channel) = acc.start().await;
     let (a, b) = (submit(&p).await, submit(&p).await);
     for id in [&a, &b] {
         assert_eq!(terminal(&collect_events(&channel, id, 0).await), "succeeded");
     }
-    let ids: Vec<String> = emu.running_machines().iter().map(|m| m.server_id.clone()).collect();
+    let ids: Vec<String> = acc.emu.running_machines().iter().map(|m| m.server_id.clone()).collect();
     assert_eq!(ids.len(), 2);
     // The operator drains one while every DELETE fails: it stays tracked as stopping; then comfyrelay dies.
-    emu.faults().fail_requests(10_000, 503);
+    acc.emu.faults().fail_requests(10_000, 503);
     let drained = p
         .machines()
         .await
@@ -416,41 +434,36 @@ async fn a_restart_adopts_tracked_machines_and_stops_the_ones_it_meant_to_stop()
     let stopping = pb::MachineState::Stopping as i32;
     p.machine_when(&ids[0], "the drained machine is being stopped", |m| m.state == stopping).await;
     p.kill().await;
-    emu.faults().clear();
-    assert_eq!(emu.running_machines().len(), 2);
+    acc.emu.faults().clear();
+    assert_eq!(acc.emu.running_machines().len(), 2);
 
     // The restart stops the machine it was stopping and adopts the other, which takes the next job.
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let (p, channel) = acc.start().await;
     let next = submit(&p).await;
     let events = collect_events(&channel, &next, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     assert_eq!(started_machine(&events), vec![ids[1].clone()], "ran on the adopted machine");
     assert!(provisioning_phases(&events).is_empty(), "no launch for the adopted machine");
     eventually("the drained machine is stopped", Duration::from_secs(10), || {
-        emu.running_machines().iter().all(|m| m.server_id != ids[0])
+        acc.emu.running_machines().iter().all(|m| m.server_id != ids[0])
     })
     .await;
-    assert_eq!(emu.machines_launched(), 2, "nothing new launched");
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    assert_eq!(acc.emu.machines_launched(), 2, "nothing new launched");
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
-    let emu = runcomfy(fast_emulator(Duration::from_millis(400))).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
-    let channel = p.channel().await;
+    let acc = Account::new(fast_emulator(Duration::from_millis(400))).await;
+    let (p, channel) = acc.start().await;
     let id = submit(&p).await;
     // Executing (past the upload): the machine dies under a running prompt.
     crate::helpers::wait_for_event(&channel, &id, |e| {
         matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
     })
     .await;
-    let first = emu.machines()[0].server_id.clone();
-    assert!(emu.kill_machine(&first).await, "killed the machine's ComfyUI");
+    let first = acc.emu.machines()[0].server_id.clone();
+    assert!(acc.emu.kill_machine(&first).await, "killed the machine's ComfyUI");
 
     let events = collect_events(&channel, &id, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
@@ -466,24 +479,19 @@ async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
     assert_ne!(machines[1], first, "retried on a replacement");
     // The dead machine was deleted (its billing ended) while the API still called it Ready.
     eventually("the dead machine is deleted", Duration::from_secs(10), || {
-        emu.running_machines().iter().all(|m| m.server_id != first)
+        acc.emu.running_machines().iter().all(|m| m.server_id != first)
     })
     .await;
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.default_pool.ready_timeout = Duration::from_millis(600);
-    config.runcomfy.max_launch_failures = 2;
-    emu.faults().never_ready(2);
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.default_pool.ready_timeout = Duration::from_millis(600);
+    acc.config.runcomfy.max_launch_failures = 2;
+    acc.emu.faults().never_ready(2);
+    let (p, channel) = acc.start().await;
     let events = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&events), "failed", "{events:#?}");
     let Some(pb::job_event::Kind::Failed(f)) = &events.last().unwrap().kind else { unreachable!() };
@@ -492,12 +500,11 @@ async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason(
     assert!(error.message.contains("did not become ready"), "{error:?}");
     // Both stuck machines were deleted, not left starting.
     eventually("the stuck machines are deleted", Duration::from_secs(10), || {
-        emu.running_machines().is_empty()
+        acc.emu.running_machines().is_empty()
     })
     .await;
-    assert_eq!(emu.machines_launched(), 2);
-    p.stop().await;
-    emu.shutdown().await;
+    assert_eq!(acc.emu.machines_launched(), 2);
+    acc.finish(p).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -526,32 +533,25 @@ async fn the_real_pool_runs_hours_of_simulated_traffic_under_paused_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lease_is_extended_while_a_machine_has_work() {
     // Each node takes 1.5 s: the job runs well past the 3 s lease the machine was launched with.
-    let emu = runcomfy(fast_emulator(Duration::from_millis(1500))).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.lease = Duration::from_secs(3);
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::from_millis(1500))).await;
+    acc.config.runcomfy.lease = Duration::from_secs(3);
+    let (p, channel) = acc.start().await;
     let started = std::time::Instant::now();
     let events = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     assert!(started.elapsed() > Duration::from_secs(4), "the job outlived one lease");
     assert!(!events.iter().any(|e| matches!(e.kind, Some(pb::job_event::Kind::Retrying(_)))), "{events:#?}");
-    assert_eq!(emu.machines_launched(), 1);
-    assert_eq!(emu.running_machines().len(), 1, "still running: its lease was extended");
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    assert_eq!(acc.emu.machines_launched(), 1);
+    assert_eq!(acc.emu.running_machines().len(), 1, "still running: its lease was extended");
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_pool_machine_is_stopped_once_idle() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
-    let channel = p.channel().await;
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    let (p, channel) = acc.start().await;
     assert_eq!(terminal(&collect_events(&channel, &submit(&p).await, 0).await), "succeeded");
-    let id = emu.machines()[0].server_id.clone();
+    let id = acc.emu.machines()[0].server_id.clone();
     let mut machines = p.machines().await;
     let drained = machines
         .drain_machine(pb::DrainMachineRequest { machine_id: id.clone() })
@@ -562,69 +562,58 @@ async fn a_drained_pool_machine_is_stopped_once_idle() {
     let stopped = pb::MachineState::Stopped as i32;
     let m = p.machine_when(&id, "the drained machine is stopped", |m| m.state == stopped).await;
     assert!(m.billed_seconds > 0.0 && m.stop_time.is_some(), "{m:?}");
-    assert!(emu.running_machines().is_empty());
+    assert!(acc.emu.running_machines().is_empty());
     let missing =
         machines.get_machine(pb::GetMachineRequest { machine_id: "nope".into() }).await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    p.stop().await;
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_past_its_maximum_lifetime_is_replaced() {
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let mut config = pool_config(data.path(), wf.path(), &emu);
-    config.runcomfy.default_pool.max_lifetime = Duration::from_secs(1);
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.default_pool.max_lifetime = Duration::from_secs(1);
+    let (p, channel) = acc.start().await;
     let first = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&first), "succeeded");
     let old = started_machine(&first);
     // idle_stop is a minute, but the machine is over its lifetime: it is drained and stopped.
-    eventually("the old machine is stopped", Duration::from_secs(10), || emu.running_machines().is_empty())
-        .await;
+    eventually("the old machine is stopped", Duration::from_secs(10), || {
+        acc.emu.running_machines().is_empty()
+    })
+    .await;
     let second = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&second), "succeeded");
     assert_ne!(started_machine(&second), old, "a fresh machine took the next job");
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_faults_while_provisioning_cost_no_extra_machine() {
     use comfyrelay::emulator::runcomfy::LaunchFailure;
-    let emu = runcomfy(fast_emulator(Duration::ZERO)).await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let config = pool_config(data.path(), wf.path(), &emu);
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
     // The start-up reconcile meets a 5xx burst and an error carried in a 200; the launch creates the machine
     // but answers 500; the new machine is unknown (404) to the first lookups.
-    emu.faults().fail_requests(2, 503);
-    emu.faults().errors_in_200(1, 500001, "internal error");
-    emu.faults().fail_next_launch(LaunchFailure::CreatedButFailed);
-    emu.faults().not_found_after_launch(2);
-    let p = Process::start(config).await;
-    let channel = p.channel().await;
+    acc.emu.faults().fail_requests(2, 503);
+    acc.emu.faults().errors_in_200(1, 500001, "internal error");
+    acc.emu.faults().fail_next_launch(LaunchFailure::CreatedButFailed);
+    acc.emu.faults().not_found_after_launch(2);
+    let (p, channel) = acc.start().await;
     let events = collect_events(&channel, &submit(&p).await, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
-    assert_eq!(emu.machines_launched(), 1, "the failed-looking launch was found, not repeated");
-    assert_eq!(started_machine(&events), vec![emu.machines()[0].server_id.clone()]);
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    assert_eq!(acc.emu.machines_launched(), 1, "the failed-looking launch was found, not repeated");
+    assert_eq!(started_machine(&events), vec![acc.emu.machines()[0].server_id.clone()]);
+    acc.finish(p).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_arriving_during_a_launch_hears_it_waits_for_that_machine() {
-    let emu = runcomfy(RunComfyEmulatorConfig {
+    let acc = Account::new(RunComfyEmulatorConfig {
         boot_time: Duration::from_secs(2),
         ..fast_emulator(Duration::ZERO)
     })
     .await;
-    let (data, wf) = (tempfile::tempdir().unwrap(), workflows_dir());
-    let p = Process::start(pool_config(data.path(), wf.path(), &emu)).await;
-    let channel = p.channel().await;
+    let (p, channel) = acc.start().await;
     let first = submit(&p).await;
     let starting = pb::ProvisioningPhase::Starting as i32;
     crate::helpers::wait_for_event(
@@ -639,13 +628,11 @@ async fn a_job_arriving_during_a_launch_hears_it_waits_for_that_machine() {
     use pb::ProvisioningPhase as P;
     let expected = [P::WaitingForMachine, P::Ready, P::ComfyuiReachable].map(|p| p as i32);
     assert_eq!(provisioning_phases(&events), expected, "{events:#?}");
-    assert_eq!(emu.machines_launched(), 1);
+    assert_eq!(acc.emu.machines_launched(), 1);
     let first_events = collect_events(&channel, &first, 0).await;
     assert!(
         !provisioning_phases(&first_events).contains(&(P::WaitingForMachine as i32)),
         "{first_events:#?}"
     );
-    p.stop().await;
-    assert!(emu.running_machines().is_empty());
-    emu.shutdown().await;
+    acc.finish(p).await;
 }
