@@ -46,7 +46,9 @@ use crate::{
     comfy,
     config::{PoolPolicy, RunComfyConfig},
     machine::{Machine, MachineSpec, PoolEvent, ProvisionPhase, Provisioner, stable_client_id},
-    runcomfy::{DeleteOutcome, LaunchRequest, RunComfyClient, RunComfyError, Server, ServerType},
+    runcomfy::{
+        DeleteOutcome, LaunchRequest, RunComfyClient, RunComfyError, Server, ServerStatus, ServerType,
+    },
     store::{MachineRow, MachineStore},
 };
 

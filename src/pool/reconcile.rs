@@ -86,8 +86,9 @@ impl Pool {
         let mut seen = BTreeSet::new();
         for server in &servers {
             let id = server.server_id.clone();
-            if server.current_status.is_terminal() {
-                // Stopping or stopped by itself (no longer billed): recorded as stopped below.
+            let settled = matches!(server.current_status, ServerStatus::Deleting | ServerStatus::Stopped);
+            if settled || (server.current_status.is_terminal() && !records.contains_key(&id)) {
+                // Being deleted or stopped (no longer billed): a tracked one is recorded as stopped below.
                 continue;
             }
             seen.insert(id.clone());
@@ -96,15 +97,28 @@ impl Pool {
                 let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, now);
                 entry.launched_ms = record.launched_ms;
                 entry.price = record.price_per_hour_usd;
+                // To stop: what we were stopping, and what the provider reports `Stopping` or `Error` (values
+                // only seen in client code; a DELETE is what confirms the billing has stopped).
+                let leftover = if server.current_status.is_terminal() {
+                    Some(format!("reported {} by RunComfy after a restart", server.current_status))
+                } else if matches!(
+                    record.phase,
+                    MachinePhase::Stopping | MachinePhase::Stopped | MachinePhase::Unhealthy
+                ) {
+                    Some(format!("left running ({:?}) by an earlier run", record.phase))
+                } else {
+                    None
+                };
+                if let Some(reason) = leftover {
+                    entry.phase = MachinePhase::Unhealthy;
+                    entry.reason = reason.clone();
+                    entry.busy = true;
+                    adopt_timing(&mut entry, server, record, now);
+                    self.state().machines.insert(id.clone(), entry);
+                    to_stop.push((id.clone(), reason));
+                    continue;
+                }
                 match record.phase {
-                    MachinePhase::Stopping | MachinePhase::Stopped | MachinePhase::Unhealthy => {
-                        entry.phase = MachinePhase::Unhealthy;
-                        entry.reason = format!("left running ({:?}) by an earlier run", record.phase);
-                        adopt_timing(&mut entry, server, record, now);
-                        to_stop.push((id.clone(), entry.reason.clone()));
-                        entry.busy = true;
-                        self.state().machines.insert(id.clone(), entry);
-                    }
                     _ if server.current_status.is_ready() && server.main_service_url.is_some() => {
                         adopt_timing(&mut entry, server, record, now);
                         let url = server.main_service_url.clone().unwrap_or_default();
