@@ -1,192 +1,543 @@
-//! End-to-end figures: comfyrelay in front of the emulated ComfyUI, in one process, over real loopback
-//! sockets. Prints latency percentiles, throughput and memory; asserts nothing.
+//! What a job costs through comfyrelay, side by side with a direct ComfyUI client on the same emulated
+//! ComfyUI, in one run. Prints figures; asserts only that jobs succeed (a benchmark of failures means
+//! nothing).
 //!
-//! Run: `cargo bench --bench throughput` (release build). `BENCH_JOBS=N` changes the job count.
+//! comfyrelay runs as its own process (the release binary, `comfyrelay serve`), so its CPU time and
+//! resident memory are its own; the emulated ComfyUI and every client run in this process. Phases:
+//! 1. sequential jobs (upload → LoadImage → ImageInvert → SaveImage → download): the direct client alone,
+//!    then comfyrelay (`SubmitJob` → `StreamJob` to the terminal event, output inline), p50/p99 and CPU;
+//! 2. the same with 8 concurrent clients (8 connections each), throughput and CPU;
+//! 3. the lag of each frame of a 50-frame SaveImageWebsocket job at a subscriber, behind the emulator's
+//!    send time;
+//! 4. jobs until 10,000 have run, then comfyrelay's resident memory;
+//! 5. durable `SubmitJob`/s with distinct 256 KiB images from 8 clients (a second comfyrelay whose only
+//!    ComfyUI is unreachable, so jobs stay queued and only submission is measured);
+//! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
+//!    gap-free, and the memory each costs.
+//!
+//! Run: `cargo bench --bench throughput`. `BENCH_JOBS=N` sets the sequential count (500), `BENCH_TOTAL=N`
+//! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000).
 
-use std::time::{Duration, Instant};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
+use bytes::Bytes;
 use comfyrelay::{
-    Config,
-    comfy::{ClientOptions, ComfyClient, ComfyConnection, PromptEvent},
+    comfy::{ClientOptions, ComfyClient, ComfyConnection, FileRef, PromptEvent},
     emulator::comfyui::ComfyEmulator,
     proto::pb,
 };
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-fn png() -> Vec<u8> {
-    let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 77]));
+type JobClient = pb::job_service_client::JobServiceClient<Channel>;
+
+fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        // A cheap hash, so the image does not compress: the PNG is about w*h*3 bytes.
+        let v =
+            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503) ^ seed.wrapping_mul(97)).to_le_bytes();
+        image::Rgb([v[0], v[1], v[2]])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).expect("png");
     out.into_inner()
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| l.to_string()))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+// ---------------------------------------------------------------------------------------------------
+// The comfyrelay process
+// ---------------------------------------------------------------------------------------------------
+
+struct Relay {
+    child: tokio::process::Child,
+    pid: u32,
+    channels: Vec<Channel>,
 }
 
-fn percentiles(label: &str, mut samples: Vec<Duration>, wall: Duration) {
-    samples.sort();
-    let p = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
-    println!(
-        "{label:<44} n={:<5} p50={:>7.2?} p90={:>7.2?} p99={:>7.2?} max={:>7.2?}  {:.0} jobs/s",
-        samples.len(),
-        p(0.5),
-        p(0.9),
-        p(0.99),
-        samples[samples.len() - 1],
-        samples.len() as f64 / wall.as_secs_f64()
-    );
-}
-
-async fn run_to_end(
-    client: &mut pb::job_service_client::JobServiceClient<Channel>,
-    req: pb::SubmitJobRequest,
-) {
-    let job = client.submit_job(req).await.expect("submit").into_inner();
-    let mut stream = client
-        .stream_job(pb::StreamJobRequest { job_id: job.id, after_sequence: 0, skip_previews: false })
-        .await
-        .expect("stream")
-        .into_inner();
-    let mut last = None;
-    while let Some(e) = stream.message().await.expect("event") {
-        last = e.kind;
+/// Starts `comfyrelay serve` on an ephemeral port and reads the bound address from its JSON log.
+async fn start_relay(data_dir: &Path, comfy_url: &str, extra: &[(&str, &str)]) -> anyhow::Result<Relay> {
+    let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"));
+    cmd.arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("COMFYRELAY_LOG__FORMAT", "json")
+        .env("COMFYRELAY_LOG__FILTER", "warn,comfyrelay::grpc=info")
+        .env("COMFYRELAY_DATA_DIR", data_dir)
+        .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
+        .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{comfy_url}\"}}]"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        cmd.env(k, v);
     }
-    assert!(matches!(last, Some(pb::job_event::Kind::Succeeded(_))), "job did not succeed: {last:?}");
+    let mut child = cmd.spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if v["fields"]["message"] == "serving gRPC" {
+                return Ok(v["fields"]["addr"].as_str().unwrap_or_default().parse()?);
+            }
+        }
+        anyhow::bail!("comfyrelay exited before serving")
+    })
+    .await??;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    }
+    Ok(Relay { child, pid, channels })
 }
 
-fn request(image: &[u8]) -> pb::SubmitJobRequest {
+impl Relay {
+    fn client(&self, i: usize) -> JobClient {
+        JobClient::new(self.channels[i % self.channels.len()].clone())
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// User + system CPU time of the process so far.
+    fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        // Fields after the command name (which is in parentheses and may contain spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Duration::from_millis(ticks * 1000 / clock_ticks())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            .unwrap_or(0)
+    }
+
+    async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn clock_ticks() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+fn invert_request(image: &Bytes) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         source: Some(pb::submit_job_request::Source::Workflow("invert".into())),
         image: Some(pb::InputImage {
-            data: image.to_vec().into(),
+            data: image.clone(),
             filename: "b.png".into(),
-            content_type: String::new(),
+            content_type: "image/png".into(),
         }),
         ..Default::default()
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let jobs: usize = std::env::var("BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    let image = png();
-    let emulator =
-        ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
+/// Submits and follows to the terminal event; returns the arrival time of each event.
+async fn relay_job(
+    client: &mut JobClient,
+    req: pb::SubmitJobRequest,
+) -> anyhow::Result<Vec<(Instant, pb::JobEvent)>> {
+    let job = client.submit_job(req).await?.into_inner();
+    let mut stream = client
+        .stream_job(pb::StreamJobRequest { job_id: job.id, after_sequence: 0, skip_previews: false })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = stream.message().await? {
+        events.push((Instant::now(), e));
+    }
+    match events.last().and_then(|(_, e)| e.kind.as_ref()) {
+        Some(pb::job_event::Kind::Succeeded(s)) if !s.outputs.is_empty() => Ok(events),
+        other => anyhow::bail!("job did not succeed: {other:?}"),
+    }
+}
 
-    // Baseline: the ComfyUI client alone (socket + POST /prompt + events to the terminal one).
-    {
-        let client = ComfyClient::new(&emulator.url(), ClientOptions::default())?;
-        let cancel = CancellationToken::new();
-        let conn = ComfyConnection::spawn(client.clone(), cancel.clone());
+// ---------------------------------------------------------------------------------------------------
+// The direct ComfyUI client: the baseline
+// ---------------------------------------------------------------------------------------------------
+
+struct Direct {
+    client: ComfyClient,
+    conn: ComfyConnection,
+}
+
+impl Direct {
+    async fn connect(url: &str, cancel: &CancellationToken) -> anyhow::Result<Self> {
+        let client = ComfyClient::new(url, ClientOptions::default())?;
+        let conn = ComfyConnection::spawn(client.clone(), cancel.child_token());
         conn.wait_connected(Duration::from_secs(10)).await?;
-        let graph = serde_json::json!({
-            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
-            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
-            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "bench"}}
-        });
-        let mut samples = Vec::with_capacity(jobs);
-        let start = Instant::now();
-        for i in 0..jobs {
-            let mut g = graph.clone();
-            g["1"]["inputs"]["color"] = serde_json::json!(i % 16_000_000);
-            let t = Instant::now();
-            let (_, mut events) = conn.submit(&uuid::Uuid::new_v4().to_string(), g).await?;
-            while let Some(e) = events.recv().await {
-                if matches!(e, PromptEvent::Succeeded) {
-                    break;
-                }
-            }
-            samples.push(t.elapsed());
-        }
-        percentiles("ComfyUI client alone, sequential", samples, start.elapsed());
-        cancel.cancel();
+        Ok(Self { client, conn })
     }
 
-    let data = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: data.path().to_path_buf(),
-        workflows_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
-        ..Config::default()
-    };
-    config.comfyui.servers[0].url = emulator.url();
-    config.log.filter = "warn".into();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(comfyrelay::run(listener, config, shutdown.clone()));
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
-    let mut client = pb::job_service_client::JobServiceClient::new(channel.clone());
-    let rss_start = rss_kib();
+    /// Upload → LoadImage → ImageInvert → SaveImage → download, as a careful client does it.
+    async fn job(&self, image: &Bytes) -> anyhow::Result<()> {
+        let uploaded = self.client.upload_image(image.clone(), "b.png", "image/png").await?;
+        let graph = serde_json::json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": uploaded.name}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "direct"}}
+        });
+        let (_, mut events) = self.conn.submit(&uuid::Uuid::new_v4().to_string(), graph).await?;
+        let mut files = Vec::new();
+        loop {
+            match events.recv().await {
+                Some(PromptEvent::Executed { output, .. }) => files.extend(FileRef::from_output(&output)),
+                Some(PromptEvent::Succeeded) => break,
+                Some(e) if e.is_terminal() => anyhow::bail!("direct job ended {e:?}"),
+                Some(_) => {}
+                None => anyhow::bail!("direct job stream ended"),
+            }
+        }
+        anyhow::ensure!(!files.is_empty(), "no output");
+        for f in &files {
+            let mut sink = Vec::new();
+            self.client.download(f, &mut sink).await?;
+        }
+        Ok(())
+    }
+}
 
-    // Sequential: submit, stream to the terminal event, next.
+// ---------------------------------------------------------------------------------------------------
+// Reporting
+// ---------------------------------------------------------------------------------------------------
+
+fn pct(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn report_latency(
+    label: &str,
+    mut samples: Vec<Duration>,
+    wall: Duration,
+    cpu: Option<Duration>,
+) -> Duration {
+    let n = samples.len();
+    let p50 = pct(&mut samples, 0.5);
+    let p99 = pct(&mut samples, 0.99);
+    let cpu =
+        cpu.map(|c| format!("  CPU {:.2} ms/job", c.as_secs_f64() * 1000.0 / n as f64)).unwrap_or_default();
+    println!(
+        "{label:<48} n={n:<5} p50={:>7.2} ms  p99={:>7.2} ms  {:>6.0} jobs/s{cpu}",
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        n as f64 / wall.as_secs_f64()
+    );
+    p50
+}
+
+fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
+    let rate = jobs as f64 / wall.as_secs_f64();
+    let cpu = cpu
+        .map(|c| format!("  CPU {:.2} ms/job", c.as_secs_f64() * 1000.0 / jobs as f64))
+        .unwrap_or_default();
+    println!("{label:<48} {jobs} jobs in {:.2} s: {rate:>7.0} jobs/s{cpu}", wall.as_secs_f64());
+    rate
+}
+
+// ---------------------------------------------------------------------------------------------------
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let jobs = env_usize("BENCH_JOBS", 500);
+    let total = env_usize("BENCH_TOTAL", 10_000);
+    let submits = env_usize("BENCH_SUBMITS", 2_000);
+    let subscribers = env_usize("BENCH_SUBSCRIBERS", 10_000);
+    let image = Bytes::from(png(8, 8, 1));
+    let cancel = CancellationToken::new();
+    let emulator =
+        ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
+    let data = tempfile::tempdir()?;
+    let relay = start_relay(data.path(), &emulator.url(), &[]).await?;
+    let rss_start = relay.rss_kib();
+    let mut done = 0usize;
+    println!("comfyrelay pid {} (release binary), emulated ComfyUI in the bench process", relay.pid);
+
+    // 1. Sequential.
+    let direct = Direct::connect(&emulator.url(), &cancel).await?;
+    for _ in 0..20 {
+        direct.job(&image).await?; // warm-up
+    }
     let mut samples = Vec::with_capacity(jobs);
     let start = Instant::now();
     for _ in 0..jobs {
         let t = Instant::now();
-        run_to_end(&mut client, request(&image)).await;
+        direct.job(&image).await?;
         samples.push(t.elapsed());
     }
-    percentiles("comfyrelay submit→terminal, sequential", samples, start.elapsed());
+    let direct_p50 = report_latency("direct ComfyUI client, sequential", samples, start.elapsed(), None);
 
-    // Concurrent: every job submitted at once, one subscriber each.
+    let mut client = relay.client(0);
+    for _ in 0..20 {
+        relay_job(&mut client, invert_request(&image)).await?;
+    }
+    done += 20;
+    let mut samples = Vec::with_capacity(jobs);
+    let cpu0 = relay.cpu();
     let start = Instant::now();
-    let mut tasks = Vec::with_capacity(jobs);
     for _ in 0..jobs {
-        let mut c = client.clone();
-        let req = request(&image);
+        let t = Instant::now();
+        relay_job(&mut client, invert_request(&image)).await?;
+        samples.push(t.elapsed());
+    }
+    done += jobs;
+    let relay_p50 =
+        report_latency("comfyrelay, sequential", samples, start.elapsed(), Some(relay.cpu() - cpu0));
+    println!(
+        "{:<48} {:+.2} ms per job at p50 ({:.2}x)",
+        "  overhead beyond the direct client",
+        (relay_p50.as_secs_f64() - direct_p50.as_secs_f64()) * 1000.0,
+        relay_p50.as_secs_f64() / direct_p50.as_secs_f64()
+    );
+
+    // 2. Eight concurrent clients.
+    let per = (jobs / 8).max(1);
+    let mut directs = Vec::new();
+    for _ in 0..8 {
+        directs.push(Arc::new(Direct::connect(&emulator.url(), &cancel).await?));
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for d in &directs {
+        let (d, image) = (d.clone(), image.clone());
         tasks.push(tokio::spawn(async move {
-            let t = Instant::now();
-            run_to_end(&mut c, req).await;
-            t.elapsed()
+            for _ in 0..per {
+                d.job(&image).await?;
+            }
+            anyhow::Ok(())
         }));
     }
-    let mut samples = Vec::with_capacity(jobs);
     for t in tasks {
-        samples.push(t.await?);
+        t.await??;
     }
-    percentiles("comfyrelay submit→terminal, all at once", samples, start.elapsed());
-
-    // Replay: a finished job's whole log, read by a late subscriber.
-    let page =
-        client.list_jobs(pb::ListJobsRequest { page_size: 100, ..Default::default() }).await?.into_inner();
+    let direct_rate = report_throughput("direct ComfyUI client, 8 clients", per * 8, start.elapsed(), None);
+    let cpu0 = relay.cpu();
     let start = Instant::now();
-    let mut events = 0usize;
-    for job in &page.jobs {
-        let mut s = client
-            .stream_job(pb::StreamJobRequest {
-                job_id: job.id.clone(),
-                after_sequence: 0,
-                skip_previews: false,
-            })
-            .await?
-            .into_inner();
-        while s.message().await?.is_some() {
-            events += 1;
-        }
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (mut c, image) = (relay.client(i), image.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                relay_job(&mut c, invert_request(&image)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    done += per * 8;
+    let relay_rate =
+        report_throughput("comfyrelay, 8 clients", per * 8, start.elapsed(), Some(relay.cpu() - cpu0));
+    println!("{:<48} {:.2}x the direct client's throughput", "", relay_rate / direct_rate);
+
+    // 3. Frame lag of a 50-frame SaveImageWebsocket job.
+    let mut lags = Vec::new();
+    for _ in 0..5 {
+        let req = pb::SubmitJobRequest {
+            source: Some(pb::submit_job_request::Source::Workflow("progress-websocket".into())),
+            parameters: [("width", 64), ("height", 64), ("batch_size", 50)]
+                .into_iter()
+                .map(|(k, v)| {
+                    (k.to_string(), pb::ParameterValue { kind: Some(pb::parameter_value::Kind::IntValue(v)) })
+                })
+                .collect(),
+            ..Default::default()
+        };
+        emulator.faults().record_frame_times(true);
+        let events = relay_job(&mut client, req).await?;
+        let sent = emulator.faults().take_frame_times();
+        emulator.faults().record_frame_times(false);
+        let received: Vec<Instant> = events
+            .iter()
+            .filter(|(_, e)| matches!(e.kind, Some(pb::job_event::Kind::OutputReady(_))))
+            .map(|(t, _)| *t)
+            .collect();
+        anyhow::ensure!(
+            received.len() == 50 && sent.len() == 50,
+            "{} frames sent, {} outputs",
+            sent.len(),
+            received.len()
+        );
+        lags.extend(sent.iter().zip(&received).map(|(s, r)| r.saturating_duration_since(*s)));
+        done += 1;
+    }
+    let n = lags.len();
+    let (p50, p99, max) = (pct(&mut lags, 0.5), pct(&mut lags, 0.99), pct(&mut lags, 1.0));
+    println!(
+        "{:<48} n={n} p50={:.2} ms  p99={:.2} ms  max={:.2} ms",
+        "frame lag at a subscriber (50-frame websocket job)",
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0
+    );
+
+    // 4. Memory after `total` jobs.
+    let remaining = total.saturating_sub(done);
+    let per = remaining.div_ceil(8);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (mut c, image) = (relay.client(i), image.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..per {
+                relay_job(&mut c, invert_request(&image)).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    done += per * 8;
+    println!(
+        "{:<48} {} KiB at start, {} KiB after {done} jobs ({:.0} jobs/s for the last {})",
+        "comfyrelay resident memory",
+        rss_start,
+        relay.rss_kib(),
+        (per * 8) as f64 / start.elapsed().as_secs_f64(),
+        per * 8
+    );
+    relay.stop().await;
+
+    // 5. Durable submits with 256 KiB images, jobs left queued (the only ComfyUI is unreachable).
+    let unreachable = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let dead_url = format!("http://{}", unreachable.local_addr()?);
+    drop(unreachable);
+    let data2 = tempfile::tempdir()?;
+    let relay2 = start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")]).await?;
+    let images: Arc<Vec<Bytes>> =
+        Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(150, 150, i + 7))).collect());
+    let size = images[0].len();
+    let next = Arc::new(AtomicUsize::new(0));
+    // Warm-up: the first submit waits for the unreachable backend's /object_info once.
+    relay2.client(0).submit_job(invert_request(&images[0])).await?;
+    let cpu0 = relay2.cpu();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (mut c, images, next) = (relay2.client(i), images.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= submits {
+                    return anyhow::Ok(());
+                }
+                let mut req = invert_request(&images[k % images.len()]);
+                req.request_id = format!("bench-{k}");
+                c.submit_job(req).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
     }
     let wall = start.elapsed();
     println!(
-        "{:<44} {} streams, {events} events in {wall:.2?} ({:.0} events/s)",
-        "replay of finished jobs",
-        page.jobs.len(),
-        events as f64 / wall.as_secs_f64()
+        "{:<48} {submits} in {:.2} s: {:.0} submits/s ({:.0} MiB/s), CPU {:.2} ms/submit",
+        format!("durable SubmitJob, {} KiB images, 8 clients", size / 1024),
+        wall.as_secs_f64(),
+        submits as f64 / wall.as_secs_f64(),
+        (submits * size) as f64 / wall.as_secs_f64() / (1 << 20) as f64,
+        (relay2.cpu() - cpu0).as_secs_f64() * 1000.0 / submits as f64
     );
-    println!(
-        "{:<44} {} KiB at start, {} KiB after {} jobs (relay + emulator + client in one process)",
-        "resident memory",
-        rss_start,
-        rss_kib(),
-        2 * jobs
-    );
+    relay2.stop().await;
 
-    shutdown.cancel();
-    let _ = server.await;
+    // 6. Many subscribers on live jobs.
+    let emulator3 =
+        ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
+    let data3 = tempfile::tempdir()?;
+    let relay3 = start_relay(data3.path(), &emulator3.url(), &[]).await?;
+    // The first job holds the only ComfyUI while everyone subscribes; the others wait in the queue.
+    emulator3.faults().set_node_delay(Duration::from_secs(3));
+    let live_jobs = 100usize;
+    let mut ids = Vec::new();
+    for _ in 0..live_jobs {
+        ids.push(relay3.client(0).submit_job(invert_request(&image)).await?.into_inner().id);
+    }
+    let rss_before = relay3.rss_kib();
+    let opened = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(subscribers);
+    for s in 0..subscribers {
+        let mut c = relay3.client(s);
+        let id = ids[s % live_jobs].clone();
+        let opened = opened.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut stream = c
+                .stream_job(pb::StreamJobRequest { job_id: id, after_sequence: 0, skip_previews: false })
+                .await?
+                .into_inner();
+            let mut last = 0u64;
+            let mut first = true;
+            while let Some(e) = stream.message().await? {
+                anyhow::ensure!(e.sequence == last + 1, "gap or duplicate: {} after {last}", e.sequence);
+                last = e.sequence;
+                if first {
+                    opened.fetch_add(1, Ordering::Relaxed);
+                    first = false;
+                }
+                if matches!(e.kind, Some(pb::job_event::Kind::Succeeded(_))) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while opened.load(Ordering::Relaxed) < subscribers && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await; // a bench polling its own counter
+    }
+    let open_now = opened.load(Ordering::Relaxed);
+    let rss_open = relay3.rss_kib();
+    println!(
+        "{:<48} {open_now} of {subscribers} open after {:.2} s on {live_jobs} live jobs: +{} KiB ({:.1} KiB each)",
+        "concurrent StreamJob subscribers, 8 connections",
+        start.elapsed().as_secs_f64(),
+        rss_open.saturating_sub(rss_before),
+        rss_open.saturating_sub(rss_before) as f64 / open_now.max(1) as f64
+    );
+    emulator3.faults().set_node_delay(Duration::ZERO);
+    let mut complete = 0usize;
+    let mut failed = 0usize;
+    for t in tasks {
+        match t.await? {
+            Ok(true) => complete += 1,
+            Ok(false) | Err(_) => failed += 1,
+        }
+    }
+    println!("{:<48} {complete} complete and gap-free, {failed} not", "");
+    relay3.stop().await;
+    cancel.cancel();
     emulator.shutdown().await;
+    emulator3.shutdown().await;
     Ok(())
 }

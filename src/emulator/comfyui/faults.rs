@@ -30,6 +30,8 @@ pub struct Faults {
     drop_after: AtomicUsize,
     /// Cancelled to drop every socket that is open now; replaced by a fresh token for later sockets.
     kill: Mutex<CancellationToken>,
+    /// Send times of binary frames while recording (benchmarks measure how far a relay lags behind).
+    frame_times: Mutex<Option<Vec<std::time::Instant>>>,
 }
 
 impl Faults {
@@ -41,6 +43,7 @@ impl Faults {
             silent_tx,
             drop_after: AtomicUsize::new(NO_DROP),
             kill: Mutex::new(CancellationToken::new()),
+            frame_times: Mutex::new(None),
         }
     }
 
@@ -127,6 +130,27 @@ impl Faults {
     }
 
     /// Counts one sent message for `drop_sockets_after`.
+    /// Starts (or stops) recording the send time of every binary frame (previews, websocket images), at
+    /// most 100 000; [`Faults::take_frame_times`] returns them. Not a fault: an instrument for benchmarks.
+    pub fn record_frame_times(&self, on: bool) {
+        *self.frame_times.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = on.then(Vec::new);
+    }
+
+    /// The binary frames' send times recorded since the last call, oldest first.
+    pub fn take_frame_times(&self) -> Vec<std::time::Instant> {
+        let mut times = self.frame_times.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        times.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub(crate) fn note_binary_sent(&self) {
+        let mut times = self.frame_times.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = times.as_mut()
+            && t.len() < 100_000
+        {
+            t.push(std::time::Instant::now());
+        }
+    }
+
     pub(crate) fn note_sent(&self) {
         let prev = self.drop_after.load(Ordering::SeqCst);
         if prev == NO_DROP {

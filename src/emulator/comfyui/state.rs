@@ -202,6 +202,9 @@ impl State {
 
     /// `send_sync` for a binary frame (`[u32 type][payload]`).
     pub(crate) fn send_binary(&mut self, faults: &Faults, frame: Bytes, sid: Option<&str>) {
+        if !faults.is_silent() {
+            faults.note_binary_sent();
+        }
         self.send(faults, Outgoing::Binary(frame), sid);
     }
 
