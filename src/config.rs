@@ -29,6 +29,17 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// RunComfy machine pool.
     pub runcomfy: RunComfyConfig,
+    /// What the database and artifacts survive.
+    pub storage: StorageConfig,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `crash` (default): what was acknowledged survives a crash of the process, with no fsync on the job
+    /// path; `power`: it also survives a power loss, for an fsync per commit and per artifact.
+    pub durability: crate::store::Durability,
 }
 
 impl Default for Config {
@@ -41,6 +52,7 @@ impl Default for Config {
             comfyui: ComfyUiConfig::default(),
             jobs: JobsConfig::default(),
             runcomfy: RunComfyConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -181,6 +193,8 @@ pub struct JobsConfig {
     /// Longest output download.
     #[serde(with = "humantime_serde")]
     pub download_timeout: Duration,
+    /// Jobs not finished (queued and running) at most; a submit beyond is `RESOURCE_EXHAUSTED`.
+    pub max_unfinished: usize,
 }
 
 impl Default for JobsConfig {
@@ -193,6 +207,7 @@ impl Default for JobsConfig {
             upload_timeout: Duration::from_secs(120),
             execution_timeout: Duration::from_secs(1800),
             download_timeout: Duration::from_secs(300),
+            max_unfinished: 100_000,
         }
     }
 }
@@ -449,6 +464,9 @@ impl Config {
         let bad = |key: &str, why: &str| Err(ConfigError(format!("key `{key}`: {why}")));
         if self.grpc.max_message_bytes < 1024 * 1024 {
             return bad("grpc.max_message_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        if self.jobs.max_unfinished == 0 {
+            return bad("jobs.max_unfinished", "must be at least 1");
         }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");

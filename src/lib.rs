@@ -42,12 +42,13 @@ pub use config::Config;
 /// # Errors
 /// Startup failures (storage, catalog) and a server that fails while serving.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let durability = config.storage.durability;
     let store = Arc::new(
-        store::SqliteStore::open(&config.data_dir)
+        store::SqliteStore::open(&config.data_dir, durability)
             .await
             .with_context(|| format!("opening the database in {}", config.data_dir.display()))?,
     );
-    let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"))
+    let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"), durability)
         .await
         .context("opening the artifact directory")?;
     let catalog = catalog::Catalog::load(&config.workflows_dir)
@@ -123,14 +124,35 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     };
 
     let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone() };
-    let served = grpc::serve(listener, &config, services, shutdown.clone()).await;
-
-    // The server has stopped taking calls; give running work the grace period to reach a resumable state.
-    if !jobs.drain(config.grpc.shutdown_grace).await {
-        tracing::warn!(grace = ?config.grpc.shutdown_grace, "job tasks still running after the grace period; cut");
+    let grace = config.grpc.shutdown_grace;
+    let serve = grpc::serve(listener, &config, services, shutdown.clone());
+    tokio::pin!(serve);
+    // One budget from the signal on, for everything: the server's drain (open calls end at shutdown), the
+    // runners (which re-queue or leave re-attachable what they run) and the log writer, then the pool's
+    // machines (a third of it is kept for them). `grpc.shutdown_grace` stays below the Kubernetes grace.
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::Instant::now() + grace
+    };
+    tokio::pin!(deadline);
+    let (served, deadline) = tokio::select! {
+        served = &mut serve => (served, tokio::time::Instant::now() + grace),
+        at = &mut deadline => {
+            tokio::select! {
+                served = &mut serve => (served, at),
+                () = tokio::time::sleep_until(at) => {
+                    tracing::warn!(?grace, "gRPC calls still open at the shutdown deadline; cut");
+                    (Ok(()), at)
+                }
+            }
+        }
+    };
+    let pool_reserve = if pool.is_some() { grace / 3 } else { std::time::Duration::ZERO };
+    if !jobs.drain(deadline - pool_reserve).await {
+        tracing::warn!(?grace, "job tasks still running at the shutdown deadline; cut");
     }
     if let Some(pool) = &pool {
-        pool.close(config.grpc.shutdown_grace.max(std::time::Duration::from_secs(30))).await;
+        pool.close(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
     }
     catalog_watch.abort();
     served
@@ -144,9 +166,20 @@ async fn instance_id(data_dir: &std::path::Path) -> std::io::Result<String> {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
         _ => {
             let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-            let tmp = data_dir.join("instance_id.tmp");
-            tokio::fs::write(&tmp, &id).await?;
-            tokio::fs::rename(&tmp, &path).await?;
+            let (tmp, data) = (data_dir.join("instance_id.tmp"), id.clone());
+            tokio::task::spawn_blocking(move || {
+                use std::{io::Write as _, os::unix::fs::OpenOptionsExt};
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(data.as_bytes())?;
+                std::fs::rename(&tmp, &path)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
             Ok(id)
         }
     }

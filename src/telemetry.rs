@@ -28,3 +28,16 @@ pub fn init_for_tests(enabled: bool) {
             .try_init();
     }
 }
+
+/// An error and every cause under it, `: `-separated, for one log field (`error = %chain(&e)`): "storage
+/// failed" alone says nothing an operator can act on.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -12,6 +12,7 @@ mod graph;
 mod manifest;
 pub mod model;
 mod object_info;
+mod outputs;
 mod prepare;
 mod values;
 mod watch;
@@ -27,6 +28,7 @@ use tracing::Instrument;
 pub use graph::{GraphProblem, check_structure, parse_graph};
 pub use manifest::{ManifestProblem, SourceFile, parse_workflow};
 pub use model::{InputKind, InputSpec, InputTarget, OutputSpec, Requirements, ScalarValue, Workflow};
+pub use outputs::{declared_outputs, node_classes, streams_over_websocket};
 pub use prepare::{
     FieldViolation, INLINE_WORKFLOW, ImageInput, ImageSlot, JobInputs, MAX_RANDOM_SEED, ParamValue,
     PreparedJob, WorkflowSource, inject_uploaded,

@@ -5,39 +5,102 @@
 //! reconnect": every event goes through here under one lock, and a route is removed the moment its
 //! terminal event is sent. Synchronous and I/O-free (the connection task does the I/O and calls in);
 //! knows nothing about sockets or HTTP.
+//!
+//! # Delivery bounds
+//! Each prompt's events go through a bounded channel ([`ROUTE_EVENTS`] events and [`ROUTE_BYTES`] of image
+//! payload): the connection task serves every prompt of the server and must never wait for one slow
+//! reader. When a reader is that far behind, further events of its prompt are dropped and the prompt's
+//! stream is marked lossy (see [`PromptEvents::lossless`]); outputs that history can give back are
+//! recovered at the end as after any gap. The terminal event (with outputs recovered from history) has
+//! a slot of its own and always arrives.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::messages::{PromptEvent, ServerMessage};
 use super::types::{HistoryEntry, HistoryStatus};
 
+/// Events buffered per prompt for a reader that has not taken them yet.
+pub(crate) const ROUTE_EVENTS: usize = 4096;
+/// Image bytes (previews, WebSocket outputs) buffered per prompt.
+pub(crate) const ROUTE_BYTES: usize = 64 << 20;
+
+/// State one prompt's route and its reader share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Image bytes sent and not yet received.
+    bytes: AtomicUsize,
+    /// An event was dropped because the reader was too far behind.
+    overflowed: AtomicBool,
+    /// The stream may miss what ComfyUI sent while no socket of ours was routed for it: set by attaching
+    /// and by every socket change, cleared when `execution_start` arrives afterwards (the prompt started
+    /// on a socket we hear, so nothing of its execution went unheard).
+    unheard: AtomicBool,
+}
+
 /// The receiving end of one prompt's events.
 #[derive(Debug)]
 pub struct PromptEvents {
     prompt_id: String,
-    rx: mpsc::UnboundedReceiver<PromptEvent>,
+    rx: mpsc::Receiver<PromptEvent>,
+    tail: Option<oneshot::Receiver<Vec<PromptEvent>>>,
+    pending: VecDeque<PromptEvent>,
+    shared: Arc<Shared>,
 }
 
 impl PromptEvents {
     /// The next event. `None` only after the terminal event was delivered, or when the connection was
     /// shut down before the prompt ended.
     pub async fn recv(&mut self) -> Option<PromptEvent> {
-        self.rx.recv().await
+        loop {
+            if let Some(e) = self.pending.pop_front() {
+                return Some(e);
+            }
+            if let Some(e) = self.rx.recv().await {
+                self.shared.bytes.fetch_sub(payload_bytes(&e), Ordering::Relaxed);
+                return Some(e);
+            }
+            // The route is gone: its tail (terminal and recovered outputs) is all that is left.
+            let tail = self.tail.take()?;
+            self.pending = tail.await.ok()?.into();
+        }
+    }
+
+    /// Whether every event ComfyUI sent for this prompt while it executed was delivered: no socket change
+    /// during its execution, not attached after a restart without seeing it start, and never too far
+    /// behind. Outputs that exist only as WebSocket frames (SaveImageWebsocket) are complete only when
+    /// this is true at the terminal event; files are recovered from history either way.
+    pub fn lossless(&self) -> bool {
+        !self.shared.overflowed.load(Ordering::Relaxed) && !self.shared.unheard.load(Ordering::Relaxed)
     }
 
     /// A stream that is already over (refused registration).
     pub(crate) fn closed(prompt_id: &str) -> Self {
-        let (_, rx) = mpsc::unbounded_channel();
-        Self { prompt_id: prompt_id.to_owned(), rx }
+        let (_, rx) = mpsc::channel(1);
+        Self {
+            prompt_id: prompt_id.to_owned(),
+            rx,
+            tail: None,
+            pending: VecDeque::new(),
+            shared: Arc::default(),
+        }
     }
 
     /// The prompt these events belong to.
     pub fn prompt_id(&self) -> &str {
         &self.prompt_id
+    }
+}
+
+fn payload_bytes(e: &PromptEvent) -> usize {
+    match e {
+        PromptEvent::Preview { data, .. } => data.len(),
+        _ => 0,
     }
 }
 
@@ -53,7 +116,11 @@ pub(crate) enum Followup {
 
 #[derive(Debug)]
 struct Route {
-    tx: mpsc::UnboundedSender<PromptEvent>,
+    tx: mpsc::Sender<PromptEvent>,
+    tail: Option<oneshot::Sender<Vec<PromptEvent>>>,
+    /// Recovered from history, delivered with the terminal event.
+    recovered: Vec<PromptEvent>,
+    shared: Arc<Shared>,
     /// POST /prompt was answered (or the prompt was attached): only then may it be declared lost.
     acked: bool,
     /// clientId the prompt was queued under (`None` when attached: unknown).
@@ -69,6 +136,17 @@ struct Route {
     /// A success is being confirmed from history: everything else for this prompt is ignored.
     finishing: bool,
     reconciling: bool,
+}
+
+impl Route {
+    /// The reader is too far behind: drop the event, mark the stream lossy, and treat it like a gap, so
+    /// a success is confirmed from history (which recovers file outputs).
+    fn overflow(&mut self, prompt_id: &str) {
+        if !self.shared.overflowed.swap(true, Ordering::Relaxed) {
+            tracing::warn!(prompt_id, "prompt reader fell behind; dropping its events until it ends");
+        }
+        self.gap = true;
+    }
 }
 
 /// All routes of one connection.
@@ -120,11 +198,17 @@ impl Router {
         if self.routes.contains_key(prompt_id) {
             return Err(AlreadyInFlight);
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(ROUTE_EVENTS);
+        let (tail_tx, tail_rx) = oneshot::channel();
+        // Attached (after a restart): whatever ran before now went to no socket of ours.
+        let shared = Arc::new(Shared { unheard: AtomicBool::new(client_id.is_none()), ..Shared::default() });
         self.routes.insert(
             prompt_id.to_owned(),
             Route {
                 tx,
+                tail: Some(tail_tx),
+                recovered: Vec::new(),
+                shared: shared.clone(),
                 acked,
                 client_id,
                 gap: false,
@@ -136,7 +220,13 @@ impl Router {
                 reconciling: false,
             },
         );
-        Ok(PromptEvents { prompt_id: prompt_id.to_owned(), rx })
+        Ok(PromptEvents {
+            prompt_id: prompt_id.to_owned(),
+            rx,
+            tail: Some(tail_rx),
+            pending: VecDeque::new(),
+            shared,
+        })
     }
 
     /// POST /prompt answered. Returns true when the prompt must be reconciled now (the socket changed
@@ -164,6 +254,9 @@ impl Router {
     /// frames without a prompt id are not attributed again until a message or /queue says who runs.
     pub(crate) fn set_socket_client_id(&mut self, client_id: &str) {
         self.socket_client_id = client_id.to_owned();
+        for r in self.routes.values() {
+            r.shared.unheard.store(true, Ordering::Relaxed);
+        }
         if let Some(id) = self.running.take() {
             self.running_before_gap = Some(id);
         }
@@ -259,7 +352,7 @@ impl Router {
             HistoryStatus::Success => {
                 for (node, output) in entry.outputs {
                     if route.seen_outputs.insert(node.clone()) {
-                        let _ = route.tx.send(PromptEvent::Executed { node, display_node: None, output });
+                        route.recovered.push(PromptEvent::Executed { node, display_node: None, output });
                     }
                 }
                 PromptEvent::Succeeded
@@ -277,8 +370,12 @@ impl Router {
     /// Delivers a terminal event (if the prompt is still in flight) and removes the route.
     pub(crate) fn finish(&mut self, prompt_id: &str, terminal: PromptEvent) {
         debug_assert!(terminal.is_terminal());
-        if let Some(route) = self.routes.remove(prompt_id) {
-            let _ = route.tx.send(terminal);
+        if let Some(mut route) = self.routes.remove(prompt_id) {
+            let mut tail = std::mem::take(&mut route.recovered);
+            tail.push(terminal);
+            if let Some(t) = route.tail.take() {
+                let _ = t.send(tail);
+            }
         }
         if self.running.as_deref() == Some(prompt_id) {
             self.running = None;
@@ -300,7 +397,26 @@ impl Router {
         let closed = match self.routes.get_mut(prompt_id) {
             Some(r) if !r.finishing => {
                 r.last_activity = Instant::now();
-                r.tx.send(event).is_err()
+                if matches!(event, PromptEvent::ExecutionStart) {
+                    // Started on a socket we hear: nothing of its execution can have gone unheard.
+                    r.shared.unheard.store(false, Ordering::Relaxed);
+                }
+                let bytes = payload_bytes(&event);
+                if r.shared.bytes.load(Ordering::Relaxed) + bytes > ROUTE_BYTES {
+                    r.overflow(prompt_id);
+                    false
+                } else {
+                    r.shared.bytes.fetch_add(bytes, Ordering::Relaxed);
+                    match r.tx.try_send(event) {
+                        Ok(()) => false,
+                        Err(mpsc::error::TrySendError::Full(e)) => {
+                            r.shared.bytes.fetch_sub(payload_bytes(&e), Ordering::Relaxed);
+                            r.overflow(prompt_id);
+                            false
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => true,
+                    }
+                }
             }
             _ => false,
         };
@@ -439,6 +555,10 @@ mod tests {
         let mut out = Vec::new();
         while let Ok(e) = ev.rx.try_recv() {
             out.push(e);
+        }
+        if let Some(Ok(tail)) = ev.tail.as_mut().map(|t| t.try_recv()) {
+            out.extend(tail);
+            ev.tail = None;
         }
         out
     }

@@ -9,8 +9,8 @@ use prost_types::{Duration as PbDuration, Timestamp};
 use crate::{
     catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource},
     jobs::{
-        Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, ListRequest, OutputFile,
-        OutputView, SubmitRequest, Violation,
+        Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, JobStatus, ListRequest,
+        OutputFile, OutputView, SubmitRequest, Violation,
     },
     proto::pb,
 };
@@ -154,26 +154,26 @@ pub(crate) fn list_request(req: pb::ListJobsRequest) -> Result<ListRequest, Vec<
     })
 }
 
-fn state_from_pb(s: pb::JobState) -> Option<JobState> {
+fn state_from_pb(s: pb::JobState) -> Option<JobStatus> {
     Some(match s {
         pb::JobState::Unspecified => return None,
-        pb::JobState::Queued => JobState::Queued,
-        pb::JobState::Provisioning => JobState::Provisioning,
-        pb::JobState::Running => JobState::Running,
-        pb::JobState::Succeeded => JobState::Succeeded,
-        pb::JobState::Failed => JobState::Failed,
-        pb::JobState::Cancelled => JobState::Cancelled,
+        pb::JobState::Queued => JobStatus::Queued,
+        pb::JobState::Provisioning => JobStatus::Provisioning,
+        pb::JobState::Running => JobStatus::Running,
+        pb::JobState::Succeeded => JobStatus::Succeeded,
+        pb::JobState::Failed => JobStatus::Failed,
+        pb::JobState::Cancelled => JobStatus::Cancelled,
     })
 }
 
-fn state_to_pb(s: JobState) -> pb::JobState {
+fn state_to_pb(s: JobStatus) -> pb::JobState {
     match s {
-        JobState::Queued => pb::JobState::Queued,
-        JobState::Provisioning => pb::JobState::Provisioning,
-        JobState::Running => pb::JobState::Running,
-        JobState::Succeeded => pb::JobState::Succeeded,
-        JobState::Failed => pb::JobState::Failed,
-        JobState::Cancelled => pb::JobState::Cancelled,
+        JobStatus::Queued => pb::JobState::Queued,
+        JobStatus::Provisioning => pb::JobState::Provisioning,
+        JobStatus::Running => pb::JobState::Running,
+        JobStatus::Succeeded => pb::JobState::Succeeded,
+        JobStatus::Failed => pb::JobState::Failed,
+        JobStatus::Cancelled => pb::JobState::Cancelled,
     }
 }
 
@@ -193,6 +193,7 @@ fn reason_to_pb(r: FailureReason) -> pb::FailureReason {
         FailureReason::MachineLost => pb::FailureReason::MachineLost,
         FailureReason::Internal => pb::FailureReason::Internal,
         FailureReason::Interrupted => pb::FailureReason::Interrupted,
+        FailureReason::OutputsMissing => pb::FailureReason::OutputsMissing,
     }
 }
 
@@ -236,36 +237,51 @@ pub(crate) fn output_view_to_pb(v: OutputView) -> pb::Output {
 
 /// A job; `outputs` are given separately so the caller decides about inline bytes.
 pub(crate) fn job_to_pb(job: &Job, outputs: Vec<pb::Output>) -> pb::Job {
+    let (spec, r) = (&job.spec, &job.record);
+    let (machine_id, prompt_id) = match &r.state {
+        JobState::Running { machine_id, prompt_id, .. } => (machine_id.clone(), prompt_id.clone()),
+        // The job id is the prompt id of every attempt.
+        _ => (
+            r.machine_id.clone().unwrap_or_default(),
+            r.started_ms.map(|_| spec.id.to_string()).unwrap_or_default(),
+        ),
+    };
+    let waiting_reason = match &r.state {
+        JobState::Queued { reason, .. } => reason.clone(),
+        _ => String::new(),
+    };
     pb::Job {
-        id: job.id.to_string(),
-        state: state_to_pb(job.state) as i32,
-        workflow: job.workflow.clone(),
-        workflow_version: job.workflow_version.clone(),
-        inputs: job.inputs.clone().into_iter().collect(),
-        labels: job.labels.clone().into_iter().collect(),
-        priority: job.priority,
-        request_id: job.request_id.clone().unwrap_or_default(),
-        create_time: Some(ts(job.created_ms)),
-        provision_time: ts_opt(job.provision_ms),
-        start_time: ts_opt(job.started_ms),
-        end_time: ts_opt(job.ended_ms),
+        id: spec.id.to_string(),
+        state: state_to_pb(r.state.status()) as i32,
+        workflow: spec.workflow.clone(),
+        workflow_version: spec.workflow_version.clone(),
+        inputs: spec.inputs.clone().into_iter().collect(),
+        labels: spec.labels.clone().into_iter().collect(),
+        priority: spec.priority,
+        request_id: spec.request_id.clone().unwrap_or_default(),
+        create_time: Some(ts(spec.created_ms)),
+        provision_time: ts_opt(r.provision_ms),
+        start_time: ts_opt(r.started_ms),
+        end_time: ts_opt(r.ended_ms),
         timings: Some(pb::JobTimings {
-            queue_wait: dur_ms(job.timings.queue_wait_ms),
-            provisioning: dur_ms(job.timings.provisioning_ms),
-            upload: dur_ms(job.timings.upload_ms),
-            execution: dur_ms(job.timings.execution_ms),
-            download: dur_ms(job.timings.download_ms),
+            queue_wait: dur_ms(r.timings.queue_wait_ms),
+            provisioning: dur_ms(r.timings.provisioning_ms),
+            upload: dur_ms(r.timings.upload_ms),
+            execution: dur_ms(r.timings.execution_ms),
+            download: dur_ms(r.timings.download_ms),
         }),
-        machine_id: job.machine_id.clone().unwrap_or_default(),
-        comfy_prompt_id: job.comfy_prompt_id.clone().unwrap_or_default(),
+        machine_id,
+        comfy_prompt_id: prompt_id,
         outputs,
-        error: job.error.as_ref().map(error_to_pb),
-        last_sequence: job.last_sequence,
-        machine_seconds: job.machine_seconds,
-        cost: (job.cost_usd > 0.0).then(|| pb::Cost { amount: job.cost_usd, currency: "USD".into() }),
-        queue_position: job.queue_position,
-        attempt: job.attempt,
-        deadline: ts_opt(job.deadline_ms),
+        error: job.error().map(error_to_pb),
+        last_sequence: r.last_sequence,
+        machine_seconds: r.machine_seconds,
+        cost: (r.cost_usd > 0.0).then(|| pb::Cost { amount: r.cost_usd, currency: "USD".into() }),
+        queue_position: r.queue_position(),
+        attempt: r.attempt,
+        deadline: ts_opt(spec.deadline_ms),
+        waiting_reason,
+        cancel_requested: r.cancel_reason.is_some() && !r.state.is_terminal(),
     }
 }
 
@@ -284,7 +300,21 @@ fn phase_to_pb(phase: &str) -> pb::ProvisioningPhase {
 pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEvent {
     use pb::job_event::Kind;
     let kind = match &e.kind {
-        EventKind::Queued { position } => Kind::Queued(pb::Queued { position: *position }),
+        EventKind::Queued { position, reason } => {
+            Kind::Queued(pb::Queued { position: *position, reason: reason.clone() })
+        }
+        EventKind::PromptSubmitted { upload_ms } => {
+            Kind::PromptSubmitted(pb::PromptSubmitted { upload: dur_ms(Some(*upload_ms)) })
+        }
+        EventKind::Warning { code, message, node_ids } => Kind::Warning(pb::Warning {
+            code: code.clone(),
+            message: message.clone(),
+            node_ids: node_ids.clone(),
+        }),
+        EventKind::CancelRequested { reason } => {
+            Kind::CancelRequested(pb::CancelRequested { reason: reason.clone() })
+        }
+        EventKind::Requeued { reason } => Kind::Requeued(pb::Requeued { reason: reason.clone() }),
         EventKind::Provisioning { phase, machine_id, server_type, elapsed_ms } => {
             Kind::Provisioning(pb::MachineProvisioning {
                 phase: phase_to_pb(phase) as i32,
@@ -330,15 +360,17 @@ pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEve
         EventKind::Comfy { kind, data_json } => {
             Kind::ComfyMessage(pb::ComfyMessage { r#type: kind.clone(), data_json: data_json.clone() })
         }
-        EventKind::Succeeded { outputs: outs } => Kind::Succeeded(pb::Succeeded {
+        EventKind::Succeeded { outputs: outs, usage: _ } => Kind::Succeeded(pb::Succeeded {
             outputs: if outputs.len() == outs.len() {
                 outputs
             } else {
                 outs.iter().map(|o| output_to_pb(o, None)).collect()
             },
         }),
-        EventKind::Failed { error } => Kind::Failed(pb::Failed { error: Some(error_to_pb(error)) }),
-        EventKind::Cancelled { reason } => Kind::Cancelled(pb::Cancelled { reason: reason.clone() }),
+        EventKind::Failed { error, usage: _ } => Kind::Failed(pb::Failed { error: Some(error_to_pb(error)) }),
+        EventKind::Cancelled { reason, usage: _ } => {
+            Kind::Cancelled(pb::Cancelled { reason: reason.clone() })
+        }
     };
     pb::JobEvent {
         job_id: e.job_id.to_string(),

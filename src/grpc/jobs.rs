@@ -11,13 +11,9 @@ use tracing::Instrument;
 
 use super::{convert, status::job_error};
 use crate::{
-    jobs::{EventKind, JobManager, Violation},
+    jobs::{Event, EventKind, EventStream, JobManager, Violation},
     proto::pb,
 };
-
-/// Buffered events per StreamJob call; a slower client makes the producer wait (and, if it falls far
-/// behind the job, catch up from the log with progress coalesced), never the job.
-const STREAM_BUFFER: usize = 64;
 
 /// The JobService adapter.
 #[derive(Debug, Clone)]
@@ -32,19 +28,77 @@ impl JobApi {
     }
 
     async fn job_with_outputs(&self, job: &crate::jobs::Job) -> Result<pb::Job, Status> {
-        let mut outputs = Vec::with_capacity(job.outputs.len());
-        for o in &job.outputs {
+        let mut outputs = Vec::with_capacity(job.record.outputs.len());
+        for o in &job.record.outputs {
             outputs.push(convert::output_view_to_pb(self.jobs.output_view(o).await.map_err(job_error)?));
         }
         Ok(convert::job_to_pb(job, outputs))
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
+type JobEventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
 type ChunkStream = ReceiverStream<Result<pb::DownloadOutputResponse, Status>>;
 
 fn bad(v: Violation) -> Status {
     job_error(crate::jobs::JobError::InvalidArgument(vec![v]))
+}
+
+/// One `StreamJob` call, pulled by tonic as the client reads: no task and no buffer of its own, so a
+/// subscriber that stops reading holds only what HTTP/2 flow control lets through, and one that goes away
+/// is dropped with its stream.
+struct Subscription {
+    jobs: JobManager,
+    events: EventStream,
+    shutdown: CancellationToken,
+    last: u64,
+    done: bool,
+}
+
+impl Subscription {
+    async fn next(&mut self) -> Option<Result<pb::JobEvent, Status>> {
+        if self.done {
+            return None;
+        }
+        let next = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => {
+                // Tell the client to resume elsewhere from the last sequence it received.
+                self.done = true;
+                return Some(Err(super::status::shutting_down_resume(self.last)));
+            }
+            next = self.events.next() => next?,
+        };
+        Some(match next {
+            Ok(event) => {
+                self.last = event.seq;
+                Ok(self.encode(&event).await)
+            }
+            Err(e) => {
+                self.done = true;
+                Err(job_error(e))
+            }
+        })
+    }
+
+    /// The wire form, with the bytes of small outputs inline.
+    async fn encode(&self, event: &Event) -> pb::JobEvent {
+        let files: &[crate::jobs::OutputFile] = match &event.kind {
+            EventKind::OutputReady { output } => std::slice::from_ref(output),
+            EventKind::Succeeded { outputs, .. } => outputs,
+            _ => &[],
+        };
+        let mut outputs = Vec::with_capacity(files.len());
+        for f in files {
+            match self.jobs.output_view(f).await {
+                Ok(v) => outputs.push(convert::output_view_to_pb(v)),
+                Err(e) => {
+                    tracing::warn!(error = %crate::telemetry::chain(&e), "output not readable for inline delivery");
+                    outputs.push(convert::output_to_pb(f, None));
+                }
+            }
+        }
+        convert::event_to_pb(event, outputs)
+    }
 }
 
 #[tonic::async_trait]
@@ -56,7 +110,7 @@ impl pb::job_service_server::JobService for JobApi {
         Ok(Response::new(convert::job_to_pb(&job, Vec::new())))
     }
 
-    type StreamJobStream = EventStream;
+    type StreamJobStream = JobEventStream;
 
     async fn stream_job(
         &self,
@@ -64,57 +118,20 @@ impl pb::job_service_server::JobService for JobApi {
     ) -> Result<Response<Self::StreamJobStream>, Status> {
         let pb::StreamJobRequest { job_id, after_sequence, skip_previews } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
-        let mut events = self.jobs.subscribe(id, after_sequence, skip_previews).await.map_err(job_error)?;
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let jobs = self.jobs.clone();
-        let shutdown = self.shutdown.clone();
-        // A per-call producer: it ends after the terminal event, when the client goes away, or at shutdown
-        // (telling the client to resume elsewhere from the last sequence it received).
-        tokio::spawn(
-            async move {
-                let mut last = after_sequence;
-                loop {
-                    let next = tokio::select! {
-                        () = tx.closed() => return,
-                        () = shutdown.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable(format!(
-                                "comfyrelay is shutting down; resume with after_sequence={last}"
-                            )))).await;
-                            return;
-                        }
-                        next = events.next() => next,
-                    };
-                    let Some(next) = next else { return };
-                    let item = match next {
-                        Ok(event) => {
-                            last = event.seq;
-                            let mut outputs = Vec::new();
-                            let files: Vec<_> = match &event.kind {
-                                EventKind::OutputReady { output } => vec![output.clone()],
-                                EventKind::Succeeded { outputs } => outputs.clone(),
-                                _ => Vec::new(),
-                            };
-                            for f in &files {
-                                match jobs.output_view(f).await {
-                                    Ok(v) => outputs.push(convert::output_view_to_pb(v)),
-                                    Err(e) => {
-                                        tracing::warn!(error = %e, "output not readable for inline delivery");
-                                        outputs.push(convert::output_to_pb(f, None));
-                                    }
-                                }
-                            }
-                            Ok(convert::event_to_pb(&event, outputs))
-                        }
-                        Err(e) => Err(job_error(e)),
-                    };
-                    if tx.send(item).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            .instrument(tracing::debug_span!("stream_job", job_id = %id)),
-        );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let events = self.jobs.subscribe(id, after_sequence, skip_previews).await.map_err(job_error)?;
+        let subscription = Subscription {
+            jobs: self.jobs.clone(),
+            events,
+            shutdown: self.shutdown.clone(),
+            last: after_sequence,
+            done: false,
+        };
+        let span = tracing::debug_span!("stream_job", job_id = %id);
+        let stream = futures::stream::unfold(subscription, move |mut s| {
+            let span = span.clone();
+            async move { s.next().await.map(|item| (item, s)) }.instrument(span)
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
@@ -135,7 +152,8 @@ impl pb::job_service_server::JobService for JobApi {
             .jobs
             .iter()
             .map(|j| {
-                convert::job_to_pb(j, j.outputs.iter().map(|o| convert::output_to_pb(o, None)).collect())
+                let outputs = j.record.outputs.iter().map(|o| convert::output_to_pb(o, None)).collect();
+                convert::job_to_pb(j, outputs)
             })
             .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs, next_page_token: page.next_page_token }))
@@ -165,14 +183,25 @@ impl pb::job_service_server::JobService for JobApi {
         };
         let (output, mut file) = self.jobs.open_output(id, &filename).await.map_err(job_error)?;
         let (tx, rx) = mpsc::channel(4);
-        // A per-call producer that ends at EOF or when the client goes away.
+        let shutdown = self.shutdown.clone();
+        // A per-call producer that ends at EOF, when the client goes away, or at shutdown (telling the
+        // client where to resume: DownloadOutput is a plain read, so it can be repeated elsewhere).
         tokio::spawn(
             async move {
                 let mut offset = 0u64;
                 let mut first = Some(convert::output_to_pb(&output, None));
                 loop {
                     let mut buf = vec![0u8; chunk];
-                    let n = match file.read(&mut buf).await {
+                    let read = tokio::select! {
+                        biased;
+                        () = shutdown.cancelled() => {
+                            let _ = tx.send(Err(job_error(crate::jobs::JobError::ShuttingDown))).await;
+                            return;
+                        }
+                        () = tx.closed() => return,
+                        r = file.read(&mut buf) => r,
+                    };
+                    let n = match read {
                         Ok(n) => n,
                         Err(e) => {
                             let _ = tx.send(Err(super::status::internal(&e))).await;

@@ -80,8 +80,16 @@ pub async fn serve(
     let token = shutdown.clone();
     let signal = async move {
         token.cancelled().await;
-        // Tell load balancers first, so no new work arrives while we drain.
+        // Tell load balancers first, so no new work arrives while we drain: every service, and the
+        // server as a whole ("").
         health_for_shutdown.set_not_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
+        health_for_shutdown
+            .set_not_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>()
+            .await;
+        health_for_shutdown
+            .set_not_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>()
+            .await;
+        health_for_shutdown.set_service_status("", tonic_health::ServingStatus::NotServing).await;
         tracing::info!("draining gRPC connections");
     };
 

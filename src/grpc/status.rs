@@ -39,15 +39,21 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
 
 /// An internal failure: logs the full cause chain and returns a generic message.
 pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
-    let mut chain = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
-    tracing::error!(error = %chain, "internal error");
+    tracing::error!(error = %crate::telemetry::chain(error), "internal error");
     with_reason(Code::Internal, "INTERNAL", "internal error; see the server log")
+}
+
+/// `UNAVAILABLE` with `RetryInfo`: comfyrelay is draining.
+fn shutting_down(message: String) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+    details.set_error_info("SHUTTING_DOWN", ERROR_DOMAIN, std::collections::HashMap::<String, String>::new());
+    Status::with_error_details(Code::Unavailable, message, details)
+}
+
+/// A `StreamJob` cut by the drain: the client resumes elsewhere after the last sequence it received.
+pub fn shutting_down_resume(last_sequence: u64) -> Status {
+    shutting_down(format!("comfyrelay is shutting down; resume with after_sequence={last_sequence}"))
 }
 
 /// The one mapping from job-engine errors to `Status`: exhaustive, no wildcard arm.
@@ -62,17 +68,26 @@ pub fn job_error(e: JobError) -> Status {
             "REQUEST_ID_REUSED",
             format!("request_id {request_id:?} was already used for job {job_id} with a different request"),
         ),
-        JobError::ShuttingDown => {
+        JobError::ShuttingDown => shutting_down("comfyrelay is shutting down; retry".into()),
+        JobError::ResourceExhausted { what, limit, setting } => {
             let mut details = ErrorDetails::new();
-            details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+            details.set_retry_info(Some(std::time::Duration::from_secs(5)));
             details.set_error_info(
-                "SHUTTING_DOWN",
+                "LIMIT_REACHED",
                 ERROR_DOMAIN,
-                std::collections::HashMap::<String, String>::new(),
+                [("limit".to_string(), limit.to_string()), ("setting".to_string(), setting.to_string())]
+                    .into_iter()
+                    .collect::<std::collections::HashMap<String, String>>(),
             );
-            Status::with_error_details(Code::Unavailable, "comfyrelay is shutting down; retry", details)
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                format!("{what} are at the limit of {limit} (setting {setting}); retry later"),
+                details,
+            )
         }
-        e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_)) => internal(&e),
+        e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_) | JobError::Log(_)) => {
+            internal(&e)
+        }
     }
 }
 

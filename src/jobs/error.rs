@@ -1,5 +1,7 @@
 //! Errors of the job engine's operations (not of jobs themselves: those are `JobFailure`s).
 
+use std::sync::Arc;
+
 use crate::store::{ArtifactError, StoreError};
 
 /// One problem with a request field.
@@ -35,16 +37,35 @@ pub enum JobError {
         /// The job it created.
         job_id: String,
     },
+    /// Too much is waiting: the caller should retry later.
+    #[error("{what} is at its limit of {limit} (setting {setting})")]
+    ResourceExhausted {
+        /// What is full.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+        /// The setting that raises it.
+        setting: &'static str,
+    },
     /// The service is shutting down.
     #[error("comfyrelay is shutting down")]
     ShuttingDown,
     /// Storage failed.
     #[error("storage failed")]
-    Store(#[from] StoreError),
+    Store(#[source] Arc<StoreError>),
     /// The artifact directory failed.
     #[error("artifact storage failed")]
     Artifact(#[from] ArtifactError),
     /// A stored body could not be decoded.
     #[error("corrupt stored record")]
     Corrupt(#[from] serde_json::Error),
+    /// The job log refused or lost an event (a comfyrelay bug when it reaches a caller).
+    #[error("job log: {0}")]
+    Log(String),
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        JobError::Store(Arc::new(e))
+    }
 }

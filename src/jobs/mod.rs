@@ -1,44 +1,57 @@
 //! The job engine: submission, scheduling, running on ComfyUI machines, event logs and subscriptions.
 //!
-//! Owns the lifecycle of every job. Knows the catalog, the ComfyUI client and the store; knows nothing of
-//! gRPC. Every state change is an event appended to the job's log in the same store transaction that
-//! updates the job, and only then broadcast to live subscribers, so a subscriber that attaches first and
-//! reads the log second never misses an event (see `subscribe`).
+//! A job is an immutable [`JobSpec`] written once at submit and a log of events; its current
+//! [`JobRecord`] (with the per-state data of its [`JobState`]) is what [`apply`](apply::apply) makes of the
+//! log, one event at a time, and nothing else changes it. Knows the catalog, the ComfyUI client's event
+//! types and the store; knows nothing of gRPC.
+//!
+//! # Layout
+//! - `model`: ids, spec, state, record, events, failures.
+//! - `apply`: the one transition function.
+//! - `log`: the one writer (group commit, then install and broadcast) and the registry of live jobs.
+//! - `scheduler`: the queue and dispatch, decided in memory.
+//! - `runner`: one attempt on one machine.
+//! - `recovery`: start-up (conversion of the previous schema, re-attach, re-queue).
+//! - `subscribe`: one subscriber's gap-free stream (log, then live).
 
+mod apply;
 mod error;
+mod log;
 pub mod model;
+mod recovery;
 mod runner;
 mod scheduler;
 mod subscribe;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     sync::{Arc, Mutex as StdMutex},
     time::Duration,
 };
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 pub use crate::machine::{Machine, MachineKind};
 pub use error::{JobError, Violation};
-pub use model::{Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, OutputFile};
+pub use model::{
+    Event, EventKind, FailureReason, Job, JobFailure, JobId, JobRecord, JobSpec, JobState, JobStatus,
+    OutputFile,
+};
 pub use subscribe::EventStream;
 
 use crate::{
     catalog::{Catalog, JobInputs, ParamValue, WorkflowSource},
     config::JobsConfig,
     machine::{MachineSpec, PoolEvent, Provisioner},
-    store::{ArtifactStore, CreateOutcome, EventRow, IdempotencyKey, JobQuery, JobRow, Store},
+    store::{ArtifactStore, IdempotencyKey, JobQuery, Store},
 };
-use model::{StoredImage, now_ms};
-use scheduler::SchedMsg;
-
-/// Capacity of each job's live broadcast; a subscriber further behind catches up from the log.
-const LIVE_CAPACITY: usize = 256;
+use log::{Created, Log};
+use model::{DeclaredOutput, StoredImage, now_ms};
+use scheduler::{SchedMsg, Waiting};
 
 /// A request to run a job, already decoded from the wire.
 #[derive(Debug, Clone)]
@@ -65,7 +78,7 @@ pub struct ListRequest {
     /// Opaque token from a previous page.
     pub page_token: String,
     /// States to include (empty = all).
-    pub states: Vec<JobState>,
+    pub states: Vec<JobStatus>,
     /// Workflow.
     pub workflow: Option<String>,
     /// Labels that must all match.
@@ -96,43 +109,35 @@ pub struct JobManager {
     inner: Arc<Inner>,
 }
 
-/// A job that is not finished: its record (the single writer's lock) and its live feed.
-#[derive(Debug)]
-struct LiveJob {
-    job: tokio::sync::Mutex<Job>,
-    tx: broadcast::Sender<Arc<Event>>,
-    /// Cancelled when a caller cancels the job or the job must stop.
-    cancel: CancellationToken,
-}
-
 #[derive(Debug)]
 struct Inner {
     config: JobsConfig,
     store: Arc<dyn Store>,
     artifacts: ArtifactStore,
     catalog: Catalog,
+    /// The job log's writer and the registry of live jobs.
+    log: Log,
     /// Machines jobs may be given. Read often, changed rarely (the pool adds and removes RunComfy machines).
     machines: std::sync::RwLock<Vec<Arc<Machine>>>,
     /// The RunComfy pool, when enabled: it hears the demand per spec.
     provisioner: Option<Arc<dyn Provisioner>>,
     /// When fetching a backend's `/object_info` last failed (to not delay every submit while it is down).
     object_info_failed: StdMutex<Option<std::time::Instant>>,
-    /// Jobs not yet terminal. A std mutex: held only for map operations, never across `.await`.
-    live: StdMutex<HashMap<JobId, Arc<LiveJob>>>,
     sched: mpsc::UnboundedSender<SchedMsg>,
-    /// Job runners and background tasks; drained at shutdown.
+    /// Runners, the scheduler and the retention task; drained at shutdown.
     tracker: TaskTracker,
+    /// The writer's task: it stops last, after everything else has emitted its final events.
+    writer: StdMutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled at shutdown: runners stop where they are (jobs stay resumable in the store).
     shutdown: CancellationToken,
 }
 
 impl JobManager {
-    /// Recovers unfinished jobs from the store, then starts the scheduler and the retention task.
+    /// Starts the log writer, recovers unfinished jobs, then starts the scheduler and the retention task.
     ///
     /// `machines` are the machines known at start (static ones, and RunComfy ones the pool adopted);
     /// `pool`, when RunComfy is enabled, is the pool's demand sink and the channel of its events.
-    /// Background tasks live in the manager's tracker and stop when `shutdown` is cancelled; call
-    /// [`JobManager::drain`] to wait for them.
+    /// Background tasks stop when `shutdown` is cancelled; call [`JobManager::drain`] to wait for them.
     ///
     /// # Errors
     /// The store cannot be read.
@@ -150,21 +155,30 @@ impl JobManager {
             Some((p, rx)) => (Some(p), Some(rx)),
             None => (None, None),
         };
+        let (log, writer) = Log::new(store.clone());
+        let writer = tokio::spawn(writer.instrument(tracing::info_span!("job_log")));
         let inner = Arc::new(Inner {
             config,
             store,
             artifacts,
             catalog,
+            log,
             machines: std::sync::RwLock::new(machines),
             provisioner,
             object_info_failed: StdMutex::new(None),
-            live: StdMutex::new(HashMap::new()),
             sched: sched_tx,
             tracker: TaskTracker::new(),
+            writer: StdMutex::new(Some(writer)),
             shutdown,
         });
         let manager = Self { inner };
-        let recovered = manager.recover().await?;
+        let recovered = match manager.recover().await {
+            Ok(r) => r,
+            Err(e) => {
+                manager.inner.log.close().await;
+                return Err(e);
+            }
+        };
         let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
@@ -172,11 +186,19 @@ impl JobManager {
         Ok(manager)
     }
 
-    /// Waits (up to `grace`) for runners and background tasks after the shutdown token was cancelled.
-    /// Returns whether everything stopped in time.
-    pub async fn drain(&self, grace: Duration) -> bool {
+    /// After the shutdown token was cancelled: waits until `deadline` for runners and background tasks
+    /// (which emit their last events: re-queued jobs, finished ones), then for the log writer to commit
+    /// them. Returns whether everything stopped in time.
+    pub async fn drain(&self, deadline: tokio::time::Instant) -> bool {
         self.inner.tracker.close();
-        tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_ok()
+        let tasks = tokio::time::timeout_at(deadline, self.inner.tracker.wait()).await.is_ok();
+        self.inner.log.close().await;
+        let writer = self.inner.writer.lock().ok().and_then(|mut w| w.take());
+        let written = match writer {
+            Some(w) => tokio::time::timeout_at(deadline, w).await.is_ok(),
+            None => true,
+        };
+        tasks && written
     }
 
     /// The machines jobs may run on now.
@@ -185,27 +207,39 @@ impl JobManager {
     }
 
     /// The spec a job needs, when a RunComfy pool decides where it runs.
-    fn spec_of(&self, job: &Job) -> Option<MachineSpec> {
+    fn spec_of(&self, spec: &JobSpec) -> Option<MachineSpec> {
         let provisioner = self.inner.provisioner.as_ref()?;
-        if job.runcomfy_workflow_version_id.is_empty() {
-            return None;
+        let workflow_version_id = spec.runcomfy_workflow_version_id.clone()?;
+        let server_type = spec.server_type.clone().unwrap_or_else(|| provisioner.default_server_type());
+        Some(MachineSpec { workflow_version_id, server_type })
+    }
+
+    /// Queues an event without waiting, even when the log's inbox is full (then a short task of the
+    /// tracker waits for room): for the scheduler's events that must not be dropped.
+    fn emit_reliably(&self, id: JobId, kind: EventKind) {
+        if let Err(kind) = self.inner.log.try_append(id, kind) {
+            let log = self.inner.log.clone();
+            self.inner.tracker.spawn(async move { drop(log.append(id, *kind).await) });
         }
-        let server_type = if job.server_type.is_empty() {
-            provisioner.default_server_type()
-        } else {
-            job.server_type.clone()
-        };
-        Some(MachineSpec { workflow_version_id: job.runcomfy_workflow_version_id.clone(), server_type })
     }
 
     /// Validates, stores durably and queues a job. Returns it in `QUEUED` (or the earlier job for a
     /// repeated `request_id`).
     ///
     /// # Errors
-    /// `InvalidArgument` with every problem, `AlreadyExists` for a reused key, storage failures.
+    /// `InvalidArgument` with every problem, `AlreadyExists` for a reused key, `ResourceExhausted` when
+    /// `jobs.max_unfinished` jobs are not finished, storage failures.
     pub async fn submit(&self, req: SubmitRequest) -> Result<Job, JobError> {
         if self.inner.shutdown.is_cancelled() {
             return Err(JobError::ShuttingDown);
+        }
+        let limit = self.inner.config.max_unfinished;
+        if self.inner.log.live_count() >= limit {
+            return Err(JobError::ResourceExhausted {
+                what: "unfinished jobs",
+                limit: limit as u64,
+                setting: "jobs.max_unfinished",
+            });
         }
         let mut violations = validate_envelope(&req);
         let request_hash = request_hash(&req);
@@ -229,7 +263,7 @@ impl JobManager {
 
         let mut images = Vec::with_capacity(prepared.images.len());
         for slot in &prepared.images {
-            let stored = self.inner.artifacts.put(&slot.image.data).await?;
+            let stored = self.inner.artifacts.put(slot.image.data.clone()).await?;
             images.push(StoredImage {
                 input: slot.input.clone(),
                 sha256: stored.sha256,
@@ -239,71 +273,44 @@ impl JobManager {
                 targets: slot.targets.iter().map(|t| (t.node_id.clone(), t.input_name.clone())).collect(),
             });
         }
-        let output_nodes = self
-            .inner
-            .catalog
-            .get(&prepared.workflow)
-            .map(|w| w.outputs.iter().map(|o| o.node_id.clone()).collect())
-            .unwrap_or_default();
-        let now = now_ms();
-        let position = self.queued_count() as u32 + 1;
-        let job = Job {
+        let workflow = self.inner.catalog.get(&prepared.workflow);
+        let outputs = crate::catalog::declared_outputs(workflow.as_deref(), &prepared.graph)
+            .into_iter()
+            .map(|(node_id, streamed)| DeclaredOutput { node_id, streamed })
+            .collect();
+        let spec = Arc::new(JobSpec {
             id: JobId::new(),
-            state: JobState::Queued,
             workflow: prepared.workflow,
             workflow_version: prepared.workflow_version,
             inputs: prepared.summary,
             labels,
             priority,
             request_id: request_id.clone(),
+            node_classes: crate::catalog::node_classes(&prepared.graph),
             graph: prepared.graph,
             images,
-            output_nodes,
-            runcomfy_workflow_version_id: prepared
-                .requirements
-                .runcomfy_workflow_version_id
-                .unwrap_or_default(),
-            server_type: prepared.requirements.server_type.unwrap_or_default(),
-            created_ms: now,
-            provision_ms: None,
-            started_ms: None,
-            ended_ms: None,
-            timings: Default::default(),
-            machine_id: None,
-            comfy_prompt_id: None,
-            submitted: false,
-            outputs: Vec::new(),
-            error: None,
-            last_sequence: 1,
-            attempt: 1,
+            outputs,
+            runcomfy_workflow_version_id: prepared.requirements.runcomfy_workflow_version_id,
+            server_type: prepared.requirements.server_type,
+            created_ms: now_ms(),
             deadline_ms,
-            cancel_reason: None,
-            cancel_requested: false,
-            queue_position: position,
-            machine_seconds: 0.0,
-            cost_usd: 0.0,
-        };
-        let event = Event { job_id: job.id, seq: 1, time_ms: now, kind: EventKind::Queued { position } };
-        let key = request_id.map(|request_id| IdempotencyKey { request_id, request_hash });
-        match self.inner.store.create_job(&job_row(&job)?, &event_row(&event)?, key.as_ref()).await? {
-            CreateOutcome::Created => {}
-            CreateOutcome::Existing(row) => return Ok(serde_json::from_str(&row.body)?),
-            CreateOutcome::Conflict { job_id } => {
-                return Err(JobError::AlreadyExists {
-                    request_id: key.map(|k| k.request_id).unwrap_or_default(),
-                    job_id,
-                });
-            }
-        }
-        tracing::info!(job_id = %job.id, workflow = %job.workflow, "job accepted");
-        self.register(job.clone());
-        let _ = self.inner.sched.send(SchedMsg::Enqueue {
-            id: job.id,
-            priority: job.priority,
-            created_ms: job.created_ms,
-            spec: self.spec_of(&job),
         });
-        Ok(job)
+        let position = self.inner.log.live_count() as u32 + 1;
+        let key = request_id.map(|request_id| IdempotencyKey { request_id, request_hash });
+        let request_id = key.as_ref().map(|k| k.request_id.clone()).unwrap_or_default();
+        let first = EventKind::Queued { position, reason: String::new() };
+        match self.inner.log.create(spec.clone(), first, key).await? {
+            Created::New(live) => {
+                tracing::info!(job_id = %spec.id, workflow = %spec.workflow, "job accepted");
+                let _ = self.inner.sched.send(SchedMsg::Enqueue(Waiting::of(&spec, self.spec_of(&spec))));
+                Ok(live.job())
+            }
+            Created::Existing(job_id) => match job_id.parse() {
+                Ok(id) => self.get(id).await,
+                Err(_) => Err(JobError::Log(format!("stored job id {job_id:?} is not an id"))),
+            },
+            Created::Conflict(job_id) => Err(JobError::AlreadyExists { request_id, job_id }),
+        }
     }
 
     /// The node catalogue (`/object_info`) of the first static server, so a graph is checked against what
@@ -337,39 +344,16 @@ impl JobManager {
         }
     }
 
-    fn queued_count(&self) -> usize {
-        // An estimate for the first `queued` event; the scheduler corrects it at once.
-        self.inner.live.lock().map(|m| m.len()).unwrap_or(0)
-    }
-
-    fn register(&self, job: Job) -> Arc<LiveJob> {
-        let (tx, _) = broadcast::channel(LIVE_CAPACITY);
-        let id = job.id;
-        let live = Arc::new(LiveJob {
-            job: tokio::sync::Mutex::new(job),
-            tx,
-            cancel: self.inner.shutdown.child_token(),
-        });
-        if let Ok(mut map) = self.inner.live.lock() {
-            map.insert(id, live.clone());
-        }
-        live
-    }
-
-    fn live(&self, id: JobId) -> Option<Arc<LiveJob>> {
-        self.inner.live.lock().ok().and_then(|m| m.get(&id).cloned())
-    }
-
     /// Reads one job.
     ///
     /// # Errors
     /// `NotFound`, storage failures.
     pub async fn get(&self, id: JobId) -> Result<Job, JobError> {
-        if let Some(live) = self.live(id) {
-            return Ok(live.job.lock().await.clone());
+        if let Some(live) = self.inner.log.live(id) {
+            return Ok(live.job());
         }
         let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
-        Ok(serde_json::from_str(&row.body)?)
+        log::decode_job(&row)
     }
 
     /// Lists jobs, newest first.
@@ -410,65 +394,52 @@ impl JobManager {
         };
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: Option<JobId> = row.id.parse().ok();
-            match id.and_then(|id| self.live(id)) {
-                Some(live) => jobs.push(live.job.lock().await.clone()),
-                None => jobs.push(serde_json::from_str(&row.body)?),
+            let live = row.id.parse().ok().and_then(|id| self.inner.log.live(id));
+            match live {
+                Some(live) => jobs.push(live.job()),
+                None => jobs.push(log::decode_job(&row)?),
             }
         }
         Ok(JobPage { jobs, next_page_token })
     }
 
     /// Cancels a job: at once if queued; by interrupting its prompt if running; no change if finished.
+    /// Waits briefly for the end, so the caller usually sees the final state.
     ///
     /// # Errors
     /// `NotFound`, storage failures.
     pub async fn cancel(&self, id: JobId, reason: String) -> Result<Job, JobError> {
-        let Some(live) = self.live(id) else {
+        let Some(live) = self.inner.log.live(id) else {
             return self.get(id).await;
         };
+        let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
+        let mut watch = live.watch();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let _ = self.inner.sched.send(SchedMsg::Remove { id, reply: tx });
-        let was_queued = rx.await.unwrap_or(false);
-        if was_queued {
-            let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
-            self.finish(&live, EventKind::Cancelled { reason: reason.clone() }, |job| {
-                job.cancel_requested = true;
-                job.cancel_reason = Some(reason);
-            })
-            .await?;
-        } else {
-            // Running (or about to run): mark it and let the runner interrupt ComfyUI and finish the job.
-            let mut job = live.job.lock().await;
-            if !job.state.is_terminal() {
-                job.cancel_requested = true;
-                job.cancel_reason = Some(reason);
-                self.persist(&job).await?;
+        if rx.await.unwrap_or(false) {
+            let done = EventKind::Cancelled { reason, usage: model::Usage::default() };
+            match self.inner.log.append(id, done).await.durable().await {
+                Ok(_) | Err(log::AppendError::NotLive | log::AppendError::Rejected(_)) => {}
+                Err(e) => return Err(e.into()),
             }
-            drop(job);
+        } else {
+            // Running (or about to run): say so, then let the runner interrupt ComfyUI and end the job.
+            match self.inner.log.append(id, EventKind::CancelRequested { reason }).await.durable().await {
+                Ok(_) | Err(log::AppendError::NotLive | log::AppendError::Rejected(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
             live.cancel.cancel();
         }
-        let job = live.job.lock().await.clone();
-        if job.state.is_terminal() {
-            return Ok(job);
-        }
-        // Wait briefly for the runner so the caller usually sees the final state.
-        let mut rx = live.tx.subscribe();
-        let wait = async {
-            loop {
-                match rx.recv().await {
-                    Ok(e) if e.kind.is_terminal() => break,
-                    Err(broadcast::error::RecvError::Closed) => break,
-                    _ => {}
-                }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        let ended = watch.wait_for(|r| r.state.is_terminal());
+        let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
         self.get(id).await
     }
 
     /// Streams a job's events after `after_sequence`: logged ones, then live ones, ending after the terminal
     /// event. Progress and previews may be coalesced for a subscriber that falls behind.
+    ///
+    /// A sequence beyond the job's last event streams nothing for a finished job (and only later events
+    /// for a live one); sequences past 2⁶³ clamp rather than wrap.
     ///
     /// # Errors
     /// `NotFound`, storage failures.
@@ -480,17 +451,20 @@ impl JobManager {
     ) -> Result<EventStream, JobError> {
         // Subscribe to the live feed FIRST, then read the log: an event committed in between is in one or
         // the other, and duplicates are dropped by sequence.
-        let live_rx = self.live(id).map(|l| l.tx.subscribe());
-        if live_rx.is_none() && self.inner.store.get_job(&id.to_string()).await?.is_none() {
-            return Err(not_found(id));
-        }
+        let live_rx = match self.inner.log.live(id) {
+            Some(live) => Some(live.subscribe()),
+            None => {
+                self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                None
+            }
+        };
         Ok(EventStream::new(self.clone(), id, after_sequence, skip_previews, live_rx))
     }
 
     /// Reads logged events after `after`, at most `limit`.
     async fn events_after(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<Event>, JobError> {
         let rows = self.inner.store.events_after(&id.to_string(), after, limit).await?;
-        rows.iter().map(|r| serde_json::from_str(&r.body).map_err(JobError::from)).collect()
+        rows.iter().map(log::decode_event).collect()
     }
 
     /// The output's metadata with inline bytes when small enough.
@@ -517,6 +491,7 @@ impl JobManager {
     ) -> Result<(OutputFile, tokio::fs::File), JobError> {
         let job = self.get(id).await?;
         let output = job
+            .record
             .outputs
             .iter()
             .find(|o| o.filename == filename)
@@ -526,188 +501,26 @@ impl JobManager {
         Ok((output, file))
     }
 
-    /// Appends one event to a live job after applying `mutate` to its record, in one store transaction,
-    /// then broadcasts it. Returns the event.
-    async fn append(
-        &self,
-        live: &LiveJob,
-        kind: EventKind,
-        mutate: impl FnOnce(&mut Job),
-    ) -> Result<(), JobError> {
-        let mut job = live.job.lock().await;
-        self.append_locked(live, &mut job, kind, mutate).await
-    }
-
-    /// `append` with the job's lock held. Nothing is ever appended after a terminal event.
-    async fn append_locked(
-        &self,
-        live: &LiveJob,
-        job: &mut Job,
-        kind: EventKind,
-        mutate: impl FnOnce(&mut Job),
-    ) -> Result<(), JobError> {
-        if job.state.is_terminal() {
-            return Ok(());
-        }
-        let mut next = job.clone();
-        mutate(&mut next);
-        next.last_sequence += 1;
-        let event = Event { job_id: next.id, seq: next.last_sequence, time_ms: now_ms(), kind };
-        self.inner.store.commit(&job_row(&next)?, &[event_row(&event)?]).await?;
-        *job = next;
-        // No receivers is fine: nobody is watching.
-        let _ = live.tx.send(Arc::new(event));
-        Ok(())
-    }
-
-    /// Persists the record without an event.
-    async fn persist(&self, job: &Job) -> Result<(), JobError> {
-        self.inner.store.commit(&job_row(job)?, &[]).await?;
-        Ok(())
-    }
-
-    /// Appends the terminal event, sets the terminal state, and retires the live entry.
-    async fn finish(
-        &self,
-        live: &LiveJob,
-        kind: EventKind,
-        mutate: impl FnOnce(&mut Job),
-    ) -> Result<(), JobError> {
-        let state = match &kind {
-            EventKind::Succeeded { .. } => JobState::Succeeded,
-            EventKind::Cancelled { .. } => JobState::Cancelled,
-            _ => JobState::Failed,
-        };
-        let failure = match &kind {
-            EventKind::Failed { error } => Some(error.clone()),
-            _ => None,
-        };
-        // The check and the terminal append happen under one lock: two finishers cannot both succeed.
-        let mut job = live.job.lock().await;
-        if job.state.is_terminal() {
-            return Ok(());
-        }
-        let id = job.id;
-        // Machine time and cost are on the job by the time its terminal event is seen.
-        let price = job
-            .machine_id
-            .as_ref()
-            .and_then(|m| self.machines().into_iter().find(|x| &x.id == m))
-            .map(|m| m.price_per_hour_usd)
-            .unwrap_or(0.0);
-        self.append_locked(live, &mut job, kind, |job| {
-            mutate(job);
-            job.state = state;
-            job.error = failure;
-            job.queue_position = 0;
-            let end = now_ms();
-            job.ended_ms = Some(end);
-            if price > 0.0
-                && let Some(start) = job.started_ms
-            {
-                job.machine_seconds = ((end - start).max(0) as f64) / 1000.0;
-                job.cost_usd = job.machine_seconds * price / 3600.0;
-            }
-        })
-        .await?;
-        drop(job);
-        tracing::info!(job_id = %id, state = state.as_str(), "job finished");
-        // Retire after the terminal event is durable: a subscriber that finds no live entry reads it from the log.
-        if let Ok(mut map) = self.inner.live.lock() {
-            map.remove(&id);
-        }
-        live.cancel.cancel();
-        Ok(())
-    }
-
-    /// Loads unfinished jobs: queued ones are queued again, running ones re-attached to their machine.
-    /// Returns the running jobs re-attached, with their machines, so the scheduler counts their slots.
-    async fn recover(&self) -> Result<Vec<(JobId, Arc<Machine>)>, JobError> {
-        let rows = self.inner.store.unfinished_jobs().await?;
-        let mut running = Vec::new();
-        for row in rows {
-            let job: Job = match serde_json::from_str(&row.body) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::error!(job_id = %row.id, error = %e, "cannot decode a stored job; skipping it");
-                    continue;
-                }
-            };
-            let id = job.id;
-            let machine =
-                job.machine_id.as_ref().and_then(|m| self.machines().into_iter().find(|x| &x.id == m));
-            let state = job.state;
-            let submitted = job.submitted;
-            let (priority, created_ms) = (job.priority, job.created_ms);
-            let spec = self.spec_of(&job);
-            let live = self.register(job);
-            match (state, submitted, machine) {
-                (JobState::Running, true, Some(machine)) => {
-                    tracing::info!(job_id = %id, "re-attaching to a prompt that was running before the restart");
-                    running.push((id, machine.clone()));
-                    self.spawn_runner(live, machine, true);
-                }
-                (JobState::Running, true, None) => {
-                    // Its machine is no longer configured: treat like a lost prompt.
-                    runner::lost_or_retry(self, &live, "its machine is no longer configured".into()).await?;
-                }
-                _ => {
-                    if state != JobState::Queued {
-                        self.append(&live, EventKind::Queued { position: 0 }, |job| {
-                            job.state = JobState::Queued;
-                            job.machine_id = None;
-                            job.submitted = false;
-                        })
-                        .await?;
-                    }
-                    let _ = self.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms, spec });
-                }
-            }
-        }
-        Ok(running)
-    }
-
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
-    fn spawn_runner(&self, live: Arc<LiveJob>, machine: Arc<Machine>, reattach: bool) {
+    fn spawn_runner(&self, live: Arc<log::LiveJob>, machine: Arc<Machine>, reattach: bool) {
         let manager = self.clone();
-        let span = tracing::info_span!("job", job_id = tracing::field::Empty, machine = %machine.id);
+        let span = tracing::info_span!("job", job_id = %live.spec.id, machine = %machine.id);
         self.inner.tracker.spawn(
             async move {
-                let id = live.job.lock().await.id;
-                tracing::Span::current().record("job_id", tracing::field::display(id));
-                // Exit policy: a runner never panics the service; any error fails the job with INTERNAL.
+                // Exit policy: a runner never panics the service; an error fails the job with INTERNAL.
                 if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
-                    tracing::error!(error = %e, "job runner failed");
+                    tracing::error!(error = %crate::telemetry::chain(&e), "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
-                        let failure =
+                        let error =
                             JobFailure::new(FailureReason::Internal, "internal error; see the server log");
-                        let _ = manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await;
+                        let done = EventKind::Failed { error, usage: model::Usage::default() };
+                        drop(manager.inner.log.append(live.spec.id, done).await);
                     }
                 }
-                manager.attribute_cost(&live, &machine).await;
                 let _ = manager.inner.sched.send(SchedMsg::Done { machine });
             }
             .instrument(span),
         );
-    }
-
-    /// Attributes machine time and cost to a finished job that ran on a billed machine, if `finish` could
-    /// not (the machine had already left the list).
-    async fn attribute_cost(&self, live: &LiveJob, machine: &Machine) {
-        if machine.price_per_hour_usd <= 0.0 {
-            return;
-        }
-        let mut job = live.job.lock().await;
-        if !job.state.is_terminal() || job.machine_seconds > 0.0 {
-            return;
-        }
-        let (Some(start), Some(end)) = (job.started_ms, job.ended_ms) else { return };
-        let seconds = ((end - start).max(0) as f64) / 1000.0;
-        job.machine_seconds = seconds;
-        job.cost_usd = seconds * machine.price_per_hour_usd / 3600.0;
-        if let Err(e) = self.persist(&job).await {
-            tracing::warn!(error = %e, "cannot record the job's cost");
-        }
     }
 
     /// Deletes finished jobs, their events and unreferenced artifacts after the retention period.
@@ -724,7 +537,7 @@ impl JobManager {
                     Ok((ids, orphaned)) => {
                         for sha in &orphaned {
                             if let Err(e) = self.inner.artifacts.delete(sha).await {
-                                tracing::warn!(error = %e, sha256 = %sha, "cannot delete an expired artifact");
+                                tracing::warn!(error = %crate::telemetry::chain(&e), sha256 = %sha, "cannot delete an expired artifact");
                             }
                         }
                         if !ids.is_empty() {
@@ -740,7 +553,7 @@ impl JobManager {
                     }
                     Err(e) => {
                         // Exit policy: log and try again at the next tick.
-                        tracing::error!(error = %e, "retention sweep failed");
+                        tracing::error!(error = %crate::telemetry::chain(&e), "retention sweep failed");
                         break;
                     }
                 }
@@ -751,34 +564,6 @@ impl JobManager {
 
 fn not_found(id: JobId) -> JobError {
     JobError::NotFound(format!("job {id}"))
-}
-
-fn job_row(job: &Job) -> Result<JobRow, JobError> {
-    let mut artifacts: Vec<String> = job.images.iter().map(|i| i.sha256.clone()).collect();
-    artifacts.extend(job.outputs.iter().map(|o| o.sha256.clone()));
-    Ok(JobRow {
-        id: job.id.to_string(),
-        state: job.state.as_str().to_string(),
-        terminal: job.state.is_terminal(),
-        workflow: job.workflow.clone(),
-        priority: job.priority,
-        created_ms: job.created_ms,
-        updated_ms: now_ms(),
-        ended_ms: job.ended_ms,
-        request_id: job.request_id.clone(),
-        labels: job.labels.clone(),
-        artifacts,
-        body: serde_json::to_string(job)?,
-    })
-}
-
-fn event_row(event: &Event) -> Result<EventRow, JobError> {
-    Ok(EventRow {
-        job_id: event.job_id.to_string(),
-        seq: event.seq,
-        time_ms: event.time_ms,
-        body: serde_json::to_string(event)?,
-    })
 }
 
 fn encode_page_token(created_ms: i64, id: &str) -> String {

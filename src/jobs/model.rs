@@ -1,13 +1,16 @@
-//! Domain types of the job engine: ids, states, the job record, events and failures.
+//! Domain types of the job engine: ids, the immutable [`JobSpec`], the [`JobState`] with its per-state
+//! data, the [`JobRecord`] that [`apply`](super::apply::apply) moves from event to event, events and
+//! failures.
 //!
 //! Serialized as JSON into the store's opaque bodies; never exposed as protobuf here.
 
-use std::{collections::BTreeMap, fmt, str::FromStr};
+use std::{collections::BTreeMap, fmt, str::FromStr, sync::Arc};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// A job's id: a UUID (v7, so ids sort by creation), also used as ComfyUI's `prompt_id`.
+/// A job's id: a UUID (v7, so ids sort by creation), also used as ComfyUI's `prompt_id` (printed in the
+/// canonical lowercase hyphenated form ComfyUI requires).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct JobId(uuid::Uuid);
@@ -43,10 +46,10 @@ impl FromStr for JobId {
     }
 }
 
-/// A job's lifecycle state.
+/// The name of a job's state, without its data (what callers filter on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum JobState {
+pub enum JobStatus {
     /// Waiting for capacity.
     Queued,
     /// A machine is being prepared.
@@ -61,31 +64,31 @@ pub enum JobState {
     Cancelled,
 }
 
-impl JobState {
+impl JobStatus {
     /// Every state.
-    pub const ALL: [JobState; 6] = [
-        JobState::Queued,
-        JobState::Provisioning,
-        JobState::Running,
-        JobState::Succeeded,
-        JobState::Failed,
-        JobState::Cancelled,
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Provisioning,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::Cancelled,
     ];
 
     /// Whether no further change can happen.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
     }
 
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
-            JobState::Queued => "QUEUED",
-            JobState::Provisioning => "PROVISIONING",
-            JobState::Running => "RUNNING",
-            JobState::Succeeded => "SUCCEEDED",
-            JobState::Failed => "FAILED",
-            JobState::Cancelled => "CANCELLED",
+            JobStatus::Queued => "QUEUED",
+            JobStatus::Provisioning => "PROVISIONING",
+            JobStatus::Running => "RUNNING",
+            JobStatus::Succeeded => "SUCCEEDED",
+            JobStatus::Failed => "FAILED",
+            JobStatus::Cancelled => "CANCELLED",
         }
     }
 }
@@ -94,7 +97,7 @@ impl JobState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum FailureReason {
-    /// ComfyUI rejected the graph.
+    /// ComfyUI rejected the graph (or dropped some of its outputs).
     Validation,
     /// A node raised.
     Execution,
@@ -122,6 +125,8 @@ pub enum FailureReason {
     Internal,
     /// ComfyUI interrupted the prompt without our cancel.
     Interrupted,
+    /// ComfyUI finished but outputs the job declared could not be stored or recovered.
+    OutputsMissing,
 }
 
 /// An error ComfyUI reported for a node.
@@ -175,6 +180,16 @@ pub struct StoredImage {
     pub targets: Vec<(String, String)>,
 }
 
+/// An output the workflow declares: the job succeeds only when each has stored at least one file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeclaredOutput {
+    /// The output node.
+    pub node_id: String,
+    /// Its images arrive only over the WebSocket (never in ComfyUI's history), so a stream with a gap
+    /// cannot be completed from history.
+    pub streamed: bool,
+}
+
 /// A stored output file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutputFile {
@@ -211,13 +226,11 @@ pub struct Timings {
     pub download_ms: Option<u64>,
 }
 
-/// The durable record of a job.
+/// What a job is: written once at submit, never changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Job {
+pub struct JobSpec {
     /// Id.
     pub id: JobId,
-    /// State.
-    pub state: JobState,
     /// Workflow name (`inline` for inline graphs).
     pub workflow: String,
     /// Workflow version.
@@ -230,55 +243,214 @@ pub struct Job {
     pub priority: i32,
     /// Idempotency key.
     pub request_id: Option<String>,
-    /// The graph to run, every non-image value injected.
+    /// The graph to run (opaque here: built by the catalog, sent by the ComfyUI client), every
+    /// non-image value injected.
     pub graph: serde_json::Value,
     /// Images to upload before queueing.
     pub images: Vec<StoredImage>,
-    /// Node ids whose outputs are kept (empty: every `output`-type image).
-    pub output_nodes: Vec<String>,
+    /// The outputs the workflow declares (empty for inline graphs: every `output` file ComfyUI reports).
+    pub outputs: Vec<DeclaredOutput>,
+    /// Class of each node, for the events (from the catalog).
+    pub node_classes: BTreeMap<String, String>,
     /// RunComfy workflow version id the workflow needs, if any.
-    pub runcomfy_workflow_version_id: String,
+    pub runcomfy_workflow_version_id: Option<String>,
     /// RunComfy server type the workflow needs, if any.
-    pub server_type: String,
+    pub server_type: Option<String>,
     /// Creation, ms since the epoch.
     pub created_ms: i64,
-    /// Provisioning start.
-    pub provision_ms: Option<i64>,
-    /// Start on a machine.
-    pub started_ms: Option<i64>,
-    /// End.
-    pub ended_ms: Option<i64>,
-    /// Stage durations.
-    pub timings: Timings,
-    /// Machine.
-    pub machine_id: Option<String>,
-    /// ComfyUI prompt id.
-    pub comfy_prompt_id: Option<String>,
-    /// Whether `POST /prompt` may have reached ComfyUI for the current attempt.
-    pub submitted: bool,
-    /// Stored outputs.
-    pub outputs: Vec<OutputFile>,
-    /// Failure.
-    pub error: Option<JobFailure>,
-    /// Last event sequence.
+    /// Caller's deadline, ms since the epoch.
+    pub deadline_ms: Option<i64>,
+}
+
+impl JobSpec {
+    /// Whether an output file of `node` is kept.
+    pub fn keeps(&self, node: &str, kind: &str) -> bool {
+        if self.outputs.is_empty() {
+            kind == "output"
+        } else {
+            self.outputs.iter().any(|o| o.node_id == node)
+        }
+    }
+
+    /// Whether `node` is a declared output whose images arrive over the WebSocket.
+    pub fn streams(&self, node: &str) -> bool {
+        self.outputs.iter().any(|o| o.node_id == node && o.streamed)
+    }
+}
+
+/// A job's state, with what exists only in that state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobState {
+    /// Waiting for capacity.
+    Queued {
+        /// 1 = next; 0 = not yet known.
+        position: u32,
+        /// Why it waits, when not simply behind other jobs.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// A machine is being prepared for it.
+    Provisioning {
+        /// Queue position among the jobs waiting for its kind of machine.
+        position: u32,
+        /// The last phase heard.
+        phase: String,
+        /// The machine being prepared.
+        machine_id: String,
+        /// Since when, ms.
+        since_ms: i64,
+    },
+    /// On a machine.
+    Running {
+        /// The machine.
+        machine_id: String,
+        /// ComfyUI's prompt id.
+        prompt_id: String,
+        /// Since when, ms.
+        since_ms: i64,
+        /// Whether `POST /prompt` may have reached ComfyUI (a restart re-attaches rather than re-sends).
+        submitted: bool,
+    },
+    /// Finished with every output stored.
+    Succeeded,
+    /// Failed.
+    Failed {
+        /// Why.
+        error: JobFailure,
+    },
+    /// Cancelled.
+    Cancelled {
+        /// The reason given.
+        reason: String,
+    },
+}
+
+impl JobState {
+    /// The state's name.
+    pub fn status(&self) -> JobStatus {
+        match self {
+            JobState::Queued { .. } => JobStatus::Queued,
+            JobState::Provisioning { .. } => JobStatus::Provisioning,
+            JobState::Running { .. } => JobStatus::Running,
+            JobState::Succeeded => JobStatus::Succeeded,
+            JobState::Failed { .. } => JobStatus::Failed,
+            JobState::Cancelled { .. } => JobStatus::Cancelled,
+        }
+    }
+
+    /// Whether no further change can happen.
+    pub fn is_terminal(&self) -> bool {
+        self.status().is_terminal()
+    }
+}
+
+/// Everything about a job that changes: moved only by [`apply`](super::apply::apply), one event at a time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The state.
+    pub state: JobState,
+    /// The last event's sequence.
     pub last_sequence: u64,
     /// Attempt number, from 1.
     pub attempt: u32,
-    /// Caller's deadline, ms since the epoch.
-    pub deadline_ms: Option<i64>,
-    /// Reason given with a cancel.
+    /// Outputs stored by the current attempt (all of them once succeeded).
+    pub outputs: Vec<OutputFile>,
+    /// Set once a caller asked to cancel, with the reason given.
     pub cancel_reason: Option<String>,
-    /// Whether a cancel was requested.
-    pub cancel_requested: bool,
-    /// Queue position (1 = next) while queued.
-    pub queue_position: u32,
+    /// Stage durations.
+    pub timings: Timings,
+    /// Provisioning start, ms.
+    pub provision_ms: Option<i64>,
+    /// Start on a machine (last attempt), ms.
+    pub started_ms: Option<i64>,
+    /// End, ms.
+    pub ended_ms: Option<i64>,
+    /// The machine of the last attempt.
+    pub machine_id: Option<String>,
     /// Machine seconds attributed.
     pub machine_seconds: f64,
     /// Cost attributed, in USD.
     pub cost_usd: f64,
 }
 
-/// What happened, as logged and streamed.
+impl JobRecord {
+    /// The record of a job just submitted (before event 1).
+    pub fn new() -> Self {
+        Self {
+            state: JobState::Queued { position: 0, reason: String::new() },
+            last_sequence: 0,
+            attempt: 1,
+            outputs: Vec::new(),
+            cancel_reason: None,
+            timings: Timings::default(),
+            provision_ms: None,
+            started_ms: None,
+            ended_ms: None,
+            machine_id: None,
+            machine_seconds: 0.0,
+            cost_usd: 0.0,
+        }
+    }
+
+    /// Queue position while queued or provisioning.
+    pub fn queue_position(&self) -> u32 {
+        match self.state {
+            JobState::Queued { position, .. } | JobState::Provisioning { position, .. } => position,
+            _ => 0,
+        }
+    }
+}
+
+impl Default for JobRecord {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A job as readers see it: its spec and its record at one moment. Cheap to clone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    /// What it is.
+    pub spec: Arc<JobSpec>,
+    /// Where it is.
+    pub record: Arc<JobRecord>,
+}
+
+impl Job {
+    /// Its id.
+    pub fn id(&self) -> JobId {
+        self.spec.id
+    }
+
+    /// Its state's name.
+    pub fn status(&self) -> JobStatus {
+        self.record.state.status()
+    }
+
+    /// Its failure, when failed.
+    pub fn error(&self) -> Option<&JobFailure> {
+        match &self.record.state {
+            JobState::Failed { error } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Machine time and stage durations a terminal event records.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Execution on ComfyUI, ms.
+    pub execution_ms: Option<u64>,
+    /// Output downloads, ms.
+    pub download_ms: Option<u64>,
+    /// Machine seconds attributed (billed machines only).
+    pub machine_seconds: f64,
+    /// Cost attributed, USD.
+    pub cost_usd: f64,
+}
+
+/// What happened, as logged and streamed. Every change of a job's state is one of these.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
@@ -286,6 +458,9 @@ pub enum EventKind {
     Queued {
         /// 1 = next.
         position: u32,
+        /// Why it waits, when not simply behind other jobs (e.g. every server drained).
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
     },
     /// Provisioning progress.
     Provisioning {
@@ -304,6 +479,11 @@ pub enum EventKind {
         machine_id: String,
         /// Prompt id.
         prompt_id: String,
+    },
+    /// Inputs uploaded; the prompt is being queued on ComfyUI (from here a restart re-attaches to it).
+    PromptSubmitted {
+        /// Upload time, ms.
+        upload_ms: u64,
     },
     /// A node began.
     NodeStarted {
@@ -357,10 +537,29 @@ pub enum EventKind {
         /// Text.
         text: String,
     },
-    /// Retried after a loss.
+    /// Something the caller should know that does not end the job (e.g. outputs ComfyUI dropped).
+    Warning {
+        /// A stable code, e.g. `OUTPUTS_DROPPED`.
+        code: String,
+        /// For people.
+        message: String,
+        /// The nodes concerned.
+        node_ids: Vec<String>,
+    },
+    /// A caller asked to cancel; the job ends `cancelled` once its machine stopped it.
+    CancelRequested {
+        /// The reason given.
+        reason: String,
+    },
+    /// Retried after the attempt was lost.
     Retrying {
         /// The next attempt.
         attempt: u32,
+        /// Why.
+        reason: String,
+    },
+    /// Back in the queue before anything reached ComfyUI (no attempt counted), e.g. at shutdown.
+    Requeued {
         /// Why.
         reason: String,
     },
@@ -375,16 +574,25 @@ pub enum EventKind {
     Succeeded {
         /// Every output.
         outputs: Vec<OutputFile>,
+        /// Machine time and stage durations.
+        #[serde(default)]
+        usage: Usage,
     },
     /// Terminal: failure.
     Failed {
         /// Why.
         error: JobFailure,
+        /// Machine time and stage durations.
+        #[serde(default)]
+        usage: Usage,
     },
     /// Terminal: cancelled.
     Cancelled {
         /// Reason.
         reason: String,
+        /// Machine time and stage durations.
+        #[serde(default)]
+        usage: Usage,
     },
 }
 
@@ -397,6 +605,31 @@ impl EventKind {
     /// Whether a lagging subscriber may skip this event when a later one supersedes it.
     pub fn is_coalescable(&self) -> bool {
         matches!(self, EventKind::Progress { .. } | EventKind::Preview { .. } | EventKind::Queued { .. })
+    }
+
+    /// A short name, for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::Queued { .. } => "queued",
+            EventKind::Provisioning { .. } => "provisioning",
+            EventKind::Started { .. } => "started",
+            EventKind::PromptSubmitted { .. } => "prompt_submitted",
+            EventKind::NodeStarted { .. } => "node_started",
+            EventKind::NodesCached { .. } => "nodes_cached",
+            EventKind::Progress { .. } => "progress",
+            EventKind::Preview { .. } => "preview",
+            EventKind::OutputReady { .. } => "output_ready",
+            EventKind::NodeExecuted { .. } => "node_executed",
+            EventKind::ProgressText { .. } => "progress_text",
+            EventKind::Warning { .. } => "warning",
+            EventKind::CancelRequested { .. } => "cancel_requested",
+            EventKind::Retrying { .. } => "retrying",
+            EventKind::Requeued { .. } => "requeued",
+            EventKind::Comfy { .. } => "comfy",
+            EventKind::Succeeded { .. } => "succeeded",
+            EventKind::Failed { .. } => "failed",
+            EventKind::Cancelled { .. } => "cancelled",
+        }
     }
 }
 
@@ -441,14 +674,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn job_ids_parse_and_print() {
+    fn job_ids_parse_and_print_in_the_canonical_form() {
         let id = JobId::new();
-        assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
+        let text = id.to_string();
+        assert_eq!(text.parse::<JobId>().unwrap(), id);
+        assert_eq!(text, text.to_lowercase());
+        assert_eq!(text.len(), 36);
         assert!("nope".parse::<JobId>().is_err());
     }
 
     #[test]
-    fn events_round_trip_through_json() {
+    fn events_and_records_round_trip_through_json() {
         let e = Event {
             job_id: JobId::new(),
             seq: 3,
@@ -461,5 +697,17 @@ mod tests {
         };
         let json = serde_json::to_string(&e).unwrap();
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        let mut r = JobRecord::new();
+        r.state =
+            JobState::Running { machine_id: "m".into(), prompt_id: "p".into(), since_ms: 1, submitted: true };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<JobRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn terminal_events_written_before_usage_existed_still_decode() {
+        let old = r#"{"type":"succeeded","outputs":[]}"#;
+        let kind: EventKind = serde_json::from_str(old).unwrap();
+        assert_eq!(kind, EventKind::Succeeded { outputs: vec![], usage: Usage::default() });
     }
 }

@@ -1,8 +1,18 @@
-//! One job on one machine: upload inputs, queue the prompt under the job's id, relay every ComfyUI event
-//! into the job's log, store and verify outputs as `executed` messages arrive, and record the outcome.
+//! One attempt of a job on one machine: upload inputs, queue the prompt under the job's id, relay every
+//! ComfyUI event into the job's log, store and verify outputs as they arrive, and end the attempt with
+//! one event (terminal, retry or requeue).
 //!
-//! At shutdown a runner stops where it is and leaves the job `RUNNING` and `submitted`: on the next start
-//! it is re-attached to its prompt and reconciled from ComfyUI's queue and history.
+//! The runner never changes a job: it emits events, and the log's writer applies them. Events that order
+//! the world are awaited until durable: `started` (so a crash during the upload counts the attempt),
+//! `prompt_submitted` (before `POST /prompt`, so a restart re-attaches instead of queueing twice) and the
+//! end of the attempt (after every output it names is stored). The others are queued without waiting.
+//!
+//! What ComfyUI's messages mean is the `comfy` module's business, the graph the catalog's: the runner
+//! asks them (`FileRef::from_output`, `catalog::inject_uploaded`) and knows jobs only.
+//!
+//! At shutdown a runner stops where it is: before the prompt was sent the job goes back to the queue
+//! (`requeued`, no attempt counted); after, the job stays `RUNNING` and the next start re-attaches to
+//! its prompt and reconciles it from ComfyUI.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,14 +20,31 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::{
-    EventKind, FailureReason, JobError, JobFailure, JobManager, JobState, LiveJob, Machine, OutputFile,
-    model::{NodeErrorInfo, now_ms},
-    scheduler::SchedMsg,
+    EventKind, FailureReason, JobError, JobFailure, JobManager, Machine, OutputFile,
+    log::{AppendError, LiveJob},
+    model::{NodeErrorInfo, Usage, now_ms},
+    scheduler::{SchedMsg, Waiting},
 };
-use crate::comfy::{ComfyError, FileRef, PromptEvent, PromptEvents};
+use crate::{
+    catalog::InputTarget,
+    comfy::{ComfyError, FileRef, PromptEvent, PromptEvents},
+};
 
 /// How long a cancelled prompt may take to acknowledge the interrupt before the job is cancelled anyway.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
+
+/// One attempt: the job, its machine, and what the attempt has stored so far.
+struct Attempt<'a> {
+    manager: &'a JobManager,
+    live: &'a Arc<LiveJob>,
+    machine: Arc<Machine>,
+    prompt_id: String,
+    outputs: Vec<OutputFile>,
+    download_ms: u64,
+    ws_counter: usize,
+    /// Nodes ComfyUI refused while accepting the rest of the graph (partial validation).
+    dropped: Vec<NodeErrorInfo>,
+}
 
 /// Runs (or, with `reattach`, resumes) the job on `machine`.
 pub(super) async fn run(
@@ -26,76 +53,120 @@ pub(super) async fn run(
     machine: Arc<Machine>,
     reattach: bool,
 ) -> Result<(), JobError> {
-    let cfg = manager.inner.config.clone();
-    let shutdown = manager.inner.shutdown.clone();
-    let (id, prompt_id) = {
-        let job = live.job.lock().await;
-        (job.id, job.id.to_string())
+    let record = live.record();
+    let mut attempt = Attempt {
+        manager,
+        live,
+        machine,
+        prompt_id: live.spec.id.to_string(),
+        outputs: if reattach { record.outputs.clone() } else { Vec::new() },
+        download_ms: 0,
+        ws_counter: record.outputs.iter().filter(|o| o.kind == "websocket").count(),
+        dropped: Vec::new(),
     };
-
     let mut events = if reattach {
-        machine.conn.attach(&prompt_id)
+        attempt.machine.conn.attach(&attempt.prompt_id)
     } else {
-        let now = now_ms();
-        manager
-            .append(
-                live,
-                EventKind::Started { machine_id: machine.id.clone(), prompt_id: prompt_id.clone() },
-                |job| {
-                    job.state = JobState::Running;
-                    job.machine_id = Some(machine.id.clone());
-                    job.comfy_prompt_id = Some(prompt_id.clone());
-                    job.started_ms = Some(now);
-                    job.queue_position = 0;
-                    job.timings.queue_wait_ms = Some((now - job.created_ms).max(0) as u64);
-                },
-            )
-            .await?;
-        if live.cancel.is_cancelled() {
-            if shutdown.is_cancelled() {
-                return requeue_quietly(manager, live).await;
+        match attempt.start().await? {
+            Some(events) => events,
+            None => return Ok(()),
+        }
+    };
+    attempt.relay(&mut events).await
+}
+
+impl Attempt<'_> {
+    fn id(&self) -> super::JobId {
+        self.live.spec.id
+    }
+
+    /// Queues an event without waiting for its commit.
+    async fn emit(&self, kind: EventKind) {
+        drop(self.manager.inner.log.append(self.id(), kind).await);
+    }
+
+    /// Appends an event and waits until it is durable.
+    async fn emit_durable(&self, kind: EventKind) -> Result<(), AppendError> {
+        self.manager.inner.log.append(self.id(), kind).await.durable().await.map(drop)
+    }
+
+    /// Ends the attempt with a terminal or re-queueing event, durable. A refusal means another path ended
+    /// the job first (a cancel of a queued job, an expiry): nothing more to do.
+    async fn end(&self, kind: EventKind) -> Result<(), JobError> {
+        match self.emit_durable(kind).await {
+            Ok(()) | Err(AppendError::NotLive) => Ok(()),
+            Err(AppendError::Rejected(r)) => {
+                tracing::debug!(rejected = %r, "the job ended by another path");
+                Ok(())
             }
-            return cancelled(manager, live).await;
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Hands the job to the machine, uploads its inputs and queues the prompt. `None`: the attempt ended
+    /// before anything reached ComfyUI.
+    async fn start(&mut self) -> Result<Option<PromptEvents>, JobError> {
+        let cfg = &self.manager.inner.config;
+        let shutdown = self.manager.inner.shutdown.clone();
+        let started =
+            EventKind::Started { machine_id: self.machine.id.clone(), prompt_id: self.prompt_id.clone() };
+        match self.emit_durable(started).await {
+            Ok(()) => {}
+            // Cancelled or expired between the dispatch and now.
+            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
+            return self.stopped_before_submit().await.map(|()| None);
         }
 
-        // Upload inputs.
         let upload_started = Instant::now();
-        let upload = tokio::time::timeout(cfg.upload_timeout, upload_inputs(manager, live, &machine)).await;
+        let upload = tokio::select! {
+            r = tokio::time::timeout(cfg.upload_timeout, self.upload_inputs()) => r,
+            () = shutdown.cancelled() => return self.stopped_before_submit().await.map(|()| None),
+        };
         let graph = match upload {
             Ok(Ok(graph)) => graph,
             Ok(Err(UploadError::Comfy(e))) => {
-                return backend_error(manager, live, &machine, format!("uploading inputs failed: {e}")).await;
+                self.backend_error(format!("uploading inputs failed: {e}")).await?;
+                return Ok(None);
             }
             Ok(Err(UploadError::Job(e))) => return Err(e),
             Err(_) => {
-                return fail(manager, live, FailureReason::UploadTimeout, "uploading inputs took too long")
-                    .await;
+                self.fail(FailureReason::UploadTimeout, "uploading inputs took too long").await?;
+                return Ok(None);
             }
         };
-        {
-            let mut job = live.job.lock().await;
-            job.submitted = true;
-            job.timings.upload_ms = Some(upload_started.elapsed().as_millis() as u64);
-            manager.persist(&job).await?;
+        if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
+            return self.stopped_before_submit().await.map(|()| None);
+        }
+        let upload_ms = upload_started.elapsed().as_millis() as u64;
+        match self.emit_durable(EventKind::PromptSubmitted { upload_ms }).await {
+            Ok(()) => {}
+            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
 
-        match machine.conn.submit(&prompt_id, graph).await {
+        match self.machine.conn.submit(&self.prompt_id, graph).await {
             Ok((queued, events)) => {
                 if !queued.node_errors.is_empty() {
-                    // ComfyUI runs the valid outputs and skips the others: tell the caller which.
-                    let data = serde_json::to_string(
-                        &queued.node_errors.iter().map(node_error_json).collect::<Vec<_>>(),
-                    )
-                    .unwrap_or_default();
-                    manager
-                        .append(
-                            live,
-                            EventKind::Comfy { kind: "node_errors".into(), data_json: data },
-                            |_| {},
-                        )
-                        .await?;
+                    self.dropped = queued.node_errors.iter().map(node_error_info).collect();
+                    // ComfyUI runs the valid outputs and drops the others: say which, now.
+                    let node_ids: Vec<String> =
+                        queued.node_errors.iter().map(|e| e.node_id.clone()).collect();
+                    let detail: Vec<String> = queued
+                        .node_errors
+                        .iter()
+                        .map(|e| format!("node {} ({}): {}", e.node_id, e.class_type, e.message))
+                        .collect();
+                    self.emit(EventKind::Warning {
+                        code: "OUTPUTS_DROPPED".into(),
+                        message: format!("ComfyUI dropped part of the graph: {}", detail.join("; ")),
+                        node_ids,
+                    })
+                    .await;
                 }
-                events
+                Ok(Some(events))
             }
             Err(ComfyError::Validation { message, node_errors, .. }) => {
                 let mut failure = JobFailure::new(
@@ -103,230 +174,439 @@ pub(super) async fn run(
                     format!("ComfyUI rejected the graph: {message}"),
                 );
                 failure.node_errors = node_errors.iter().map(node_error_info).collect();
-                return finish_failed(manager, live, failure).await;
+                self.end_failed(failure).await?;
+                Ok(None)
             }
             Err(e) => {
                 // The POST may or may not have reached ComfyUI: make sure it does not run, then retry.
-                let _ = machine.client.delete_pending(std::slice::from_ref(&prompt_id)).await;
-                let _ = machine.client.interrupt(&prompt_id).await;
-                return backend_error(manager, live, &machine, format!("queueing the prompt failed: {e}"))
-                    .await;
+                let _ = self.machine.client.delete_pending(std::slice::from_ref(&self.prompt_id)).await;
+                let _ = self.machine.client.interrupt(&self.prompt_id).await;
+                self.backend_error(format!("queueing the prompt failed: {e}")).await?;
+                Ok(None)
             }
-        }
-    };
-
-    relay(manager, live, &machine, &mut events, id.to_string()).await
-}
-
-/// Consumes the prompt's events until its terminal one.
-async fn relay(
-    manager: &JobManager,
-    live: &Arc<LiveJob>,
-    machine: &Arc<Machine>,
-    events: &mut PromptEvents,
-    prompt_id: String,
-) -> Result<(), JobError> {
-    let cfg = &manager.inner.config;
-    let shutdown = manager.inner.shutdown.clone();
-    let started = Instant::now();
-    let (deadline_ms, graph, output_nodes) = {
-        let job = live.job.lock().await;
-        (job.deadline_ms, job.graph.clone(), job.output_nodes.clone())
-    };
-    let mut deadline = started + cfg.execution_timeout;
-    let mut deadline_reason = FailureReason::ExecutionTimeout;
-    if let Some(d) = deadline_ms {
-        let left = Duration::from_millis((d - now_ms()).max(0) as u64);
-        if started + left < deadline {
-            deadline = started + left;
-            deadline_reason = FailureReason::DeadlineExceeded;
         }
     }
-    let mut interrupting: Option<Instant> = None;
-    let mut cancel_grace = CANCEL_GRACE;
-    let mut download_ms = 0u64;
-    let mut ws_counter = 0usize;
 
-    loop {
-        let cancel_deadline = interrupting.map(|t| t + cancel_grace);
-        let event = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return Ok(()),
-            () = live.cancel.cancelled(), if interrupting.is_none() => {
-                interrupting = Some(Instant::now());
-                if !interrupt(machine, &prompt_id).await {
-                    // It was only queued on ComfyUI (now removed) or already done: no interrupt message will
-                    // come, so a terminal event already on its way gets a short grace and nothing more.
-                    cancel_grace = Duration::from_millis(500);
-                }
-                continue;
+    /// Cancelled, or shutting down, before the prompt was sent.
+    async fn stopped_before_submit(&self) -> Result<(), JobError> {
+        if self.manager.inner.shutdown.is_cancelled() {
+            return self.end(EventKind::Requeued { reason: "comfyrelay is shutting down".into() }).await;
+        }
+        self.cancelled().await
+    }
+
+    /// Consumes the prompt's events until its terminal one.
+    async fn relay(&mut self, events: &mut PromptEvents) -> Result<(), JobError> {
+        let cfg = self.manager.inner.config.clone();
+        let shutdown = self.manager.inner.shutdown.clone();
+        let started = Instant::now();
+        let mut deadline = started + cfg.execution_timeout;
+        let mut deadline_reason = FailureReason::ExecutionTimeout;
+        if let Some(d) = self.live.spec.deadline_ms {
+            let left = Duration::from_millis((d - now_ms()).max(0) as u64);
+            if started + left < deadline {
+                deadline = started + left;
+                deadline_reason = FailureReason::DeadlineExceeded;
             }
-            () = sleep_until_opt(cancel_deadline) => {
-                return cancelled(manager, live).await;
-            }
-            () = tokio::time::sleep_until(deadline) => {
-                interrupt(machine, &prompt_id).await;
-                let message = match deadline_reason {
-                    FailureReason::DeadlineExceeded => "the deadline passed while executing",
-                    _ => "execution took too long",
-                };
-                return fail(manager, live, deadline_reason, message).await;
-            }
-            () = machine.retired() => {
-                if interrupting.is_some() {
-                    return cancelled(manager, live).await;
-                }
-                let reason = format!("machine {} is gone: {}", machine.id, machine.retire_reason());
-                return lost_or_retry(manager, live, reason).await;
-            }
-            event = events.recv() => event,
-        };
-        let Some(event) = event else {
-            // The connection stopped (shutdown): leave the job resumable.
-            return Ok(());
-        };
-        match event {
-            PromptEvent::ExecutionStart => {
-                manager
-                    .append(
-                        live,
-                        EventKind::Comfy { kind: "execution_start".into(), data_json: "{}".into() },
-                        |_| {},
-                    )
-                    .await?;
-            }
-            PromptEvent::Cached { nodes } => {
-                if !nodes.is_empty() {
-                    manager.append(live, EventKind::NodesCached { node_ids: nodes }, |_| {}).await?;
-                }
-            }
-            PromptEvent::Executing { node, display_node } => {
-                let class_type = graph
-                    .get(&node)
-                    .and_then(|n| n.get("class_type"))
-                    .and_then(|c| c.as_str())
-                    .unwrap_or_default()
-                    .to_string();
-                let display_node_id = display_node.unwrap_or_else(|| node.clone());
-                manager
-                    .append(
-                        live,
-                        EventKind::NodeStarted { node_id: node, display_node_id, class_type },
-                        |_| {},
-                    )
-                    .await?;
-            }
-            PromptEvent::Progress { node, value, max } => {
-                manager.append(live, EventKind::Progress { node_id: node, value, max }, |_| {}).await?;
-            }
-            PromptEvent::ProgressState { .. } => {
-                // Folded into node_started/progress: it repeats their content for every node at every step.
-            }
-            PromptEvent::Executed { node, output, .. } => {
-                let output_json = serde_json::to_string(&output).unwrap_or_default();
-                manager
-                    .append(live, EventKind::NodeExecuted { node_id: node.clone(), output_json }, |_| {})
-                    .await?;
-                let keep_all_of_node = output_nodes.iter().any(|n| n == &node);
-                let files = image_refs(&output);
-                for file in files {
-                    if !(keep_all_of_node || (output_nodes.is_empty() && file.kind == "output")) {
-                        continue;
+        }
+        let mut interrupting: Option<Instant> = None;
+        let mut cancel_grace = CANCEL_GRACE;
+        let cancel = self.live.cancel.clone();
+        let machine = self.machine.clone();
+
+        loop {
+            let cancel_deadline = interrupting.map(|t| t + cancel_grace);
+            let event = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                () = cancel.cancelled(), if interrupting.is_none() => {
+                    interrupting = Some(Instant::now());
+                    if !interrupt(&machine, &self.prompt_id).await {
+                        // It was only queued on ComfyUI (now removed) or already done: no interrupt message
+                        // will come, so a terminal event already on its way gets a short grace and no more.
+                        cancel_grace = Duration::from_millis(500);
                     }
-                    let t = Instant::now();
-                    let stored =
-                        tokio::time::timeout(cfg.download_timeout, download(manager, machine, &file)).await;
-                    download_ms += t.elapsed().as_millis() as u64;
-                    match stored {
-                        Ok(Ok(mut out)) => {
-                            out.node_id = node.clone();
-                            record_output(manager, live, out).await?;
-                        }
-                        Ok(Err(DownloadError::Invalid(msg))) => {
-                            interrupt(machine, &prompt_id).await;
-                            return fail(manager, live, FailureReason::OutputInvalid, msg).await;
-                        }
-                        Ok(Err(DownloadError::Job(e))) => return Err(e),
-                        Err(_) => {
-                            interrupt(machine, &prompt_id).await;
-                            return fail(
-                                manager,
-                                live,
-                                FailureReason::DownloadTimeout,
-                                "downloading outputs took too long",
-                            )
-                            .await;
-                        }
+                    continue;
+                }
+                () = sleep_until_opt(cancel_deadline) => return self.cancelled().await,
+                () = tokio::time::sleep_until(deadline) => {
+                    interrupt(&machine, &self.prompt_id).await;
+                    let message = match deadline_reason {
+                        FailureReason::DeadlineExceeded => "the deadline passed while executing",
+                        _ => "execution took too long",
+                    };
+                    return self.fail(deadline_reason, message).await;
+                }
+                () = machine.retired() => {
+                    if interrupting.is_some() {
+                        return self.cancelled().await;
+                    }
+                    let reason = format!("machine {} is gone: {}", machine.id, machine.retire_reason());
+                    return self.retry_or(reason, FailureReason::Lost).await;
+                }
+                event = events.recv() => event,
+            };
+            let Some(event) = event else {
+                // The connection stopped (shutdown): leave the job resumable.
+                return Ok(());
+            };
+            match event {
+                PromptEvent::ExecutionStart => {
+                    self.emit(EventKind::Comfy { kind: "execution_start".into(), data_json: "{}".into() })
+                        .await;
+                }
+                PromptEvent::Cached { nodes } => {
+                    if !nodes.is_empty() {
+                        self.emit(EventKind::NodesCached { node_ids: nodes }).await;
                     }
                 }
-            }
-            PromptEvent::Preview { node, mime, data } => {
-                let node_id = node.unwrap_or_default();
-                if !node_id.is_empty() && output_nodes.iter().any(|n| n == &node_id) {
-                    // An image sent over the socket by an output node (SaveImageWebsocket) is an output.
-                    ws_counter += 1;
-                    let out = store_bytes(manager, &data, &mime, &node_id, ws_counter).await?;
-                    record_output(manager, live, out).await?;
-                } else {
-                    manager
-                        .append(live, EventKind::Preview { mime_type: mime, node_id, data }, |_| {})
-                        .await?;
+                PromptEvent::Executing { node, display_node } => {
+                    let class_type = self.live.spec.node_classes.get(&node).cloned().unwrap_or_default();
+                    let display_node_id = display_node.unwrap_or_else(|| node.clone());
+                    self.emit(EventKind::NodeStarted { node_id: node, display_node_id, class_type }).await;
+                }
+                PromptEvent::Progress { node, value, max } => {
+                    self.emit(EventKind::Progress { node_id: node, value, max }).await;
+                }
+                PromptEvent::ProgressState { .. } => {
+                    // Folded into node_started/progress: it repeats their content for every node at every step.
+                }
+                PromptEvent::Executed { node, output, .. } => {
+                    let output_json = serde_json::to_string(&output).unwrap_or_default();
+                    self.emit(EventKind::NodeExecuted { node_id: node.clone(), output_json }).await;
+                    for file in FileRef::from_output(&output) {
+                        if !self.live.spec.keeps(&node, &file.kind) {
+                            continue;
+                        }
+                        let t = Instant::now();
+                        let stored = tokio::time::timeout(cfg.download_timeout, self.download(&file)).await;
+                        self.download_ms += t.elapsed().as_millis() as u64;
+                        match stored {
+                            Ok(Ok(mut out)) => {
+                                out.node_id = node.clone();
+                                self.record_output(out).await;
+                            }
+                            Ok(Err(DownloadError::Invalid(msg))) => {
+                                interrupt(&machine, &self.prompt_id).await;
+                                return self.fail(FailureReason::OutputInvalid, msg).await;
+                            }
+                            Ok(Err(DownloadError::Job(e))) => return Err(e),
+                            Err(_) => {
+                                interrupt(&machine, &self.prompt_id).await;
+                                return self
+                                    .fail(FailureReason::DownloadTimeout, "downloading outputs took too long")
+                                    .await;
+                            }
+                        }
+                    }
+                }
+                PromptEvent::Preview { node, mime, data } => {
+                    let node_id = node.unwrap_or_default();
+                    if !node_id.is_empty() && self.live.spec.outputs.iter().any(|o| o.node_id == node_id) {
+                        // An image sent over the socket by an output node (SaveImageWebsocket) is an output.
+                        self.ws_counter += 1;
+                        let out = self.store_bytes(data, &mime, &node_id).await?;
+                        self.record_output(out).await;
+                    } else {
+                        self.emit(EventKind::Preview { mime_type: mime, node_id, data }).await;
+                    }
+                }
+                PromptEvent::Text { node, text } => {
+                    self.emit(EventKind::ProgressText { node_id: node, text }).await;
+                }
+                PromptEvent::Other { kind, data } => {
+                    let data_json = serde_json::to_string(&data).unwrap_or_default();
+                    self.emit(EventKind::Comfy { kind, data_json }).await;
+                }
+                PromptEvent::Succeeded => {
+                    let execution_ms = started.elapsed().as_millis() as u64;
+                    return self.succeeded(events.lossless(), execution_ms).await;
+                }
+                PromptEvent::Failed(err) => {
+                    let mut failure = JobFailure::new(
+                        FailureReason::Execution,
+                        format!("{} failed: {}", err.node_type, err.exception_message.trim()),
+                    );
+                    failure.node_errors = vec![NodeErrorInfo {
+                        node_id: err.node_id.clone(),
+                        class_type: err.node_type.clone(),
+                        error_type: err.exception_type.clone(),
+                        message: err.exception_message.trim().to_string(),
+                        details: String::new(),
+                    }];
+                    return self.end_failed(failure).await;
+                }
+                PromptEvent::Interrupted { node_id, node_type } => {
+                    if interrupting.is_some() || self.live.record().cancel_reason.is_some() {
+                        return self.cancelled().await;
+                    }
+                    let at = match (node_type, node_id) {
+                        (Some(t), Some(n)) => format!(" at node {n} ({t})"),
+                        (None, Some(n)) => format!(" at node {n}"),
+                        _ => String::new(),
+                    };
+                    return self
+                        .fail(FailureReason::Interrupted, format!("ComfyUI interrupted the prompt{at}"))
+                        .await;
+                }
+                PromptEvent::Lost { reason } => {
+                    if interrupting.is_some() {
+                        return self.cancelled().await;
+                    }
+                    return self.retry_or(reason, FailureReason::Lost).await;
                 }
             }
-            PromptEvent::Text { node, text } => {
-                manager.append(live, EventKind::ProgressText { node_id: node, text }, |_| {}).await?;
-            }
-            PromptEvent::Other { kind, data } => {
-                let data_json = serde_json::to_string(&data).unwrap_or_default();
-                manager.append(live, EventKind::Comfy { kind, data_json }, |_| {}).await?;
-            }
-            PromptEvent::Succeeded => {
-                let execution_ms = started.elapsed().as_millis() as u64;
-                let outputs = live.job.lock().await.outputs.clone();
-                return manager
-                    .finish(live, EventKind::Succeeded { outputs }, |job| {
-                        job.timings.execution_ms = Some(execution_ms);
-                        job.timings.download_ms = Some(download_ms);
-                    })
-                    .await;
-            }
-            PromptEvent::Failed(err) => {
-                let mut failure = JobFailure::new(
-                    FailureReason::Execution,
-                    format!("{} failed: {}", err.node_type, err.exception_message.trim()),
-                );
-                failure.node_errors = vec![NodeErrorInfo {
-                    node_id: err.node_id.clone(),
-                    class_type: err.node_type.clone(),
-                    error_type: err.exception_type.clone(),
-                    message: err.exception_message.trim().to_string(),
-                    details: String::new(),
-                }];
-                return finish_failed(manager, live, failure).await;
-            }
-            PromptEvent::Interrupted { node_id, node_type } => {
-                if interrupting.is_some() || live.job.lock().await.cancel_requested {
-                    return cancelled(manager, live).await;
-                }
-                let at = match (node_type, node_id) {
-                    (Some(t), Some(n)) => format!(" at node {n} ({t})"),
-                    (None, Some(n)) => format!(" at node {n}"),
-                    _ => String::new(),
-                };
-                return fail(
-                    manager,
-                    live,
-                    FailureReason::Interrupted,
-                    format!("ComfyUI interrupted the prompt{at}"),
+        }
+    }
+
+    /// ComfyUI says the prompt succeeded: succeed only with every declared output stored.
+    async fn succeeded(&mut self, lossless: bool, execution_ms: u64) -> Result<(), JobError> {
+        let spec = self.live.spec.clone();
+        let missing: Vec<String> = spec
+            .outputs
+            .iter()
+            .filter(|d| !self.outputs.iter().any(|o| o.node_id == d.node_id))
+            .map(|d| d.node_id.clone())
+            .collect();
+        let streamed: Vec<String> =
+            spec.outputs.iter().filter(|d| d.streamed).map(|d| d.node_id.clone()).collect();
+        if !lossless && !streamed.is_empty() {
+            // Images of these nodes arrive only over the WebSocket, and this prompt's stream had a gap
+            // (comfyrelay restarted, or the socket was replaced, while it ran): some may never have arrived.
+            let reason = format!(
+                "the images of output node(s) {} arrive only over ComfyUI's WebSocket, and the stream had a gap \
+                 while the prompt ran ({} stored): they cannot be recovered",
+                streamed.join(", "),
+                self.outputs.len()
+            );
+            return self.retry_or(reason, FailureReason::OutputsMissing).await;
+        }
+        if !missing.is_empty() && !self.dropped.is_empty() {
+            // Partial validation: the valid part ran (its outputs stay on the job), the rest never will.
+            let mut failure = JobFailure::new(
+                FailureReason::Validation,
+                format!(
+                    "ComfyUI dropped part of the graph, so output node(s) {} did not run",
+                    missing.join(", ")
+                ),
+            );
+            failure.node_errors = self.dropped.clone();
+            return self.end_failed(failure).await;
+        }
+        if !missing.is_empty() {
+            let reason = format!("ComfyUI finished without outputs of node(s) {}", missing.join(", "));
+            return self.retry_or(reason, FailureReason::OutputsMissing).await;
+        }
+        let usage = self.usage(Some(execution_ms));
+        let done = EventKind::Succeeded { outputs: self.outputs.clone(), usage };
+        match self.emit_durable(done).await {
+            Ok(()) | Err(AppendError::NotLive) => Ok(()),
+            Err(AppendError::Rejected(super::apply::Rejected::MissingOutputs(nodes))) => {
+                // The backstop in `apply`: never falsely done.
+                self.fail(
+                    FailureReason::OutputsMissing,
+                    format!("outputs of node(s) {} are missing", nodes.join(", ")),
                 )
-                .await;
+                .await
             }
-            PromptEvent::Lost { reason } => {
-                if interrupting.is_some() {
-                    return cancelled(manager, live).await;
-                }
-                return lost_or_retry(manager, live, reason).await;
+            Err(AppendError::Rejected(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Machine time and stage durations of this attempt, for its terminal event.
+    fn usage(&self, execution_ms: Option<u64>) -> Usage {
+        let price = self.machine.price_per_hour_usd;
+        let mut usage = Usage { execution_ms, download_ms: Some(self.download_ms), ..Usage::default() };
+        if price > 0.0
+            && let Some(start) = self.live.record().started_ms
+        {
+            usage.machine_seconds = ((now_ms() - start).max(0) as f64) / 1000.0;
+            usage.cost_usd = usage.machine_seconds * price / 3600.0;
+        }
+        usage
+    }
+
+    /// Uploads every input image and writes ComfyUI's answered names into the graph.
+    async fn upload_inputs(&self) -> Result<serde_json::Value, UploadError> {
+        let spec = &self.live.spec;
+        let mut graph = spec.graph.clone();
+        for image in &spec.images {
+            let data = self
+                .manager
+                .inner
+                .artifacts
+                .read(&image.sha256)
+                .await
+                .map_err(|e| UploadError::Job(e.into()))?;
+            let uploaded = self
+                .machine
+                .client
+                .upload_image(Bytes::from(data), &image.filename, &image.content_type)
+                .await
+                .map_err(UploadError::Comfy)?;
+            let name = if uploaded.subfolder.is_empty() {
+                uploaded.name.clone()
+            } else {
+                format!("{}/{}", uploaded.subfolder, uploaded.name)
+            };
+            let targets: Vec<InputTarget> =
+                image.targets.iter().map(|(node, input)| InputTarget::new(node, input)).collect();
+            crate::catalog::inject_uploaded(&mut graph, &targets, &name);
+        }
+        Ok(graph)
+    }
+
+    /// Streams one output from ComfyUI into the artifact store, verified on the way.
+    async fn download(&self, file: &FileRef) -> Result<OutputFile, DownloadError> {
+        let mut writer = self.manager.inner.artifacts.writer();
+        let downloaded = match self.machine.client.download(file, &mut writer).await {
+            Ok(d) => d,
+            Err(e) => {
+                return Err(DownloadError::Invalid(format!(
+                    "output {} could not be fetched: {e}",
+                    file.filename
+                )));
             }
+        };
+        let stored = writer.finish().await.map_err(|e| DownloadError::Job(e.into()))?;
+        if stored.sha256 != downloaded.sha256 || stored.size != downloaded.size {
+            return Err(DownloadError::Invalid(format!("output {} changed while stored", file.filename)));
+        }
+        Ok(OutputFile {
+            node_id: String::new(),
+            filename: file.filename.clone(),
+            mime_type: downloaded.mime,
+            size: stored.size,
+            sha256: stored.sha256,
+            width: downloaded.width,
+            height: downloaded.height,
+            kind: file.kind.clone(),
+        })
+    }
+
+    /// Stores bytes that arrived over the socket as an output.
+    async fn store_bytes(&self, data: Bytes, mime: &str, node_id: &str) -> Result<OutputFile, JobError> {
+        let (width, height) = image_size(&data);
+        let stored = self.manager.inner.artifacts.put(data).await?;
+        let ext = if mime == "image/jpeg" { "jpg" } else { "png" };
+        Ok(OutputFile {
+            node_id: node_id.to_string(),
+            filename: format!("ws_{node_id}_{:05}.{ext}", self.ws_counter),
+            mime_type: mime.to_string(),
+            size: stored.size,
+            sha256: stored.sha256,
+            width,
+            height,
+            kind: "websocket".into(),
+        })
+    }
+
+    /// Adds a stored output to the attempt (unique file name) and logs `output_ready`.
+    async fn record_output(&mut self, mut out: OutputFile) {
+        if self.outputs.iter().any(|o| o.sha256 == out.sha256 && o.filename == out.filename) {
+            // Already stored (a completion recovered from history re-sends what was seen live).
+            return;
+        }
+        if self.outputs.iter().any(|o| o.filename == out.filename) {
+            out.filename = format!("{}_{}", out.node_id, out.filename);
+        }
+        self.outputs.push(out.clone());
+        self.emit(EventKind::OutputReady { output: out }).await;
+    }
+
+    async fn fail(&self, reason: FailureReason, message: impl Into<String>) -> Result<(), JobError> {
+        self.end_failed(JobFailure::new(reason, message)).await
+    }
+
+    async fn end_failed(&self, error: JobFailure) -> Result<(), JobError> {
+        self.end(EventKind::Failed { error, usage: self.usage(None) }).await
+    }
+
+    async fn cancelled(&self) -> Result<(), JobError> {
+        self.manager.end_cancelled(self.live, self.usage(None)).await
+    }
+
+    /// A backend failure before the prompt ran: retry under the attempts policy, else fail.
+    async fn backend_error(&self, reason: String) -> Result<(), JobError> {
+        tracing::warn!(machine = %self.machine.id, %reason, "backend error");
+        let reason = format!("{reason} (machine {})", self.machine.id);
+        self.retry_or(reason, FailureReason::BackendUnavailable).await
+    }
+
+    async fn retry_or(&self, reason: String, failure: FailureReason) -> Result<(), JobError> {
+        self.manager.retry_or(self.live, reason, failure, self.usage(None)).await
+    }
+}
+
+impl JobManager {
+    /// Ends the current attempt of `live`: a new attempt when attempts remain (back to the queue), else the
+    /// job fails with `failure`. A job whose cancel was requested is cancelled instead.
+    pub(super) async fn retry_or(
+        &self,
+        live: &Arc<LiveJob>,
+        reason: String,
+        failure: FailureReason,
+        usage: Usage,
+    ) -> Result<(), JobError> {
+        let record = live.record();
+        if record.cancel_reason.is_some() {
+            return self.end_cancelled(live, usage).await;
+        }
+        if record.attempt >= self.inner.config.max_attempts {
+            let message = match failure {
+                FailureReason::Lost => format!("the backend lost the prompt: {reason}"),
+                _ => reason,
+            };
+            let error = JobFailure::new(failure, message);
+            return self.end_event(live, EventKind::Failed { error, usage }).await;
+        }
+        let next = record.attempt + 1;
+        match self
+            .inner
+            .log
+            .append(live.spec.id, EventKind::Retrying { attempt: next, reason })
+            .await
+            .durable()
+            .await
+        {
+            Ok(_) => {
+                let _ = self
+                    .inner
+                    .sched
+                    .send(SchedMsg::Enqueue(Waiting::of(&live.spec, self.spec_of(&live.spec))));
+                Ok(())
+            }
+            Err(AppendError::NotLive | AppendError::Rejected(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Cancels `live` with the reason its cancel request gave.
+    pub(super) async fn end_cancelled(&self, live: &Arc<LiveJob>, usage: Usage) -> Result<(), JobError> {
+        let reason = live.record().cancel_reason.clone().unwrap_or_default();
+        let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
+        self.end_event(live, EventKind::Cancelled { reason, usage }).await
+    }
+
+    async fn end_event(&self, live: &Arc<LiveJob>, kind: EventKind) -> Result<(), JobError> {
+        match self.inner.log.append(live.spec.id, kind).await.durable().await {
+            Ok(_) | Err(AppendError::NotLive | AppendError::Rejected(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Waiting {
+    /// The queue entry of a job.
+    pub(super) fn of(spec: &super::JobSpec, machine: Option<crate::machine::MachineSpec>) -> Self {
+        Self {
+            id: spec.id,
+            priority: spec.priority,
+            created_ms: spec.created_ms,
+            deadline_ms: spec.deadline_ms,
+            workflow: spec.workflow.clone(),
+            spec: machine,
         }
     }
 }
@@ -359,115 +639,9 @@ enum UploadError {
     Job(JobError),
 }
 
-/// Uploads every input image and writes ComfyUI's answered names into the graph.
-async fn upload_inputs(
-    manager: &JobManager,
-    live: &LiveJob,
-    machine: &Machine,
-) -> Result<serde_json::Value, UploadError> {
-    let (mut graph, images) = {
-        let job = live.job.lock().await;
-        (job.graph.clone(), job.images.clone())
-    };
-    for image in images {
-        let data =
-            manager.inner.artifacts.read(&image.sha256).await.map_err(|e| UploadError::Job(e.into()))?;
-        let uploaded = machine
-            .client
-            .upload_image(Bytes::from(data), &image.filename, &image.content_type)
-            .await
-            .map_err(UploadError::Comfy)?;
-        let name = if uploaded.subfolder.is_empty() {
-            uploaded.name.clone()
-        } else {
-            format!("{}/{}", uploaded.subfolder, uploaded.name)
-        };
-        for (node, input) in &image.targets {
-            if let Some(inputs) =
-                graph.get_mut(node).and_then(|n| n.get_mut("inputs")).and_then(|i| i.as_object_mut())
-            {
-                inputs.insert(input.clone(), serde_json::Value::String(name.clone()));
-            }
-        }
-    }
-    Ok(graph)
-}
-
 enum DownloadError {
     Invalid(String),
     Job(JobError),
-}
-
-/// Image references in an `executed` output.
-fn image_refs(output: &serde_json::Value) -> Vec<FileRef> {
-    let mut refs = Vec::new();
-    for key in ["images", "gifs", "videos"] {
-        let Some(items) = output.get(key).and_then(|v| v.as_array()) else { continue };
-        for item in items {
-            let Some(filename) = item.get("filename").and_then(|f| f.as_str()) else { continue };
-            refs.push(FileRef {
-                filename: filename.to_string(),
-                subfolder: item.get("subfolder").and_then(|s| s.as_str()).unwrap_or_default().to_string(),
-                kind: item.get("type").and_then(|s| s.as_str()).unwrap_or("output").to_string(),
-            });
-        }
-    }
-    refs
-}
-
-/// Streams one output from ComfyUI into the artifact store, verified on the way.
-async fn download(
-    manager: &JobManager,
-    machine: &Machine,
-    file: &FileRef,
-) -> Result<OutputFile, DownloadError> {
-    let mut writer = manager.inner.artifacts.writer().await.map_err(|e| DownloadError::Job(e.into()))?;
-    let downloaded = match machine.client.download(file, &mut writer).await {
-        Ok(d) => d,
-        Err(e) => {
-            return Err(DownloadError::Invalid(format!(
-                "output {} could not be fetched: {e}",
-                file.filename
-            )));
-        }
-    };
-    let stored = writer.finish().await.map_err(|e| DownloadError::Job(e.into()))?;
-    if stored.sha256 != downloaded.sha256 || stored.size != downloaded.size {
-        return Err(DownloadError::Invalid(format!("output {} changed while stored", file.filename)));
-    }
-    Ok(OutputFile {
-        node_id: String::new(),
-        filename: file.filename.clone(),
-        mime_type: downloaded.mime,
-        size: stored.size,
-        sha256: stored.sha256,
-        width: downloaded.width,
-        height: downloaded.height,
-        kind: file.kind.clone(),
-    })
-}
-
-/// Stores bytes that arrived over the socket as an output.
-async fn store_bytes(
-    manager: &JobManager,
-    data: &Bytes,
-    mime: &str,
-    node_id: &str,
-    n: usize,
-) -> Result<OutputFile, JobError> {
-    let stored = manager.inner.artifacts.put(data).await?;
-    let (width, height) = image_size(data);
-    let ext = if mime == "image/jpeg" { "jpg" } else { "png" };
-    Ok(OutputFile {
-        node_id: node_id.to_string(),
-        filename: format!("ws_{node_id}_{n:05}.{ext}"),
-        mime_type: mime.to_string(),
-        size: stored.size,
-        sha256: stored.sha256,
-        width,
-        height,
-        kind: "websocket".into(),
-    })
 }
 
 fn image_size(data: &[u8]) -> (u32, u32) {
@@ -478,27 +652,6 @@ fn image_size(data: &[u8]) -> (u32, u32) {
         .unwrap_or((0, 0))
 }
 
-/// Adds an output to the job (unique file name) and logs `output_ready`.
-async fn record_output(manager: &JobManager, live: &LiveJob, mut out: OutputFile) -> Result<(), JobError> {
-    {
-        let job = live.job.lock().await;
-        if job.outputs.iter().any(|o| o.sha256 == out.sha256 && o.filename == out.filename) {
-            // Already stored (a completion recovered from history re-sends what we saw live).
-            return Ok(());
-        }
-        if job.outputs.iter().any(|o| o.filename == out.filename) {
-            out.filename = format!("{}_{}", out.node_id, out.filename);
-        }
-    }
-    let stored = out.clone();
-    manager
-        .append(live, EventKind::OutputReady { output: out }, move |job| {
-            job.outputs.push(stored);
-        })
-        .await?;
-    Ok(())
-}
-
 fn node_error_info(e: &crate::comfy::NodeError) -> NodeErrorInfo {
     NodeErrorInfo {
         node_id: e.node_id.clone(),
@@ -507,95 +660,4 @@ fn node_error_info(e: &crate::comfy::NodeError) -> NodeErrorInfo {
         message: e.message.clone(),
         details: e.details.clone(),
     }
-}
-
-fn node_error_json(e: &crate::comfy::NodeError) -> serde_json::Value {
-    serde_json::json!({
-        "node_id": e.node_id, "class_type": e.class_type, "type": e.error_type,
-        "message": e.message, "details": e.details,
-    })
-}
-
-async fn fail(
-    manager: &JobManager,
-    live: &LiveJob,
-    reason: FailureReason,
-    message: impl Into<String>,
-) -> Result<(), JobError> {
-    finish_failed(manager, live, JobFailure::new(reason, message)).await
-}
-
-async fn finish_failed(manager: &JobManager, live: &LiveJob, failure: JobFailure) -> Result<(), JobError> {
-    manager.finish(live, EventKind::Failed { error: failure }, |_| {}).await
-}
-
-async fn cancelled(manager: &JobManager, live: &LiveJob) -> Result<(), JobError> {
-    let reason = live.job.lock().await.cancel_reason.clone().unwrap_or_default();
-    let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
-    manager.finish(live, EventKind::Cancelled { reason }, |_| {}).await
-}
-
-/// A backend failure before the prompt ran: retry under the attempts policy, else fail.
-async fn backend_error(
-    manager: &JobManager,
-    live: &Arc<LiveJob>,
-    machine: &Machine,
-    reason: String,
-) -> Result<(), JobError> {
-    tracing::warn!(machine = %machine.id, %reason, "backend error");
-    let reason = format!("{reason} (machine {})", machine.id);
-    retry_or(manager, live, reason, FailureReason::BackendUnavailable).await
-}
-
-/// The prompt vanished from its ComfyUI: retry under the attempts policy, else fail with `LOST`.
-pub(super) async fn lost_or_retry(
-    manager: &JobManager,
-    live: &Arc<LiveJob>,
-    reason: String,
-) -> Result<(), JobError> {
-    retry_or(manager, live, reason, FailureReason::Lost).await
-}
-
-async fn retry_or(
-    manager: &JobManager,
-    live: &Arc<LiveJob>,
-    reason: String,
-    failure: FailureReason,
-) -> Result<(), JobError> {
-    let (attempt, priority, created_ms, cancel_requested, spec) = {
-        let job = live.job.lock().await;
-        (job.attempt, job.priority, job.created_ms, job.cancel_requested, manager.spec_of(&job))
-    };
-    if cancel_requested {
-        return cancelled(manager, live).await;
-    }
-    if attempt >= manager.inner.config.max_attempts {
-        let message = match failure {
-            FailureReason::Lost => format!("the backend lost the prompt: {reason}"),
-            _ => reason,
-        };
-        return fail(manager, live, failure, message).await;
-    }
-    let next = attempt + 1;
-    manager
-        .append(live, EventKind::Retrying { attempt: next, reason }, |job| {
-            job.attempt = next;
-            job.state = JobState::Queued;
-            job.machine_id = None;
-            job.submitted = false;
-            job.outputs.clear();
-        })
-        .await?;
-    let id = live.job.lock().await.id;
-    let _ = manager.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms, spec });
-    Ok(())
-}
-
-/// At shutdown before anything reached ComfyUI: back to the queue without a retry being counted.
-async fn requeue_quietly(manager: &JobManager, live: &LiveJob) -> Result<(), JobError> {
-    let mut job = live.job.lock().await;
-    job.state = JobState::Queued;
-    job.machine_id = None;
-    job.submitted = false;
-    manager.persist(&job).await
 }

@@ -1,8 +1,15 @@
 //! The scheduler: one task that owns the queue (priority, then FIFO) and hands jobs to machines with room,
-//! publishes queue positions, enforces queue deadlines, reports the demand per machine spec to the RunComfy
-//! pool and applies the pool's events (machines ready or removed, provisioning progress).
+//! publishes queue positions (and why the head of the queue waits), enforces queue deadlines, reports the
+//! demand per machine spec to the RunComfy pool and applies the pool's events (machines ready or removed,
+//! provisioning progress).
 //!
-//! Exit policy: runs until shutdown; a failure to write an event is logged and skipped.
+//! It decides in memory and never waits on the disk: its decisions are events sent to the job log's
+//! writer without awaiting their commit. Queue positions use [`Log::try_append`] (dropped when the inbox
+//! is full and published again on the next tick); events that must not be lost (a job expired, a
+//! provisioning phase, a pool that gave up) are queued without waiting, or, when the inbox is full, by a
+//! short task of the engine's tracker.
+//!
+//! Exit policy: runs until shutdown.
 
 use std::{
     cmp::Reverse,
@@ -13,7 +20,10 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{EventKind, FailureReason, JobFailure, JobId, JobManager, JobState, model::now_ms};
+use super::{
+    EventKind, FailureReason, JobFailure, JobId, JobManager,
+    model::{Usage, now_ms},
+};
 use crate::machine::{Machine, MachineSpec, PoolEvent, ProvisionPhase};
 
 /// Queue positions beyond this are not re-published on every change (they would cost O(n²) events);
@@ -28,20 +38,30 @@ const POSITION_INTERVAL: Duration = Duration::from_millis(200);
 /// whose spec has no machine yet).
 const DISPATCH_SCAN: usize = 1024;
 
-/// Messages to the scheduler.
+/// A job waiting in the queue, with what the scheduler needs to decide without reading it.
+#[derive(Debug, Clone)]
+pub(super) struct Waiting {
+    /// The job.
+    pub(super) id: JobId,
+    /// Its priority.
+    pub(super) priority: i32,
+    /// Its creation time.
+    pub(super) created_ms: i64,
+    /// Its deadline.
+    pub(super) deadline_ms: Option<i64>,
+    /// Its workflow (machines that last ran it are preferred).
+    pub(super) workflow: String,
+    /// The machine spec it needs (RunComfy), if any.
+    pub(super) spec: Option<MachineSpec>,
+}
+
+/// Messages to the scheduler. The channel is unbounded but each job has at most one `Enqueue` in flight
+/// and one `Done` per attempt, so it holds at most about two messages per live job (and live jobs are
+/// bounded by `jobs.max_unfinished`).
 #[derive(Debug)]
 pub(super) enum SchedMsg {
     /// A job is waiting.
-    Enqueue {
-        /// The job.
-        id: JobId,
-        /// Its priority.
-        priority: i32,
-        /// Its creation time.
-        created_ms: i64,
-        /// The machine spec it needs (RunComfy), if any.
-        spec: Option<MachineSpec>,
-    },
+    Enqueue(Waiting),
     /// Remove a job from the queue; replies whether it was queued.
     Remove {
         /// The job.
@@ -64,8 +84,9 @@ pub(super) struct Scheduler {
     rx: mpsc::UnboundedReceiver<SchedMsg>,
     pool_rx: Option<mpsc::UnboundedReceiver<PoolEvent>>,
     queue: BTreeSet<Key>,
-    keys: HashMap<JobId, (Key, Option<MachineSpec>)>,
-    published: HashMap<JobId, u32>,
+    waiting: HashMap<JobId, (Key, Waiting)>,
+    /// What was last published to each job: its position and why it waits.
+    published: HashMap<JobId, (u32, String)>,
     last_published: Option<tokio::time::Instant>,
     last_demand: BTreeMap<MachineSpec, usize>,
     /// The last (machine, provisioning phase) told to each waiting job: the pool announces to every job
@@ -88,7 +109,7 @@ impl Scheduler {
             rx,
             pool_rx,
             queue: BTreeSet::new(),
-            keys: HashMap::new(),
+            waiting: HashMap::new(),
             published: HashMap::new(),
             last_published: None,
             last_demand: BTreeMap::new(),
@@ -119,28 +140,33 @@ impl Scheduler {
                 }
             }
             self.dispatch();
-            self.publish_positions().await;
+            self.publish_positions();
             self.report_demand();
         }
     }
 
     fn handle(&mut self, msg: SchedMsg) {
         match msg {
-            SchedMsg::Enqueue { id, priority, created_ms, spec } => {
-                let key = (Reverse(priority), created_ms, id);
+            SchedMsg::Enqueue(w) => {
+                let key = (Reverse(w.priority), w.created_ms, w.id);
                 self.queue.insert(key);
-                self.keys.insert(id, (key, spec));
+                self.waiting.insert(w.id, (key, w));
             }
             SchedMsg::Remove { id, reply } => {
-                let removed = match self.keys.remove(&id) {
-                    Some((key, _)) => self.queue.remove(&key),
-                    None => false,
-                };
-                self.published.remove(&id);
-                self.provisioning.remove(&id);
+                let removed = self.forget(id);
                 let _ = reply.send(removed);
             }
             SchedMsg::Done { machine } => machine.job_done(),
+        }
+    }
+
+    /// Drops a job from the queue and the scheduler's memory; returns whether it was queued.
+    fn forget(&mut self, id: JobId) -> bool {
+        self.published.remove(&id);
+        self.provisioning.remove(&id);
+        match self.waiting.remove(&id) {
+            Some((key, _)) => self.queue.remove(&key),
+            None => false,
         }
     }
 
@@ -158,65 +184,72 @@ impl Scheduler {
         let mut taken = Vec::new();
         let mut full_specs: BTreeSet<Option<MachineSpec>> = BTreeSet::new();
         for key in self.queue.iter().take(DISPATCH_SCAN) {
-            let id = key.2;
-            let spec = self.keys.get(&id).and_then(|(_, s)| s.clone());
-            if full_specs.contains(&spec) {
+            let Some((_, w)) = self.waiting.get(&key.2) else { continue };
+            if full_specs.contains(&w.spec) {
                 continue;
             }
-            let Some(live) = self.manager.live(id) else {
-                // Finished meanwhile (cancelled, expired): drop it.
-                taken.push(*key);
+            let Some(live) = self.manager.inner.log.live(w.id) else {
+                // Ended meanwhile (cancelled, expired): drop it.
+                taken.push(w.id);
                 continue;
             };
-            let workflow = live.job.try_lock().map(|j| j.workflow.clone()).unwrap_or_default();
-            let Some(machine) = self.pick_machine(spec.as_ref(), &workflow) else {
-                full_specs.insert(spec);
+            let Some(machine) = self.pick_machine(w.spec.as_ref(), &w.workflow) else {
+                full_specs.insert(w.spec.clone());
                 continue;
             };
-            if !machine.try_assign(&workflow) {
+            if !machine.try_assign(&w.workflow) {
                 // Drained by the pool between the pick and now: try again next round.
                 continue;
             }
-            taken.push(*key);
+            taken.push(w.id);
             self.manager.spawn_runner(live, machine, false);
         }
-        for key in taken {
-            self.queue.remove(&key);
-            self.keys.remove(&key.2);
-            self.published.remove(&key.2);
-            self.provisioning.remove(&key.2);
+        for id in taken {
+            self.forget(id);
         }
     }
 
-    /// Publishes the position of every job within the window whose position changed.
-    async fn publish_positions(&mut self) {
+    /// Why jobs for static servers wait, when it is not just that every server is busy.
+    fn static_wait_reason(&self) -> String {
+        let statics: Vec<Arc<Machine>> =
+            self.manager.machines().into_iter().filter(|m| m.spec.is_none()).collect();
+        if statics.is_empty() {
+            return "no ComfyUI server is configured".into();
+        }
+        if statics.iter().all(|m| m.is_draining()) {
+            return "every ComfyUI server is drained (UndrainMachine takes one back)".into();
+        }
+        if statics.iter().all(|m| m.is_draining() || !m.conn.is_connected()) {
+            return "no ComfyUI server is reachable".into();
+        }
+        String::new()
+    }
+
+    /// Publishes the position (and wait reason) of every job within the window whose position changed.
+    fn publish_positions(&mut self) {
         let now = tokio::time::Instant::now();
         if self.last_published.is_some_and(|t| now - t < POSITION_INTERVAL) {
             return;
         }
         self.last_published = Some(now);
+        let mut reason_static: Option<String> = None;
         let mut changes = Vec::new();
         for (i, key) in self.queue.iter().take(POSITION_WINDOW as usize).enumerate() {
-            let position = i as u32 + 1;
-            if self.published.get(&key.2) != Some(&position) {
-                changes.push((key.2, position));
+            let Some((_, w)) = self.waiting.get(&key.2) else { continue };
+            let reason = match &w.spec {
+                None => reason_static.get_or_insert_with(|| self.static_wait_reason()).clone(),
+                Some(_) => String::new(),
+            };
+            let told = (i as u32 + 1, reason);
+            if self.published.get(&key.2) != Some(&told) {
+                changes.push((key.2, told));
             }
         }
-        for (id, position) in changes {
-            self.published.insert(id, position);
-            let Some(live) = self.manager.live(id) else { continue };
-            let current = live.job.lock().await.queue_position;
-            if current == position {
-                continue;
-            }
-            let result = self
-                .manager
-                .append(&live, EventKind::Queued { position }, |job| {
-                    job.queue_position = position;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::warn!(job_id = %id, error = %e, "cannot record a queue position");
+        for (id, told) in changes {
+            let kind = EventKind::Queued { position: told.0, reason: told.1.clone() };
+            // Never waits: a position the full inbox cannot take is published again next time.
+            if self.manager.inner.log.try_append(id, kind).is_ok() {
+                self.published.insert(id, told);
             }
         }
     }
@@ -225,8 +258,8 @@ impl Scheduler {
     fn report_demand(&mut self) {
         let Some(provisioner) = &self.manager.inner.provisioner else { return };
         let mut demand: BTreeMap<MachineSpec, usize> = BTreeMap::new();
-        for (_, spec) in self.keys.values() {
-            if let Some(spec) = spec {
+        for (_, w) in self.waiting.values() {
+            if let Some(spec) = &w.spec {
                 *demand.entry(spec.clone()).or_default() += 1;
             }
         }
@@ -255,8 +288,7 @@ impl Scheduler {
                 }
             }
             PoolEvent::Provisioning { spec, machine_id, phase, elapsed } => {
-                let waiting = self.waiting_for(&spec);
-                for id in waiting {
+                for id in self.waiting_for(&spec) {
                     let told = (machine_id.clone(), phase.as_str());
                     let last = self.provisioning.get(&id);
                     // "Waiting for machine M" is news only to a job that has heard nothing of M.
@@ -267,26 +299,13 @@ impl Scheduler {
                         continue;
                     }
                     self.provisioning.insert(id, told);
-                    let Some(live) = self.manager.live(id) else { continue };
                     let kind = EventKind::Provisioning {
                         phase: phase.as_str().to_string(),
                         machine_id: machine_id.clone(),
                         server_type: spec.server_type.clone(),
                         elapsed_ms: elapsed.as_millis() as u64,
                     };
-                    let now = now_ms();
-                    let result = self
-                        .manager
-                        .append(&live, kind, |job| {
-                            if job.state == JobState::Queued {
-                                job.state = JobState::Provisioning;
-                                job.provision_ms = Some(now);
-                            }
-                        })
-                        .await;
-                    if let Err(e) = result {
-                        tracing::warn!(job_id = %id, error = %e, "cannot record provisioning progress");
-                    }
+                    self.manager.emit_reliably(id, kind);
                 }
             }
             PoolEvent::ProvisioningFailed { spec, reason, gave_up } => {
@@ -295,25 +314,15 @@ impl Scheduler {
                     return;
                 }
                 let all: Vec<JobId> = self
-                    .keys
+                    .waiting
                     .iter()
-                    .filter(|(_, (_, s))| s.as_ref() == Some(&spec))
+                    .filter(|(_, (_, w))| w.spec.as_ref() == Some(&spec))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in all {
-                    if let Some((key, _)) = self.keys.remove(&id) {
-                        self.queue.remove(&key);
-                    }
-                    self.published.remove(&id);
-                    self.provisioning.remove(&id);
-                    let Some(live) = self.manager.live(id) else { continue };
-                    let failure =
-                        JobFailure::new(FailureReason::Provisioning, format!("no machine: {reason}"));
-                    if let Err(e) =
-                        self.manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await
-                    {
-                        tracing::error!(job_id = %id, error = %e, "cannot fail a job waiting for a machine");
-                    }
+                    self.forget(id);
+                    let error = JobFailure::new(FailureReason::Provisioning, format!("no machine: {reason}"));
+                    self.manager.emit_reliably(id, EventKind::Failed { error, usage: Usage::default() });
                 }
             }
         }
@@ -323,7 +332,7 @@ impl Scheduler {
     fn waiting_for(&self, spec: &MachineSpec) -> Vec<JobId> {
         self.queue
             .iter()
-            .filter(|k| self.keys.get(&k.2).and_then(|(_, s)| s.as_ref()) == Some(spec))
+            .filter(|k| self.waiting.get(&k.2).and_then(|(_, w)| w.spec.as_ref()) == Some(spec))
             .take(POSITION_WINDOW as usize)
             .map(|k| k.2)
             .collect()
@@ -333,38 +342,23 @@ impl Scheduler {
     async fn expire(&mut self) {
         let now = now_ms();
         let timeout = self.manager.inner.config.queue_timeout.as_millis() as i64;
-        let mut expired = Vec::new();
-        for key in &self.queue {
-            let Some(live) = self.manager.live(key.2) else { continue };
-            let Ok(job) = live.job.try_lock() else { continue };
-            if job.state.is_terminal() {
-                continue;
-            }
-            if job.deadline_ms.is_some_and(|d| d <= now) {
-                expired.push((
-                    *key,
-                    live.clone(),
-                    FailureReason::DeadlineExceeded,
-                    "the deadline passed in the queue",
-                ));
-            } else if now - job.created_ms >= timeout {
-                expired.push((
-                    *key,
-                    live.clone(),
-                    FailureReason::QueueTimeout,
-                    "waited in the queue too long",
-                ));
-            }
-        }
-        for (key, live, reason, message) in expired {
-            self.queue.remove(&key);
-            self.keys.remove(&key.2);
-            self.published.remove(&key.2);
-            self.provisioning.remove(&key.2);
-            let failure = JobFailure::new(reason, message);
-            if let Err(e) = self.manager.finish(&live, EventKind::Failed { error: failure }, |_| {}).await {
-                tracing::error!(job_id = %key.2, error = %e, "cannot expire a queued job");
-            }
+        let expired: Vec<(JobId, FailureReason, &'static str)> = self
+            .waiting
+            .values()
+            .filter_map(|(_, w)| {
+                if w.deadline_ms.is_some_and(|d| d <= now) {
+                    Some((w.id, FailureReason::DeadlineExceeded, "the deadline passed in the queue"))
+                } else if now - w.created_ms >= timeout {
+                    Some((w.id, FailureReason::QueueTimeout, "waited in the queue too long"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, reason, message) in expired {
+            self.forget(id);
+            let error = JobFailure::new(reason, message);
+            self.manager.emit_reliably(id, EventKind::Failed { error, usage: Usage::default() });
         }
     }
 }

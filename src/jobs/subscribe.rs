@@ -12,8 +12,11 @@ use tokio::sync::broadcast;
 
 use super::{Event, EventKind, JobError, JobId, JobManager};
 
+// Per subscriber this holds a broadcast receiver, a cursor and at most one page of the log: a slow
+// subscriber costs a few hundred bytes plus what it has not read of one page, however far behind it is.
+
 /// Events read from the log at a time.
-const PAGE: u32 = 500;
+const PAGE: u32 = 64;
 
 /// A subscriber's stream of one job's events.
 #[derive(Debug)]
@@ -161,7 +164,7 @@ mod tests {
                 },
             ),
             p(5, "a", 3.0),
-            ev(6, EventKind::Succeeded { outputs: vec![] }),
+            ev(6, EventKind::Succeeded { outputs: vec![], usage: Default::default() }),
         ];
         let kept: Vec<u64> = coalesce(page).iter().map(|e| e.seq).collect();
         assert_eq!(kept, vec![2, 4, 5, 6]);

@@ -1,16 +1,42 @@
-//! Durable storage of jobs, events, idempotency keys, artifact references and machines, behind the narrow
-//! [`Store`] trait (SQLite by default; the SQL is kept portable for PostgreSQL), and the content-addressed
-//! [`ArtifactStore`] directory for input images and outputs.
+//! Durable storage of jobs, their event logs, idempotency keys, artifact references and machines, behind
+//! the narrow [`Store`] trait (SQLite by default; the SQL is portable so PostgreSQL can implement the same
+//! trait), and the content-addressed [`ArtifactStore`] directory for input images and outputs.
 //!
-//! The store knows rows, not domain types: job and event bodies are opaque JSON text owned by `jobs`.
+//! The store knows rows, not domain types: a job is an immutable spec written once at submit plus a small
+//! record of its current state, both opaque JSON owned by `jobs`; events are small rows appended to a
+//! per-job log. Writes are append-shaped and come in batches ([`Batch`]): the job engine's one writer
+//! commits what has arrived together in one transaction (group commit).
+//!
+//! # Durability ([`Durability`])
+//! - `crash` (default): SQLite in WAL mode with `synchronous = NORMAL`, artifacts written without fsync.
+//!   Everything acknowledged (a submitted job, an event a subscriber saw, an output a terminal event
+//!   names) survives a crash of the process (SIGKILL, OOM, panic), because the kernel already holds it.
+//!   A power loss or kernel crash can lose the transactions of the last moments and artifact contents
+//!   not yet written back; the database stays consistent and a damaged artifact is detected by its digest.
+//! - `power`: `synchronous = FULL` and every artifact fsynced (file and directory) before the event that
+//!   references it commits: what was acknowledged also survives a power loss, for about two more fsyncs
+//!   per job and one per group commit.
 
 mod artifacts;
 mod sqlite;
 
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
+
 pub use artifacts::{ArtifactError, ArtifactStore, ArtifactWriter, StoredArtifact};
 pub use sqlite::SqliteStore;
+
+/// What survives what; see the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Survives a process crash; no fsync on the job path.
+    #[default]
+    Crash,
+    /// Also survives a power loss: fsync per commit and per artifact.
+    Power,
+}
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +48,19 @@ pub enum StoreError {
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     /// The data directory could not be prepared.
-    #[error("data directory: {0}")]
+    #[error("data directory")]
     Io(#[from] std::io::Error),
+    /// A row written by an earlier version could not be converted.
+    #[error("cannot migrate stored job {id}: {reason}")]
+    Legacy {
+        /// The job.
+        id: String,
+        /// Why.
+        reason: String,
+    },
 }
 
-/// One job row.
+/// One job row: the columns the store filters and sorts on, and two opaque bodies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
     /// Job id.
@@ -47,12 +81,16 @@ pub struct JobRow {
     pub ended_ms: Option<i64>,
     /// Idempotency key.
     pub request_id: Option<String>,
-    /// Labels, for filtering.
+    /// Sequence of the last event in the log.
+    pub last_seq: u64,
+    /// Labels, for filtering (written at creation; not read back: they are in the spec).
     pub labels: BTreeMap<String, String>,
-    /// Artifact digests the job references (inputs and outputs), for garbage collection.
+    /// Artifact digests the job references at creation (its inputs), for garbage collection.
     pub artifacts: Vec<String>,
-    /// The job's body (JSON owned by the job engine).
-    pub body: String,
+    /// The immutable spec (JSON owned by the job engine), written once.
+    pub spec: String,
+    /// The current state record (JSON owned by the job engine).
+    pub record: String,
 }
 
 /// One logged event.
@@ -60,7 +98,7 @@ pub struct JobRow {
 pub struct EventRow {
     /// Job id.
     pub job_id: String,
-    /// Per-job sequence, from 1.
+    /// Per-job sequence, from 1, gap-free.
     pub seq: u64,
     /// Time, ms since the epoch.
     pub time_ms: i64,
@@ -77,13 +115,66 @@ pub struct IdempotencyKey {
     pub request_hash: String,
 }
 
-/// What `create_job` did.
+/// A job to create: its row, its first event and its idempotency key.
 #[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// The row.
+    pub row: JobRow,
+    /// Event 1.
+    pub first_event: EventRow,
+    /// The key, if the caller gave one.
+    pub key: Option<IdempotencyKey>,
+}
+
+/// The new state of a job after a batch's events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateUpdate {
+    /// Job id.
+    pub id: String,
+    /// State name.
+    pub state: String,
+    /// Whether it is terminal.
+    pub terminal: bool,
+    /// Update time, ms.
+    pub updated_ms: i64,
+    /// End time, ms.
+    pub ended_ms: Option<i64>,
+    /// Sequence of its last event.
+    pub last_seq: u64,
+    /// The state record.
+    pub record: String,
+}
+
+/// Everything one group commit writes, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// New jobs (checked against their idempotency keys first, in order).
+    pub creates: Vec<NewJob>,
+    /// Events appended to existing jobs.
+    pub events: Vec<EventRow>,
+    /// The resulting state of every job those events touched.
+    pub updates: Vec<StateUpdate>,
+    /// Artifacts newly referenced by existing jobs `(job_id, sha256)` (outputs).
+    pub artifacts: Vec<(String, String)>,
+}
+
+impl Batch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.creates.is_empty() && self.events.is_empty() && self.updates.is_empty()
+    }
+}
+
+/// What happened to one [`NewJob`] of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateOutcome {
     /// The job was stored.
     Created,
-    /// The key was used before with the same request: here is that job.
-    Existing(JobRow),
+    /// The key was used before with the same request: this job has it.
+    Existing {
+        /// The job created with the key.
+        job_id: String,
+    },
     /// The key was used before with a different request.
     Conflict {
         /// The job created with the key.
@@ -123,25 +214,27 @@ pub struct MachineRow {
     pub body: String,
 }
 
-/// The storage interface the job engine and pool use. Every method is one transaction.
+/// A job row written by an earlier version of comfyrelay, whose single body held the whole job. The job
+/// engine converts it into a spec and a record when the store opens ([`Store::migrate_legacy`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyJob {
+    /// Job id.
+    pub id: String,
+    /// The old body.
+    pub body: String,
+}
+
+/// The storage interface of the job engine: few operations, append-shaped, portable SQL. Every method is
+/// one transaction.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
-    /// Stores a new job with its first event, honouring the idempotency key.
+    /// Writes a batch atomically: creates (honouring idempotency keys, in order, so a key repeated within
+    /// the batch finds the first), appended events, state updates and artifact references. Returns one
+    /// outcome per create, in order.
     ///
     /// # Errors
-    /// Database failures.
-    async fn create_job(
-        &self,
-        job: &JobRow,
-        first_event: &EventRow,
-        key: Option<&IdempotencyKey>,
-    ) -> Result<CreateOutcome, StoreError>;
-
-    /// Updates the job row and appends `events`, atomically.
-    ///
-    /// # Errors
-    /// Database failures, including a duplicate sequence.
-    async fn commit(&self, job: &JobRow, events: &[EventRow]) -> Result<(), StoreError>;
+    /// Database failures, including a duplicate sequence; then nothing of the batch is written.
+    async fn commit(&self, batch: &Batch) -> Result<Vec<CreateOutcome>, StoreError>;
 
     /// Reads one job.
     ///
@@ -177,6 +270,24 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         before_ms: i64,
         limit: u32,
     ) -> Result<(Vec<String>, Vec<String>), StoreError>;
+
+    /// Rows written by an earlier version (one body per job), at most `limit`.
+    ///
+    /// # Errors
+    /// Database failures.
+    async fn legacy_jobs(&self, limit: u32) -> Result<Vec<LegacyJob>, StoreError>;
+
+    /// Replaces a legacy row's body by its converted spec and record.
+    ///
+    /// # Errors
+    /// Database failures.
+    async fn migrate_legacy(
+        &self,
+        id: &str,
+        spec: &str,
+        record: &str,
+        last_seq: u64,
+    ) -> Result<(), StoreError>;
 }
 
 /// The machine records of the RunComfy pool: the pool's only storage dependency.

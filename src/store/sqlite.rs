@@ -1,15 +1,25 @@
-//! The SQLite implementation of [`Store`]: one file in the data directory, WAL, versioned migrations.
+//! The SQLite implementation of [`Store`] and [`MachineStore`]: one file in the data directory, WAL,
+//! versioned migrations, one transaction per batch.
+//!
+//! Every write transaction starts with `BEGIN IMMEDIATE`: it takes SQLite's write lock up front (waiting up
+//! to the busy timeout), so a transaction that reads and then writes can never fail with `SQLITE_BUSY`
+//! when another connection committed in between. Multi-row statements keep a batch to a handful of round
+//! trips to sqlx's connection thread, whatever its size.
 
 use std::{path::Path, str::FromStr, time::Duration};
 
 use sqlx::{
-    Row,
+    QueryBuilder, Row, Sqlite,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 
 use super::{
-    CreateOutcome, EventRow, IdempotencyKey, JobQuery, JobRow, MachineRow, MachineStore, Store, StoreError,
+    Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, LegacyJob, MachineRow, MachineStore, Store,
+    StoreError,
 };
+
+/// Rows per multi-row statement (SQLite allows 32 766 bound values; 4–7 per row).
+const ROWS_PER_STATEMENT: usize = 500;
 
 /// SQLite-backed store.
 #[derive(Debug, Clone)]
@@ -17,20 +27,47 @@ pub struct SqliteStore {
     pool: SqlitePool,
 }
 
+/// Creates `dir` (and parents) readable by this user only.
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    // An existing directory keeps its mode from an earlier version: tighten it.
+    let meta = std::fs::metadata(dir)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 impl SqliteStore {
-    /// Opens (creating if needed) `comfyrelay.db` in `data_dir` and runs pending migrations.
+    /// Opens (creating if needed, readable by this user only) `comfyrelay.db` in `data_dir` and runs
+    /// pending migrations.
     ///
     /// # Errors
     /// The file cannot be opened or a migration fails.
-    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        tokio::fs::create_dir_all(data_dir).await?;
+    pub async fn open(data_dir: &Path, durability: Durability) -> Result<Self, StoreError> {
         let path = data_dir.join("comfyrelay.db");
+        {
+            let (dir, path) = (data_dir.to_path_buf(), path.clone());
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+                create_private_dir(&dir)?;
+                // SQLite gives the -wal and -shm files the mode of the database file.
+                std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&path)?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+        }
         let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // NORMAL under WAL: a committed transaction survives a process crash (SIGKILL); only an OS
-            // crash can lose the last few, which is the usual trade for throughput.
-            .synchronous(SqliteSynchronous::Normal)
+            // NORMAL under WAL: a commit survives a process crash and costs no fsync; FULL also syncs
+            // the WAL on every commit so it survives a power loss (see `Durability`).
+            .synchronous(match durability {
+                Durability::Crash => SqliteSynchronous::Normal,
+                Durability::Power => SqliteSynchronous::Full,
+            })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
@@ -38,6 +75,8 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 }
+
+const JOB_COLUMNS: &str = "id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobRow, sqlx::Error> {
     Ok(JobRow {
@@ -50,190 +89,186 @@ fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobRow, sqlx::Error> {
         updated_ms: row.try_get("updated_ms")?,
         ended_ms: row.try_get("ended_ms")?,
         request_id: row.try_get("request_id")?,
+        last_seq: row.try_get::<i64, _>("last_seq")? as u64,
         labels: Default::default(),
         artifacts: Vec::new(),
-        body: row.try_get("body")?,
+        spec: row.try_get("spec")?,
+        record: row.try_get::<Option<String>, _>("record")?.unwrap_or_default(),
     })
 }
 
-async fn insert_refs(
-    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
-    job: &JobRow,
-    labels: bool,
+fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, sqlx::Error> {
+    Ok(EventRow {
+        job_id: r.try_get("job_id")?,
+        seq: r.try_get::<i64, _>("seq")? as u64,
+        time_ms: r.try_get("time_ms")?,
+        body: r.try_get("body")?,
+    })
+}
+
+/// A sequence as SQL's BIGINT: sequences are far below 2⁶³; a caller's larger number clamps (it matches no
+/// event) instead of wrapping to a negative one (which would match them all).
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+async fn insert_events(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    events: &[EventRow],
 ) -> Result<(), sqlx::Error> {
-    if labels {
-        for (k, v) in &job.labels {
-            sqlx::query("INSERT INTO job_labels (job_id, key, value) VALUES (?, ?, ?)")
-                .bind(&job.id)
-                .bind(k)
-                .bind(v)
-                .execute(&mut **tx)
-                .await?;
-        }
-    }
-    for sha in &job.artifacts {
-        sqlx::query("INSERT OR IGNORE INTO job_artifacts (job_id, sha256) VALUES (?, ?)")
-            .bind(&job.id)
-            .bind(sha)
-            .execute(&mut **tx)
-            .await?;
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_events (job_id, seq, time_ms, body) ");
+        q.push_values(chunk, |mut b, e| {
+            b.push_bind(&e.job_id).push_bind(seq_param(e.seq)).push_bind(e.time_ms).push_bind(&e.body);
+        });
+        q.build().persistent(false).execute(&mut **tx).await?;
     }
     Ok(())
 }
 
-async fn insert_event(tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>, e: &EventRow) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO job_events (job_id, seq, time_ms, body) VALUES (?, ?, ?, ?)")
-        .bind(&e.job_id)
-        .bind(e.seq as i64)
-        .bind(e.time_ms)
-        .bind(&e.body)
-        .execute(&mut **tx)
-        .await?;
+async fn insert_artifacts(
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
+    refs: &[(&str, &str)],
+) -> Result<(), sqlx::Error> {
+    for chunk in refs.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_artifacts (job_id, sha256) ");
+        q.push_values(chunk, |mut b, (job, sha)| {
+            b.push_bind(*job).push_bind(*sha);
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        q.build().persistent(false).execute(&mut **tx).await?;
+    }
     Ok(())
 }
 
-// Every write transaction starts with BEGIN IMMEDIATE: it takes SQLite's write lock up front (waiting up to
-// the busy timeout), so a transaction that reads and then writes can never fail with SQLITE_BUSY when
-// another connection committed in between.
 #[async_trait::async_trait]
 impl Store for SqliteStore {
-    async fn create_job(
-        &self,
-        job: &JobRow,
-        first_event: &EventRow,
-        key: Option<&IdempotencyKey>,
-    ) -> Result<CreateOutcome, StoreError> {
+    async fn commit(&self, batch: &Batch) -> Result<Vec<CreateOutcome>, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Some(key) = key {
-            let existing = sqlx::query("SELECT request_hash, job_id FROM idempotency WHERE request_id = ?")
-                .bind(&key.request_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = existing {
-                let hash: String = row.try_get("request_hash")?;
-                let job_id: String = row.try_get("job_id")?;
-                tx.rollback().await?;
-                if hash != key.request_hash {
-                    return Ok(CreateOutcome::Conflict { job_id });
+        let mut outcomes = Vec::with_capacity(batch.creates.len());
+        let mut created_events = Vec::new();
+        let mut labels: Vec<(&str, &str, &str)> = Vec::new();
+        let mut artifacts: Vec<(&str, &str)> = Vec::new();
+        for new in &batch.creates {
+            if let Some(key) = &new.key {
+                let existing =
+                    sqlx::query("SELECT request_hash, job_id FROM idempotency WHERE request_id = ?")
+                        .bind(&key.request_id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                if let Some(row) = existing {
+                    let hash: String = row.try_get("request_hash")?;
+                    let job_id: String = row.try_get("job_id")?;
+                    outcomes.push(if hash == key.request_hash {
+                        CreateOutcome::Existing { job_id }
+                    } else {
+                        CreateOutcome::Conflict { job_id }
+                    });
+                    continue;
                 }
-                return match self.get_job(&job_id).await? {
-                    Some(j) => Ok(CreateOutcome::Existing(j)),
-                    None => Ok(CreateOutcome::Conflict { job_id }),
-                };
             }
+            let job = &new.row;
+            sqlx::query(
+                "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
+                 request_id, last_seq, spec, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&job.id)
+            .bind(&job.state)
+            .bind(job.terminal as i64)
+            .bind(&job.workflow)
+            .bind(job.priority as i64)
+            .bind(job.created_ms)
+            .bind(job.updated_ms)
+            .bind(job.ended_ms)
+            .bind(&job.request_id)
+            .bind(seq_param(job.last_seq))
+            .bind(&job.spec)
+            .bind(&job.record)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(key) = &new.key {
+                sqlx::query("INSERT INTO idempotency (request_id, request_hash, job_id) VALUES (?, ?, ?)")
+                    .bind(&key.request_id)
+                    .bind(&key.request_hash)
+                    .bind(&job.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            labels.extend(job.labels.iter().map(|(k, v)| (job.id.as_str(), k.as_str(), v.as_str())));
+            artifacts.extend(job.artifacts.iter().map(|sha| (job.id.as_str(), sha.as_str())));
+            created_events.push(new.first_event.clone());
+            outcomes.push(CreateOutcome::Created);
         }
-        sqlx::query(
-            "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
-             request_id, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&job.id)
-        .bind(&job.state)
-        .bind(job.terminal as i64)
-        .bind(&job.workflow)
-        .bind(job.priority as i64)
-        .bind(job.created_ms)
-        .bind(job.updated_ms)
-        .bind(job.ended_ms)
-        .bind(&job.request_id)
-        .bind(&job.body)
-        .execute(&mut *tx)
-        .await?;
-        insert_refs(&mut tx, job, true).await?;
-        insert_event(&mut tx, first_event).await?;
-        if let Some(key) = key {
-            sqlx::query("INSERT INTO idempotency (request_id, request_hash, job_id) VALUES (?, ?, ?)")
-                .bind(&key.request_id)
-                .bind(&key.request_hash)
-                .bind(&job.id)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in labels.chunks(ROWS_PER_STATEMENT) {
+            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_labels (job_id, key, value) ");
+            q.push_values(chunk, |mut b, (job, k, v)| {
+                b.push_bind(*job).push_bind(*k).push_bind(*v);
+            });
+            q.build().persistent(false).execute(&mut *tx).await?;
         }
+        insert_events(&mut tx, &created_events).await?;
+        insert_events(&mut tx, &batch.events).await?;
+        for u in &batch.updates {
+            sqlx::query(
+                "UPDATE jobs SET state = ?, terminal = ?, updated_ms = ?, ended_ms = ?, last_seq = ?, record = ? \
+                 WHERE id = ?",
+            )
+            .bind(&u.state)
+            .bind(u.terminal as i64)
+            .bind(u.updated_ms)
+            .bind(u.ended_ms)
+            .bind(seq_param(u.last_seq))
+            .bind(&u.record)
+            .bind(&u.id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        artifacts.extend(batch.artifacts.iter().map(|(j, s)| (j.as_str(), s.as_str())));
+        insert_artifacts(&mut tx, &artifacts).await?;
         tx.commit().await?;
-        Ok(CreateOutcome::Created)
-    }
-
-    async fn commit(&self, job: &JobRow, events: &[EventRow]) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "UPDATE jobs SET state = ?, terminal = ?, updated_ms = ?, ended_ms = ?, body = ? WHERE id = ?",
-        )
-        .bind(&job.state)
-        .bind(job.terminal as i64)
-        .bind(job.updated_ms)
-        .bind(job.ended_ms)
-        .bind(&job.body)
-        .bind(&job.id)
-        .execute(&mut *tx)
-        .await?;
-        insert_refs(&mut tx, job, false).await?;
-        for e in events {
-            insert_event(&mut tx, e).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        Ok(outcomes)
     }
 
     async fn get_job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut job = job_from_row(&row)?;
-        let labels = sqlx::query("SELECT key, value FROM job_labels WHERE job_id = ?")
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?"))
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_optional(&self.pool)
             .await?;
-        for l in labels {
-            job.labels.insert(l.try_get("key")?, l.try_get("value")?);
-        }
-        Ok(Some(job))
+        Ok(row.as_ref().map(job_from_row).transpose()?)
     }
 
     async fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRow>, StoreError> {
-        let mut sql = String::from("SELECT * FROM jobs j WHERE 1 = 1");
+        let mut sql = QueryBuilder::<Sqlite>::new(format!("SELECT {JOB_COLUMNS} FROM jobs j WHERE 1 = 1"));
         if !q.states.is_empty() {
-            sql.push_str(" AND j.state IN (");
-            sql.push_str(&vec!["?"; q.states.len()].join(", "));
-            sql.push(')');
-        }
-        if q.workflow.is_some() {
-            sql.push_str(" AND j.workflow = ?");
-        }
-        for _ in &q.labels {
-            sql.push_str(
-                " AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id AND l.key = ? AND l.value = ?)",
-            );
-        }
-        if q.before.is_some() {
-            sql.push_str(" AND (j.created_ms < ? OR (j.created_ms = ? AND j.id < ?))");
-        }
-        sql.push_str(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ?");
-        let mut query = sqlx::query(&sql);
-        for s in &q.states {
-            query = query.bind(s);
+            sql.push(" AND j.state IN (");
+            let mut list = sql.separated(", ");
+            for s in &q.states {
+                list.push_bind(s);
+            }
+            sql.push(")");
         }
         if let Some(w) = &q.workflow {
-            query = query.bind(w);
+            sql.push(" AND j.workflow = ").push_bind(w);
         }
         for (k, v) in &q.labels {
-            query = query.bind(k).bind(v);
+            sql.push(" AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id AND l.key = ")
+                .push_bind(k)
+                .push(" AND l.value = ")
+                .push_bind(v)
+                .push(")");
         }
         if let Some((ms, id)) = &q.before {
-            query = query.bind(ms).bind(ms).bind(id);
+            sql.push(" AND (j.created_ms < ")
+                .push_bind(ms)
+                .push(" OR (j.created_ms = ")
+                .push_bind(ms)
+                .push(" AND j.id < ")
+                .push_bind(id)
+                .push("))");
         }
-        query = query.bind(q.limit as i64);
-        let rows = query.fetch_all(&self.pool).await?;
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let mut job = job_from_row(row)?;
-            let labels = sqlx::query("SELECT key, value FROM job_labels WHERE job_id = ?")
-                .bind(&job.id)
-                .fetch_all(&self.pool)
-                .await?;
-            for l in labels {
-                job.labels.insert(l.try_get("key")?, l.try_get("value")?);
-            }
-            jobs.push(job);
-        }
-        Ok(jobs)
+        sql.push(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ").push_bind(q.limit as i64);
+        let rows = sql.build().fetch_all(&self.pool).await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
 
     async fn events_after(&self, job_id: &str, after: u64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
@@ -241,32 +276,20 @@ impl Store for SqliteStore {
             "SELECT job_id, seq, time_ms, body FROM job_events WHERE job_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
         .bind(job_id)
-        .bind(after as i64)
+        .bind(seq_param(after))
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(EventRow {
-                    job_id: r.try_get("job_id")?,
-                    seq: r.try_get::<i64, _>("seq")? as u64,
-                    time_ms: r.try_get("time_ms")?,
-                    body: r.try_get("body")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE terminal = 0 ORDER BY created_ms, id")
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            out.push(job_from_row(row)?);
-        }
-        Ok(out)
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE terminal = 0 ORDER BY created_ms, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
     }
 
     async fn delete_finished_before(
@@ -315,6 +338,34 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok((ids, orphaned))
     }
+
+    async fn legacy_jobs(&self, limit: u32) -> Result<Vec<LegacyJob>, StoreError> {
+        let rows = sqlx::query("SELECT id, spec FROM jobs WHERE record IS NULL ORDER BY created_ms LIMIT ?")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(LegacyJob { id: r.try_get("id")?, body: r.try_get("spec")? }))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(Into::into)
+    }
+
+    async fn migrate_legacy(
+        &self,
+        id: &str,
+        spec: &str,
+        record: &str,
+        last_seq: u64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET spec = ?, record = ?, last_seq = ? WHERE id = ? AND record IS NULL")
+            .bind(spec)
+            .bind(record)
+            .bind(seq_param(last_seq))
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 #[async_trait::async_trait]
@@ -362,6 +413,7 @@ impl MachineStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{IdempotencyKey, NewJob, StateUpdate};
 
     fn job(id: &str, created: i64) -> JobRow {
         JobRow {
@@ -374,9 +426,11 @@ mod tests {
             updated_ms: created,
             ended_ms: None,
             request_id: None,
+            last_seq: 1,
             labels: [("team".to_string(), "a".to_string())].into(),
             artifacts: vec!["ab".repeat(32)],
-            body: "{}".into(),
+            spec: "{}".into(),
+            record: "{}".into(),
         }
     }
 
@@ -384,51 +438,86 @@ mod tests {
         EventRow { job_id: id.into(), seq, time_ms: 1, body: format!("{{\"n\":{seq}}}") }
     }
 
-    #[tokio::test]
-    async fn jobs_events_and_keys_round_trip() {
+    fn create(id: &str, created: i64, key: Option<&IdempotencyKey>) -> NewJob {
+        NewJob { row: job(id, created), first_event: event(id, 1), key: key.cloned() }
+    }
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let store = SqliteStore::open(dir.path(), Durability::Crash).await.unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn batches_create_append_and_honour_keys() {
+        let (_dir, store) = store().await;
         let key = IdempotencyKey { request_id: "r1".into(), request_hash: "h1".into() };
-        assert_eq!(
-            store.create_job(&job("a", 1), &event("a", 1), Some(&key)).await.unwrap(),
-            CreateOutcome::Created
-        );
-        let again = store.create_job(&job("b", 2), &event("b", 1), Some(&key)).await.unwrap();
-        assert!(matches!(again, CreateOutcome::Existing(ref j) if j.id == "a"));
         let other = IdempotencyKey { request_id: "r1".into(), request_hash: "h2".into() };
-        let conflict = store.create_job(&job("c", 3), &event("c", 1), Some(&other)).await.unwrap();
-        assert_eq!(conflict, CreateOutcome::Conflict { job_id: "a".into() });
+        // One batch: the second create with the same key finds the first, the third conflicts.
+        let batch = Batch {
+            creates: vec![
+                create("a", 1, Some(&key)),
+                create("b", 2, Some(&key)),
+                create("c", 3, Some(&other)),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            store.commit(&batch).await.unwrap(),
+            vec![
+                CreateOutcome::Created,
+                CreateOutcome::Existing { job_id: "a".into() },
+                CreateOutcome::Conflict { job_id: "a".into() }
+            ]
+        );
         assert!(store.get_job("b").await.unwrap().is_none(), "nothing stored on a replay");
 
-        let mut a = store.get_job("a").await.unwrap().unwrap();
-        assert_eq!(a.labels.get("team").map(String::as_str), Some("a"));
-        a.state = "SUCCEEDED".into();
-        a.terminal = true;
-        a.ended_ms = Some(10);
-        store.commit(&a, &[event("a", 2), event("a", 3)]).await.unwrap();
+        let update = StateUpdate {
+            id: "a".into(),
+            state: "SUCCEEDED".into(),
+            terminal: true,
+            updated_ms: 10,
+            ended_ms: Some(10),
+            last_seq: 3,
+            record: "{\"done\":true}".into(),
+        };
+        let batch = Batch {
+            events: vec![event("a", 2), event("a", 3)],
+            updates: vec![update.clone()],
+            artifacts: vec![("a".into(), "cd".repeat(32))],
+            ..Default::default()
+        };
+        store.commit(&batch).await.unwrap();
+        let a = store.get_job("a").await.unwrap().unwrap();
+        assert_eq!((a.state.as_str(), a.last_seq, a.record.as_str()), ("SUCCEEDED", 3, "{\"done\":true}"));
         let evs = store.events_after("a", 1, 100).await.unwrap();
         assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
-        assert!(store.commit(&a, &[event("a", 3)]).await.is_err(), "duplicate sequence refused");
+        assert!(store.events_after("a", u64::MAX, 100).await.unwrap().is_empty(), "a huge cursor clamps");
+        let dup = Batch { events: vec![event("a", 3)], ..Default::default() };
+        assert!(store.commit(&dup).await.is_err(), "duplicate sequence refused");
+        assert_eq!(store.events_after("a", 0, 100).await.unwrap().len(), 3, "a failed batch wrote nothing");
         assert!(store.unfinished_jobs().await.unwrap().is_empty());
 
-        let (deleted, orphaned) = store.delete_finished_before(11, 10).await.unwrap();
+        let (deleted, mut orphaned) = store.delete_finished_before(11, 10).await.unwrap();
+        orphaned.sort();
         assert_eq!(deleted, vec!["a".to_string()]);
-        assert_eq!(orphaned, vec!["ab".repeat(32)]);
+        assert_eq!(orphaned, vec!["ab".repeat(32), "cd".repeat(32)]);
         assert!(store.get_job("a").await.unwrap().is_none());
         assert!(store.events_after("a", 0, 10).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn list_filters_and_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path()).await.unwrap();
+        let (_dir, store) = store().await;
+        let mut creates = Vec::new();
         for i in 0..5 {
-            let mut j = job(&format!("j{i}"), i);
+            let mut j = create(&format!("j{i}"), i, None);
             if i % 2 == 0 {
-                j.labels.insert("even".into(), "yes".into());
+                j.row.labels.insert("even".into(), "yes".into());
             }
-            store.create_job(&j, &event(&j.id, 1), None).await.unwrap();
+            creates.push(j);
         }
+        store.commit(&Batch { creates, ..Default::default() }).await.unwrap();
         let page = store.list_jobs(&JobQuery { limit: 2, ..Default::default() }).await.unwrap();
         assert_eq!(page.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["j4", "j3"]);
         let next = store
@@ -450,5 +539,16 @@ mod tests {
             .await
             .unwrap();
         assert!(none.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_data_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let _store = SqliteStore::open(&data, Durability::Crash).await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("comfyrelay.db")), 0o600);
     }
 }
