@@ -206,3 +206,15 @@ async fn list_jobs_filters_by_state_workflow_and_label_and_pages() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// Issue 17, defect 5: a resume point beyond 2⁶³ (which once wrapped to a negative number in SQL and
+/// replayed forever) ends at once on a finished job, as any point past its end does.
+#[tokio::test]
+async fn a_huge_after_sequence_ends_the_stream_of_a_finished_job() {
+    let mut app = spawn_app().await;
+    let job = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
+    assert_eq!(terminal(&collect_events(&app.channel, &job.id, 0).await), "succeeded");
+    for after in [1u64 << 63, u64::MAX, (1u64 << 63) + 5] {
+        assert!(collect_events(&app.channel, &job.id, after).await.is_empty(), "after {after}");
+    }
+}

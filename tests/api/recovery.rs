@@ -171,3 +171,98 @@ async fn sigterm_drains_and_exits_zero_and_the_job_resumes_after_restart() {
     assert_eq!(terminal(&events), "succeeded", "{events:?}");
     relay.kill9().await;
 }
+
+/// Issue 17, defect 1: images that arrive only over the WebSocket (SaveImageWebsocket) and that ComfyUI
+/// sends while comfyrelay is down are gone for good (history has no record of them). The re-attached job
+/// must not end SUCCEEDED with fewer outputs than it produced: it is retried, and the retry stores all.
+#[tokio::test]
+async fn websocket_outputs_sent_while_comfyrelay_was_down_are_never_a_false_success() {
+    let comfy = spawn_comfy().await;
+    comfy.faults().set_node_delay(Duration::from_millis(400));
+    let data = tempfile::tempdir().unwrap();
+    let relay = start_relay(data.path(), &comfy.url(), &[]).await;
+    let id = relay.jobs().submit_job(websocket_request(64)).await.unwrap().into_inner().id;
+    // Killed once the node that sends the images has started: its 64 frames go to nobody.
+    wait_for_event(
+        &relay.channel,
+        &id,
+        |e| matches!(&e.kind, Some(Kind::NodeStarted(n)) if n.class_type == "SaveImageWebsocket"),
+    )
+    .await;
+    relay.kill9().await;
+
+    let relay = start_relay(data.path(), &comfy.url(), &[]).await;
+    let events = collect_events(&relay.channel, &id, 0).await;
+    crate::helpers::assert_gap_free(&events, 0);
+    let retried = events.iter().find_map(|e| match &e.kind {
+        Some(Kind::Retrying(r)) => Some(r.reason.clone()),
+        _ => None,
+    });
+    let retried = retried.unwrap_or_else(|| panic!("the lossy attempt is retried: {events:?}"));
+    assert!(retried.contains("WebSocket"), "{retried}");
+    let Some(Kind::Succeeded(done)) = &events.last().unwrap().kind else { panic!("{events:?}") };
+    assert_eq!(done.outputs.len(), 64, "the retry stored every image");
+    relay.kill9().await;
+}
+
+/// The same with no attempt left: FAILED with a reason that says the outputs could not be recovered.
+#[tokio::test]
+async fn unrecoverable_websocket_outputs_fail_the_job_when_no_attempt_is_left() {
+    let comfy = spawn_comfy().await;
+    comfy.faults().set_node_delay(Duration::from_millis(400));
+    let data = tempfile::tempdir().unwrap();
+    let no_retry = [("COMFYRELAY_JOBS__MAX_ATTEMPTS", "1")];
+    let relay = start_relay(data.path(), &comfy.url(), &no_retry).await;
+    let id = relay.jobs().submit_job(websocket_request(16)).await.unwrap().into_inner().id;
+    wait_for_event(
+        &relay.channel,
+        &id,
+        |e| matches!(&e.kind, Some(Kind::NodeStarted(n)) if n.class_type == "SaveImageWebsocket"),
+    )
+    .await;
+    relay.kill9().await;
+
+    let relay = start_relay(data.path(), &comfy.url(), &no_retry).await;
+    let events = collect_events(&relay.channel, &id, 0).await;
+    let Some(Kind::Failed(f)) = &events.last().unwrap().kind else { panic!("{events:?}") };
+    let error = f.error.as_ref().unwrap();
+    assert_eq!(error.reason(), pb::FailureReason::OutputsMissing, "{error:?}");
+    assert!(error.message.contains("cannot be recovered"), "{error:?}");
+    relay.kill9().await;
+}
+
+/// A crash while an attempt uploads (before its prompt reached ComfyUI) counts the attempt: a job whose
+/// attempts keep killing the process ends FAILED instead of being retried into the same crash forever.
+#[tokio::test]
+async fn an_attempt_cut_by_a_crash_before_its_prompt_was_sent_counts() {
+    let comfy = spawn_comfy().await;
+    // Uploads hang, so the job is RUNNING (started, not submitted) when the process dies.
+    comfy.faults().set_upload_delay(Duration::from_secs(30));
+    let data = tempfile::tempdir().unwrap();
+    let no_retry = [("COMFYRELAY_JOBS__MAX_ATTEMPTS", "1")];
+    let relay = start_relay(data.path(), &comfy.url(), &no_retry).await;
+    let id = relay.jobs().submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner().id;
+    wait_for_event(&relay.channel, &id, |e| matches!(e.kind, Some(Kind::Started(_)))).await;
+    relay.kill9().await;
+
+    comfy.faults().set_upload_delay(Duration::ZERO);
+    let relay = start_relay(data.path(), &comfy.url(), &no_retry).await;
+    let events = collect_events(&relay.channel, &id, 0).await;
+    let Some(Kind::Failed(f)) = &events.last().unwrap().kind else { panic!("{events:?}") };
+    let error = f.error.as_ref().unwrap();
+    assert!(error.message.contains("stopped during attempt 1"), "{error:?}");
+    relay.kill9().await;
+}
+
+fn websocket_request(batch: i64) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        source: Some(pb::submit_job_request::Source::Workflow("progress-websocket".into())),
+        parameters: [("width", 4), ("height", 4), ("batch_size", batch)]
+            .into_iter()
+            .map(|(k, v)| {
+                (k.to_string(), pb::ParameterValue { kind: Some(pb::parameter_value::Kind::IntValue(v)) })
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

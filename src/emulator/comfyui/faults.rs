@@ -16,6 +16,7 @@ struct Settings {
     fail_nodes: HashMap<String, String>,
     vanish_next: bool,
     history_delay: Duration,
+    upload_delay: Duration,
     fail_http: Vec<(String, usize)>,
     node_delay: Duration,
     node_progress_steps: u64,
@@ -90,6 +91,15 @@ impl Faults {
     /// Delays every `/history` response by `d`.
     pub fn set_history_delay(&self, d: Duration) {
         self.settings().history_delay = d;
+    }
+
+    /// Delays every upload (`/upload/image`, `/upload/mask`) by `d` before it is read.
+    pub fn set_upload_delay(&self, d: Duration) {
+        self.settings().upload_delay = d;
+    }
+
+    pub(crate) fn upload_delay(&self) -> Duration {
+        self.settings().upload_delay
     }
 
     /// The next `count` requests whose path starts with `path_prefix` (with or without the `/api` prefix)

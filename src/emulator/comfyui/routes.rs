@@ -564,6 +564,10 @@ async fn read_form(req: Request, shared: &Arc<Shared>) -> Result<UploadForm, Res
 
 /// `image_upload` of server.py; `mask` merges the upload's alpha into `original_ref`.
 async fn do_upload(shared: Arc<Shared>, req: Request, mask: bool) -> Response {
+    let delay = shared.faults.upload_delay();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let form = match read_form(req, &shared).await {
         Ok(f) => f,
         Err(resp) => return resp,
