@@ -17,7 +17,9 @@ use std::{
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::comfy::{ClientOptions, ComfyClient, ComfyConnection, ComfyError};
+use crate::comfy::{
+    CancelOutcome, Capabilities, ClientOptions, ComfyClient, ComfyConnection, ComfyError, PromptState,
+};
 
 /// What a job needs from a machine: jobs of catalog workflows with RunComfy requirements carry one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -161,6 +163,39 @@ impl Machine {
             prequeue,
             cancel,
         )
+    }
+
+    /// Step 1 of a cancel escalation: cancels the prompt on this machine's ComfyUI (per-job cancel where the
+    /// server has the jobs API, else dequeue or interrupt-if-running). See [`crate::comfy`] for the
+    /// escalation and [`ComfyClient::cancel_prompt`] for the semantics.
+    ///
+    /// # Errors
+    /// As [`ComfyClient::cancel_prompt`].
+    pub async fn cancel_prompt(&self, prompt_id: &str) -> Result<CancelOutcome, ComfyError> {
+        self.client.cancel_prompt(prompt_id).await
+    }
+
+    /// Step 2 of a cancel escalation, after the grace period: `/free` (unload models, free memory), then the
+    /// per-job cancel again. See [`ComfyClient::free_and_interrupt`].
+    ///
+    /// # Errors
+    /// As [`ComfyClient::free_and_interrupt`].
+    pub async fn free_and_interrupt(&self, prompt_id: &str) -> Result<CancelOutcome, ComfyError> {
+        self.client.free_and_interrupt(prompt_id).await
+    }
+
+    /// Where the machine's ComfyUI has the prompt (pending, running, ended, unknown): the check between the
+    /// steps of an escalation.
+    ///
+    /// # Errors
+    /// As [`ComfyClient::prompt_state`].
+    pub async fn prompt_state(&self, prompt_id: &str) -> Result<PromptState, ComfyError> {
+        self.client.prompt_state(prompt_id).await
+    }
+
+    /// What its ComfyUI can do, as detected for the current socket (`None` until detected).
+    pub fn capabilities(&self) -> Option<Arc<Capabilities>> {
+        self.conn.capabilities()
     }
 
     /// Jobs assigned now (running and pre-queued).

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use comfyrelay::{
     Config,
     emulator::{
-        comfyui::{ComfyEmulator, EmulatorConfig},
+        comfyui::{ComfyEmulator, ComfyVersion, EmulatorConfig},
         runcomfy::{RunComfyEmulator, RunComfyEmulatorConfig},
     },
     shutdown, telemetry,
@@ -40,6 +40,9 @@ enum Command {
         /// with RunComfy requirements run on machines it launches.
         #[arg(long)]
         runcomfy: bool,
+        /// The ComfyUI generation the emulators reproduce: 0.3.64 or 0.38.
+        #[arg(long, default_value = "0.3.64")]
+        comfyui_version: ComfyVersion,
     },
     /// Run an emulator of an external system on its own.
     Emulate {
@@ -60,6 +63,9 @@ enum EmulateTarget {
         /// Address to bind.
         #[arg(long, default_value = "127.0.0.1")]
         host: std::net::IpAddr,
+        /// The ComfyUI generation to reproduce: 0.3.64 or 0.38.
+        #[arg(long, default_value = "0.3.64")]
+        comfyui_version: ComfyVersion,
     },
     /// An emulated RunComfy Server API whose machines are emulated ComfyUI servers.
     Runcomfy {
@@ -115,10 +121,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
             comfyrelay::run(listener, config, shutdown).await
         }
-        Command::Dev { comfy_port, runcomfy } => {
+        Command::Dev { comfy_port, runcomfy, comfyui_version } => {
             let mut config = config;
             let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
-            let comfy = ComfyEmulator::start(comfy_listener, EmulatorConfig::default()).await?;
+            let emulated = EmulatorConfig { comfyui_version, ..EmulatorConfig::default() };
+            let comfy = ComfyEmulator::start(comfy_listener, emulated.clone()).await?;
             tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
             config.comfyui.servers =
                 vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
@@ -128,6 +135,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     listener,
                     RunComfyEmulatorConfig {
                         boot_time: std::time::Duration::from_secs(5),
+                        comfyui: emulated,
                         ..RunComfyEmulatorConfig::default()
                     },
                 )
@@ -151,10 +159,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             comfy.shutdown().await;
             result
         }
-        Command::Emulate { target: EmulateTarget::Comfyui { port, host } } => {
+        Command::Emulate { target: EmulateTarget::Comfyui { port, host, comfyui_version } } => {
             comfyrelay::emulator::comfyui::run_standalone(
                 (host, port).into(),
-                EmulatorConfig::default(),
+                EmulatorConfig { comfyui_version, ..EmulatorConfig::default() },
                 shutdown,
             )
             .await

@@ -1,5 +1,7 @@
 //! `ComfyConnection`: the one long-lived WebSocket per ComfyUI server, its reconnect loop, liveness probe
-//! and reconciliation of in-flight prompts from /queue and /history.
+//! and reconciliation of in-flight prompts: from `/api/jobs/{id}` on servers with the jobs API (one read
+//! per prompt, 404 for an unknown one), from /queue then /history on older ones. The server's
+//! [`Capabilities`] are detected again for every new socket (the server may have been replaced).
 //!
 //! Owns the socket lifecycle and the background tasks; delegates routing to [`super::router`] and HTTP
 //! to [`super::ComfyClient`]. Knows nothing about jobs, gRPC or storage.
@@ -49,11 +51,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
+use super::capabilities::Capabilities;
 use super::error::ComfyError;
 use super::http::ComfyClient;
 use super::messages::{PromptEvent, ServerMessage};
 use super::router::{Followup, PromptEvents, Router};
-use super::types::{HistoryStatus, QueuePrompt, QueuedPrompt};
+use super::types::{HistoryEntry, HistoryStatus, QueuePrompt, QueuedPrompt};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -231,13 +234,20 @@ impl ComfyConnection {
         &self.shared.client
     }
 
+    /// The server's capabilities as detected for the current socket (`None` until detected; detection runs
+    /// when a socket is greeted, and on first use by any call that needs it).
+    pub fn capabilities(&self) -> Option<Arc<Capabilities>> {
+        self.shared.client.cached_capabilities()
+    }
+
     /// Registers the prompt's route FIRST, then POSTs /prompt with our `prompt_id` and the current socket's
     /// clientId, so events arriving before the HTTP answer are not lost. On any error nothing stays
-    /// registered.
+    /// registered. The submit never queues the prompt twice (see [`ComfyClient::queue_prompt`]), and a
+    /// non-canonical id is refused before anything is registered or sent.
     ///
     /// # Errors
-    /// `Validation` (HTTP 400, typed node errors), `Protocol` when `prompt_id` is already in flight here,
-    /// `Closed` after shutdown, and every error of [`ComfyClient::queue_prompt`].
+    /// `InvalidPromptId`, `Validation` (HTTP 400, typed node errors), `Protocol` when `prompt_id` is already
+    /// in flight here, `Closed` after shutdown, and every error of [`ComfyClient::queue_prompt`].
     pub async fn submit(
         &self,
         prompt_id: &str,
@@ -246,6 +256,7 @@ impl ComfyConnection {
         if self.shared.cancel.is_cancelled() {
             return Err(ComfyError::Closed);
         }
+        super::http::check_prompt_id(prompt_id)?;
         let (client_id, events) = {
             let mut router = self.shared.router();
             let client_id = router.socket_client_id().to_owned();
@@ -314,6 +325,8 @@ async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Re
         };
         failures = 0;
         shared.connects.fetch_add(1, Ordering::Relaxed);
+        // A new socket may face another build (the server restarted or was replaced): detect again.
+        shared.client.invalidate_capabilities();
         // Feature flags must be the first message: they select preview frames with metadata (type 4).
         let flags = json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string();
         let sent = timeout(options.request_timeout, ws.send(Message::text(flags))).await;
@@ -457,6 +470,13 @@ async fn session(
                                 let due = shared.router().on_new_socket();
                                 shared.connected.send_replace(true);
                                 tracing::info!(client_id, reconciling = due.len(), "ComfyUI websocket connected");
+                                let client = shared.client.clone();
+                                let span = tracing::debug_span!("detect_capabilities");
+                                tasks.spawn(async move {
+                                    if let Err(e) = client.capabilities().await {
+                                        tracing::debug!(error = %e, "capability detection failed; retried on next use");
+                                    }
+                                }.instrument(span));
                                 spawn_reconcile(shared, tasks, due);
                             }
                         }
@@ -584,6 +604,15 @@ async fn reconcile(shared: &Arc<Shared>, ids: Vec<String>) {
 /// leaves its prompts in flight for the next round.
 async fn check_round(shared: &Arc<Shared>, ids: &[String]) -> Vec<String> {
     let client = &shared.client;
+    match client.capabilities().await {
+        Ok(caps) if caps.jobs_api => return check_round_jobs(shared, ids).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "reconcile: capability detection failed; will retry");
+            end_all(shared, ids);
+            return Vec::new();
+        }
+    }
     let queue = match client.queue().await {
         Ok(q) => q,
         Err(e) => {
@@ -609,6 +638,43 @@ async fn check_round(shared: &Arc<Shared>, ids: &[String]) -> Vec<String> {
                 tracing::debug!(prompt_id = %id, error = %e, "reconcile: /history failed; will retry");
                 shared.router().end_reconcile(id, false);
             }
+        }
+    }
+    missing
+}
+
+/// One round with the jobs API: one `GET /api/jobs/{id}` per prompt, which answers pending, running, ended
+/// (with outputs and status messages: the history entry) or 404. Returns the 404s.
+async fn check_round_jobs(shared: &Arc<Shared>, ids: &[String]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for id in ids {
+        let job = match shared.client.job_once(id).await {
+            Ok(Some(job)) => job,
+            Ok(None) => {
+                missing.push(id.clone());
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(prompt_id = %id, error = %e, "reconcile: /api/jobs failed; will retry");
+                shared.router().end_reconcile(id, false);
+                continue;
+            }
+        };
+        match job.get("status").and_then(serde_json::Value::as_str) {
+            Some("pending") => shared.router().end_reconcile(id, false),
+            Some("in_progress") => shared.router().end_reconcile(id, true),
+            _ => match HistoryEntry::from_job(id, &job) {
+                Ok(Some(entry)) => {
+                    if !shared.router().apply_history(entry) {
+                        shared.router().end_reconcile(id, false);
+                    }
+                }
+                Ok(None) => shared.router().end_reconcile(id, false),
+                Err(e) => {
+                    tracing::debug!(prompt_id = %id, error = %e, "reconcile: unreadable job; will retry");
+                    shared.router().end_reconcile(id, false);
+                }
+            },
         }
     }
     missing

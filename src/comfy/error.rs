@@ -23,6 +23,8 @@ pub struct NodeError {
     pub details: String,
     /// The input the error is about, when ComfyUI names one (`extra_info.input_name`).
     pub input_name: Option<String>,
+    /// The output nodes this error keeps from running (ComfyUI's `dependent_outputs`).
+    pub dependent_outputs: Vec<String>,
 }
 
 /// What went wrong while talking to ComfyUI. Each variant is distinguishable; see [`ComfyError::is_retryable`].
@@ -125,6 +127,34 @@ pub enum ComfyError {
     /// The connection was shut down (its cancellation token fired).
     #[error("the ComfyUI connection was shut down")]
     Closed,
+    /// A prompt id ComfyUI 0.38 would refuse (`invalid_prompt_id`): not a UUID in canonical lowercase
+    /// hyphenated form. Checked before anything is sent.
+    #[error("prompt id {0:?} is not a canonical lowercase hyphenated UUID")]
+    InvalidPromptId(String),
+    /// A `POST /prompt` answer was lost and no lookup could tell whether ComfyUI queued the prompt: it may be
+    /// queued (and then runs) or not. Never re-sent blindly.
+    #[error("cannot tell whether ComfyUI queued prompt {prompt_id}: {cause}")]
+    Unconfirmed {
+        /// The prompt.
+        prompt_id: String,
+        /// The last failure (of the POST or of the lookup).
+        #[source]
+        cause: Box<ComfyError>,
+    },
+}
+
+/// What a failed `POST /prompt` attempt says about ComfyUI's queue: the retry classifier of
+/// [`super::ComfyClient::queue_prompt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitFailure {
+    /// The request never reached ComfyUI (connection refused, DNS, TLS): sending it again cannot queue the
+    /// prompt twice.
+    NotSent,
+    /// ComfyUI may have queued it and the answer was lost (timeout, connection cut after sending, 5xx, 429):
+    /// look the prompt id up before sending it again. ComfyUI does not reject a repeated prompt id.
+    AnswerLost,
+    /// ComfyUI (or the client) refused it for good (validation, other 4xx, an invalid id): never retried.
+    Refused,
 }
 
 impl ComfyError {
@@ -146,14 +176,36 @@ impl ComfyError {
             | Self::Protocol(_)
             | Self::NotAnImage { .. }
             | Self::Sink(_)
-            | Self::Closed => false,
+            | Self::Closed
+            | Self::InvalidPromptId(_) => false,
+            // A later lookup can settle it.
+            Self::Unconfirmed { .. } => true,
         }
     }
 
-    /// True when the request may have reached ComfyUI without us seeing the answer (so a
-    /// non-idempotent call must check before repeating itself).
-    pub(crate) fn is_ambiguous(&self) -> bool {
-        matches!(self, Self::Timeout { .. } | Self::Transport { .. })
+    /// How a failed `POST /prompt` must be retried (see [`SubmitFailure`]).
+    pub fn submit_failure(&self) -> SubmitFailure {
+        match self {
+            Self::Transport { source, .. } if source.is_connect() => SubmitFailure::NotSent,
+            Self::Timeout { .. }
+            | Self::Transport { .. }
+            | Self::Server { .. }
+            | Self::Unconfirmed { .. } => SubmitFailure::AnswerLost,
+            Self::Rejected { status, .. } if *status == 429 => SubmitFailure::AnswerLost,
+            Self::Rejected { .. }
+            | Self::InvalidUrl(_)
+            | Self::Validation { .. }
+            | Self::Forbidden { .. }
+            | Self::NotFound { .. }
+            | Self::WebSocket(_)
+            | Self::Protocol(_)
+            | Self::Truncated { .. }
+            | Self::NotAnImage { .. }
+            | Self::Sink(_)
+            | Self::NotConnected(_)
+            | Self::Closed
+            | Self::InvalidPromptId(_) => SubmitFailure::Refused,
+        }
     }
 
     /// Maps a reqwest failure; `after` is the deadline the request ran under.
@@ -228,6 +280,11 @@ pub(crate) fn parse_node_errors(v: &Value) -> Vec<NodeError> {
     let mut out = Vec::new();
     for (node_id, entry) in map {
         let class_type = str_field(entry, "class_type");
+        let dependent_outputs: Vec<String> = entry
+            .get("dependent_outputs")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned)).collect())
+            .unwrap_or_default();
         let errors = entry.get("errors").and_then(Value::as_array).cloned().unwrap_or_default();
         if errors.is_empty() {
             out.push(NodeError {
@@ -237,6 +294,7 @@ pub(crate) fn parse_node_errors(v: &Value) -> Vec<NodeError> {
                 message: String::new(),
                 details: String::new(),
                 input_name: None,
+                dependent_outputs: dependent_outputs.clone(),
             });
         }
         for e in errors {
@@ -251,6 +309,7 @@ pub(crate) fn parse_node_errors(v: &Value) -> Vec<NodeError> {
                     .and_then(|x| x.get("input_name"))
                     .and_then(Value::as_str)
                     .map(str::to_owned),
+                dependent_outputs: dependent_outputs.clone(),
             });
         }
     }

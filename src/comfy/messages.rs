@@ -77,7 +77,9 @@ pub enum ServerMessage {
         /// Prompt.
         prompt_id: Option<String>,
     },
-    /// The prompt failed.
+    /// The prompt failed. Never an `ExecutionBlocked` error: that one is not terminal and is parsed as
+    /// [`ServerMessage::Other`] with kind `execution_error` (a prompt's stream gets it as
+    /// [`PromptEvent::Other`]).
     ExecutionError {
         /// Prompt.
         prompt_id: Option<String>,
@@ -95,7 +97,8 @@ pub enum ServerMessage {
     },
     /// Server log lines (only to subscribed clients).
     Logs(Value),
-    /// Any other type (`display_component`, custom nodes' messages), verbatim.
+    /// Any other type (`display_component`, custom nodes' messages, 0.38's `assets.seed.*` broadcasts, a
+    /// non-terminal `execution_error` with `ExecutionBlocked`), verbatim.
     Other {
         /// `type`.
         kind: String,
@@ -188,6 +191,13 @@ impl ServerMessage {
                 output: data.get("output").cloned().unwrap_or(Value::Null),
             },
             "execution_success" => Self::ExecutionSuccess { prompt_id: pid },
+            // An `ExecutionBlocker` reached a node: ComfyUI reports it as an error but goes on and ends the
+            // prompt with `execution_success`. Not terminal, so it travels as a message of its own kind.
+            "execution_error"
+                if data.get("exception_type").and_then(Value::as_str) == Some("ExecutionBlocked") =>
+            {
+                Self::Other { kind, prompt_id: pid, data }
+            }
             "execution_error" => {
                 Self::ExecutionError { prompt_id: pid, error: ExecutionError::from_data(&data) }
             }
@@ -408,6 +418,14 @@ mod tests {
         assert!(
             matches!(m, ServerMessage::Other { ref kind, prompt_id: None, .. } if kind == "display_component")
         );
+        let blocked = r#"{"type": "execution_error", "data": {"prompt_id": "p", "node_id": "3", "node_type": "ImageBlur", "executed": ["1"], "exception_message": "Execution Blocked: off", "exception_type": "ExecutionBlocked", "traceback": [], "current_inputs": [], "current_outputs": []}}"#;
+        assert!(matches!(ServerMessage::parse_text(blocked).unwrap(),
+            ServerMessage::Other { ref kind, prompt_id: Some(ref p), .. } if kind == "execution_error" && p == "p"));
+        let seed = r#"{"type": "assets.seed.started", "data": {"roots": ["models"], "total": 1}}"#;
+        assert!(matches!(
+            ServerMessage::parse_text(seed).unwrap(),
+            ServerMessage::Other { prompt_id: None, .. }
+        ));
         assert!(ServerMessage::parse_text("not json at all").is_err());
         assert!(ServerMessage::parse_text(r#"{"data": {}}"#).is_err());
     }

@@ -1,5 +1,8 @@
 //! Tests of the client against the ComfyUI emulator over real sockets on 127.0.0.1: the happy path, every
-//! fault the emulator can inject, and 200 back-to-back fast jobs.
+//! fault the emulator can inject, and 200 back-to-back fast jobs; `generations` runs the submit, cancel,
+//! capability and reconcile paths against both ComfyUI generations.
+
+mod generations;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,13 +15,18 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::*;
-use crate::emulator::comfyui::{ComfyEmulator, EmulatorConfig};
+use crate::emulator::comfyui::{ComfyEmulator, ComfyVersion, EmulatorConfig, LostAnswer};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn emulator() -> ComfyEmulator {
+    emulator_v(ComfyVersion::V0_3_64).await
+}
+
+async fn emulator_v(comfyui_version: ComfyVersion) -> ComfyEmulator {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    ComfyEmulator::start(listener, EmulatorConfig::default()).await.expect("emulator")
+    let config = EmulatorConfig { comfyui_version, ..EmulatorConfig::default() };
+    ComfyEmulator::start(listener, config).await.expect("emulator")
 }
 
 fn options() -> ClientOptions {
@@ -48,7 +56,11 @@ impl Drop for Harness {
 }
 
 async fn harness(options: ClientOptions) -> Harness {
-    let emu = emulator().await;
+    harness_v(ComfyVersion::V0_3_64, options).await
+}
+
+async fn harness_v(version: ComfyVersion, options: ClientOptions) -> Harness {
+    let emu = emulator_v(version).await;
     let client = ComfyClient::new(&emu.url(), options).expect("client");
     let cancel = CancellationToken::new();
     let conn = ComfyConnection::spawn(client.clone(), cancel.clone());

@@ -74,14 +74,86 @@ pub struct QueuePrompt {
 }
 
 /// ComfyUI's answer to a queued prompt.
+///
+/// ComfyUI accepts a graph when at least one output node validates: the answer is then a 200 *with*
+/// `node_errors`, and only the valid outputs run (partial validation). `dropped_outputs` names the requested
+/// outputs that will not run; a job must not be reported as a plain success while any is listed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueuedPrompt {
     /// The prompt id (ours).
     pub prompt_id: String,
     /// ComfyUI's queue number (negative for `front`, can be a float when set explicitly).
     pub number: f64,
-    /// Outputs that failed validation while others were accepted (partial validity, HTTP 200).
+    /// Validation problems of the nodes whose outputs were dropped (partial validity, HTTP 200), flattened.
     pub node_errors: Vec<NodeError>,
+    /// The output nodes of the graph that ComfyUI will not run, sorted by node id; empty when every output
+    /// validated.
+    pub dropped_outputs: Vec<DroppedOutput>,
+    /// The answer to `POST /prompt` was lost and the prompt was found queued (or already finished) by a
+    /// lookup instead of being sent again. `node_errors` are then unknown (empty); `dropped_outputs` was
+    /// derived from the outputs ComfyUI's queue or history says it runs, when that could be read.
+    pub recovered: bool,
+}
+
+impl QueuedPrompt {
+    /// True when ComfyUI accepted the graph but will not run some of its outputs.
+    pub fn is_partial(&self) -> bool {
+        !self.dropped_outputs.is_empty()
+    }
+}
+
+/// A requested output node that will not run because it (or a node it depends on) failed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedOutput {
+    /// The output node's id.
+    pub node_id: String,
+    /// Its class (from the graph).
+    pub class_type: String,
+    /// The validation problems that dropped it (they can be on upstream nodes); empty when recovered.
+    pub errors: Vec<NodeError>,
+}
+
+/// Where ComfyUI has a prompt right now.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptState {
+    /// Waiting in ComfyUI's queue.
+    Pending,
+    /// Being executed.
+    Running,
+    /// In history: it ended.
+    Finished(HistoryStatus),
+    /// Neither queued, running nor in history (never queued, or the server restarted).
+    Unknown,
+}
+
+impl PromptState {
+    /// Pending or running.
+    pub fn is_active(&self) -> bool {
+        matches!(self, PromptState::Pending | PromptState::Running)
+    }
+}
+
+/// A prompt ComfyUI knows, as a lookup found it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoundPrompt {
+    /// Its queue number (priority).
+    pub number: f64,
+    /// Where it is.
+    pub state: PromptState,
+    /// The output nodes ComfyUI runs for it (`outputs_to_execute`), when the queue or history was read.
+    pub outputs_to_execute: Option<Vec<String>>,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was pending and was removed from the queue: it will never run.
+    Dequeued,
+    /// It was running and an interrupt was signalled for it. ComfyUI honours interrupts only between
+    /// steps, so it ends later, or never for a node that ignores them: check with `prompt_state`.
+    Interrupted,
+    /// Neither pending nor running (it already ended, or ComfyUI never had it): nothing was done.
+    NotActive,
 }
 
 /// The ids in ComfyUI's queue.
@@ -109,6 +181,26 @@ impl QueueSnapshot {
         };
         Ok(Self { running: ids("queue_running")?, pending: ids("queue_pending")? })
     }
+}
+
+/// `(number, outputs_to_execute)` of `prompt_id` in a `/queue` answer, and whether it is the running one.
+pub(crate) fn queue_item(v: &Value, prompt_id: &str) -> Option<(f64, Option<Vec<String>>, bool)> {
+    for (key, running) in [("queue_running", true), ("queue_pending", false)] {
+        for item in v.get(key).and_then(Value::as_array).into_iter().flatten() {
+            if queue_item_id(item).as_deref() == Some(prompt_id) {
+                return Some((
+                    item.get(0).and_then(Value::as_f64).unwrap_or(f64::NAN),
+                    outputs_list(item.get(4)),
+                    running,
+                ));
+            }
+        }
+    }
+    None
+}
+
+pub(crate) fn outputs_list(v: Option<&Value>) -> Option<Vec<String>> {
+    v.and_then(Value::as_array).map(|a| a.iter().map(value_to_string).collect())
 }
 
 /// A queue item is `[number, prompt_id, prompt, extra_data, outputs]`; newer builds may use objects.
@@ -180,7 +272,7 @@ pub enum HistoryStatus {
     Incomplete,
 }
 
-/// One `/history/{id}` entry.
+/// One `/history/{id}` entry (or the same read from a `/api/jobs/{id}` detail).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryEntry {
     /// The prompt id.
@@ -196,6 +288,27 @@ pub struct HistoryEntry {
 }
 
 impl HistoryEntry {
+    /// Reads a finished job's `/api/jobs/{id}` detail (`outputs` + `execution_status`, which is the history
+    /// entry's `status`). `None` while the job is still pending or running.
+    pub(crate) fn from_job(prompt_id: &str, job: &Value) -> Result<Option<Self>, ComfyError> {
+        match job.get("status").and_then(Value::as_str) {
+            Some("pending" | "in_progress") => return Ok(None),
+            Some(_) => {}
+            None => return Err(ComfyError::Protocol(format!("job {prompt_id} has no status"))),
+        }
+        let mut entry = serde_json::Map::new();
+        entry.insert("outputs".into(), job.get("outputs").cloned().unwrap_or_else(|| serde_json::json!({})));
+        let status = job.get("execution_status").cloned().unwrap_or(Value::Null);
+        // `normalize_history_item`: history without a status counts as completed.
+        let status = if status.is_object() {
+            status
+        } else {
+            serde_json::json!({"status_str": "success", "completed": true, "messages": []})
+        };
+        entry.insert("status".into(), status);
+        Self::parse(prompt_id, &Value::Object(entry)).map(Some)
+    }
+
     /// Parses the value under the prompt id in a `/history/{id}` answer.
     pub(crate) fn parse(prompt_id: &str, v: &Value) -> Result<Self, ComfyError> {
         if !v.is_object() {

@@ -2,7 +2,11 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use comfyrelay::{Config, emulator::comfyui::ComfyEmulator, proto::pb};
+use comfyrelay::{
+    Config,
+    emulator::comfyui::{ComfyEmulator, ComfyVersion, EmulatorConfig},
+    proto::pb,
+};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -39,9 +43,14 @@ pub(crate) async fn spawn_app() -> TestApp {
 
 /// Starts comfyrelay after `customize` adjusts the test configuration.
 pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_on(comfyui_version(), customize).await
+}
+
+/// Starts comfyrelay against an emulated ComfyUI of `version`, after `customize` adjusts the configuration.
+pub(crate) async fn spawn_app_on(version: ComfyVersion, customize: impl FnOnce(&mut Config)) -> TestApp {
     comfyrelay::telemetry::init_for_tests(std::env::var_os("TEST_LOG").is_some());
     let data_dir = tempfile::tempdir().expect("tempdir");
-    let comfy = spawn_comfy().await;
+    let comfy = spawn_comfy_version(version).await;
     let mut config = test_config(data_dir.path());
     config.comfyui.servers[0].url = comfy.url();
     customize(&mut config);
@@ -70,10 +79,31 @@ pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestA
     }
 }
 
-/// Starts an emulated ComfyUI on an ephemeral port.
+/// The ComfyUI generation the emulators of this test run reproduce: `COMFYRELAY_TEST_COMFYUI_VERSION`
+/// (`0.3.64` or `0.38`; read here only, by the test helper), 0.3.64 when unset. `.ci/run` runs the suite
+/// once more with `0.38`, so every job, stream, recovery and pool test runs against both generations.
+pub(crate) fn comfyui_version() -> ComfyVersion {
+    match std::env::var("COMFYRELAY_TEST_COMFYUI_VERSION") {
+        Ok(v) => v.parse().unwrap_or_else(|e| panic!("COMFYRELAY_TEST_COMFYUI_VERSION: {e}")),
+        Err(_) => ComfyVersion::default(),
+    }
+}
+
+/// The emulated ComfyUI's configuration for this test run (see [`comfyui_version`]).
+pub(crate) fn emulator_config() -> EmulatorConfig {
+    EmulatorConfig { comfyui_version: comfyui_version(), ..EmulatorConfig::default() }
+}
+
+/// Starts an emulated ComfyUI on an ephemeral port, of the generation this run tests.
 pub(crate) async fn spawn_comfy() -> ComfyEmulator {
+    spawn_comfy_version(comfyui_version()).await
+}
+
+/// Starts an emulated ComfyUI of a given generation on an ephemeral port.
+pub(crate) async fn spawn_comfy_version(comfyui_version: ComfyVersion) -> ComfyEmulator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind emulator");
-    ComfyEmulator::start(listener, Default::default()).await.expect("start emulator")
+    let config = EmulatorConfig { comfyui_version, ..EmulatorConfig::default() };
+    ComfyEmulator::start(listener, config).await.expect("start emulator")
 }
 
 /// A PNG of `w`×`h` pixels with a gradient, so every pixel differs from its inverse.

@@ -35,7 +35,7 @@ fn fast_emulator(node_delay: Duration) -> RunComfyEmulatorConfig {
         deleting_time: Duration::from_millis(50),
         requests_per_second: 200,
         burst: 200,
-        comfyui: EmulatorConfig { node_delay, ..EmulatorConfig::default() },
+        comfyui: EmulatorConfig { node_delay, ..crate::helpers::emulator_config() },
         ..RunComfyEmulatorConfig::default()
     }
 }

@@ -2,7 +2,9 @@
 //! (`ExecutionList` with `ux_friendly_pick_node`), input-signature output caching, the progress registry
 //! (`progress_state` accumulation), and the exact message sequence and routing of 0.3.64. Runs one prompt
 //! at a time on a blocking thread; every emission re-checks the state epoch so a restarted emulator
-//! abandons the prompt silently. Knows nothing about HTTP.
+//! abandons the prompt silently. Also: `ExecutionBlocker` propagation (a non-terminal `execution_error`
+//! with `ExecutionBlocked`), the 0.38 `activity` field of `progress_state`, and the wedged-node fault.
+//! Knows nothing about HTTP.
 
 use super::faults::Faults;
 use super::frames;
@@ -95,6 +97,8 @@ struct Progress {
     state: NodeState,
     value: Value,
     max: Value,
+    /// 0.38: what a running node spends its time on (`"loading"`).
+    activity: Option<String>,
 }
 
 /// ComfyUI's `ExecutionList` (a topological sort with a UX-friendly pick).
@@ -309,6 +313,7 @@ impl Exec<'_> {
             state: NodeState::Pending,
             value: json!(0),
             max: json!(1),
+            activity: None,
         })
     }
 
@@ -322,13 +327,14 @@ impl Exec<'_> {
                 NodeState::Running => "running",
                 _ => "finished",
             };
-            nodes_map.insert(
-                id.clone(),
-                json!({
-                    "value": p.value, "max": p.max, "state": state, "node_id": id,
-                    "prompt_id": self.prompt_id, "display_node_id": id, "parent_node_id": null, "real_node_id": id
-                }),
-            );
+            let mut entry = json!({
+                "value": p.value, "max": p.max, "state": state, "node_id": id,
+                "prompt_id": self.prompt_id, "display_node_id": id, "parent_node_id": null, "real_node_id": id
+            });
+            if let Some(activity) = &p.activity {
+                entry["activity"] = json!(activity);
+            }
+            nodes_map.insert(id.clone(), entry);
         }
         let data = json!({"prompt_id": self.prompt_id, "nodes": nodes_map});
         self.with_state(|st, f| st.send_json(f, "progress_state", data, self.client()))
@@ -406,6 +412,13 @@ impl Exec<'_> {
             })?;
         }
         self.current_node = node.to_string();
+        let blocker = links.values().find_map(|v| match v {
+            NodeValue::Blocked(message) => Some(message.clone()),
+            _ => None,
+        });
+        if let Some(message) = blocker {
+            return self.blocked(node, &class, message);
+        }
         let result = self.run_node(&class, &inputs, &links);
         let output = match result {
             Ok(o) => o,
@@ -436,6 +449,47 @@ impl Exec<'_> {
         Ok(())
     }
 
+    /// A node that received an `ExecutionBlocker`: it does not run. One carrying a message is reported with a
+    /// direct `execution_error` (`ExecutionBlocked`, no timestamp, not recorded in history, not terminal);
+    /// the node's own outputs become message-less blockers.
+    fn blocked(&mut self, node: &str, class: &str, message: Option<String>) -> Result<(), NodeFailure> {
+        self.check_interrupt()?;
+        if let (Some(message), Some(client)) = (message, self.client_id.clone()) {
+            let data = json!({
+                "prompt_id": self.prompt_id,
+                "node_id": node,
+                "node_type": class,
+                "executed": self.executed,
+                "exception_message": format!("Execution Blocked: {message}"),
+                "exception_type": "ExecutionBlocked",
+                "traceback": [],
+                "current_inputs": [],
+                "current_outputs": [],
+            });
+            self.with_state(|st, f| st.send_json(f, "execution_error", data, Some(&client)))?;
+        }
+        let outputs = vec![NodeValue::Blocked(None); nodes::return_types(class).len()];
+        self.values.insert(node.to_string(), CacheEntry { outputs, ui: None });
+        self.finish_progress(node)?;
+        self.executed.push(node.to_string());
+        Ok(())
+    }
+
+    /// The wedged-node fault: runs for `bound`, ignoring the interrupt flag until a `/free` releases it.
+    fn wedged(&self, bound: Duration) -> Result<(), NodeFailure> {
+        let frees_at_start = self.shared.frees.load(Ordering::SeqCst);
+        let end = Instant::now() + bound;
+        tracing::debug!(prompt_id = %self.prompt_id, node = %self.current_node, "fault: node wedged");
+        while Instant::now() < end {
+            if self.shared.frees.load(Ordering::SeqCst) != frees_at_start {
+                self.check_interrupt()?;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            self.with_state(|_, _| ())?;
+        }
+        Ok(())
+    }
+
     fn run_node(
         &mut self,
         class: &str,
@@ -444,6 +498,23 @@ impl Exec<'_> {
     ) -> Result<nodes::NodeOutput, NodeFailure> {
         // `before_node_execution()`: the interrupt is honoured when a node starts.
         self.check_interrupt()?;
+        let loading = self.shared.faults.node_loading();
+        if !loading.is_zero() {
+            let newer = self.shared.newer();
+            let node = self.current_node.clone();
+            if newer {
+                self.ensure_progress(&node).activity = Some("loading".into());
+                self.send_progress_state()?;
+            }
+            self.sleep(loading)?;
+            if newer {
+                self.ensure_progress(&node).activity = None;
+                self.send_progress_state()?;
+            }
+        }
+        if let Some(bound) = self.shared.faults.wedge_bound(class) {
+            self.wedged(bound)?;
+        }
         let (delay, steps) = self.shared.faults.node_delay();
         if !delay.is_zero() {
             if steps > 0 {
@@ -455,6 +526,10 @@ impl Exec<'_> {
             } else {
                 self.sleep(delay)?;
             }
+        }
+        if let Some(message) = self.shared.faults.blocker(class) {
+            let outputs = vec![NodeValue::Blocked(Some(message)); nodes::return_types(class).len()];
+            return Ok(nodes::NodeOutput { outputs, ui: None });
         }
         if let Some(message) = self.shared.faults.node_failure(class) {
             return Err(NodeFailure::Error {

@@ -20,6 +20,22 @@ struct Settings {
     fail_http: Vec<(String, usize)>,
     node_delay: Duration,
     node_progress_steps: u64,
+    wedged: HashMap<String, Duration>,
+    blockers: HashMap<String, String>,
+    loading: Duration,
+    lost_answers: Vec<LostAnswer>,
+}
+
+/// How the answer to a `POST /prompt` is lost *after* the prompt was queued (see
+/// [`Faults::lose_prompt_answers`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostAnswer {
+    /// The connection is cut after the response head: the client sees a transport error reading the body.
+    Cut,
+    /// No answer for this long (the client's request timeout should fire first), then the normal one.
+    Hang(Duration),
+    /// A plain-text 500, as a proxy in front of ComfyUI gives when the upstream answer was lost.
+    ServerError,
 }
 
 /// The fault switches of one emulator (interior mutability; every method takes `&self`).
@@ -119,6 +135,34 @@ impl Faults {
         self.settings().node_progress_steps = steps;
     }
 
+    /// Nodes of `class_type` ignore interrupts (a node stuck in a CUDA call or a custom node's busy loop): such a
+    /// node runs for `bound` and does not look at the interrupt flag until `/free` (with `unload_models` or
+    /// `free_memory`) is posted; from then on it honours interrupts again. After `bound` it finishes normally,
+    /// so a test that never frees it still ends. A restart or shutdown of the emulator abandons it.
+    pub fn wedge_node(&self, class_type: &str, bound: Duration) {
+        self.settings().wedged.insert(class_type.to_string(), bound);
+    }
+
+    /// Nodes of `class_type` output an `ExecutionBlocker(message)` instead of their results (as a switch
+    /// node does). The node that receives it sends `execution_error` with `exception_type: "ExecutionBlocked"`
+    /// (not terminal: the prompt goes on and ends with `execution_success`); nodes further down are blocked
+    /// silently and blocked output nodes produce no output.
+    pub fn block_outputs_of(&self, class_type: &str, message: &str) {
+        self.settings().blockers.insert(class_type.to_string(), message.to_string());
+    }
+
+    /// Each executed node first spends `d` "loading" (moving weights to VRAM). The 0.38 generation reports it
+    /// as `activity: "loading"` in `progress_state`; 0.3.64 just takes longer.
+    pub fn set_node_loading(&self, d: Duration) {
+        self.settings().loading = d;
+    }
+
+    /// The answers to the next `count` accepted `POST /prompt`s are lost as `how` says, **after** the prompt
+    /// was queued (so a blind retry queues it twice: ComfyUI has no duplicate check).
+    pub fn lose_prompt_answers(&self, count: usize, how: LostAnswer) {
+        self.settings().lost_answers.extend(std::iter::repeat_n(how, count));
+    }
+
     /// Removes every fault (a silent emulator starts talking again; a scheduled drop is cancelled).
     pub fn clear(&self) {
         *self.settings() = Settings::default();
@@ -192,6 +236,26 @@ impl Faults {
     pub(crate) fn node_delay(&self) -> (Duration, u64) {
         let s = self.settings();
         (s.node_delay, s.node_progress_steps)
+    }
+
+    /// How long a wedged node of `class_type` runs, if it is wedged.
+    pub(crate) fn wedge_bound(&self, class_type: &str) -> Option<Duration> {
+        self.settings().wedged.get(class_type).copied()
+    }
+
+    /// The blocker message nodes of `class_type` output, if any.
+    pub(crate) fn blocker(&self, class_type: &str) -> Option<String> {
+        self.settings().blockers.get(class_type).cloned()
+    }
+
+    pub(crate) fn node_loading(&self) -> Duration {
+        self.settings().loading
+    }
+
+    /// Consumes one scripted lost answer.
+    pub(crate) fn take_lost_answer(&self) -> Option<LostAnswer> {
+        let mut s = self.settings();
+        (!s.lost_answers.is_empty()).then(|| s.lost_answers.remove(0))
     }
 
     /// Whether this request should get a scripted 500 (consumes one count).

@@ -1,20 +1,26 @@
 //! An emulated ComfyUI server: the same routes, WebSocket messages, routing quirks and error shapes as the
 //! real one, running a few model-free nodes on real pixels, with scriptable fault injection.
 //!
-//! Built from the captured behaviour of ComfyUI 0.3.64 (`shared/reference/comfyui/`). Layout:
+//! Built from the captured behaviour of ComfyUI 0.3.64 (`shared/reference/comfyui/`) and, with
+//! [`ComfyVersion::V0_38`], the newer generation as `NEWER.md` describes it from ComfyUI's sources
+//! (canonical-UUID prompt ids, the jobs API, node replacement, assets, `activity` in `progress_state`,
+//! `missing_node_type` and `dependency_cycle`). Layout:
 //! - [`routes`](self::routes): the HTTP surface (axum), including uploads and `/view`;
 //! - `ws`: the `/ws` endpoint and ComfyUI's per-`clientId` routing;
 //! - `state`: queue (CPython heap order), history, cache and the socket table;
 //! - `executor`: the single prompt worker (ComfyUI's execution order, caching and message sequence);
 //! - `validation`: `validate_prompt` with the same error shapes;
 //! - `nodes`: the emulated node classes; `frames`: binary frame layouts; `pyjson`: `json.dumps` output;
-//! - [`Faults`]: fault injection.
+//! - `jobs`, `assets`: the 0.38 jobs API and asset registry;
+//! - [`Faults`]: fault injection; counters of prompts posted and queued per id for tests.
 //!
 //! This module knows nothing about comfyrelay's own domain; it only imitates the external server.
 
+mod assets;
 mod executor;
 mod faults;
 mod frames;
+mod jobs;
 mod nodes;
 mod pyjson;
 mod routes;
@@ -25,9 +31,10 @@ mod ws;
 #[cfg(test)]
 mod tests;
 
-pub use faults::Faults;
+pub use faults::{Faults, LostAnswer};
 
 use nodes::Dirs;
+use serde_json::Value;
 use state::Shared;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,13 +49,64 @@ use tracing::Instrument;
 /// How long `shutdown` waits for the HTTP server to drain before aborting it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// Options; `Default` gives a fast emulator with a fresh temp dir for input/output/temp files.
+/// Which ComfyUI generation the emulator reproduces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ComfyVersion {
+    /// ComfyUI 0.3.64, the captured traces (`PROTOCOL.md`).
+    #[default]
+    V0_3_64,
+    /// ComfyUI 0.38.x as `NEWER.md` describes it.
+    V0_38,
+}
+
+impl ComfyVersion {
+    /// Both generations, oldest first.
+    pub const ALL: [ComfyVersion; 2] = [ComfyVersion::V0_3_64, ComfyVersion::V0_38];
+
+    /// The name accepted by `--comfyui-version` (`0.3.64`, `0.38`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComfyVersion::V0_3_64 => "0.3.64",
+            ComfyVersion::V0_38 => "0.38",
+        }
+    }
+
+    /// What `/system_stats` reports as `comfyui_version`.
+    pub fn comfyui_version(self) -> &'static str {
+        match self {
+            ComfyVersion::V0_3_64 => "0.3.64",
+            ComfyVersion::V0_38 => "0.38.1",
+        }
+    }
+}
+
+impl std::fmt::Display for ComfyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ComfyVersion {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "0.3.64" => Ok(ComfyVersion::V0_3_64),
+            "0.38" | "0.38.1" | "0.38.x" => Ok(ComfyVersion::V0_38),
+            other => Err(format!("unknown ComfyUI version {other:?} (expected 0.3.64 or 0.38)")),
+        }
+    }
+}
+
+/// Options; `Default` gives a fast emulated ComfyUI 0.3.64 with a fresh temp dir for input/output/temp files.
 #[derive(Debug, Clone, Default)]
 pub struct EmulatorConfig {
     /// Root of the `input/`, `output/` and `temp/` folders; `None` makes a temp dir removed on drop.
     pub data_dir: Option<PathBuf>,
     /// Time each node takes to execute (see `Faults::set_node_delay`); zero by default.
     pub node_delay: Duration,
+    /// The generation reproduced (0.3.64 by default).
+    pub comfyui_version: ComfyVersion,
 }
 
 /// A running emulated ComfyUI server (`Arc` inside; cheap to clone).
@@ -123,7 +181,7 @@ impl ComfyEmulator {
             tokio::fs::write(&example, png.into_inner()).await?;
         }
 
-        let shared = Arc::new(Shared::new(dirs));
+        let shared = Arc::new(Shared::new(dirs, config.comfyui_version));
         let cancel = CancellationToken::new();
         let app = routes::router(shared.clone());
         let server_cancel = cancel.clone();
@@ -218,6 +276,44 @@ impl ComfyEmulator {
         self.inner.shared.lock().queue.iter().map(|i| i.prompt_id.clone()).collect()
     }
 
+    /// The generation this emulator reproduces.
+    pub fn version(&self) -> ComfyVersion {
+        self.inner.shared.version
+    }
+
+    /// How often a `POST /prompt` named `prompt_id` (accepted or not).
+    pub fn posted_times(&self, prompt_id: &str) -> usize {
+        self.inner.shared.lock().counters.posted.get(prompt_id).copied().unwrap_or(0)
+    }
+
+    /// How often `prompt_id` was queued. ComfyUI never rejects a repeated id, so 2 means a retry queued the
+    /// prompt twice.
+    pub fn queued_times(&self, prompt_id: &str) -> usize {
+        self.inner.shared.lock().counters.queued.get(prompt_id).copied().unwrap_or(0)
+    }
+
+    /// Prompts queued since start (restarts included).
+    pub fn queued_total(&self) -> usize {
+        self.inner.shared.lock().counters.queued_total
+    }
+
+    /// Every prompt id a `POST /prompt` named, first-seen order (ids the server minted are not included).
+    pub fn posted_ids(&self) -> Vec<String> {
+        self.inner.shared.lock().counters.posted.keys().cloned().collect()
+    }
+
+    /// `POST /free` calls so far.
+    pub fn free_calls(&self) -> usize {
+        self.inner.shared.lock().counters.frees
+    }
+
+    /// Registers a node replacement as a custom node pack would (`NodeReplace.as_dict()` form:
+    /// `{"new_node_id", "old_node_id", "old_widget_ids", "input_mapping", "output_mapping"}`). The 0.38
+    /// generation lists it at `/node_replacements` and applies it before validation.
+    pub fn register_node_replacement(&self, replacement: Value) {
+        self.inner.shared.lock().extra_replacements.push(replacement);
+    }
+
     /// The folder uploads go to (`input/`).
     pub fn input_dir(&self) -> PathBuf {
         self.inner.shared.dirs.input.clone()
@@ -240,7 +336,7 @@ pub async fn run_standalone(
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     let emulator = ComfyEmulator::start(listener, config).await?;
-    tracing::info!(url = %emulator.url(), "emulated ComfyUI 0.3.64 ready");
+    tracing::info!(url = %emulator.url(), version = %emulator.version(), "emulated ComfyUI ready");
     shutdown.cancelled().await;
     emulator.shutdown().await;
     Ok(())

@@ -46,8 +46,15 @@ impl ImageBatch {
 #[derive(Debug, Clone)]
 pub(crate) enum NodeValue {
     Image(Arc<ImageBatch>),
-    Mask { width: usize, height: usize, batch: usize },
+    Mask {
+        width: usize,
+        height: usize,
+        batch: usize,
+    },
     Int(i64),
+    /// `ExecutionBlocker(message)`: the node that receives one with a message reports it; nodes further
+    /// down get `ExecutionBlocker(None)` and stay silent.
+    Blocked(Option<String>),
 }
 
 impl NodeValue {
@@ -64,6 +71,7 @@ impl NodeValue {
             NodeValue::Mask { width, height, batch } => {
                 Value::String(format!("tensor(<{batch}x{height}x{width} float32>)"))
             }
+            NodeValue::Blocked(_) => Value::String("<comfy_execution.graph.ExecutionBlocker object>".into()),
         }
     }
 }

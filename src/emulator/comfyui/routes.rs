@@ -1,13 +1,17 @@
 //! The HTTP surface of the emulated server (aiohttp routes of server.py and app/), served by axum:
 //! every main route also under `/api`, `/internal/*` only at the root, aiohttp's 404/405/500 shapes, the
 //! loopback Origin check, and the scripted HTTP faults. Handlers translate HTTP to state operations and
-//! nothing else; prompt execution lives in [`super::executor`].
+//! nothing else; prompt execution lives in [`super::executor`]. The 0.38 generation adds the jobs API
+//! ([`super::jobs`]), `/node_replacements`, the asset routes ([`super::assets`]), the canonical-UUID check
+//! of `prompt_id` and `create_time`/`comfy_usage_source` in `extra_data`.
 
+use super::faults::LostAnswer;
 use super::nodes::{self, Dirs, split_annotation};
 use super::pyjson;
-use super::state::{Num, QueueItem, Shared, heap};
+use super::state::{Num, QueueItem, Shared, heap, now_ms};
 use super::validation::{Validation, validate_prompt};
 use super::ws;
+use super::{assets, jobs};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -38,27 +42,32 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/internal/logs/subscribe", patch(logs_subscribe))
         .route("/internal/folder_paths", get(folder_paths))
         .route("/internal/files/{kind}", get(internal_files));
-    Router::new()
+    let newer = shared.newer();
+    let mut app = Router::new()
         .route("/", get(index))
-        .merge(api_routes())
-        .nest("/api", api_routes())
-        .merge(internal)
-        .fallback(not_found)
+        .merge(api_routes(newer))
+        .nest("/api", api_routes(newer))
+        .merge(internal);
+    if newer {
+        // Registered on the app itself (`asset_manager.register_routes`), so not repeated under `/api`.
+        app = app.merge(assets::routes());
+    }
+    app.fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(104_857_600 + 1024 * 1024))
         .layer(middleware::from_fn_with_state(shared.clone(), guard))
         .with_state(shared)
 }
 
-fn api_routes() -> Router<Arc<Shared>> {
-    Router::new()
+fn api_routes(newer: bool) -> Router<Arc<Shared>> {
+    let routes = Router::new()
         .route("/ws", get(ws_handler))
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/prompt", get(get_prompt).post(post_prompt))
         .route("/queue", get(get_queue).post(post_queue))
         .route("/interrupt", post(post_interrupt))
-        .route("/free", post(empty_ok))
+        .route("/free", post(post_free))
         .route("/history", get(get_history).post(post_history))
         .route("/history/{prompt_id}", get(get_history_item))
         .route("/object_info", get(object_info_all))
@@ -75,7 +84,18 @@ fn api_routes() -> Router<Arc<Shared>> {
         .route("/experiment/models", get(|| async { json_ok(&json!([])) }))
         .route("/upload/image", post(upload_image))
         .route("/upload/mask", post(upload_mask))
-        .route("/view", get(view))
+        .route("/view", get(view));
+    if !newer {
+        return routes;
+    }
+    // server.py declares these as `/api/jobs...`; like every route they are also served with one more
+    // `/api` prefix.
+    routes
+        .route("/api/jobs", get(jobs::list))
+        .route("/api/jobs/cancel", post(jobs::cancel_batch))
+        .route("/api/jobs/{job_id}", get(jobs::detail))
+        .route("/api/jobs/{job_id}/cancel", post(jobs::cancel_one))
+        .route("/node_replacements", get(jobs::node_replacements))
 }
 
 /// `web.json_response`: Python-style JSON, `application/json; charset=utf-8`.
@@ -188,9 +208,36 @@ async fn ws_handler(
     upgrade.on_upgrade(move |socket| ws::serve_socket(shared, socket, client_id).instrument(span))
 }
 
-async fn system_stats() -> Response {
+async fn system_stats(State(shared): Shr) -> Response {
     let ram_total: u64 = 25_276_502_016;
     let ram_free: u64 = 24_199_811_072;
+    if shared.newer() {
+        return json_ok(&json!({
+            "system": {
+                "os": "linux",
+                "ram_total": ram_total,
+                "ram_free": ram_free,
+                "comfyui_version": shared.version.comfyui_version(),
+                "required_frontend_version": "1.41.3",
+                "installed_templates_version": "0.9.12",
+                "required_templates_version": "0.9.12",
+                "comfy_package_versions": [
+                    {"name": "comfyui-frontend-package", "installed": "1.41.3", "required": "1.41.3"},
+                    {"name": "comfyui-workflow-templates", "installed": "0.9.12", "required": "0.9.12"},
+                    {"name": "comfyui-embedded-docs", "installed": "0.4.1", "required": "0.4.1"}
+                ],
+                "python_version": "3.12.9 (main, Feb  4 2026, 14:38:38) [GCC 12.2.0]",
+                "pytorch_version": "2.15.0+cu132",
+                "embedded_python": false,
+                "deploy_environment": "local-git",
+                "argv": ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", "8188", "--disable-auto-launch"]
+            },
+            "devices": [{
+                "name": "cpu", "type": "cpu", "index": null,
+                "vram_total": ram_total, "vram_free": ram_free, "torch_vram_total": ram_total, "torch_vram_free": ram_free
+            }]
+        }));
+    }
     json_ok(&json!({
         "system": {
             "os": "posix",
@@ -212,8 +259,8 @@ async fn system_stats() -> Response {
     }))
 }
 
-async fn features() -> Response {
-    json_ok(&ws::server_features())
+async fn features(State(shared): Shr) -> Response {
+    json_ok(&ws::server_features(shared.version))
 }
 
 async fn get_prompt(State(shared): Shr) -> Response {
@@ -242,7 +289,14 @@ fn py_float(v: &Value) -> Option<f64> {
     }
 }
 
-async fn post_prompt(State(shared): Shr, body: Bytes) -> Response {
+/// A client-given `prompt_id` in the form 0.38 accepts (`validate_job_id`: `str(uuid.UUID(v)) == v`).
+fn canonical_uuid(v: &Value) -> Option<String> {
+    let s = v.as_str()?;
+    let parsed = uuid::Uuid::parse_str(s).ok()?;
+    (parsed.hyphenated().to_string() == s).then(|| s.to_owned())
+}
+
+async fn post_prompt(State(shared): Shr, headers: HeaderMap, body: Bytes) -> Response {
     {
         let mut st = shared.lock();
         st.log(&shared.faults, "got prompt");
@@ -265,20 +319,50 @@ async fn post_prompt(State(shared): Shr, body: Bytes) -> Response {
         let error = json!({"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}});
         return json_response(StatusCode::BAD_REQUEST, &json!({"error": error, "node_errors": {}}));
     };
-    let prompt_id =
-        body.get("prompt_id").map(pyjson::py_str).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let client_prompt_id = body.get("prompt_id").filter(|v| !(shared.newer() && v.is_null()));
+    if let Some(v) = client_prompt_id {
+        *shared.lock().counters.posted.entry(pyjson::py_str(v)).or_default() += 1;
+    }
+    let prompt_id = match client_prompt_id {
+        None => uuid::Uuid::new_v4().to_string(),
+        // 0.3.64: `str(json_data.get("prompt_id", uuid4()))`, any string goes.
+        Some(v) if !shared.newer() => pyjson::py_str(v),
+        Some(v) => match canonical_uuid(v) {
+            Some(id) => id,
+            None => {
+                let error = json!({
+                    "type": "invalid_prompt_id",
+                    "message": "prompt_id must be a valid UUID",
+                    "details": "prompt_id must be a UUID string in canonical lowercase hyphenated form; omit it to let the server generate one",
+                    "extra_info": {}
+                });
+                return json_response(StatusCode::BAD_REQUEST, &json!({"error": error, "node_errors": {}}));
+            }
+        },
+    };
     let partial: Option<Vec<String>> = body
         .get("partial_execution_targets")
         .and_then(Value::as_array)
         .map(|a| a.iter().map(pyjson::py_str).collect());
     let mut prompt = prompt.clone();
-    let validation = validate_prompt(&mut prompt, partial.as_deref(), &shared.dirs);
+    if shared.newer() {
+        let extra = shared.lock().extra_replacements.clone();
+        if jobs::apply_replacements(&mut prompt, &extra).is_err() {
+            return internal_error();
+        }
+    }
+    let validation = validate_prompt(&mut prompt, partial.as_deref(), &shared.dirs, shared.version);
     let mut extra_data = match body.get("extra_data") {
         Some(Value::Object(m)) => m.clone(),
         _ => Map::new(),
     };
     if let Some(client_id) = body.get("client_id") {
         extra_data.insert("client_id".into(), client_id.clone());
+    }
+    if shared.newer() && !extra_data.contains_key("comfy_usage_source") {
+        if let Some(source) = headers.get("comfy-usage-source").and_then(|v| v.to_str().ok()) {
+            extra_data.insert("comfy_usage_source".into(), json!(source));
+        }
     }
     match validation {
         Validation::Crash => internal_error(),
@@ -290,16 +374,60 @@ async fn post_prompt(State(shared): Shr, body: Bytes) -> Response {
             for key in ["auth_token_comfy_org", "api_key_comfy_org"] {
                 extra_data.remove(key);
             }
+            if shared.newer() {
+                extra_data.insert("create_time".into(), json!(now_ms()));
+            }
             let item = QueueItem { number, prompt_id: prompt_id.clone(), prompt, extra_data, outputs };
             {
                 let mut st = shared.lock();
                 heap::push(&mut st.queue, item);
+                *st.counters.queued.entry(prompt_id.clone()).or_default() += 1;
+                st.counters.queued_total += 1;
                 st.queue_updated(&shared.faults);
             }
             shared.work.notify_one();
-            json_ok(&json!({"prompt_id": prompt_id, "number": number.to_json(), "node_errors": node_errors}))
+            let answer =
+                json!({"prompt_id": prompt_id, "number": number.to_json(), "node_errors": node_errors});
+            match shared.faults.take_lost_answer() {
+                None => json_ok(&answer),
+                Some(how) => lost_answer(how, &answer).await,
+            }
         }
     }
+}
+
+/// The answer to a queued prompt, lost as the fault says.
+async fn lost_answer(how: LostAnswer, answer: &Value) -> Response {
+    tracing::debug!(?how, "fault: the answer to POST /prompt is lost after queueing");
+    match how {
+        LostAnswer::Cut => {
+            // The head goes out, then the body fails: hyper drops the connection mid-response.
+            let body = futures::stream::once(async {
+                Err::<Bytes, std::io::Error>(std::io::Error::other("fault: connection cut"))
+            });
+            let mut resp = Response::new(Body::from_stream(body));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+            resp
+        }
+        LostAnswer::Hang(d) => {
+            tokio::time::sleep(d).await;
+            json_ok(answer)
+        }
+        LostAnswer::ServerError => internal_error(),
+    }
+}
+
+/// `POST /free`: sets the worker's `unload_models`/`free_memory` flags. A wedged node (the fault) is released.
+async fn post_free(State(shared): Shr, body: Bytes) -> Response {
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(&body) else { return internal_error() };
+    let unload = body.get("unload_models").is_some_and(truthy);
+    let free = body.get("free_memory").is_some_and(truthy);
+    shared.lock().counters.frees += 1;
+    if unload || free {
+        shared.frees.fetch_add(1, Ordering::SeqCst);
+    }
+    empty(StatusCode::OK)
 }
 
 async fn get_queue(State(shared): Shr) -> Response {
@@ -319,17 +447,7 @@ async fn post_queue(State(shared): Shr, body: Bytes) -> Response {
     }
     if let Some(ids) = body.get("delete").and_then(Value::as_array) {
         for id in ids {
-            let id = pyjson::py_str(id);
-            if let Some(pos) = st.queue.iter().position(|i| i.prompt_id == id) {
-                if st.queue.len() == 1 {
-                    st.queue.clear();
-                    st.queue_updated(&shared.faults);
-                } else {
-                    st.queue.remove(pos);
-                    heap::heapify(&mut st.queue);
-                }
-                st.queue_updated(&shared.faults);
-            }
+            st.delete_pending(&shared.faults, &pyjson::py_str(id));
         }
     }
     drop(st);
@@ -412,6 +530,10 @@ async fn post_history(State(shared): Shr, body: Bytes) -> Response {
 }
 
 async fn object_info_all(State(shared): Shr) -> Response {
+    if shared.newer() {
+        // `asset_manager.ensure_scan_started()`: the first call seeds the asset registry.
+        assets::ensure_scan_started(&shared);
+    }
     let mut out = Map::new();
     for class in nodes::class_names() {
         if let Some(info) = nodes::object_info(class, &shared.dirs.input) {
@@ -616,7 +738,13 @@ async fn do_upload(shared: Arc<Shared>, req: Request, mask: bool) -> Response {
     if !duplicate && std::fs::write(&filepath, &data).is_err() {
         return internal_error();
     }
-    json_ok(&json!({"name": name, "subfolder": form.subfolder, "type": kind}))
+    let mut answer = json!({"name": name, "subfolder": form.subfolder, "type": kind});
+    if shared.newer() {
+        // `asset_manager.register_upload`: the answer names the asset and its blake3 content hash.
+        let asset = assets::register_file(&shared, &filepath, &name, &kind);
+        answer["asset"] = assets::upload_view(&asset);
+    }
+    json_ok(&answer)
 }
 
 /// Copies the uploaded mask's alpha channel onto the referenced original; `Ok(None)` = 400.
@@ -674,6 +802,18 @@ fn content_type_for(name: &str) -> &'static str {
 /// `/view`: a FileResponse with Content-Disposition, Etag, Last-Modified and Content-Length.
 async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String, String>>) -> Response {
     let Some(raw) = q.get("filename") else { return empty(StatusCode::NOT_FOUND) };
+    if raw.starts_with("blake3:") {
+        // 0.38 resolves an asset hash (the frontend uses hashes as LoadImage values); 0.3.64 looks for a
+        // file of that name.
+        if shared.newer() {
+            let Some(asset) = assets::by_hash(&shared, raw) else { return empty(StatusCode::NOT_FOUND) };
+            let Ok(bytes) = tokio::fs::read(&asset.path).await else { return empty(StatusCode::NOT_FOUND) };
+            let disposition = HeaderValue::from_str(&format!("filename=\"{}\"", asset.name))
+                .unwrap_or(HeaderValue::from_static("inline"));
+            let modified = tokio::fs::metadata(&asset.path).await.ok().and_then(|m| m.modified().ok());
+            return bytes_response(bytes, content_type_for(&asset.name), disposition, modified, &method);
+        }
+    }
     let (filename, annotated) = split_annotation(raw);
     if filename.is_empty() || filename.starts_with('/') || filename.contains("..") {
         return empty(StatusCode::BAD_REQUEST);

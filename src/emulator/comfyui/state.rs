@@ -4,6 +4,7 @@
 //! broadcasts). Everything here is synchronous and guarded by one `std::sync::Mutex`, never held across
 //! an `.await`. Knows nothing about HTTP routing or how nodes run.
 
+use super::ComfyVersion;
 use super::faults::Faults;
 use super::nodes::{Dirs, NodeValue};
 use super::pyjson;
@@ -12,7 +13,7 @@ use indexmap::IndexMap;
 use serde_json::{Map, Value, json};
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Mutex, MutexGuard};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -181,6 +182,39 @@ pub(crate) struct State {
     /// The terminal log (`/internal/logs`), newest last, bounded like ComfyUI's 300-entry ring.
     pub(crate) log_entries: std::collections::VecDeque<Value>,
     pub(crate) next_conn_id: u64,
+    /// Prompts per id: how often `POST /prompt` named it, and how often it was queued (ComfyUI has no
+    /// duplicate check, so a blind retry shows up here as 2).
+    pub(crate) counters: Counters,
+    /// The asset registry (0.38: assets are on by default).
+    pub(crate) assets: Vec<Asset>,
+    /// The asset seeder ran (`ensure_scan_started` on the first `/object_info`).
+    pub(crate) seeded: bool,
+    /// Node replacements registered beyond the built-in ones (as a custom node pack would), in
+    /// `NodeReplace.as_dict()` form.
+    pub(crate) extra_replacements: Vec<Value>,
+}
+
+/// What tests count (see [`super::ComfyEmulator::queued_times`]).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) posted: IndexMap<String, usize>,
+    pub(crate) queued: IndexMap<String, usize>,
+    pub(crate) queued_total: usize,
+    pub(crate) frees: usize,
+}
+
+/// One registered asset (`AssetReference` + its content): an upload or a saved output.
+#[derive(Debug, Clone)]
+pub(crate) struct Asset {
+    pub(crate) id: String,
+    pub(crate) name: String,
+    /// `blake3:<hex>`.
+    pub(crate) hash: String,
+    pub(crate) size: u64,
+    pub(crate) mime_type: String,
+    pub(crate) tags: Vec<String>,
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) created_at: String,
 }
 
 impl State {
@@ -224,6 +258,22 @@ impl State {
                 faults.note_sent();
             }
         }
+    }
+
+    /// `PromptQueue.delete_queue_item` for one id: removes it from the pending heap (never the running
+    /// prompt) and broadcasts the queue size; returns whether it was pending.
+    pub(crate) fn delete_pending(&mut self, faults: &Faults, prompt_id: &str) -> bool {
+        let Some(pos) = self.queue.iter().position(|i| i.prompt_id == prompt_id) else { return false };
+        if self.queue.len() == 1 {
+            // `wipe_queue()` broadcasts too: two status messages, as captured in e4.
+            self.queue.clear();
+            self.queue_updated(faults);
+        } else {
+            self.queue.remove(pos);
+            heap::heapify(&mut self.queue);
+        }
+        self.queue_updated(faults);
+        true
     }
 
     /// `queue_updated()`: broadcast the queue size.
@@ -280,7 +330,7 @@ impl State {
 }
 
 /// `datetime.now().isoformat()` in UTC (the emulator has no local time zone database).
-fn httpdate_iso(t: std::time::SystemTime) -> String {
+pub(crate) fn httpdate_iso(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let days = secs.div_euclid(86_400);
@@ -321,10 +371,14 @@ pub(crate) struct Shared {
     pub(crate) interrupt: AtomicBool,
     /// Fired by restart/shutdown so the worker stops waiting for an abandoned execution.
     pub(crate) restarted: Notify,
+    /// The generation reproduced.
+    pub(crate) version: ComfyVersion,
+    /// Bumped by every `/free` that unloads models or frees memory (releases wedged nodes).
+    pub(crate) frees: AtomicU64,
 }
 
 impl Shared {
-    pub(crate) fn new(dirs: Dirs) -> Self {
+    pub(crate) fn new(dirs: Dirs, version: ComfyVersion) -> Self {
         Shared {
             dirs,
             faults: Faults::new(),
@@ -332,7 +386,14 @@ impl Shared {
             work: Notify::new(),
             interrupt: AtomicBool::new(false),
             restarted: Notify::new(),
+            version,
+            frees: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the 0.38 behaviour applies.
+    pub(crate) fn newer(&self) -> bool {
+        self.version == ComfyVersion::V0_38
     }
 
     /// Locks the state; a poisoned lock is recovered (state stays consistent per operation).

@@ -2,14 +2,20 @@
 //! partial-validity rules as ComfyUI 0.3.64, including the quirks (an inner exception is reported on the
 //! linked node with the *outer* input's name; a cycle ends as `prompt_outputs_failed_validation` with empty
 //! `node_errors`; values are converted in place, so the queued prompt carries the converted values).
+//! With [`ComfyVersion::V0_38`], `execution.py` @`04e2a91`: an unknown or missing class is
+//! `missing_node_type` (with `extra_info {node_id, class_type, node_title}`) and a cycle gives each node on
+//! it a `dependency_cycle` error.
 //! Knows the node specs through [`super::nodes`] and nothing about queues or sockets.
 
+use super::ComfyVersion;
 use super::nodes::{self, Dirs};
 use super::pyjson::{py_repr, py_str};
 use serde_json::{Map, Value, json};
 
-/// Python's recursion limit stands in for a cycle detector, as in ComfyUI.
+/// Python's recursion limit stands in for a cycle detector, as in ComfyUI 0.3.64.
 const MAX_DEPTH: usize = 64;
+/// 0.38 detects cycles itself; only very deep chains still hit Python's recursion limit.
+const MAX_DEPTH_NEWER: usize = 300;
 
 /// The result of validating a POST /prompt body's `prompt`.
 #[derive(Debug)]
@@ -40,6 +46,7 @@ struct Validator<'a> {
     dirs: &'a Dirs,
     validated: Vec<(String, Verdict)>,
     visiting: Vec<String>,
+    newer: bool,
 }
 
 impl Validator<'_> {
@@ -58,9 +65,15 @@ impl Validator<'_> {
         if let Some(v) = self.get_validated(unique_id) {
             return Ok(v.clone());
         }
+        if self.newer {
+            if let Some(start) = self.visiting.iter().position(|v| v == unique_id) {
+                return Ok(self.dependency_cycle(start, unique_id));
+            }
+        }
         // CPython recurses around a cycle until RecursionError; raising when the cycle closes leaves the
         // same final `validated` state (every node on the cycle is overwritten by its outer frame).
-        if depth > MAX_DEPTH || self.visiting.iter().any(|v| v == unique_id) {
+        let max_depth = if self.newer { MAX_DEPTH_NEWER } else { MAX_DEPTH };
+        if depth > max_depth || self.visiting.iter().any(|v| v == unique_id) {
             return Err(PyException {
                 exception_type: "RecursionError",
                 message: "maximum recursion depth exceeded".into(),
@@ -71,6 +84,32 @@ impl Validator<'_> {
         let result = self.validate_node(unique_id, depth);
         self.visiting.pop();
         result
+    }
+
+    /// 0.38: every node on the cycle `visiting[start..] + [unique_id]` gets a `dependency_cycle` error.
+    fn dependency_cycle(&mut self, start: usize, unique_id: &str) -> Verdict {
+        let mut path: Vec<String> = self.visiting[start..].to_vec();
+        path.push(unique_id.to_string());
+        let mut cycle_nodes: Vec<String> = Vec::new();
+        for n in &path {
+            if !cycle_nodes.contains(n) {
+                cycle_nodes.push(n.clone());
+            }
+        }
+        let class =
+            |id: &str| self.prompt.get(id).and_then(|n| n.get("class_type")).map(py_str).unwrap_or_default();
+        let cycle_path: Vec<String> = path.iter().map(|id| format!("{id} ({})", class(id))).collect();
+        let details = cycle_path.join(" -> ");
+        for node_id in &cycle_nodes {
+            let error = json!({
+                "type": "dependency_cycle",
+                "message": "Dependency cycle detected",
+                "details": details,
+                "extra_info": {"node_id": node_id, "cycle_nodes": cycle_nodes}
+            });
+            self.set_validated(node_id, (false, vec![error]));
+        }
+        self.get_validated(unique_id).cloned().unwrap_or((false, Vec::new()))
     }
 
     fn validate_node(&mut self, unique_id: &str, depth: usize) -> Result<Verdict, PyException> {
@@ -260,10 +299,13 @@ impl Validator<'_> {
                             } else {
                                 (py_repr(&input_type), input_config.clone())
                             };
+                            // 0.38 lists `repr()` of each invalid value; 0.3.64 quoted `str()`.
+                            let shown =
+                                if self.newer { py_repr(&val) } else { format!("'{}'", py_str(&val)) };
                             errors.push(json!({
                                 "type": "value_not_in_list",
                                 "message": "Value not in list",
-                                "details": format!("{x}: '{}' not in {list_info}", py_str(&val)),
+                                "details": format!("{x}: {shown} not in {list_info}"),
                                 "extra_info": {"input_name": x, "input_config": cfg, "received_value": val}
                             }));
                             continue;
@@ -303,7 +345,23 @@ impl Validator<'_> {
             }
         }
 
-        let verdict = if !errors.is_empty() || !valid { (false, errors) } else { (true, Vec::new()) };
+        let verdict = if self.newer {
+            // `ret = validated.get(unique_id, (True, [], unique_id))`: a cycle found below already put an
+            // error on this node; join it.
+            let (prior_ok, mut reasons) =
+                self.get_validated(unique_id).cloned().unwrap_or((true, Vec::new()));
+            let ok = prior_ok && valid && errors.is_empty();
+            for e in errors {
+                if !reasons.contains(&e) {
+                    reasons.push(e);
+                }
+            }
+            (ok, if ok { Vec::new() } else { reasons })
+        } else if !errors.is_empty() || !valid {
+            (false, errors)
+        } else {
+            (true, Vec::new())
+        };
         self.set_validated(unique_id, verdict.clone());
         Ok(verdict)
     }
@@ -407,12 +465,31 @@ fn convert(val: &Value, input_type: &str) -> Result<Option<Value>, String> {
 }
 
 /// Validates `prompt` in place. `partial` restricts the outputs (`partial_execution_targets`).
-pub(crate) fn validate_prompt(prompt: &mut Value, partial: Option<&[String]>, dirs: &Dirs) -> Validation {
+pub(crate) fn validate_prompt(
+    prompt: &mut Value,
+    partial: Option<&[String]>,
+    dirs: &Dirs,
+    version: ComfyVersion,
+) -> Validation {
+    let newer = version == ComfyVersion::V0_38;
     let Some(map) = prompt.as_object_mut() else { return Validation::Crash };
     let mut outputs = Vec::new();
     for (x, node) in map.iter() {
         let Some(node) = node.as_object() else { return Validation::Crash };
+        let title = node.get("_meta").and_then(|m| m.get("title")).filter(|t| !t.is_null()).map(py_str);
         let Some(class_type) = node.get("class_type") else {
+            if newer {
+                let shown = title.clone().unwrap_or_else(|| format!("ID #{x}"));
+                return Validation::Rejected {
+                    error: json!({
+                        "type": "missing_node_type",
+                        "message": format!("Node '{shown}' has no class_type. The workflow may be corrupted or a custom node is missing."),
+                        "details": format!("Node ID '#{x}'"),
+                        "extra_info": {"node_id": x, "class_type": null, "node_title": title}
+                    }),
+                    node_errors: Map::new(),
+                };
+            }
             return Validation::Rejected {
                 error: json!({
                     "type": "invalid_prompt",
@@ -425,6 +502,18 @@ pub(crate) fn validate_prompt(prompt: &mut Value, partial: Option<&[String]>, di
         };
         let class_name = py_str(class_type);
         let Some(traits) = nodes::traits(&class_name) else {
+            if newer {
+                let shown = title.clone().unwrap_or_else(|| class_name.clone());
+                return Validation::Rejected {
+                    error: json!({
+                        "type": "missing_node_type",
+                        "message": format!("Node '{shown}' not found. The custom node may not be installed."),
+                        "details": format!("Node ID '#{x}'"),
+                        "extra_info": {"node_id": x, "class_type": class_type, "node_title": shown}
+                    }),
+                    node_errors: Map::new(),
+                };
+            }
             return Validation::Rejected {
                 error: json!({
                     "type": "invalid_prompt",
@@ -448,7 +537,7 @@ pub(crate) fn validate_prompt(prompt: &mut Value, partial: Option<&[String]>, di
     // CPython iterates the `outputs` set in hash order; the captured servers showed reverse prompt order.
     outputs.reverse();
 
-    let mut v = Validator { prompt: map, dirs, validated: Vec::new(), visiting: Vec::new() };
+    let mut v = Validator { prompt: map, dirs, validated: Vec::new(), visiting: Vec::new(), newer };
     let mut good = Vec::new();
     let mut failed: Vec<Vec<Value>> = Vec::new();
     let mut node_errors = Map::new();

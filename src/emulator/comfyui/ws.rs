@@ -4,15 +4,26 @@
 //! negotiation, no pings, and fault-driven drops without a close frame. Knows the socket table
 //! ([`super::state`]) but not how prompts run.
 
+use super::ComfyVersion;
 use super::state::{Outgoing, Shared, SocketEntry};
 use axum::extract::ws::{Message, WebSocket};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// `feature_flags.get_server_features()`.
-pub(crate) fn server_features() -> Value {
-    json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600})
+/// `feature_flags.get_server_features()` of the generation.
+pub(crate) fn server_features(version: ComfyVersion) -> Value {
+    match version {
+        ComfyVersion::V0_3_64 => json!({"supports_preview_metadata": true, "max_upload_size": 104_857_600}),
+        ComfyVersion::V0_38 => json!({
+            "supports_preview_metadata": true,
+            "supports_model_type_tags": true,
+            "max_upload_size": 104_857_600,
+            "extension": {"manager": {"supports_v4": true}},
+            "node_replacements": true,
+            "assets": true
+        }),
+    }
 }
 
 /// Serves one upgraded socket until the client leaves or a fault drops it.
@@ -116,7 +127,7 @@ fn handle_text(shared: &Shared, sid: &str, text: &str, first_message: &mut bool)
         let mut st = shared.lock();
         if let Some(entry) = st.sockets.get_mut(sid) {
             entry.feature_flags = flags;
-            st.send_json(&shared.faults, "feature_flags", server_features(), Some(sid));
+            st.send_json(&shared.faults, "feature_flags", server_features(shared.version), Some(sid));
         }
     }
     *first_message = false;

@@ -1,6 +1,6 @@
 //! Test harness: an emulator on port 0, an HTTP client, and a WebSocket client that records frames.
 
-use super::super::{ComfyEmulator, EmulatorConfig};
+use super::super::{ComfyEmulator, ComfyVersion, EmulatorConfig};
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::time::Duration;
@@ -12,8 +12,31 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn start() -> ComfyEmulator {
+    start_version(ComfyVersion::V0_3_64).await
+}
+
+/// An emulator of the given generation on port 0.
+pub(crate) async fn start_version(comfyui_version: ComfyVersion) -> ComfyEmulator {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    ComfyEmulator::start(listener, EmulatorConfig::default()).await.expect("start")
+    let config = EmulatorConfig { comfyui_version, ..EmulatorConfig::default() };
+    ComfyEmulator::start(listener, config).await.expect("start")
+}
+
+/// `method path` with a JSON body; returns (status, body as JSON, or the text as a JSON string).
+pub(crate) async fn send_json(
+    emu: &ComfyEmulator,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let mut req = http().request(method.parse().expect("method"), format!("{}{path}", emu.url()));
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
 pub(crate) fn http() -> reqwest::Client {

@@ -5,8 +5,13 @@
 //! values except ids (mapped), timestamps, `number`, temp-file random parts, paths and tracebacks.
 //! HTTP responses are compared for status, Content-Type and body shape; images are decoded and compared
 //! pixel by pixel with the real server's output where the trace kept the bytes.
+//!
+//! The same captures are replayed against the 0.38 generation too, after [`to_newer`] rewrote what the
+//! capture expects by NEWER.md's rules (the newer `/features` and `feature_flags`, `create_time` in queued
+//! `extra_data`, an `asset` in upload answers, `missing_node_type`, canonical prompt ids). Everything else
+//! a capture shows must come out of the 0.38 emulator unchanged: message order, routing, caching, errors.
 
-use super::super::ComfyEmulator;
+use super::super::{ComfyEmulator, ComfyVersion};
 use super::harness::*;
 use base64::Engine;
 use serde::Deserialize;
@@ -67,6 +72,134 @@ enum Event {
 struct ReqBody {
     text: Option<String>,
     b64: Option<String>,
+}
+
+/// Matches any value in an expected body (a field whose value the capture cannot know, e.g. a new id).
+const ANY: &str = "\u{1}any";
+
+/// The 0.38 server flags (`comfy_api/feature_flags.py` @`1924b05`).
+fn newer_flags() -> Value {
+    serde_json::json!({"supports_preview_metadata": true, "supports_model_type_tags": true, "max_upload_size": 104857600,
+        "extension": {"manager": {"supports_v4": true}}, "node_replacements": true, "assets": true})
+}
+
+/// Adds `create_time` to the `extra_data` of a `[number, id, prompt, extra_data, outputs]` tuple.
+fn add_create_time(tuple: &mut Value) {
+    if let Some(extra) = tuple.get_mut(3).and_then(Value::as_object_mut) {
+        extra.insert("create_time".into(), serde_json::json!(0));
+    }
+}
+
+/// Rewrites a 0.3.64 capture into what 0.38 answers to the same requests (NEWER.md #1, #5, #7, #9, and
+/// `create_time` of `server.py`'s `post_prompt`). Returns the response seqs not to compare: `/system_stats`
+/// (its 0.38 shape is checked in `newer`) and the cycle case of e1 (0.38 gives node errors the 0.3.64
+/// capture cannot predict; checked in `newer`).
+fn to_newer(trace: &mut Trace) -> Vec<u64> {
+    let mut skip = Vec::new();
+    let mut last: Option<(String, String, Option<Value>)> = None;
+    for ev in &mut trace.events {
+        match ev {
+            Event::HttpRequest { method, path, body, .. } => {
+                let mut parsed = body
+                    .as_ref()
+                    .and_then(|b| b.text.as_deref())
+                    .and_then(|t| serde_json::from_str::<Value>(t).ok());
+                if method == "POST" && path == "/prompt" {
+                    if let Some(Value::Object(o)) = parsed.as_mut() {
+                        let canonical = o
+                            .get("prompt_id")
+                            .and_then(Value::as_str)
+                            .is_none_or(|id| uuid::Uuid::parse_str(id).is_ok_and(|u| u.to_string() == id));
+                        if !canonical {
+                            // 0.38 refuses it (invalid_prompt_id, tested in `newer`); a client must send a UUID.
+                            o.insert("prompt_id".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+                            if let Some(b) = body.as_mut() {
+                                b.text = Some(Value::Object(o.clone()).to_string());
+                            }
+                        }
+                    }
+                }
+                last = Some((method.clone(), path.clone(), parsed));
+            }
+            Event::HttpResponse { seq, status, body, .. } => {
+                let Some((method, path, request)) = last.take() else { continue };
+                let route = path.split('?').next().unwrap_or("").trim_start_matches("/api");
+                let Some(json) = body.as_mut().and_then(|b| b.json.as_mut()) else { continue };
+                match (method.as_str(), route) {
+                    ("GET", "/features") => *json = newer_flags(),
+                    ("GET", "/system_stats") => skip.push(*seq),
+                    ("GET", "/queue") => {
+                        for key in ["queue_running", "queue_pending"] {
+                            for t in json.get_mut(key).and_then(Value::as_array_mut).into_iter().flatten() {
+                                add_create_time(t);
+                            }
+                        }
+                    }
+                    ("GET", r) if r.starts_with("/history") => {
+                        for entry in json.as_object_mut().into_iter().flat_map(|o| o.values_mut()) {
+                            if let Some(t) = entry.get_mut("prompt") {
+                                add_create_time(t);
+                            }
+                        }
+                    }
+                    ("POST", "/upload/image" | "/upload/mask") if *status == 200 => {
+                        let name = json["name"].clone();
+                        json["asset"] = serde_json::json!({"id": ANY, "name": name, "asset_hash": ANY, "size": ANY, "mime_type": ANY, "tags": ANY});
+                    }
+                    ("POST", "/prompt") if *status == 400 => {
+                        let error = json["error"].clone();
+                        let node = error["details"]
+                            .as_str()
+                            .and_then(|d| d.strip_prefix("Node ID '#"))
+                            .map(|d| d.trim_end_matches('\'').to_string());
+                        let message = error["message"].as_str().unwrap_or("");
+                        if let (Some(node), "invalid_prompt") = (node, error["type"].as_str().unwrap_or("")) {
+                            let class = message
+                                .strip_prefix("Cannot execute because node ")
+                                .and_then(|m| m.strip_suffix(" does not exist."))
+                                .map(str::to_string);
+                            let title = request
+                                .as_ref()
+                                .and_then(|r| r.pointer(&format!("/prompt/{node}/_meta/title")))
+                                .cloned();
+                            json["error"] = match class {
+                                Some(class) => {
+                                    let title = title.unwrap_or_else(|| Value::String(class.clone()));
+                                    serde_json::json!({"type": "missing_node_type",
+                                        "message": format!("Node '{}' not found. The custom node may not be installed.", title.as_str().unwrap_or("")),
+                                        "details": error["details"], "extra_info": {"node_id": node, "class_type": class, "node_title": title}})
+                                }
+                                None => {
+                                    let shown = title
+                                        .as_ref()
+                                        .and_then(Value::as_str)
+                                        .map_or(format!("ID #{node}"), str::to_string);
+                                    serde_json::json!({"type": "missing_node_type",
+                                        "message": format!("Node '{shown}' has no class_type. The workflow may be corrupted or a custom node is missing."),
+                                        "details": error["details"], "extra_info": {"node_id": node, "class_type": null, "node_title": title}})
+                                }
+                            };
+                        } else if error["type"] == "prompt_outputs_failed_validation"
+                            && json["node_errors"] == serde_json::json!({})
+                        {
+                            skip.push(*seq);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Event::WsRecv { raw: Some(raw), .. } => {
+                if let Ok(mut v) = serde_json::from_str::<Value>(raw) {
+                    if v["type"] == "feature_flags" {
+                        v["data"] = newer_flags();
+                        *raw = v.to_string();
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    skip
 }
 
 #[derive(Debug, Deserialize)]
@@ -458,7 +591,7 @@ fn normalize_temp(s: &str) -> String {
 
 fn lenient_number(path: &[String]) -> bool {
     let last = path.last().map(String::as_str).unwrap_or("");
-    if matches!(last, "timestamp" | "number" | "ram_free" | "vram_free" | "torch_vram_free") {
+    if matches!(last, "timestamp" | "number" | "ram_free" | "vram_free" | "torch_vram_free" | "create_time") {
         return true;
     }
     // `[number, prompt_id, ...]` tuples in /queue and /history.
@@ -474,6 +607,9 @@ fn compare(exp: &Value, act: &Value, path: &mut Vec<String>, root: &str) -> Resu
     let at = || format!("at /{}", path.join("/"));
     let last = path.last().cloned().unwrap_or_default();
     let in_traceback = path.iter().any(|p| p == "traceback");
+    if exp.as_str() == Some(ANY) {
+        return Ok(());
+    }
     match (exp, act) {
         (Value::Object(e), Value::Object(a)) => {
             let ek: Vec<&String> = e.keys().collect();
@@ -537,7 +673,7 @@ fn compare(exp: &Value, act: &Value, path: &mut Vec<String>, root: &str) -> Resu
 }
 
 /// Options for one replay.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Opts {
     /// Responses (trace seq of the response) not compared: they depend on other captured cases.
     skip: &'static [u64],
@@ -550,11 +686,17 @@ struct Opts {
     loose_status: bool,
     /// Files the capture had in input/ before it started.
     preload: Vec<(&'static str, Vec<u8>)>,
+    /// The generation replayed against (0.38: the capture rewritten by [`to_newer`]).
+    version: ComfyVersion,
 }
 
 async fn replay(name: &str, opts: Opts) {
-    let trace = load(name);
-    let emu = start().await;
+    let mut trace = load(name);
+    let mut skip = opts.skip.to_vec();
+    if opts.version == ComfyVersion::V0_38 {
+        skip.extend(to_newer(&mut trace));
+    }
+    let emu = start_version(opts.version).await;
     if let Some(d) = opts.node_delay {
         emu.faults().set_node_delay(d);
     }
@@ -570,7 +712,7 @@ async fn replay(name: &str, opts: Opts) {
         expected: HashMap::new(),
         ids: Vec::new(),
         last: None,
-        skip: opts.skip.to_vec(),
+        skip,
         loose_status: opts.loose_status,
         failures: Vec::new(),
     };
@@ -656,7 +798,21 @@ async fn replay(name: &str, opts: Opts) {
     }
     r.barrier().await;
     r.compare_sockets();
-    assert!(r.failures.is_empty(), "replay {} ({}) differs:\n{}", trace.case, name, r.failures.join("\n\n"));
+    assert!(
+        r.failures.is_empty(),
+        "replay {} ({}) against {} differs:\n{}",
+        trace.case,
+        name,
+        opts.version,
+        r.failures.join("\n\n")
+    );
+}
+
+/// Replays a capture against 0.3.64 as captured, then against 0.38 rewritten by [`to_newer`].
+async fn replay_both(name: &str, opts: Opts) {
+    for version in ComfyVersion::ALL {
+        replay(name, Opts { version, ..opts.clone() }).await;
+    }
 }
 
 #[tokio::test]
@@ -680,7 +836,7 @@ async fn replay_c1_load_invert_save() {
     }
     let mut input = std::io::Cursor::new(Vec::new());
     img.write_to(&mut input, image::ImageFormat::Png).expect("png");
-    replay(
+    replay_both(
         "c1_load_invert_save",
         Opts { preload: vec![("trace_c1_85c6c9.png", input.into_inner())], ..Opts::default() },
     )
@@ -689,43 +845,43 @@ async fn replay_c1_load_invert_save() {
 
 #[tokio::test]
 async fn replay_c2_empty_blur_scale_save_preview() {
-    replay("c2_empty_blur_scale_save_preview", Opts::default()).await;
+    replay_both("c2_empty_blur_scale_save_preview", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_c3_progress_binary_legacy() {
-    replay("c3_progress_binary_legacy", Opts::default()).await;
+    replay_both("c3_progress_binary_legacy", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_c4_progress_binary_metadata() {
-    replay("c4_progress_binary_metadata", Opts::default()).await;
+    replay_both("c4_progress_binary_metadata", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_c5_text_frame_broadcast() {
-    replay("c5_text_frame_broadcast", Opts::default()).await;
+    replay_both("c5_text_frame_broadcast", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_d1_cached() {
-    replay("d1_cached", Opts::default()).await;
+    replay_both("d1_cached", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_e1_validation_errors() {
-    replay("e1_validation_errors", Opts::default()).await;
+    replay_both("e1_validation_errors", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_e2_runtime_error() {
-    replay("e2_runtime_error", Opts::default()).await;
+    replay_both("e2_runtime_error", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_e4_queue_ops() {
     // seq 62: /history?max_items=2 lists a prompt from another captured case.
-    replay(
+    replay_both(
         "e4_queue_ops",
         Opts { skip: &[62], node_delay: Some(Duration::from_millis(400)), ..Opts::default() },
     )
@@ -734,7 +890,7 @@ async fn replay_e4_queue_ops() {
 
 #[tokio::test]
 async fn replay_f1_multi_client() {
-    replay(
+    replay_both(
         "f1_multi_client",
         Opts { node_delay: Some(Duration::from_millis(300)), loose_status: true, ..Opts::default() },
     )
@@ -743,7 +899,7 @@ async fn replay_f1_multi_client() {
 
 #[tokio::test]
 async fn replay_f2_reconnect_same_client_id() {
-    replay(
+    replay_both(
         "f2_reconnect_same_client_id",
         Opts { node_delay: Some(Duration::from_millis(200)), ..Opts::default() },
     )
@@ -752,24 +908,25 @@ async fn replay_f2_reconnect_same_client_id() {
 
 #[tokio::test]
 async fn replay_g_logs() {
-    replay("g_logs", Opts { skip: &[35], ..Opts::default() }).await;
+    replay_both("g_logs", Opts { skip: &[35], ..Opts::default() }).await;
 }
 
 #[tokio::test]
 async fn replay_e5_server_stop() {
-    replay("e5_server_stop", Opts { node_delay: Some(Duration::from_millis(300)), ..Opts::default() }).await;
+    replay_both("e5_server_stop", Opts { node_delay: Some(Duration::from_millis(300)), ..Opts::default() })
+        .await;
 }
 
 #[tokio::test]
 async fn replay_b_upload() {
-    replay("b_upload", Opts::default()).await;
+    replay_both("b_upload", Opts::default()).await;
 }
 
 #[tokio::test]
 async fn replay_a_http_gets() {
     // Not emulated byte for byte: folder paths and file listings of the captured machine, the model
     // browser, /extensions, the full 496-class /object_info and the frontend's index.html.
-    replay("a_http_gets", Opts { skip: &[23, 29, 31, 49, 53, 75, 78], ..Opts::default() }).await;
+    replay_both("a_http_gets", Opts { skip: &[23, 29, 31, 49, 53, 75, 78], ..Opts::default() }).await;
 }
 
 #[tokio::test]
@@ -777,7 +934,7 @@ async fn replay_e3_interrupt() {
     // seq 35: the capture's global interrupt reached aiohttp only after the worker had passed its last
     // check (the event loop was busy streaming previews), so the prompt succeeded; sending nothing is
     // the equivalent here.
-    replay(
+    replay_both(
         "e3_interrupt",
         Opts { skip_requests: &[35], node_delay: Some(Duration::from_millis(500)), ..Opts::default() },
     )
@@ -786,5 +943,5 @@ async fn replay_e3_interrupt() {
 
 #[tokio::test]
 async fn replay_h_timing() {
-    replay("h_timing", Opts::default()).await;
+    replay_both("h_timing", Opts::default()).await;
 }
