@@ -72,6 +72,8 @@ impl pb::job_service_server::JobService for JobApi {
         // (telling the client to resume elsewhere from the last sequence it received).
         tokio::spawn(
             async move {
+                // Counted as a live subscriber until this producer ends.
+                let _subscriber = crate::metrics::subscriber();
                 let mut last = after_sequence;
                 loop {
                     let next = tokio::select! {
