@@ -103,6 +103,8 @@ struct LiveJob {
     tx: broadcast::Sender<Arc<Event>>,
     /// Cancelled when a caller cancels the job or the job must stop.
     cancel: CancellationToken,
+    /// The job's trace and metrics.
+    telemetry: crate::telemetry::JobTelemetry,
 }
 
 #[derive(Debug)]
@@ -296,7 +298,7 @@ impl JobManager {
             }
         }
         tracing::info!(job_id = %job.id, workflow = %job.workflow, "job accepted");
-        self.register(job.clone());
+        self.register(job.clone()).telemetry.submitted();
         let _ = self.inner.sched.send(SchedMsg::Enqueue {
             id: job.id,
             priority: job.priority,
@@ -346,6 +348,7 @@ impl JobManager {
         let (tx, _) = broadcast::channel(LIVE_CAPACITY);
         let id = job.id;
         let live = Arc::new(LiveJob {
+            telemetry: crate::telemetry::JobTelemetry::new(id, &job.workflow),
             job: tokio::sync::Mutex::new(job),
             tx,
             cancel: self.inner.shutdown.child_token(),
@@ -553,8 +556,11 @@ impl JobManager {
         mutate(&mut next);
         next.last_sequence += 1;
         let event = Event { job_id: next.id, seq: next.last_sequence, time_ms: now_ms(), kind };
+        let committing = std::time::Instant::now();
         self.inner.store.commit(&job_row(&next)?, &[event_row(&event)?]).await?;
+        crate::metrics::store_commit(committing.elapsed(), 1);
         *job = next;
+        live.telemetry.event(&event.kind);
         // No receivers is fine: nobody is watching.
         let _ = live.tx.send(Arc::new(event));
         Ok(())
@@ -582,6 +588,7 @@ impl JobManager {
             EventKind::Failed { error } => Some(error.clone()),
             _ => None,
         };
+        let reason = failure.as_ref().map(|f| f.reason);
         // The check and the terminal append happen under one lock: two finishers cannot both succeed.
         let mut job = live.job.lock().await;
         if job.state.is_terminal() {
@@ -611,6 +618,7 @@ impl JobManager {
         })
         .await?;
         drop(job);
+        live.telemetry.finished(state, reason);
         tracing::info!(job_id = %id, state = state.as_str(), "job finished");
         // Retire after the terminal event is durable: a subscriber that finds no live entry reads it from the log.
         if let Ok(mut map) = self.inner.live.lock() {
@@ -670,11 +678,10 @@ impl JobManager {
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
     fn spawn_runner(&self, live: Arc<LiveJob>, machine: Arc<Machine>, reattach: bool) {
         let manager = self.clone();
-        let span = tracing::info_span!("job", job_id = tracing::field::Empty, machine = %machine.id);
+        let attempt = live.job.try_lock().map(|j| j.attempt).unwrap_or_default();
+        let span = live.telemetry.run(&machine.id, attempt, reattach);
         self.inner.tracker.spawn(
             async move {
-                let id = live.job.lock().await.id;
-                tracing::Span::current().record("job_id", tracing::field::display(id));
                 // Exit policy: a runner never panics the service; any error fails the job with INTERNAL.
                 if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
                     tracing::error!(error = %e, "job runner failed");

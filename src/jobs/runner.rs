@@ -8,6 +8,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::{
     EventKind, FailureReason, JobError, JobFailure, JobManager, JobState, LiveJob, Machine, OutputFile,
@@ -60,7 +61,9 @@ pub(super) async fn run(
 
         // Upload inputs.
         let upload_started = Instant::now();
-        let upload = tokio::time::timeout(cfg.upload_timeout, upload_inputs(manager, live, &machine)).await;
+        let upload = tokio::time::timeout(cfg.upload_timeout, upload_inputs(manager, live, &machine))
+            .instrument(tracing::info_span!("upload"))
+            .await;
         let graph = match upload {
             Ok(Ok(graph)) => graph,
             Ok(Err(UploadError::Comfy(e))) => {
@@ -76,6 +79,7 @@ pub(super) async fn run(
             let mut job = live.job.lock().await;
             job.submitted = true;
             job.timings.upload_ms = Some(upload_started.elapsed().as_millis() as u64);
+            live.telemetry.uploaded(upload_started.elapsed());
             manager.persist(&job).await?;
         }
 
@@ -208,6 +212,7 @@ async fn relay(
                     .unwrap_or_default()
                     .to_string();
                 let display_node_id = display_node.unwrap_or_else(|| node.clone());
+                live.telemetry.node(&node, &class_type);
                 manager
                     .append(
                         live,
@@ -235,7 +240,9 @@ async fn relay(
                     }
                     let t = Instant::now();
                     let stored =
-                        tokio::time::timeout(cfg.download_timeout, download(manager, machine, &file)).await;
+                        tokio::time::timeout(cfg.download_timeout, download(manager, machine, &file))
+                            .instrument(tracing::info_span!("download", filename = %file.filename))
+                            .await;
                     download_ms += t.elapsed().as_millis() as u64;
                     match stored {
                         Ok(Ok(mut out)) => {
@@ -282,6 +289,7 @@ async fn relay(
             }
             PromptEvent::Succeeded => {
                 let execution_ms = started.elapsed().as_millis() as u64;
+                live.telemetry.ran(started.elapsed(), Duration::from_millis(download_ms));
                 let outputs = live.job.lock().await.outputs.clone();
                 return manager
                     .finish(live, EventKind::Succeeded { outputs }, |job| {
@@ -586,6 +594,7 @@ async fn retry_or(
             job.outputs.clear();
         })
         .await?;
+    live.telemetry.queued();
     let id = live.job.lock().await.id;
     let _ = manager.inner.sched.send(SchedMsg::Enqueue { id, priority, created_ms, spec });
     Ok(())

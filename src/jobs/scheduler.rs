@@ -119,6 +119,7 @@ impl Scheduler {
                 }
             }
             self.dispatch();
+            crate::metrics::queue_depth(self.queue.len());
             self.publish_positions().await;
             self.report_demand();
         }
@@ -268,6 +269,7 @@ impl Scheduler {
                     }
                     self.provisioning.insert(id, told);
                     let Some(live) = self.manager.live(id) else { continue };
+                    live.telemetry.provisioning(&machine_id, phase.as_str());
                     let kind = EventKind::Provisioning {
                         phase: phase.as_str().to_string(),
                         machine_id: machine_id.clone(),
