@@ -50,7 +50,8 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let metrics_stop = CancellationToken::new();
     let metrics_task = match config.metrics.listen {
         Some(addr) => {
-            let handle = metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+            let handle =
+                metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the metrics listener (metrics.listen = {addr})"))?;
@@ -71,7 +72,11 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     result
 }
 
-async fn run_service(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn run_service(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let store = Arc::new(
         store::SqliteStore::open(&config.data_dir)
             .await

@@ -19,9 +19,7 @@ use std::{
     time::Duration,
 };
 
-use ::metrics::{
-    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
-};
+use ::metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +44,7 @@ const COMFYUI_RECONNECTS: &str = "comfyrelay_comfyui_reconnects_total";
 const COMFYUI_RECONCILES: &str = "comfyrelay_comfyui_reconciles_total";
 const POOL_MACHINES: &str = "comfyrelay_pool_machines";
 const POOL_IDLE: &str = "comfyrelay_pool_machines_idle";
+const POOL_MIN_WARM: &str = "comfyrelay_pool_min_warm";
 const POOL_LAUNCHES: &str = "comfyrelay_pool_launches_total";
 const POOL_LAUNCH_FAILURES: &str = "comfyrelay_pool_launch_failures_total";
 const POOL_BILLED: &str = "comfyrelay_pool_billed_seconds_total";
@@ -124,7 +123,10 @@ pub async fn serve(
 }
 
 fn describe() {
-    describe_counter!(JOBS_SUBMITTED, "Jobs accepted by SubmitJob (not repeats of a request_id), by workflow.");
+    describe_counter!(
+        JOBS_SUBMITTED,
+        "Jobs accepted by SubmitJob (not repeats of a request_id), by workflow."
+    );
     describe_counter!(
         JOBS_FINISHED,
         "Jobs that reached a terminal state, by workflow, state (succeeded, failed, cancelled) and failure reason."
@@ -163,6 +165,7 @@ fn describe() {
     );
     describe_gauge!(POOL_MACHINES, "RunComfy machines the pool knows, by pool and state.");
     describe_gauge!(POOL_IDLE, "Ready RunComfy machines with no job (billed, idle), by pool.");
+    describe_gauge!(POOL_MIN_WARM, "Machines the pool keeps running without jobs (its min_warm), by pool.");
     describe_counter!(POOL_LAUNCHES, "RunComfy machines launched, by pool.");
     describe_counter!(POOL_LAUNCH_FAILURES, "RunComfy launches (or bring-ups) that failed, by pool.");
     describe_counter!(POOL_BILLED, "RunComfy machine-seconds billed (Ready until DELETE), by pool.");
@@ -341,6 +344,11 @@ pub fn pool_label(spec: &MachineSpec) -> String {
     format!("{}/{}", spec.server_type, spec.workflow_version_id)
 }
 
+/// The pool of `spec` keeps `min_warm` machines even when idle (idle machines above it are waste).
+pub fn pool_min_warm(spec: &MachineSpec, min_warm: usize) {
+    gauge!(POOL_MIN_WARM, "pool" => pool_label(spec)).set(min_warm as f64);
+}
+
 /// A machine of `spec`'s pool was launched.
 pub fn machine_launched(spec: &MachineSpec) {
     counter!(POOL_LAUNCHES, "pool" => pool_label(spec)).increment(1);
@@ -423,6 +431,37 @@ pub fn runcomfy_limiter_wait(d: Duration) {
     histogram!(RUNCOMFY_LIMITER_WAIT).record(d.as_secs_f64());
 }
 
+/// Every metric name, for the check that the dashboard and the alerts only use metrics that exist.
+#[cfg(test)]
+const ALL: &[&str] = &[
+    JOBS_SUBMITTED,
+    JOBS_FINISHED,
+    QUEUE_DEPTH,
+    QUEUE_WAIT,
+    STAGE,
+    EVENTS_RELAYED,
+    SUBSCRIBERS,
+    SUBSCRIBERS_COALESCED,
+    GRPC_REQUESTS,
+    GRPC_DURATION,
+    COMFYUI_CONNECTED,
+    COMFYUI_RECONNECTS,
+    COMFYUI_RECONCILES,
+    POOL_MACHINES,
+    POOL_IDLE,
+    POOL_MIN_WARM,
+    POOL_LAUNCHES,
+    POOL_LAUNCH_FAILURES,
+    POOL_BILLED,
+    POOL_COST,
+    RUNCOMFY_REQUESTS,
+    RUNCOMFY_RATE_LIMITED,
+    RUNCOMFY_LIMITER_WAIT,
+    STORE_COMMIT,
+    STORE_BATCH,
+    BUILD_INFO,
+];
+
 // ---- labels of domain values (exhaustive: a new variant must be named here) ----
 
 fn state_label(state: JobState) -> &'static str {
@@ -472,5 +511,53 @@ fn event_label(kind: &EventKind) -> &'static str {
         EventKind::Succeeded { .. } => "succeeded",
         EventKind::Failed { .. } => "failed",
         EventKind::Cancelled { .. } => "cancelled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric names (`comfyrelay_…`) in `text`, without the `_bucket`/`_count`/`_sum` of histogram series.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("comfyrelay_") {
+            let tail = &rest[at..];
+            let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|b| ALL.contains(b)))
+                .unwrap_or(name);
+            names.push(base.to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn the_dashboard_and_the_alerts_use_only_exported_metrics() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        for file in ["grafana/comfyrelay.json", "prometheus/comfyrelay-rules.yaml"] {
+            let text = std::fs::read_to_string(root.join(file)).unwrap();
+            let names = names_in(&text);
+            assert!(names.len() > 5, "{file} uses metrics");
+            for name in names {
+                assert!(ALL.contains(&name.as_str()), "{file} uses {name}, which comfyrelay does not export");
+            }
+        }
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("grafana/comfyrelay.json")).unwrap())
+                .unwrap();
+        assert!(dashboard["panels"].as_array().is_some_and(|p| p.len() >= 10), "the dashboard has panels");
+    }
+
+    #[test]
+    fn grpc_codes_are_named() {
+        assert_eq!(grpc_code_label(Some(0)), "OK");
+        assert_eq!(grpc_code_label(Some(16)), "UNAUTHENTICATED");
+        assert_eq!(grpc_code_label(Some(99)), "UNKNOWN");
+        assert_eq!(grpc_code_label(None), "CANCELLED");
     }
 }

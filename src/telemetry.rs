@@ -74,7 +74,11 @@ pub struct TelemetryError {
 ///
 /// # Errors
 /// The OTLP endpoint is not a valid URL.
-pub fn init(format: LogFormat, filter: &str, otlp: Option<OtlpSettings>) -> Result<Telemetry, TelemetryError> {
+pub fn init(
+    format: LogFormat,
+    filter: &str,
+    otlp: Option<OtlpSettings>,
+) -> Result<Telemetry, TelemetryError> {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let provider = match &otlp {
         Some(settings) => Some(provider(settings)?),

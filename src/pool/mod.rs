@@ -489,6 +489,10 @@ impl Pool {
             })
             .collect();
         crate::metrics::pool_machines(&samples);
+        let specs: BTreeSet<&MachineSpec> = st.machines.values().map(|e| &e.spec).collect();
+        for spec in specs {
+            crate::metrics::pool_min_warm(spec, self.policy(spec).min_warm);
+        }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -62,8 +62,12 @@ impl JobTelemetry {
             reason = Empty,
             otel.status_code = Empty,
         );
-        let telemetry =
-            Self { id, workflow: workflow.to_owned(), job: Mutex::new(Some(job)), phase: Mutex::new(Phase::default()) };
+        let telemetry = Self {
+            id,
+            workflow: workflow.to_owned(),
+            job: Mutex::new(Some(job)),
+            phase: Mutex::new(Phase::default()),
+        };
         telemetry.queued();
         telemetry
     }
@@ -112,8 +116,7 @@ impl JobTelemetry {
     pub fn run(&self, machine: &str, attempt: u32, reattach: bool) -> Span {
         let job = self.job_span();
         job.record("machine", machine);
-        let run =
-            tracing::info_span!(parent: &job, "run", job_id = %self.id, machine = %machine, attempt, reattach);
+        let run = tracing::info_span!(parent: &job, "run", job_id = %self.id, machine = %machine, attempt, reattach);
         let mut phase = self.phase();
         if let Some((_, since, _)) = phase.wait.take()
             && !reattach
@@ -135,7 +138,8 @@ impl JobTelemetry {
         let mut phase = self.phase();
         phase.node = None;
         let parent = phase.run.clone().unwrap_or_else(|| self.job_span());
-        phase.node = Some(tracing::info_span!(parent: &parent, "node", node_id = %node_id, class_type = %class_type));
+        phase.node =
+            Some(tracing::info_span!(parent: &parent, "node", node_id = %node_id, class_type = %class_type));
     }
 
     /// The job succeeded after executing for `execution` and downloading its outputs for `download`.

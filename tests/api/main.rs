@@ -9,6 +9,7 @@ mod foundation;
 mod jobs;
 mod load;
 mod machines;
+mod observability;
 mod policies;
 mod pool;
 mod recovery;
