@@ -112,8 +112,7 @@ impl Relay {
             .expect("exits within 30 s");
         assert!(status.expect("wait").success(), "comfyrelay exits 0 after SIGTERM");
         let _ = tokio::time::timeout(Duration::from_secs(5), self.log_done).await;
-        let logs = self.logs.lock().unwrap().clone();
-        logs
+        self.logs.lock().unwrap().clone()
     }
 }
 
@@ -508,7 +507,6 @@ async fn job_service_health_follows_its_only_comfyui() {
     let drained = tokio::time::timeout(Duration::from_secs(10), overall.message()).await.expect("drain seen");
     assert_eq!(drained.unwrap().unwrap().status(), ServingStatus::NotServing);
     // Open Watch calls would hold the graceful stop open.
-    drop(next);
     drop(watch);
     drop(overall);
     app.stop().await.unwrap();
