@@ -140,3 +140,27 @@ pub fn init_for_tests(enabled: bool) {
             .try_init();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn otlp_is_off_unless_an_endpoint_is_set_and_the_traces_one_wins() {
+        assert_eq!(OtlpSettings::from_vars(vars(&[("OTEL_SERVICE_NAME", "x")])), None);
+        assert_eq!(OtlpSettings::from_vars(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])), None);
+        let s = OtlpSettings::from_vars(vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317")])).unwrap();
+        assert_eq!((s.endpoint.as_str(), s.service_name.as_str()), ("http://a:4317", "comfyrelay"));
+        let s = OtlpSettings::from_vars(vars(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+            ("OTEL_SERVICE_NAME", "relay-eu"),
+        ]))
+        .unwrap();
+        assert_eq!((s.endpoint.as_str(), s.service_name.as_str()), ("http://t:4317", "relay-eu"));
+    }
+}
