@@ -29,6 +29,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     /// RunComfy machine pool.
     pub runcomfy: RunComfyConfig,
+    /// Prometheus metrics listener.
+    pub metrics: MetricsConfig,
     /// What the database and artifacts survive.
     pub storage: StorageConfig,
 }
@@ -53,8 +55,17 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             runcomfy: RunComfyConfig::default(),
             storage: StorageConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
+}
+
+/// Prometheus metrics settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` HTTP listener, off the gRPC port; unset, no metrics are served (or kept).
+    pub listen: Option<SocketAddr>,
 }
 
 /// gRPC server settings.

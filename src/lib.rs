@@ -8,6 +8,8 @@
 //! - [`runcomfy`]: the RunComfy Server API client.
 //! - [`store`]: durable storage (SQLite) and the artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
+//! - [`metrics`]: every Prometheus metric, its labels and its `/metrics` listener.
+//! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
 //! - [`config`], [`telemetry`], [`shutdown`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
@@ -17,8 +19,10 @@ pub mod comfy;
 pub mod config;
 pub mod emulator;
 pub mod grpc;
+pub mod health;
 pub mod jobs;
 pub mod machine;
+pub mod metrics;
 pub mod pool;
 pub mod proto;
 pub mod runcomfy;
@@ -42,6 +46,37 @@ pub use config::Config;
 /// # Errors
 /// Startup failures (storage, catalog) and a server that fails while serving.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Metrics are served until the very end (through the drain), on their own listener.
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = match config.metrics.listen {
+        Some(addr) => {
+            let handle =
+                metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener (metrics.listen = {addr})"))?;
+            // Exit policy: ends when `metrics_stop` is cancelled at the end of `run`; awaited there.
+            Some(tokio::spawn(metrics::serve(listener, handle, metrics_stop.clone())))
+        }
+        None => None,
+    };
+    let result = run_service(listener, config, shutdown).await;
+    metrics_stop.cancel();
+    if let Some(task) = metrics_task {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "the metrics listener failed"),
+            Err(e) if e.is_panic() => tracing::error!(error = %e, "the metrics listener panicked"),
+            _ => {}
+        }
+    }
+    result
+}
+
+async fn run_service(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let durability = config.storage.durability;
     let store = Arc::new(
         store::SqliteStore::open(&config.data_dir, durability)

@@ -91,12 +91,14 @@ impl Machine {
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, ComfyError> {
         let client = ComfyClient::new(url, options)?;
-        let conn = match &options_client_id {
-            Some(client_id) => {
-                ComfyConnection::spawn_with_client_id(client.clone(), client_id.clone(), cancel)
-            }
-            None => ComfyConnection::spawn(client.clone(), cancel),
+        let client_id =
+            options_client_id.unwrap_or_else(|| format!("comfyrelay-{}", uuid::Uuid::new_v4().simple()));
+        // Metrics are per configured server; RunComfy machines come and go, so they count per pool.
+        let label = match &spec {
+            Some(spec) => crate::metrics::pool_server_label(spec),
+            None => crate::metrics::server_label(id),
         };
+        let conn = ComfyConnection::spawn_labelled(client.clone(), client_id, label, cancel);
         let created_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)

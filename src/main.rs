@@ -16,6 +16,12 @@ use tokio_util::sync::CancellationToken;
 /// Exit code for bad configuration or usage (sysexits `EX_USAGE`).
 const EX_USAGE: u8 = 64;
 
+/// Longest wait for buffered spans to reach the collector at exit.
+const TRACE_FLUSH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where `dev` serves metrics when `metrics.listen` is unset (a free port if this one is taken).
+const DEV_METRICS: &str = "127.0.0.1:9090";
+
 /// Runs ComfyUI workflows durably behind a gRPC API.
 #[derive(Debug, Parser)]
 #[command(name = "comfyrelay", version, about)]
@@ -95,7 +101,7 @@ fn main() -> ExitCode {
         }
     };
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.filter.clone());
-    telemetry::init(config.log.format, &filter);
+    let otlp = telemetry::OtlpSettings::from_vars(std::env::vars());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -103,13 +109,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
-        Ok(()) => ExitCode::SUCCESS,
+    // The OTLP exporter's gRPC channel lives on the runtime.
+    let telemetry = match runtime.block_on(async { telemetry::init(config.log.format, &filter, otlp) }) {
+        Ok(t) => t,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "comfyrelay stopped with an error");
-            eprintln!("comfyrelay: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("comfyrelay: {e}");
+            return ExitCode::from(EX_USAGE);
         }
+    };
+    let result = runtime.block_on(run(cli.command, config));
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "comfyrelay stopped with an error");
+        eprintln!("comfyrelay: {e:#}");
+    }
+    // Spans still buffered are sent before the runtime goes away.
+    telemetry.shutdown(TRACE_FLUSH_DEADLINE);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
@@ -129,6 +146,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
             config.comfyui.servers =
                 vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
+            if config.metrics.listen.is_none() {
+                // Probe the usual port; `run` logs where metrics are served.
+                let free = std::net::TcpListener::bind(DEV_METRICS).is_ok();
+                let addr = if free { DEV_METRICS } else { "127.0.0.1:0" };
+                config.metrics.listen = addr.parse().ok();
+            }
             let emulator = if runcomfy {
                 let listener = tokio::net::TcpListener::bind(("127.0.0.1", 8190)).await?;
                 let emulator = RunComfyEmulator::start(

@@ -94,6 +94,17 @@ struct Shared {
     connects: AtomicU64,
     /// `status.exec_info.queue_remaining` from the last `status` message.
     queue_remaining: watch::Sender<Option<u64>>,
+    /// The `server` label of this connection's metrics.
+    label: String,
+}
+
+impl Shared {
+    /// Sets whether a socket is open, counting the change in the metrics.
+    fn set_connected(&self, connected: bool) {
+        if self.connected.send_replace(connected) != connected {
+            crate::metrics::comfyui_connected(&self.label, connected);
+        }
+    }
 }
 
 impl Shared {
@@ -149,6 +160,17 @@ impl ComfyConnection {
     /// Starts the connection task with a chosen clientId (e.g. stable across comfyrelay restarts, so
     /// prompts re-attached after a restart keep streaming).
     pub fn spawn_with_client_id(client: ComfyClient, client_id: String, cancel: CancellationToken) -> Self {
+        Self::spawn_labelled(client, client_id, "unnamed".into(), cancel)
+    }
+
+    /// [`ComfyConnection::spawn_with_client_id`], with `label` as the `server` label of its metrics
+    /// (connection state, reconnects, reconciles).
+    pub fn spawn_labelled(
+        client: ComfyClient,
+        client_id: String,
+        label: String,
+        cancel: CancellationToken,
+    ) -> Self {
         let cancel = cancel.child_token();
         let (connected, _) = watch::channel(false);
         let (requests, requests_rx) = mpsc::unbounded_channel();
@@ -163,6 +185,7 @@ impl ComfyConnection {
             queue_remaining: watch::channel(None).0,
             generation: AtomicU64::new(0),
             frames: AtomicU64::new(0),
+            label,
         });
         let span = tracing::info_span!("comfy_connection", server = %shared.client.base_url(), client_id = %shared.base_client_id);
         let task = tokio::spawn(supervise(shared.clone(), requests_rx).instrument(span));
@@ -324,7 +347,9 @@ async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Re
             }
         };
         failures = 0;
-        shared.connects.fetch_add(1, Ordering::Relaxed);
+        if shared.connects.fetch_add(1, Ordering::Relaxed) > 0 {
+            crate::metrics::comfyui_reconnected(&shared.label);
+        }
         // A new socket may face another build (the server restarted or was replaced): detect again.
         shared.client.invalidate_capabilities();
         // Feature flags must be the first message: they select preview frames with metadata (type 4).
@@ -342,7 +367,7 @@ async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Re
         // registered the socket (its greeting), see `session`.
         shared.router().set_socket_client_id(&client_id);
         let end = session(&shared, &client_id, ws, &mut tasks, &mut requests).await;
-        shared.connected.send_replace(false);
+        shared.set_connected(false);
         match end {
             SessionEnd::Cancelled => break,
             SessionEnd::ServerGone(why) => {
@@ -359,7 +384,7 @@ async fn supervise(shared: Arc<Shared>, mut requests: mpsc::UnboundedReceiver<Re
             () = sleep(backoff_delay(&options, 1)) => {}
         }
     }
-    shared.connected.send_replace(false);
+    shared.set_connected(false);
     shared.router().close_all();
     tasks.shutdown().await;
     tracing::debug!("ComfyUI connection stopped");
@@ -468,7 +493,7 @@ async fn session(
                                 }
                                 shared.generation.fetch_add(1, Ordering::SeqCst);
                                 let due = shared.router().on_new_socket();
-                                shared.connected.send_replace(true);
+                                shared.set_connected(true);
                                 tracing::info!(client_id, reconciling = due.len(), "ComfyUI websocket connected");
                                 let client = shared.client.clone();
                                 let span = tracing::debug_span!("detect_capabilities");
@@ -571,6 +596,7 @@ fn spawn_reconcile_marked(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, ids: Ve
     if ids.is_empty() {
         return;
     }
+    crate::metrics::comfyui_reconciled(&shared.label, ids.len());
     let shared = shared.clone();
     let span = tracing::debug_span!("reconcile", prompts = ids.len());
     tasks.spawn(async move { reconcile(&shared, ids).await }.instrument(span));

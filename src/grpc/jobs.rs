@@ -47,6 +47,8 @@ fn bad(v: Violation) -> Status {
 /// subscriber that stops reading holds only what HTTP/2 flow control lets through, and one that goes away
 /// is dropped with its stream.
 struct Subscription {
+    /// Counted as a live subscriber while the call is open.
+    _counted: crate::metrics::SubscriberGuard,
     jobs: JobManager,
     events: EventStream,
     shutdown: CancellationToken,
@@ -120,6 +122,7 @@ impl pb::job_service_server::JobService for JobApi {
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
         let events = self.jobs.subscribe(id, after_sequence, skip_previews).await.map_err(job_error)?;
         let subscription = Subscription {
+            _counted: crate::metrics::subscriber(),
             jobs: self.jobs.clone(),
             events,
             shutdown: self.shutdown.clone(),

@@ -2,10 +2,15 @@
 //!
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
 //! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
+//!
+//! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
+//! backend can take a job), and at drain both it and the overall service (`""`) turn NOT_SERVING. Every
+//! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
 
 mod convert;
 mod jobs;
 mod machines;
+mod observe;
 pub mod status;
 mod workflows;
 
@@ -16,6 +21,11 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::{catalog::Catalog, config::Config, jobs::JobManager, proto::pb};
+
+/// The health-checked name of the job service (what the Kubernetes readiness probe asks about).
+const JOB_SERVICE: &str = "comfyrelay.v1.JobService";
+const WORKFLOW_SERVICE: &str = "comfyrelay.v1.WorkflowService";
+const MACHINE_SERVICE: &str = "comfyrelay.v1.MachineService";
 
 /// The domain handles the services call.
 #[derive(Debug, Clone)]
@@ -41,7 +51,8 @@ pub async fn serve(
     let Services { jobs: job_manager, catalog, pool } = services;
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
+    // JobService starts NOT_SERVING: the readiness watch turns it SERVING once a backend can take a job.
+    health.set_not_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
     health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
     health.set_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>().await;
 
@@ -64,6 +75,7 @@ pub async fn serve(
         pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+    let pool_for_health = pool.clone();
     let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(
         job_manager.clone(),
         pool,
@@ -76,30 +88,45 @@ pub async fn serve(
 
     // Small gRPC messages must not wait for Nagle's algorithm (a 40 ms stall per call with delayed ACKs).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let health_for_shutdown = health.clone();
+    // The one writer of health statuses: readiness changes until the drain, then NOT_SERVING for good. It is
+    // the server's shutdown future, so the drain starts only after load balancers were told.
     let token = shutdown.clone();
     let signal = async move {
-        token.cancelled().await;
+        let reporter = health.clone();
+        crate::health::watch(job_manager, pool_for_health, token, move |ready| {
+            let reporter = reporter.clone();
+            async move {
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(JOB_SERVICE, status).await;
+            }
+        })
+        .await;
         // Tell load balancers first, so no new work arrives while we drain: every service, and the
         // server as a whole ("").
-        health_for_shutdown.set_not_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
-        health_for_shutdown
-            .set_not_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>()
-            .await;
-        health_for_shutdown
-            .set_not_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>()
-            .await;
-        health_for_shutdown.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE, ""] {
+            health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
+        }
         tracing::info!("draining gRPC connections");
     };
 
-    let mut builder = Server::builder()
+    let calls = observe::MetricsLayer::new(&[
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ]);
+    let builder = Server::builder()
         .accept_http1(config.grpc.grpc_web)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()));
+        .trace_fn(observe::call_span);
     let router = if config.grpc.grpc_web {
         builder
             .layer(tonic_web::GrpcWebLayer::new())
+            .layer(calls)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -110,6 +137,7 @@ pub async fn serve(
             .await
     } else {
         builder
+            .layer(calls)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

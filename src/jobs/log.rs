@@ -32,7 +32,10 @@ use super::{
     error::JobError,
     model::{Event, EventKind, Job, JobId, JobRecord, JobSpec, now_ms},
 };
-use crate::store::{Batch, CreateOutcome, EventRow, IdempotencyKey, JobRow, NewJob, StateUpdate, Store};
+use crate::{
+    store::{Batch, CreateOutcome, EventRow, IdempotencyKey, JobRow, NewJob, StateUpdate, Store},
+    telemetry::JobTelemetry,
+};
 
 /// Commands the writer's inbox holds.
 pub(super) const INBOX: usize = 8192;
@@ -52,15 +55,18 @@ pub(super) struct LiveJob {
     events: broadcast::Sender<Arc<Event>>,
     /// Cancelled when the job ended or a caller asked to cancel it: its runner stops waiting.
     pub(super) cancel: CancellationToken,
+    /// The job's trace and metrics, fed by the writer with every committed event.
+    pub(super) telemetry: JobTelemetry,
 }
 
 impl LiveJob {
-    fn new(spec: Arc<JobSpec>, record: JobRecord) -> Arc<Self> {
+    fn new(spec: Arc<JobSpec>, record: JobRecord, telemetry: JobTelemetry) -> Arc<Self> {
         Arc::new(Self {
             spec,
             record: watch::channel(Arc::new(record)).0,
             events: broadcast::channel(LIVE_CAPACITY).0,
             cancel: CancellationToken::new(),
+            telemetry,
         })
     }
 
@@ -146,6 +152,7 @@ enum Command {
         spec: Arc<JobSpec>,
         first: EventKind,
         key: Option<IdempotencyKey>,
+        telemetry: Box<JobTelemetry>,
         reply: oneshot::Sender<Result<Created, AppendError>>,
     },
     Append {
@@ -199,7 +206,9 @@ impl Log {
 
     /// Makes a stored, unfinished job live again (recovery at start).
     pub(super) fn register(&self, spec: Arc<JobSpec>, record: JobRecord) -> Arc<LiveJob> {
-        let live = LiveJob::new(spec, record);
+        // A recovered job starts a new trace.
+        let telemetry = JobTelemetry::new(spec.id, &spec.workflow);
+        let live = LiveJob::new(spec, record, telemetry);
         self.registry().insert(live.spec.id, live.clone());
         live
     }
@@ -213,9 +222,11 @@ impl Log {
         spec: Arc<JobSpec>,
         first: EventKind,
         key: Option<IdempotencyKey>,
+        telemetry: JobTelemetry,
     ) -> Result<Created, AppendError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Create { spec, first, key, reply }).await.map_err(|_| AppendError::Closed)?;
+        let command = Command::Create { spec, first, key, telemetry: Box::new(telemetry), reply };
+        self.tx.send(command).await.map_err(|_| AppendError::Closed)?;
         rx.await.unwrap_or(Err(AppendError::Closed))
     }
 
@@ -310,7 +321,7 @@ impl Writer {
         for command in commands.drain(..) {
             match command {
                 Command::Close => {}
-                Command::Create { spec, first, key, reply } => {
+                Command::Create { spec, first, key, telemetry, reply } => {
                     let event = Event { job_id: spec.id, seq: 1, time_ms: now, kind: first };
                     let record = match apply(&spec, &JobRecord::new(), &event) {
                         Ok(r) => r,
@@ -323,7 +334,7 @@ impl Writer {
                         (Ok(row), Ok(first_event)) => {
                             batch.creates.push(NewJob { row, first_event, key });
                             creates.push(PendingCreate {
-                                live: LiveJob::new(spec, record),
+                                live: LiveJob::new(spec, record, *telemetry),
                                 first: Arc::new(event),
                                 reply,
                             });
@@ -387,6 +398,7 @@ impl Writer {
         let started = Instant::now();
         let outcome = self.store.commit(&batch).await;
         let elapsed = started.elapsed();
+        crate::metrics::store_commit(elapsed, batch.events.len() + batch.creates.len());
         tracing::trace!(
             events = batch.events.len(),
             creates = batch.creates.len(),
@@ -425,8 +437,10 @@ impl Writer {
             live.record.send_replace(Arc::new(record.clone()));
         }
         for (slot, event, reply) in accepted {
+            let live = &staged[slot].0;
             // No receivers is fine: nobody is watching.
-            let _ = staged[slot].0.events.send(event.clone());
+            let _ = live.events.send(event.clone());
+            live.telemetry.observe(&event);
             let _ = reply.send(Ok(event));
         }
         for (live, record) in &staged {
@@ -569,8 +583,9 @@ mod tests {
                 let dir = tempfile::tempdir().unwrap();
                 let (log, store, task) = writer(dir.path()).await;
                 let spec = Arc::new(spec(&["3"]));
-                let Created::New(live) =
-                    log.create(spec.clone(), EventKind::Queued { position: 1, reason: String::new() }, None).await.unwrap()
+                let first = EventKind::Queued { position: 1, reason: String::new() };
+                let telemetry = JobTelemetry::new(spec.id, "w");
+                let Created::New(live) = log.create(spec.clone(), first, None, telemetry).await.unwrap()
                 else {
                     panic!("created")
                 };
@@ -613,10 +628,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (log, store, task) = writer(dir.path()).await;
         let spec = Arc::new(spec(&[]));
-        let Created::New(live) = log
-            .create(spec.clone(), EventKind::Queued { position: 1, reason: String::new() }, None)
-            .await
-            .unwrap()
+        let first = EventKind::Queued { position: 1, reason: String::new() };
+        let Created::New(live) =
+            log.create(spec.clone(), first, None, JobTelemetry::new(spec.id, "w")).await.unwrap()
         else {
             panic!("created")
         };

@@ -299,8 +299,11 @@ impl JobManager {
         let key = request_id.map(|request_id| IdempotencyKey { request_id, request_hash });
         let request_id = key.as_ref().map(|k| k.request_id.clone()).unwrap_or_default();
         let first = EventKind::Queued { position, reason: String::new() };
-        match self.inner.log.create(spec.clone(), first, key).await? {
+        // Created here, in the SubmitJob call's span: the job's trace continues the caller's.
+        let telemetry = crate::telemetry::JobTelemetry::new(spec.id, &spec.workflow);
+        match self.inner.log.create(spec.clone(), first, key, telemetry).await? {
             Created::New(live) => {
+                live.telemetry.submitted();
                 tracing::info!(job_id = %spec.id, workflow = %spec.workflow, "job accepted");
                 let _ = self.inner.sched.send(SchedMsg::Enqueue(Waiting::of(&spec, self.spec_of(&spec))));
                 Ok(live.job())
@@ -504,7 +507,7 @@ impl JobManager {
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
     fn spawn_runner(&self, live: Arc<log::LiveJob>, machine: Arc<Machine>, reattach: bool) {
         let manager = self.clone();
-        let span = tracing::info_span!("job", job_id = %live.spec.id, machine = %machine.id);
+        let span = live.telemetry.run(&machine.id, live.record().attempt, reattach);
         self.inner.tracker.spawn(
             async move {
                 // Exit policy: a runner never panics the service; an error fails the job with INTERNAL.

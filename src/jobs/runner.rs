@@ -18,6 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use super::{
     EventKind, FailureReason, JobError, JobFailure, JobManager, Machine, OutputFile,
@@ -122,7 +123,7 @@ impl Attempt<'_> {
 
         let upload_started = Instant::now();
         let upload = tokio::select! {
-            r = tokio::time::timeout(cfg.upload_timeout, self.upload_inputs()) => r,
+            r = tokio::time::timeout(cfg.upload_timeout, self.upload_inputs()).instrument(tracing::info_span!("upload")) => r,
             () = shutdown.cancelled() => return self.stopped_before_submit().await.map(|()| None),
         };
         let graph = match upload {
@@ -279,7 +280,10 @@ impl Attempt<'_> {
                             continue;
                         }
                         let t = Instant::now();
-                        let stored = tokio::time::timeout(cfg.download_timeout, self.download(&file)).await;
+                        let span = tracing::info_span!("download", filename = %file.filename);
+                        let stored = tokio::time::timeout(cfg.download_timeout, self.download(&file))
+                            .instrument(span)
+                            .await;
                         self.download_ms += t.elapsed().as_millis() as u64;
                         match stored {
                             Ok(Ok(mut out)) => {

@@ -140,6 +140,7 @@ impl Scheduler {
                 }
             }
             self.dispatch();
+            crate::metrics::queue_depth(self.queue.len());
             self.publish_positions();
             self.report_demand();
         }

@@ -107,6 +107,8 @@ impl EventStream {
                     tracing::debug!(job_id = %self.id, skipped = n, "subscriber lagged; catching up from the log");
                     self.caught_up = false;
                     self.coalesce = true;
+                    crate::metrics::subscriber_coalesced();
+                    crate::metrics::subscriber_coalesced();
                 }
                 Err(broadcast::error::RecvError::Closed) => {
                     self.live = None;

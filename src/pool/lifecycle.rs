@@ -73,6 +73,7 @@ impl Pool {
                 *n = n.saturating_sub(1);
             }
             st.counters.launched += 1;
+            crate::metrics::machine_launched(&spec);
             let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, started);
             entry.busy = true;
             st.machines.insert(id.clone(), entry);
@@ -251,6 +252,7 @@ impl Pool {
         let gave_up = {
             let mut st = self.state();
             st.counters.launch_failures += 1;
+            crate::metrics::machine_launch_failed(spec);
             let f = st.failures.entry(spec.clone()).or_default();
             f.consecutive += 1;
             let backoff = self.inner.config.launch_retry_backoff * 2u32.saturating_pow(f.consecutive - 1);

@@ -94,6 +94,19 @@ pub enum MachinePhase {
 }
 
 impl MachinePhase {
+    /// The phase as a metrics label (one of [`crate::metrics::MACHINE_STATES`]).
+    fn label(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Checking => "checking",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+
     fn is_live(self) -> bool {
         matches!(self, Self::Starting | Self::Checking | Self::Ready)
     }
@@ -456,6 +469,29 @@ impl Pool {
                 .map(|e| e.id.clone())
                 .collect();
             warn!(?left, "RunComfy machines not confirmed stopped at shutdown; their leases stop them");
+        }
+    }
+
+    /// Reports the machines to the metrics (states, idle ones, billing); called at every planning round.
+    fn observe(&self) {
+        let now = Instant::now();
+        let st = self.state();
+        let samples: Vec<crate::metrics::MachineSample<'_>> = st
+            .machines
+            .values()
+            .map(|e| crate::metrics::MachineSample {
+                spec: &e.spec,
+                id: &e.id,
+                state: e.phase.label(),
+                idle: e.phase == MachinePhase::Ready && e.machine.as_ref().is_some_and(|m| m.assigned() == 0),
+                billed: e.billed(now),
+                price_per_hour_usd: e.price,
+            })
+            .collect();
+        crate::metrics::pool_machines(&samples);
+        let specs: BTreeSet<&MachineSpec> = st.machines.values().map(|e| &e.spec).collect();
+        for spec in specs {
+            crate::metrics::pool_min_warm(spec, self.policy(spec).min_warm);
         }
     }
 

@@ -14,6 +14,7 @@ impl Pool {
                 _ = tick.tick() => {}
             }
             let actions = self.plan();
+            self.observe();
             for action in actions {
                 match action {
                     Action::Launch(spec) => self.spawn_launch(spec),

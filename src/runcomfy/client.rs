@@ -409,6 +409,24 @@ impl RunComfyClient {
         url
     }
 
+    /// The endpoint of a request as a metrics label: its method and path below the user, ids templated.
+    fn endpoint(&self, method: &Method, url: &Url) -> &'static str {
+        let base = self.inner.user_url.path().trim_end_matches('/');
+        let rest = url.path().strip_prefix(base).unwrap_or_default();
+        let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+        match (method.as_str(), segments.as_slice()) {
+            ("GET", ["workflows"]) => "GET /workflows",
+            ("GET", ["servers"]) => "GET /servers",
+            ("POST", ["servers"]) => "POST /servers",
+            ("GET", ["servers", _]) => "GET /servers/{server_id}",
+            ("DELETE", ["servers", _]) => "DELETE /servers/{server_id}",
+            ("POST", ["servers", _, "update-estimated-duration"]) => {
+                "POST /servers/{server_id}/update-estimated-duration"
+            }
+            _ => "other",
+        }
+    }
+
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
         let o = &self.inner.options;
         ExponentialBuilder::default()
@@ -545,7 +563,10 @@ impl RunComfyClient {
         url: &Url,
         body: Option<&Value>,
     ) -> Result<Value, RunComfyError> {
+        let waited = Instant::now();
         self.wait_turn().await;
+        crate::metrics::runcomfy_limiter_wait(waited.elapsed());
+        let endpoint = self.endpoint(method, url);
         let mut request = self
             .inner
             .http
@@ -563,8 +584,14 @@ impl RunComfyClient {
             let bytes = response.bytes().await.map_err(RunComfyError::Transport)?;
             Ok::<_, RunComfyError>((status, retry_after, bytes))
         };
-        let (status, retry_after, bytes) =
-            tokio::time::timeout(timeout, exchange).await.map_err(|_| RunComfyError::Timeout(timeout))??;
+        let answered = tokio::time::timeout(timeout, exchange).await;
+        let label = match &answered {
+            Ok(Ok((status, _, _))) => status.as_str().to_owned(),
+            Ok(Err(_)) => "transport".to_owned(),
+            Err(_) => "timeout".to_owned(),
+        };
+        crate::metrics::runcomfy_request(endpoint, &label);
+        let (status, retry_after, bytes) = answered.map_err(|_| RunComfyError::Timeout(timeout))??;
         debug!(status = status.as_u16(), "RunComfy answered");
         let result = interpret(status, retry_after, &bytes);
         if let Err(RunComfyError::RateLimited { retry_after }) = &result {

@@ -17,6 +17,20 @@ use crate::helpers::spawn_app;
 async fn health_reports_serving_for_the_server_and_each_service() {
     let app = spawn_app().await;
     let mut health = HealthClient::new(app.channel.clone());
+    // JobService is SERVING once a backend can take a job: wait (bounded) for the socket to its ComfyUI.
+    let mut watch = health
+        .watch(HealthCheckRequest { service: "comfyrelay.v1.JobService".into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while watch.message().await.expect("watch item").expect("watch open").status()
+            != ServingStatus::Serving
+        {}
+    })
+    .await
+    .expect("JobService SERVING within 30 s");
+    drop(watch);
     for service in
         ["", "comfyrelay.v1.JobService", "comfyrelay.v1.WorkflowService", "comfyrelay.v1.MachineService"]
     {

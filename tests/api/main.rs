@@ -11,6 +11,7 @@ mod jobs;
 mod load;
 mod machines;
 mod migration;
+mod observability;
 mod policies;
 mod pool;
 mod recovery;
