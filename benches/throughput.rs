@@ -111,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let mut config = Config {
         data_dir: data.path().to_path_buf(),
-        workflows_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows"),
+        workflows_dir: Some(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows")),
         ..Config::default()
     };
     config.comfyui.servers[0].url = emulator.url();

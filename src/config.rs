@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Directory for the SQLite database and stored artifacts.
     pub data_dir: PathBuf,
-    /// Directory of workflow manifests and graphs.
-    pub workflows_dir: PathBuf,
+    /// A directory of workflows (manifests and graphs) added to the bundled ones, replacing any of the
+    /// same name, and reloaded on change; `None`: the bundled workflows only.
+    pub workflows_dir: Option<PathBuf>,
     /// gRPC server settings.
     pub grpc: GrpcConfig,
     /// Logging settings.
@@ -35,7 +36,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("data"),
-            workflows_dir: PathBuf::from("workflows"),
+            workflows_dir: None,
             grpc: GrpcConfig::default(),
             log: LogConfig::default(),
             comfyui: ComfyUiConfig::default(),

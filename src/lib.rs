@@ -50,8 +50,12 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"))
         .await
         .context("opening the artifact directory")?;
-    let catalog = catalog::Catalog::load(&config.workflows_dir)
-        .with_context(|| format!("loading workflows from {}", config.workflows_dir.display()))?;
+    let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
+        match &config.workflows_dir {
+            Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),
+            None => "loading the bundled workflows".to_string(),
+        }
+    })?;
     let catalog_watch = catalog.watch(shutdown.child_token());
 
     let options = comfy::ClientOptions {
