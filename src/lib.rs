@@ -8,16 +8,19 @@
 //! - [`runcomfy`]: the RunComfy Server API client.
 //! - [`store`]: durable storage (SQLite) and the artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
-//! - [`config`], [`telemetry`], [`shutdown`]: process plumbing.
+//! - [`dev`]: `comfyrelay dev`, the service on emulators.
+//! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
 
 pub mod catalog;
 pub mod comfy;
 pub mod config;
+pub mod dev;
 pub mod emulator;
 pub mod grpc;
 pub mod jobs;
+pub mod listen;
 pub mod machine;
 pub mod pool;
 pub mod proto;

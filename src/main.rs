@@ -2,13 +2,11 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use comfyrelay::{
     Config,
-    emulator::{
-        comfyui::{ComfyEmulator, EmulatorConfig},
-        runcomfy::{RunComfyEmulator, RunComfyEmulatorConfig},
-    },
+    emulator::{comfyui::EmulatorConfig, runcomfy::RunComfyEmulatorConfig},
     shutdown, telemetry,
 };
 use tokio_util::sync::CancellationToken;
@@ -33,13 +31,22 @@ enum Command {
     Serve,
     /// Serve the gRPC API with a built-in emulated ComfyUI: the whole path with no GPU.
     Dev {
-        /// Port of the emulated ComfyUI (on 127.0.0.1).
-        #[arg(long, default_value_t = 8188)]
-        comfy_port: u16,
-        /// Also run an emulated RunComfy account (on 127.0.0.1:8190) and enable the pool: jobs of workflows
-        /// with RunComfy requirements run on machines it launches.
+        /// Port of the emulated ComfyUI on 127.0.0.1 [default: 8188, or a free port when 8188 is taken].
+        #[arg(long)]
+        comfy_port: Option<u16>,
+        /// Also run an emulated RunComfy account and enable the pool: jobs of workflows with RunComfy
+        /// requirements run on machines it launches.
         #[arg(long)]
         runcomfy: bool,
+        /// Port of the emulated RunComfy API on 127.0.0.1 [default: 8190, or a free port when taken].
+        #[arg(long, requires = "runcomfy")]
+        runcomfy_port: Option<u16>,
+        /// Time each emulated ComfyUI node takes, e.g. `1s`, to watch progress (default: as fast as it can).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        node_delay: std::time::Duration,
+        /// Progress steps each delayed node reports, as a sampler would.
+        #[arg(long, default_value_t = 0)]
+        progress_steps: u64,
     },
     /// Run an emulator of an external system on its own.
     Emulate {
@@ -112,44 +119,19 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown::watch_signals(shutdown.clone()));
     match command {
         Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
+            let listener =
+                comfyrelay::listen::bind(config.grpc.listen, "grpc.listen (COMFYRELAY_GRPC__LISTEN)").await?;
             comfyrelay::run(listener, config, shutdown).await
         }
-        Command::Dev { comfy_port, runcomfy } => {
-            let mut config = config;
-            let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
-            let comfy = ComfyEmulator::start(comfy_listener, EmulatorConfig::default()).await?;
-            tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
-            config.comfyui.servers =
-                vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
-            let emulator = if runcomfy {
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", 8190)).await?;
-                let emulator = RunComfyEmulator::start(
-                    listener,
-                    RunComfyEmulatorConfig {
-                        boot_time: std::time::Duration::from_secs(5),
-                        ..RunComfyEmulatorConfig::default()
-                    },
-                )
-                .await?;
-                tracing::info!(url = %emulator.url(), "emulated RunComfy account running");
-                let r = &mut config.runcomfy;
-                r.enabled = true;
-                r.base_url = emulator.url();
-                r.user_id = comfyrelay::emulator::runcomfy::DEFAULT_USER_ID.into();
-                r.api_token = comfyrelay::config::Secret::new(comfyrelay::emulator::runcomfy::DEFAULT_TOKEN);
-                r.status_poll = std::time::Duration::from_secs(1);
-                Some(emulator)
-            } else {
-                None
+        Command::Dev { comfy_port, runcomfy, runcomfy_port, node_delay, progress_steps } => {
+            let options = comfyrelay::dev::DevOptions {
+                comfy_port,
+                runcomfy,
+                runcomfy_port,
+                node_delay,
+                progress_steps,
             };
-            let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
-            let result = comfyrelay::run(listener, config, shutdown).await;
-            if let Some(emulator) = emulator {
-                emulator.shutdown().await;
-            }
-            comfy.shutdown().await;
-            result
+            comfyrelay::dev::run(options, config, shutdown).await
         }
         Command::Emulate { target: EmulateTarget::Comfyui { port, host } } => {
             comfyrelay::emulator::comfyui::run_standalone(
@@ -158,13 +140,16 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 shutdown,
             )
             .await
+            .with_context(|| format!("emulated ComfyUI on {host}:{port} (set by --host, --port)"))
         }
         Command::Emulate { target: EmulateTarget::Runcomfy { port, host, boot_seconds } } => {
             let config = RunComfyEmulatorConfig {
                 boot_time: std::time::Duration::from_secs(boot_seconds),
                 ..RunComfyEmulatorConfig::default()
             };
-            comfyrelay::emulator::runcomfy::run_standalone((host, port).into(), config, shutdown).await
+            comfyrelay::emulator::runcomfy::run_standalone((host, port).into(), config, shutdown)
+                .await
+                .with_context(|| format!("emulated RunComfy API on {host}:{port} (set by --host, --port)"))
         }
         Command::Version => Ok(()),
     }
