@@ -9,11 +9,13 @@
 //! - [`store`]: durable storage (SQLite) and the artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
 //! - [`dev`]: `comfyrelay dev`, the service on emulators.
+//! - [`cli`]: the command-line gRPC client (a client adapter: tonic and `pb::` like `grpc`).
 //! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
 
 pub mod catalog;
+pub mod cli;
 pub mod comfy;
 pub mod config;
 pub mod dev;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use comfyrelay::{
-    Config,
+    Config, cli,
     emulator::{comfyui::EmulatorConfig, runcomfy::RunComfyEmulatorConfig},
     shutdown, telemetry,
 };
@@ -55,6 +55,8 @@ enum Command {
     },
     /// Print the version.
     Version,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,10 +85,23 @@ enum EmulateTarget {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Command::Version = cli.command {
-        println!("comfyrelay {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors exit 64 like bad configuration (clap's
+            // own 2 is the client's "call failed").
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Version => {
+            println!("comfyrelay {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        // Client commands never load the server's configuration.
+        Command::Client(command) => return ExitCode::from(cli::main(command).code()),
+        Command::Serve | Command::Dev { .. } | Command::Emulate { .. } => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -151,6 +166,6 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("emulated RunComfy API on {host}:{port} (set by --host, --port)"))
         }
-        Command::Version => Ok(()),
+        Command::Version | Command::Client(_) => Ok(()),
     }
 }
