@@ -1,7 +1,9 @@
-//! The gRPC adapter: the only module (with `proto`) that knows tonic and `pb::` types.
+//! The gRPC server adapter: the only server module (with `proto`) that knows tonic and `pb::` types
+//! (`cli` is its client-side counterpart).
 //!
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
-//! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
+//! v1alpha, with the `google.rpc` error detail types) and gRPC-Web, and stops gracefully when the
+//! shutdown token is cancelled.
 
 mod convert;
 mod jobs;
@@ -45,13 +47,17 @@ pub async fn serve(
     health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
     health.set_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>().await;
 
+    // The `google.rpc` error detail types too, so reflection clients (`buf curl`, grpcurl) decode the
+    // details of an error instead of printing them as bytes.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
