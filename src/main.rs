@@ -18,7 +18,7 @@ const EX_USAGE: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "comfyrelay", version, about)]
 struct Cli {
-    /// A TOML configuration file; `COMFYRELAY_*` variables override it.
+    /// The server's TOML configuration file (serve, dev); `COMFYRELAY_*` variables override it.
     #[arg(long, short, global = true, env = "COMFYRELAY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]

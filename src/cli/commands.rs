@@ -297,7 +297,7 @@ async fn machines(args: MachinesArgs) -> Result<Exit, CliError> {
     let printer = Printer { json: connect.json };
     let mut page_token = String::new();
     if !printer.json {
-        println!("{:<24}  {:<9}  {:<10}  {:>7}  {:>6}  url", "machine", "kind", "state", "running", "queued");
+        println!("{:<36}  {:<9}  {:<10}  {:>7}  {:>6}  url", "machine", "kind", "state", "running", "queued");
     }
     loop {
         let page = clients
@@ -310,7 +310,7 @@ async fn machines(args: MachinesArgs) -> Result<Exit, CliError> {
             let v = json::machine(m);
             printer.result(&v, || {
                 format!(
-                    "{:<24}  {:<9}  {:<10}  {:>7}  {:>6}  {}",
+                    "{:<36}  {:<9}  {:<10}  {:>7}  {:>6}  {}",
                     m.id,
                     v["kind"].as_str().unwrap_or(""),
                     v["state"].as_str().unwrap_or(""),
