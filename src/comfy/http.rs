@@ -246,12 +246,11 @@ impl ComfyClient {
         let uncertain = AtomicBool::new(false);
         let v = self
             .retrying(op, || async {
-                if uncertain.load(Ordering::Relaxed) {
-                    if let Some(number) = self.locate(&req.prompt_id).await? {
+                if uncertain.load(Ordering::Relaxed)
+                    && let Some(number) = self.locate(&req.prompt_id).await? {
                         tracing::debug!(prompt_id = %req.prompt_id, "an earlier POST /prompt attempt had queued it");
                         return Ok(json!({"prompt_id": req.prompt_id, "number": number, "node_errors": {}}));
                     }
-                }
                 match self.call(Method::POST, &["prompt"], &[], Body::Json(body.clone())).await {
                     Ok(bytes) => parse_json(op, &bytes),
                     Err(e) => {
