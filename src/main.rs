@@ -56,7 +56,7 @@ enum Command {
     /// Print the version.
     Version,
     #[command(flatten)]
-    Client(cli::ClientCommand),
+    Client(Box<cli::ClientCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         // Client commands never load the server's configuration.
-        Command::Client(command) => return ExitCode::from(cli::main(command).code()),
+        Command::Client(command) => return ExitCode::from(cli::main(*command).code()),
         Command::Serve | Command::Dev { .. } | Command::Emulate { .. } => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
