@@ -2,8 +2,9 @@
 //! received: `StreamJob` replays from `after_sequence`, and events at or below it are dropped, so the
 //! caller sees every event once, in order.
 //!
-//! Reconnects back off exponentially (`backon`, 200 ms doubling to 5 s, with jitter) and give up after
-//! `reconnect_for` without receiving anything.
+//! Reconnects back off exponentially (`backon`, 200 ms doubling to 5 s, with jitter) and give up when
+//! the stream has stayed broken for `reconnect_for` (a job may be silent for long; only a broken stream
+//! counts).
 
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,8 @@ fn retryable(status: &tonic::Status) -> bool {
 /// sequence) and each reconnect.
 ///
 /// # Errors
-/// The first non-retryable RPC error, or the last error once `reconnect_for` passed with no event.
+/// The first non-retryable RPC error, or the last error once the stream stayed broken for
+/// `reconnect_for`.
 pub(crate) async fn follow(
     clients: &Clients,
     job_id: &str,
@@ -73,7 +75,8 @@ pub(crate) async fn follow(
             .build()
     };
     let mut backoff = new_backoff();
-    let mut quiet_since = Instant::now();
+    // When the stream broke with no event received since.
+    let mut broken_since: Option<Instant> = None;
     loop {
         let mut jobs = clients.jobs.clone();
         let request =
@@ -89,7 +92,7 @@ pub(crate) async fn follow(
                             }
                             last = event.sequence;
                             backoff = new_backoff();
-                            quiet_since = Instant::now();
+                            broken_since = None;
                             observe(Notice::Event(&event));
                             if let Some(end) = terminal(&event) {
                                 return Ok(end);
@@ -105,7 +108,7 @@ pub(crate) async fn follow(
             Err(status) if retryable(&status) => status,
             Err(status) => return Err(status.into()),
         };
-        if quiet_since.elapsed() >= reconnect_for {
+        if broken_since.get_or_insert_with(Instant::now).elapsed() >= reconnect_for {
             return Err(broke.into());
         }
         observe(Notice::Reconnecting { after_sequence: last, error: broke.message().to_string() });

@@ -81,7 +81,7 @@ pub struct RunArgs {
     /// Directory the outputs are saved in (created if missing).
     #[arg(long, short, default_value = ".")]
     pub out: PathBuf,
-    /// Give up reconnecting after this long without an event.
+    /// Give up when the event stream has stayed broken this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub reconnect_for: Duration,
     #[command(flatten)]
@@ -108,7 +108,7 @@ pub struct WatchArgs {
     /// Also save the outputs in this directory when the job succeeds.
     #[arg(long, short)]
     pub out: Option<PathBuf>,
-    /// Give up reconnecting after this long without an event.
+    /// Give up when the event stream has stayed broken this long.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub reconnect_for: Duration,
     #[command(flatten)]

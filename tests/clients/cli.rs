@@ -240,3 +240,39 @@ fn client_commands_ignore_server_settings_and_never_print_the_api_key() {
         Dev::start_with(&["--comfy-port", "0"], &[("COMFYRELAY_SERVER", "x"), ("COMFYRELAY_API_KEY", key)]);
     assert!(!dev2.printed().contains(key));
 }
+
+#[test]
+fn watch_gives_up_when_the_stream_stays_broken_and_exits_2() {
+    let dev = Dev::start(&["--comfy-port", "0", "--node-delay", "2s"]);
+    let image = dev.image("in.png", 6);
+    let submitted = run(dev.cli().args(["submit", "invert"]).arg(&image));
+    assert_eq!(submitted.code, Some(0), "{submitted:?}");
+    let job = submitted.stdout.trim().to_string();
+    let proxy = Proxy::start(dev.addr);
+    let server = format!("http://{}", proxy.addr);
+    let mut watch = dev
+        .cli()
+        .args(["watch", &job, "--json", "--reconnect-for", "1s", "--server", &server])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn watch");
+    let rx = lines_of(&mut watch);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut lines = Vec::new();
+    let mut proxy = Some(proxy);
+    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        // After the first event the proxy goes away for good: nothing listens there any more.
+        drop(proxy.take());
+        lines.push(serde_json::from_str::<serde_json::Value>(&line).expect("JSON line"));
+    }
+    let status = watch.wait().expect("watch exits");
+    assert_eq!(status.code(), Some(2), "{lines:?}");
+    assert!(lines.iter().any(|l| l["type"] == "reconnecting"), "{lines:?}");
+    let last = lines.last().expect("lines");
+    assert_eq!(
+        (last["type"].as_str(), last["code"].as_str()),
+        (Some("error"), Some("Unavailable")),
+        "{lines:?}"
+    );
+}

@@ -75,7 +75,7 @@ class Client:
         target: ``host:port`` of the gRPC server (default: ``$COMFYRELAY_SERVER`` or 127.0.0.1:50051).
         api_key: sent as ``authorization: Bearer <key>`` (default: ``$COMFYRELAY_API_KEY``).
         timeout: seconds for each unary call.
-        reconnect_for: how long ``stream`` keeps trying to resume without receiving an event.
+        reconnect_for: how long ``stream`` keeps trying to resume a broken stream.
     """
 
     def __init__(
@@ -174,15 +174,16 @@ class Client:
         """Yields the job's events after ``after_sequence`` until its terminal event.
 
         A lost connection is resumed from the last sequence received (backing off from 0.2 s to 5 s),
-        so each event is yielded once, in order; after ``reconnect_for`` seconds without an event the
-        last error is raised.
+        so each event is yielded once, in order; once the stream has stayed broken for
+        ``reconnect_for`` seconds (with no event since it broke), the last error is raised. A job that
+        is merely silent never counts.
 
         Raises:
             RpcError: a non-resumable error (e.g. ``NOT_FOUND``), or the last one after ``reconnect_for``.
         """
         last = after_sequence
         delay = 0.2
-        quiet_since = time.monotonic()
+        broken_since: Optional[float] = None
         while True:
             request = pb.StreamJobRequest(job_id=job_id, after_sequence=last, skip_previews=skip_previews)
             try:
@@ -190,7 +191,7 @@ class Client:
                     if event.sequence <= last:
                         continue
                     last = event.sequence
-                    delay, quiet_since = 0.2, time.monotonic()
+                    delay, broken_since = 0.2, None
                     yield event
                     if event.WhichOneof("kind") in _TERMINAL:
                         return
@@ -200,7 +201,9 @@ class Client:
                 if e.code() not in _RESUMABLE:
                     raise RpcError.from_grpc(e) from e
                 error = e
-            if time.monotonic() - quiet_since > self._reconnect_for:
+            if broken_since is None:
+                broken_since = time.monotonic()
+            if time.monotonic() - broken_since > self._reconnect_for:
                 if error is not None:
                     raise RpcError.from_grpc(error) from error
                 raise RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream kept ending before the job did")
