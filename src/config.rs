@@ -17,8 +17,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Directory for the SQLite database and stored artifacts.
     pub data_dir: PathBuf,
-    /// Directory of workflow manifests and graphs.
-    pub workflows_dir: PathBuf,
+    /// A directory of workflows (manifests and graphs) added to the bundled ones, replacing any of the
+    /// same name, and reloaded on change; `None`: the bundled workflows only.
+    pub workflows_dir: Option<PathBuf>,
     /// gRPC server settings.
     pub grpc: GrpcConfig,
     /// Logging settings.
@@ -48,7 +49,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("data"),
-            workflows_dir: PathBuf::from("workflows"),
+            workflows_dir: None,
             grpc: GrpcConfig::default(),
             log: LogConfig::default(),
             comfyui: ComfyUiConfig::default(),
@@ -424,6 +425,10 @@ impl Default for RunComfyConfig {
     }
 }
 
+/// `COMFYRELAY_*` variables that are not server settings: the config file's path, and the CLI client's
+/// server address and API key (read by the client's flags, never by the server).
+pub const NOT_SERVER_SETTINGS: &[&str] = &["COMFYRELAY_CONFIG", "COMFYRELAY_SERVER", "COMFYRELAY_API_KEY"];
+
 /// A configuration error that names the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
@@ -449,7 +454,7 @@ impl Config {
         // `COMFYRELAY_A__B` becomes the key `a.b`, its value parsed like a TOML value.
         let vars: Vec<(String, String)> = env
             .into_iter()
-            .filter(|(k, _)| k.starts_with("COMFYRELAY_") && k != "COMFYRELAY_CONFIG")
+            .filter(|(k, _)| k.starts_with("COMFYRELAY_") && !NOT_SERVER_SETTINGS.contains(&k.as_str()))
             .collect();
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
@@ -617,6 +622,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.comfyui.servers.len(), 2);
         assert_eq!(c.comfyui.servers[1].url, "http://127.0.0.1:2");
+    }
+
+    #[test]
+    fn client_variables_are_not_server_settings() {
+        let c = Config::load(
+            None,
+            env(&[("COMFYRELAY_SERVER", "http://127.0.0.1:1"), ("COMFYRELAY_API_KEY", "k-secret")]),
+        )
+        .unwrap();
+        assert_eq!(c, Config::default());
+        let c = Config::load(None, env(&[("COMFYRELAY_WORKFLOWS_DIR", "my-workflows")])).unwrap();
+        assert_eq!(c.workflows_dir.as_deref(), Some(std::path::Path::new("my-workflows")));
     }
 
     #[test]

@@ -10,17 +10,22 @@
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
 //! - [`metrics`]: every Prometheus metric, its labels and its `/metrics` listener.
 //! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
-//! - [`config`], [`telemetry`], [`shutdown`]: process plumbing.
+//! - [`dev`]: `comfyrelay dev`, the service on emulators.
+//! - [`cli`]: the command-line gRPC client (a client adapter: tonic and `pb::` like `grpc`).
+//! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
 
 pub mod catalog;
+pub mod cli;
 pub mod comfy;
 pub mod config;
+pub mod dev;
 pub mod emulator;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
+pub mod listen;
 pub mod machine;
 pub mod metrics;
 pub mod pool;
@@ -46,15 +51,34 @@ pub use config::Config;
 /// # Errors
 /// Startup failures (storage, catalog) and a server that fails while serving.
 pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics listener (metrics.listen = {addr})"))?,
+        ),
+        None => None,
+    };
+    run_with_metrics(listener, metrics, config, shutdown).await
+}
+
+/// [`run`] with the metrics listener already bound (`dev` binds its preferred port or a free one; with
+/// `None` no metrics are served, whatever `metrics.listen` says).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with_metrics(
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Metrics are served until the very end (through the drain), on their own listener.
     let metrics_stop = CancellationToken::new();
-    let metrics_task = match config.metrics.listen {
-        Some(addr) => {
+    let metrics_task = match metrics_listener {
+        Some(listener) => {
             let handle =
                 metrics::install().map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))?;
-            let listener = TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics listener (metrics.listen = {addr})"))?;
             // Exit policy: ends when `metrics_stop` is cancelled at the end of `run`; awaited there.
             Some(tokio::spawn(metrics::serve(listener, handle, metrics_stop.clone())))
         }
@@ -86,8 +110,12 @@ async fn run_service(
     let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"), durability)
         .await
         .context("opening the artifact directory")?;
-    let catalog = catalog::Catalog::load(&config.workflows_dir)
-        .with_context(|| format!("loading workflows from {}", config.workflows_dir.display()))?;
+    let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
+        match &config.workflows_dir {
+            Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),
+            None => "loading the bundled workflows".to_string(),
+        }
+    })?;
     let catalog_watch = catalog.watch(shutdown.child_token());
 
     let options = comfy::ClientOptions {

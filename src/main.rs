@@ -2,12 +2,13 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use comfyrelay::{
-    Config,
+    Config, cli,
     emulator::{
-        comfyui::{ComfyEmulator, ComfyVersion, EmulatorConfig},
-        runcomfy::{RunComfyEmulator, RunComfyEmulatorConfig},
+        comfyui::{ComfyVersion, EmulatorConfig},
+        runcomfy::RunComfyEmulatorConfig,
     },
     shutdown, telemetry,
 };
@@ -19,14 +20,11 @@ const EX_USAGE: u8 = 64;
 /// Longest wait for buffered spans to reach the collector at exit.
 const TRACE_FLUSH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Where `dev` serves metrics when `metrics.listen` is unset (a free port if this one is taken).
-const DEV_METRICS: &str = "127.0.0.1:9090";
-
 /// Runs ComfyUI workflows durably behind a gRPC API.
 #[derive(Debug, Parser)]
 #[command(name = "comfyrelay", version, about)]
 struct Cli {
-    /// A TOML configuration file; `COMFYRELAY_*` variables override it.
+    /// The server's TOML configuration file (serve, dev); `COMFYRELAY_*` variables override it.
     #[arg(long, short, global = true, env = "COMFYRELAY_CONFIG")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -39,16 +37,25 @@ enum Command {
     Serve,
     /// Serve the gRPC API with a built-in emulated ComfyUI: the whole path with no GPU.
     Dev {
-        /// Port of the emulated ComfyUI (on 127.0.0.1).
-        #[arg(long, default_value_t = 8188)]
-        comfy_port: u16,
-        /// Also run an emulated RunComfy account (on 127.0.0.1:8190) and enable the pool: jobs of workflows
-        /// with RunComfy requirements run on machines it launches.
+        /// Port of the emulated ComfyUI on 127.0.0.1 [default: 8188, or a free port when 8188 is taken].
+        #[arg(long)]
+        comfy_port: Option<u16>,
+        /// Also run an emulated RunComfy account and enable the pool: jobs of workflows with RunComfy
+        /// requirements run on machines it launches.
         #[arg(long)]
         runcomfy: bool,
         /// The ComfyUI generation the emulators reproduce: 0.3.64 or 0.38.
         #[arg(long, default_value = "0.3.64")]
         comfyui_version: ComfyVersion,
+        /// Port of the emulated RunComfy API on 127.0.0.1 [default: 8190, or a free port when taken].
+        #[arg(long, requires = "runcomfy")]
+        runcomfy_port: Option<u16>,
+        /// Time each emulated ComfyUI node takes, e.g. `1s`, to watch progress (default: as fast as it can).
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        node_delay: std::time::Duration,
+        /// Progress steps each delayed node reports, as a sampler would.
+        #[arg(long, default_value_t = 0)]
+        progress_steps: u64,
     },
     /// Run an emulator of an external system on its own.
     Emulate {
@@ -57,6 +64,8 @@ enum Command {
     },
     /// Print the version.
     Version,
+    #[command(flatten)]
+    Client(Box<cli::ClientCommand>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,10 +97,23 @@ enum EmulateTarget {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    if let Command::Version = cli.command {
-        println!("comfyrelay {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version go to stdout with 0; usage errors exit 64 like bad configuration (clap's
+            // own 2 is the client's "call failed").
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
+        }
+    };
+    match cli.command {
+        Command::Version => {
+            println!("comfyrelay {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        // Client commands never load the server's configuration.
+        Command::Client(command) => return ExitCode::from(cli::main(*command).code()),
+        Command::Serve | Command::Dev { .. } | Command::Emulate { .. } => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -135,52 +157,20 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     tokio::spawn(shutdown::watch_signals(shutdown.clone()));
     match command {
         Command::Serve => {
-            let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
+            let listener =
+                comfyrelay::listen::bind(config.grpc.listen, "grpc.listen (COMFYRELAY_GRPC__LISTEN)").await?;
             comfyrelay::run(listener, config, shutdown).await
         }
-        Command::Dev { comfy_port, runcomfy, comfyui_version } => {
-            let mut config = config;
-            let comfy_listener = tokio::net::TcpListener::bind(("127.0.0.1", comfy_port)).await?;
-            let emulated = EmulatorConfig { comfyui_version, ..EmulatorConfig::default() };
-            let comfy = ComfyEmulator::start(comfy_listener, emulated.clone()).await?;
-            tracing::info!(url = %comfy.url(), "emulated ComfyUI running");
-            config.comfyui.servers =
-                vec![comfyrelay::config::StaticServer { name: "emulator".into(), url: comfy.url() }];
-            if config.metrics.listen.is_none() {
-                // Probe the usual port; `run` logs where metrics are served.
-                let free = std::net::TcpListener::bind(DEV_METRICS).is_ok();
-                let addr = if free { DEV_METRICS } else { "127.0.0.1:0" };
-                config.metrics.listen = addr.parse().ok();
-            }
-            let emulator = if runcomfy {
-                let listener = tokio::net::TcpListener::bind(("127.0.0.1", 8190)).await?;
-                let emulator = RunComfyEmulator::start(
-                    listener,
-                    RunComfyEmulatorConfig {
-                        boot_time: std::time::Duration::from_secs(5),
-                        comfyui: emulated,
-                        ..RunComfyEmulatorConfig::default()
-                    },
-                )
-                .await?;
-                tracing::info!(url = %emulator.url(), "emulated RunComfy account running");
-                let r = &mut config.runcomfy;
-                r.enabled = true;
-                r.base_url = emulator.url();
-                r.user_id = comfyrelay::emulator::runcomfy::DEFAULT_USER_ID.into();
-                r.api_token = comfyrelay::config::Secret::new(comfyrelay::emulator::runcomfy::DEFAULT_TOKEN);
-                r.status_poll = std::time::Duration::from_secs(1);
-                Some(emulator)
-            } else {
-                None
+        Command::Dev { comfy_port, runcomfy, comfyui_version, runcomfy_port, node_delay, progress_steps } => {
+            let options = comfyrelay::dev::DevOptions {
+                comfy_port,
+                runcomfy,
+                comfyui_version,
+                runcomfy_port,
+                node_delay,
+                progress_steps,
             };
-            let listener = tokio::net::TcpListener::bind(config.grpc.listen).await?;
-            let result = comfyrelay::run(listener, config, shutdown).await;
-            if let Some(emulator) = emulator {
-                emulator.shutdown().await;
-            }
-            comfy.shutdown().await;
-            result
+            comfyrelay::dev::run(options, config, shutdown).await
         }
         Command::Emulate { target: EmulateTarget::Comfyui { port, host, comfyui_version } } => {
             comfyrelay::emulator::comfyui::run_standalone(
@@ -189,14 +179,17 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 shutdown,
             )
             .await
+            .with_context(|| format!("emulated ComfyUI on {host}:{port} (set by --host, --port)"))
         }
         Command::Emulate { target: EmulateTarget::Runcomfy { port, host, boot_seconds } } => {
             let config = RunComfyEmulatorConfig {
                 boot_time: std::time::Duration::from_secs(boot_seconds),
                 ..RunComfyEmulatorConfig::default()
             };
-            comfyrelay::emulator::runcomfy::run_standalone((host, port).into(), config, shutdown).await
+            comfyrelay::emulator::runcomfy::run_standalone((host, port).into(), config, shutdown)
+                .await
+                .with_context(|| format!("emulated RunComfy API on {host}:{port} (set by --host, --port)"))
         }
-        Command::Version => Ok(()),
+        Command::Version | Command::Client(_) => Ok(()),
     }
 }

@@ -1,5 +1,8 @@
-//! The workflow catalog: API-format ComfyUI graphs in `workflows/` with manifests of their typed inputs;
-//! validation of a request against them and injection of values into the graph.
+//! The workflow catalog: API-format ComfyUI graphs with manifests of their typed inputs; validation of a
+//! request against them and injection of values into the graph.
+//!
+//! The repository's `workflows/` are compiled into the binary (see `build.rs`) and are the catalog by
+//! default; a directory (`workflows_dir`) adds to them and overrides them by name, and only it is reloaded.
 //!
 //! Layout: [`model`] (the domain types), `manifest` (parsing `manifest.toml` against `workflow.json`),
 //! `graph` (API-format structure checks), `object_info` (checks against a backend's `/object_info`),
@@ -96,7 +99,10 @@ struct Snapshot {
 
 #[derive(Debug)]
 struct Inner {
-    dir: PathBuf,
+    /// The directory read at load and on reload; `None`: the bundled workflows only.
+    dir: Option<PathBuf>,
+    /// Workflows under the directory's: a directory workflow of the same name replaces one of these.
+    base: Vec<Arc<Workflow>>,
     // A std lock: held only to clone or swap an `Arc`, never across an await.
     current: RwLock<Arc<Snapshot>>,
     status: tokio_watch::Sender<ReloadStatus>,
@@ -116,8 +122,21 @@ impl Catalog {
     /// [`CatalogError::ReadDir`] if `dir` cannot be read; [`CatalogError::Invalid`] listing every bad file
     /// with its path and reason.
     pub fn load(dir: &Path) -> Result<Self, CatalogError> {
-        let snapshot = load_snapshot(dir)?;
-        Ok(Self::from_snapshot(dir, snapshot))
+        let snapshot = load_snapshot(Some(dir), &[])?;
+        Ok(Self::from_snapshot(Some(dir), Vec::new(), snapshot))
+    }
+
+    /// The bundled workflows (compiled into the binary), with the workflows under `overlay`, if given,
+    /// added to them; an overlay workflow replaces the bundled one of the same name. Only the overlay is
+    /// read from disk, by [`Catalog::reload`] and [`Catalog::watch`] too.
+    ///
+    /// # Errors
+    /// As [`Catalog::load`] for the overlay; [`CatalogError::Invalid`] if a bundled workflow is invalid
+    /// (a build the catalog tests would have failed).
+    pub fn with_bundled(overlay: Option<&Path>) -> Result<Self, CatalogError> {
+        let base = bundled_workflows()?;
+        let snapshot = load_snapshot(overlay, &base)?;
+        Ok(Self::from_snapshot(overlay, base, snapshot))
     }
 
     /// A catalog of the given workflows (e.g. built with [`parse_workflow`] in tests), as if loaded from
@@ -139,23 +158,24 @@ impl Catalog {
         if !duplicates.is_empty() {
             return Err(CatalogError::Invalid(duplicates));
         }
-        Ok(Self::from_snapshot(dir, Snapshot { workflows }))
+        Ok(Self::from_snapshot(Some(dir), Vec::new(), Snapshot { workflows }))
     }
 
-    fn from_snapshot(dir: &Path, snapshot: Snapshot) -> Self {
+    fn from_snapshot(dir: Option<&Path>, base: Vec<Arc<Workflow>>, snapshot: Snapshot) -> Self {
         let (status, _) = tokio_watch::channel(ReloadStatus { generation: 1, ..ReloadStatus::default() });
         Self {
             inner: Arc::new(Inner {
-                dir: dir.to_path_buf(),
+                dir: dir.map(Path::to_path_buf),
+                base,
                 current: RwLock::new(Arc::new(snapshot)),
                 status,
             }),
         }
     }
 
-    /// The directory the catalog loads from.
-    pub fn dir(&self) -> &Path {
-        &self.inner.dir
+    /// The directory the catalog loads from; `None` when it holds only the bundled workflows.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.dir.as_deref()
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
@@ -207,21 +227,23 @@ impl Catalog {
         }
     }
 
-    /// Reloads from the directory now. On failure the current catalog stays in service.
+    /// Reloads from the directory now (the bundled workflows do not change). On failure the current
+    /// catalog stays in service.
     ///
     /// # Errors
     /// Why the new files were rejected.
     pub fn reload(&self) -> Result<(), CatalogError> {
-        let result = load_snapshot(&self.inner.dir);
+        let result = load_snapshot(self.inner.dir.as_deref(), &self.inner.base);
+        let dir = self.inner.dir.as_deref().unwrap_or(Path::new("<bundled>")).display();
         let outcome = match result {
             Ok(snapshot) => {
                 let count = snapshot.workflows.len();
                 *self.inner.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(snapshot);
-                tracing::info!(workflows = count, dir = %self.inner.dir.display(), "workflow catalog reloaded");
+                tracing::info!(workflows = count, %dir, "workflow catalog reloaded");
                 Ok(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, dir = %self.inner.dir.display(), "workflow catalog reload rejected; keeping the last good catalog");
+                tracing::warn!(error = %e, %dir, "workflow catalog reload rejected; keeping the last good catalog");
                 Err(e)
             }
         };
@@ -245,10 +267,14 @@ impl Catalog {
 
     /// Spawns the owned reload task: it reloads when files under the directory change (debounced) or on
     /// SIGHUP, and stops when `cancel` is cancelled. Exit policy: errors (a bad file, a watcher failure)
-    /// are logged and the task goes on with the last good catalog; it never ends the service.
+    /// are logged and the task goes on with the last good catalog; it never ends the service. Without a
+    /// directory there is nothing to reload and the task ends at once.
     pub fn watch(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
-        let span = tracing::info_span!("catalog_watch", dir = %self.inner.dir.display());
-        tokio::spawn(watch::run(self.clone(), cancel).instrument(span))
+        let Some(dir) = self.inner.dir.clone() else {
+            return tokio::spawn(async {});
+        };
+        let span = tracing::info_span!("catalog_watch", dir = %dir.display());
+        tokio::spawn(watch::run(self.clone(), dir, cancel).instrument(span))
     }
 
     fn set_watching(&self, watching: bool) {
@@ -256,8 +282,50 @@ impl Catalog {
     }
 }
 
+/// The workflows compiled into the binary: `(name, manifest.toml, workflow.json)` from `build.rs`.
+const BUNDLED: &[(&str, &str, &str)] = include!(concat!(env!("OUT_DIR"), "/bundled_workflows.rs"));
+
+/// Parses the bundled workflows (problems are named as `<bundled>/name/file`).
+fn bundled_workflows() -> Result<Vec<Arc<Workflow>>, CatalogError> {
+    let mut problems = Vec::new();
+    let mut workflows = Vec::new();
+    for (name, manifest, graph) in BUNDLED {
+        match parse_workflow(name, manifest, graph) {
+            Ok(w) => workflows.push(Arc::new(w)),
+            Err(found) => problems.extend(found.into_iter().map(|p| LoadProblem {
+                path: Path::new("<bundled>").join(name).join(match p.file {
+                    SourceFile::Manifest => MANIFEST_FILE,
+                    SourceFile::Graph => GRAPH_FILE,
+                }),
+                reason: p.reason,
+            })),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CatalogError::Invalid(problems));
+    }
+    Ok(workflows)
+}
+
+/// `base`, with every workflow directory under `dir` added (replacing a base workflow of its name).
+fn load_snapshot(dir: Option<&Path>, base: &[Arc<Workflow>]) -> Result<Snapshot, CatalogError> {
+    let mut workflows = match dir {
+        Some(dir) => read_dir_workflows(dir)?,
+        None => Vec::new(),
+    };
+    for w in base {
+        if workflows.iter().any(|o| o.name == w.name) {
+            tracing::debug!(workflow = %w.name, "a workflows_dir workflow overrides the bundled one");
+        } else {
+            workflows.push(w.clone());
+        }
+    }
+    workflows.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Snapshot { workflows })
+}
+
 /// Reads every workflow directory under `dir`.
-fn load_snapshot(dir: &Path) -> Result<Snapshot, CatalogError> {
+fn read_dir_workflows(dir: &Path) -> Result<Vec<Arc<Workflow>>, CatalogError> {
     let read_dir_err = |source| CatalogError::ReadDir { path: dir.to_path_buf(), source };
     let mut dirs = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_dir_err)? {
@@ -299,8 +367,7 @@ fn load_snapshot(dir: &Path) -> Result<Snapshot, CatalogError> {
     if !problems.is_empty() {
         return Err(CatalogError::Invalid(problems));
     }
-    workflows.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(Snapshot { workflows })
+    Ok(workflows)
 }
 
 #[cfg(test)]

@@ -763,3 +763,58 @@ async fn sighup_reloads() {
         .unwrap_or_else(|_| panic!("the watch task must stop on cancel"))
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+// ----- bundled workflows and the overlay directory ---------------------------------------------------------
+
+#[test]
+fn the_bundled_catalog_is_the_repository_workflows() {
+    let embedded = Catalog::with_bundled(None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(embedded.dir(), None);
+    let from_disk = bundled_dir_catalog_names();
+    let names: Vec<String> = embedded.list().iter().map(|w| w.name.clone()).collect();
+    assert_eq!(names, from_disk);
+    for name in &from_disk {
+        assert_eq!(embedded.get(name), bundled().get(name), "{name}");
+    }
+}
+
+fn bundled_dir_catalog_names() -> Vec<String> {
+    bundled().list().iter().map(|w| w.name.clone()).collect()
+}
+
+#[test]
+fn an_overlay_adds_and_overrides_by_name_and_only_it_reloads() {
+    let root = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    // `invert` overridden (another description), `invert-copy` added.
+    copy_workflow(&bundled_dir().join("invert"), &root.path().join("invert"));
+    let manifest_path = root.path().join("invert").join(MANIFEST_FILE);
+    let manifest = std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| panic!("{e}"));
+    let overridden = manifest.replace("Inverts the colours of an image.", "Local override.");
+    std::fs::write(&manifest_path, &overridden).unwrap_or_else(|e| panic!("{e}"));
+    copy_workflow(&bundled_dir().join("invert"), &root.path().join("invert-copy"));
+    std::fs::write(
+        root.path().join("invert-copy").join(MANIFEST_FILE),
+        manifest.replace("name = \"invert\"", "name = \"invert-copy\""),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let catalog = Catalog::with_bundled(Some(root.path())).unwrap_or_else(|e| panic!("{e}"));
+    let mut expected = bundled_dir_catalog_names();
+    expected.push("invert-copy".into());
+    expected.sort();
+    let names: Vec<String> = catalog.list().iter().map(|w| w.name.clone()).collect();
+    assert_eq!(names, expected);
+    assert_eq!(catalog.get("invert").map(|w| w.description.clone()).as_deref(), Some("Local override."));
+
+    // Removing the override brings the bundled one back; the added one goes.
+    std::fs::remove_dir_all(root.path().join("invert")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::remove_dir_all(root.path().join("invert-copy")).unwrap_or_else(|e| panic!("{e}"));
+    catalog.reload().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(catalog.get("invert"), bundled().get("invert"));
+    assert!(catalog.get("invert-copy").is_none());
+
+    // A missing overlay directory is an error naming it.
+    let missing = root.path().join("absent");
+    let e = Catalog::with_bundled(Some(&missing)).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("absent"), "{e}");
+}

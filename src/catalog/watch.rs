@@ -4,6 +4,7 @@
 //!
 //! Knows nothing of what a workflow is.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
@@ -15,7 +16,7 @@ use super::Catalog;
 /// Quiet time after the last file event before reloading: editors and `cp -r` write several files.
 const DEBOUNCE: Duration = Duration::from_millis(250);
 
-pub(super) async fn run(catalog: Catalog, cancel: CancellationToken) {
+pub(super) async fn run(catalog: Catalog, dir: PathBuf, cancel: CancellationToken) {
     // Capacity 1 with `try_send`: events only say "something changed"; one pending is enough.
     let (tx, mut rx) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
@@ -26,7 +27,7 @@ pub(super) async fn run(catalog: Catalog, cancel: CancellationToken) {
         }
         Err(e) => tracing::warn!(error = %e, "workflow directory watcher error"),
     })
-    .and_then(|mut w| w.watch(catalog.dir(), RecursiveMode::Recursive).map(|()| w));
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::Recursive).map(|()| w));
     // Kept alive for the task's lifetime: dropping the watcher stops the events.
     let _watcher = match watcher {
         Ok(w) => Some(w),

@@ -485,8 +485,8 @@ async fn session(
                         if let ServerMessage::Status { queue_remaining: Some(n), .. } = &m {
                             shared.queue_remaining.send_replace(Some(*n));
                         }
-                        if !greeted {
-                            if let ServerMessage::Status { sid: Some(sid), .. } = &m {
+                        if !greeted
+                            && let ServerMessage::Status { sid: Some(sid), .. } = &m {
                                 greeted = true;
                                 if sid != client_id {
                                     tracing::warn!(%sid, client_id, "ComfyUI greeted with another sid");
@@ -504,7 +504,6 @@ async fn session(
                                 }.instrument(span));
                                 spawn_reconcile(shared, tasks, due);
                             }
-                        }
                         let follow = shared.router().handle(m);
                         if let Some(f) = follow {
                             followup(shared, tasks, f);

@@ -1,10 +1,12 @@
-//! The gRPC adapter: the only module (with `proto`) that knows tonic and `pb::` types.
+//! The gRPC server adapter: the only server module (with `proto`) that knows tonic and `pb::` types
+//! (`cli` is its client-side counterpart).
 //!
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
-//! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
+//! v1alpha, with the `google.rpc` error detail types) and gRPC-Web, and stops gracefully when the
+//! shutdown token is cancelled.
 //!
 //! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
-//! backend can take a job), and at drain both it and the overall service (`""`) turn NOT_SERVING. Every
+//! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
 //! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
 
 mod convert;
@@ -56,13 +58,17 @@ pub async fn serve(
     health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
     health.set_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>().await;
 
+    // The `google.rpc` error detail types too, so reflection clients (`buf curl`, grpcurl) decode the
+    // details of an error instead of printing them as bytes.
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(

@@ -31,7 +31,7 @@ pub(crate) fn test_config(data_dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.grpc.listen = "127.0.0.1:0".parse().expect("addr");
     config.data_dir = data_dir.to_path_buf();
-    config.workflows_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workflows");
+    config.workflows_dir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workflows"));
     config.grpc.shutdown_grace = Duration::from_secs(5);
     config
 }

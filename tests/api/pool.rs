@@ -59,7 +59,7 @@ fn workflows_dir() -> tempfile::TempDir {
 /// Test configuration: no static ComfyUI, the pool against `emu`, with timings short enough for tests.
 fn pool_config(data_dir: &Path, workflows: &Path, emu: &RunComfyEmulator) -> Config {
     let mut config = crate::helpers::test_config(data_dir);
-    config.workflows_dir = workflows.to_path_buf();
+    config.workflows_dir = Some(workflows.to_path_buf());
     config.comfyui.servers.clear();
     let r = &mut config.runcomfy;
     r.enabled = true;

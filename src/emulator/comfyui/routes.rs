@@ -359,10 +359,11 @@ async fn post_prompt(State(shared): Shr, headers: HeaderMap, body: Bytes) -> Res
     if let Some(client_id) = body.get("client_id") {
         extra_data.insert("client_id".into(), client_id.clone());
     }
-    if shared.newer() && !extra_data.contains_key("comfy_usage_source") {
-        if let Some(source) = headers.get("comfy-usage-source").and_then(|v| v.to_str().ok()) {
-            extra_data.insert("comfy_usage_source".into(), json!(source));
-        }
+    if shared.newer()
+        && !extra_data.contains_key("comfy_usage_source")
+        && let Some(source) = headers.get("comfy-usage-source").and_then(|v| v.to_str().ok())
+    {
+        extra_data.insert("comfy_usage_source".into(), json!(source));
     }
     match validation {
         Validation::Crash => internal_error(),
@@ -487,10 +488,10 @@ async fn get_history(State(shared): Shr, Query(q): Query<HashMap<String, String>
         None => -1,
     };
     let st = shared.lock();
-    if offset < 0 {
-        if let Some(m) = max_items {
-            offset = st.history.len() as i64 - m;
-        }
+    if offset < 0
+        && let Some(m) = max_items
+    {
+        offset = st.history.len() as i64 - m;
     }
     let mut out = Map::new();
     for (i, (k, v)) in st.history.iter().enumerate() {
@@ -858,22 +859,22 @@ async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String
         }
     }
     let channel = q.get("channel").map(String::as_str).unwrap_or("rgba");
-    if channel == "rgb" || channel == "a" {
-        if let Ok(img) = image::load_from_memory(&bytes) {
-            let mut out = std::io::Cursor::new(Vec::new());
-            let converted = if channel == "rgb" {
-                image::DynamicImage::ImageRgb8(img.to_rgb8())
-            } else {
-                let rgba = img.to_rgba8();
-                let mut alpha = rgba.clone();
-                for px in alpha.pixels_mut() {
-                    px.0 = [0, 0, 0, px.0[3]];
-                }
-                image::DynamicImage::ImageRgba8(alpha)
-            };
-            if converted.write_to(&mut out, image::ImageFormat::Png).is_ok() {
-                return bytes_response(out.into_inner(), "image/png", disposition, None, &method);
+    if (channel == "rgb" || channel == "a")
+        && let Ok(img) = image::load_from_memory(&bytes)
+    {
+        let mut out = std::io::Cursor::new(Vec::new());
+        let converted = if channel == "rgb" {
+            image::DynamicImage::ImageRgb8(img.to_rgb8())
+        } else {
+            let rgba = img.to_rgba8();
+            let mut alpha = rgba.clone();
+            for px in alpha.pixels_mut() {
+                px.0 = [0, 0, 0, px.0[3]];
             }
+            image::DynamicImage::ImageRgba8(alpha)
+        };
+        if converted.write_to(&mut out, image::ImageFormat::Png).is_ok() {
+            return bytes_response(out.into_inner(), "image/png", disposition, None, &method);
         }
     }
     let modified = meta.modified().ok();

@@ -65,10 +65,10 @@ impl Validator<'_> {
         if let Some(v) = self.get_validated(unique_id) {
             return Ok(v.clone());
         }
-        if self.newer {
-            if let Some(start) = self.visiting.iter().position(|v| v == unique_id) {
-                return Ok(self.dependency_cycle(start, unique_id));
-            }
+        if self.newer
+            && let Some(start) = self.visiting.iter().position(|v| v == unique_id)
+        {
+            return Ok(self.dependency_cycle(start, unique_id));
         }
         // CPython recurses around a cycle until RecursionError; raising when the cycle closes leaves the
         // same final `validated` state (every node on the cycle is overwritten by its outer frame).
@@ -270,78 +270,74 @@ impl Validator<'_> {
                     if skip_checks {
                         continue;
                     }
-                    if let (Some(min), Some(v)) = (extra.get("min").and_then(Value::as_f64), val.as_f64()) {
-                        if v < min {
-                            errors.push(json!({
+                    if let (Some(min), Some(v)) = (extra.get("min").and_then(Value::as_f64), val.as_f64())
+                        && v < min
+                    {
+                        errors.push(json!({
                                 "type": "value_smaller_than_min",
                                 "message": format!("Value {} smaller than min of {}", py_str(&val), py_str(&extra["min"])),
                                 "details": x,
                                 "extra_info": {"input_name": x, "input_config": input_config, "received_value": val}
                             }));
-                            continue;
-                        }
+                        continue;
                     }
-                    if let (Some(max), Some(v)) = (extra.get("max").and_then(Value::as_f64), val.as_f64()) {
-                        if v > max {
-                            errors.push(json!({
+                    if let (Some(max), Some(v)) = (extra.get("max").and_then(Value::as_f64), val.as_f64())
+                        && v > max
+                    {
+                        errors.push(json!({
                                 "type": "value_bigger_than_max",
                                 "message": format!("Value {} bigger than max of {}", py_str(&val), py_str(&extra["max"])),
                                 "details": x,
                                 "extra_info": {"input_name": x, "input_config": input_config, "received_value": val}
                             }));
-                            continue;
-                        }
+                        continue;
                     }
-                    if let Value::Array(options) = &input_type {
-                        if !options.iter().any(|o| py_eq(o, &val)) {
-                            let (list_info, cfg) = if options.len() > 20 {
-                                (format!("(list of length {})", options.len()), Value::Null)
-                            } else {
-                                (py_repr(&input_type), input_config.clone())
-                            };
-                            // 0.38 lists `repr()` of each invalid value; 0.3.64 quoted `str()`.
-                            let shown =
-                                if self.newer { py_repr(&val) } else { format!("'{}'", py_str(&val)) };
-                            errors.push(json!({
-                                "type": "value_not_in_list",
-                                "message": "Value not in list",
-                                "details": format!("{x}: {shown} not in {list_info}"),
-                                "extra_info": {"input_name": x, "input_config": cfg, "received_value": val}
-                            }));
-                            continue;
-                        }
+                    if let Value::Array(options) = &input_type
+                        && !options.iter().any(|o| py_eq(o, &val))
+                    {
+                        let (list_info, cfg) = if options.len() > 20 {
+                            (format!("(list of length {})", options.len()), Value::Null)
+                        } else {
+                            (py_repr(&input_type), input_config.clone())
+                        };
+                        // 0.38 lists `repr()` of each invalid value; 0.3.64 quoted `str()`.
+                        let shown = if self.newer { py_repr(&val) } else { format!("'{}'", py_str(&val)) };
+                        errors.push(json!({
+                            "type": "value_not_in_list",
+                            "message": "Value not in list",
+                            "details": format!("{x}: {shown} not in {list_info}"),
+                            "extra_info": {"input_name": x, "input_config": cfg, "received_value": val}
+                        }));
+                        continue;
                     }
                 }
             }
         }
 
-        if validates_image {
-            if let Some(image) = inputs.get("image").filter(|v| !v.is_array()) {
-                let name = py_str(image);
-                let (file, _) = nodes::split_annotation(&name);
-                let ok = !file.is_empty() && self.dirs.annotated_input_path(&name).is_file();
-                if !ok {
-                    errors.push(json!({
-                        "type": "custom_validation_failed",
-                        "message": "Custom validation failed for node",
-                        "details": format!("image - Invalid image file: {name}"),
-                        "extra_info": {"input_name": "image"}
-                    }));
-                }
+        if validates_image && let Some(image) = inputs.get("image").filter(|v| !v.is_array()) {
+            let name = py_str(image);
+            let (file, _) = nodes::split_annotation(&name);
+            let ok = !file.is_empty() && self.dirs.annotated_input_path(&name).is_file();
+            if !ok {
+                errors.push(json!({
+                    "type": "custom_validation_failed",
+                    "message": "Custom validation failed for node",
+                    "details": format!("image - Invalid image file: {name}"),
+                    "extra_info": {"input_name": "image"}
+                }));
             }
         }
 
         // Conversions are written back into the prompt, as ComfyUI does (`inputs[x] = val`).
-        if !converted.is_empty() {
-            if let Some(node_inputs) = self
+        if !converted.is_empty()
+            && let Some(node_inputs) = self
                 .prompt
                 .get_mut(unique_id)
                 .and_then(|n| n.get_mut("inputs"))
                 .and_then(Value::as_object_mut)
-            {
-                for (k, v) in converted {
-                    node_inputs.insert(k, v);
-                }
+        {
+            for (k, v) in converted {
+                node_inputs.insert(k, v);
             }
         }
 

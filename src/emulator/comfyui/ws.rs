@@ -47,10 +47,10 @@ pub(crate) async fn serve_socket(shared: Arc<Shared>, mut socket: WebSocket, cli
             .insert(sid.clone(), SocketEntry { conn_id, tx, feature_flags: json!({}), kill: kill.clone() });
         let info = st.queue_info();
         st.send_json(&shared.faults, "status", json!({"status": info, "sid": sid}), Some(&sid));
-        if st.client_id.as_deref() == Some(sid.as_str()) {
-            if let Some(node) = st.last_node_id.clone() {
-                st.send_json(&shared.faults, "executing", json!({"node": node}), Some(&sid));
-            }
+        if st.client_id.as_deref() == Some(sid.as_str())
+            && let Some(node) = st.last_node_id.clone()
+        {
+            st.send_json(&shared.faults, "executing", json!({"node": node}), Some(&sid));
         }
         (sid, conn_id)
     };

@@ -104,18 +104,19 @@ fn to_newer(trace: &mut Trace) -> Vec<u64> {
                     .as_ref()
                     .and_then(|b| b.text.as_deref())
                     .and_then(|t| serde_json::from_str::<Value>(t).ok());
-                if method == "POST" && path == "/prompt" {
-                    if let Some(Value::Object(o)) = parsed.as_mut() {
-                        let canonical = o
-                            .get("prompt_id")
-                            .and_then(Value::as_str)
-                            .is_none_or(|id| uuid::Uuid::parse_str(id).is_ok_and(|u| u.to_string() == id));
-                        if !canonical {
-                            // 0.38 refuses it (invalid_prompt_id, tested in `newer`); a client must send a UUID.
-                            o.insert("prompt_id".into(), Value::String(uuid::Uuid::new_v4().to_string()));
-                            if let Some(b) = body.as_mut() {
-                                b.text = Some(Value::Object(o.clone()).to_string());
-                            }
+                if method == "POST"
+                    && path == "/prompt"
+                    && let Some(Value::Object(o)) = parsed.as_mut()
+                {
+                    let canonical = o
+                        .get("prompt_id")
+                        .and_then(Value::as_str)
+                        .is_none_or(|id| uuid::Uuid::parse_str(id).is_ok_and(|u| u.to_string() == id));
+                    if !canonical {
+                        // 0.38 refuses it (invalid_prompt_id, tested in `newer`); a client must send a UUID.
+                        o.insert("prompt_id".into(), Value::String(uuid::Uuid::new_v4().to_string()));
+                        if let Some(b) = body.as_mut() {
+                            b.text = Some(Value::Object(o.clone()).to_string());
                         }
                     }
                 }
@@ -189,11 +190,11 @@ fn to_newer(trace: &mut Trace) -> Vec<u64> {
                 }
             }
             Event::WsRecv { raw: Some(raw), .. } => {
-                if let Ok(mut v) = serde_json::from_str::<Value>(raw) {
-                    if v["type"] == "feature_flags" {
-                        v["data"] = newer_flags();
-                        *raw = v.to_string();
-                    }
+                if let Ok(mut v) = serde_json::from_str::<Value>(raw)
+                    && v["type"] == "feature_flags"
+                {
+                    v["data"] = newer_flags();
+                    *raw = v.to_string();
                 }
             }
             _ => {}
@@ -298,10 +299,10 @@ impl Replayer {
                 .collect();
             let anonymous = self.anonymous.contains(&name);
             for (e, a) in pairs {
-                if anonymous {
-                    if let (Some(es), Some(as_)) = (e["data"]["sid"].as_str(), a["data"]["sid"].as_str()) {
-                        self.learn(es, as_);
-                    }
+                if anonymous
+                    && let (Some(es), Some(as_)) = (e["data"]["sid"].as_str(), a["data"]["sid"].as_str())
+                {
+                    self.learn(es, as_);
                 }
                 self.learn_temp_names(&e, &a);
             }
@@ -312,11 +313,12 @@ impl Replayer {
     fn learn_temp_names(&mut self, e: &Value, a: &Value) {
         match (e, a) {
             (Value::String(es), Value::String(as_)) => {
-                if let (Some(i), Some(j)) = (es.find("ComfyUI_temp_"), as_.find("ComfyUI_temp_")) {
-                    if es.len() >= i + 19 && as_.len() >= j + 19 {
-                        let (ep, ap) = (es[i..i + 19].to_string(), as_[j..j + 19].to_string());
-                        self.learn(&ep, &ap);
-                    }
+                if let (Some(i), Some(j)) = (es.find("ComfyUI_temp_"), as_.find("ComfyUI_temp_"))
+                    && es.len() >= i + 19
+                    && as_.len() >= j + 19
+                {
+                    let (ep, ap) = (es[i..i + 19].to_string(), as_[j..j + 19].to_string());
+                    self.learn(&ep, &ap);
                 }
             }
             (Value::Array(ea), Value::Array(aa)) => {
@@ -376,19 +378,20 @@ impl Replayer {
         }
         let expected_json = body.and_then(|b| b.json.clone());
         // A history poll that the capture saw complete: poll (bounded) until the emulator has it too.
-        if method == "GET" && path.starts_with("/history/") {
-            if let Some(exp) = &expected_json {
-                let deadline = tokio::time::Instant::now() + WAIT;
-                while exp.as_object().is_some_and(|o| !o.is_empty()) && actual.body == b"{}" {
-                    assert!(tokio::time::Instant::now() < deadline, "history never filled for {path}");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let resp = http().get(format!("{}{path}", self.emu.url())).send().await.expect("get");
-                    actual.body = resp.bytes().await.expect("body").to_vec();
-                }
-                if exp.as_object().is_some_and(Map::is_empty) {
-                    // The capture polled before completion; the emulator may be faster.
-                    return;
-                }
+        if method == "GET"
+            && path.starts_with("/history/")
+            && let Some(exp) = &expected_json
+        {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while exp.as_object().is_some_and(|o| !o.is_empty()) && actual.body == b"{}" {
+                assert!(tokio::time::Instant::now() < deadline, "history never filled for {path}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let resp = http().get(format!("{}{path}", self.emu.url())).send().await.expect("get");
+                actual.body = resp.bytes().await.expect("body").to_vec();
+            }
+            if exp.as_object().is_some_and(Map::is_empty) {
+                // The capture polled before completion; the emulator may be faster.
+                return;
             }
         }
         let here = format!("seq {seq} {method} {path}");

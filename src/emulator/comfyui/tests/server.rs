@@ -282,15 +282,15 @@ async fn raw_websocket_handshake_and_first_frame_match_the_capture() {
         let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk)).await.expect("read in time").expect("read");
         assert!(n > 0, "closed early");
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            if buf.len() >= end + 4 + want {
-                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                assert!(head.starts_with("http/1.1 101"), "{head}");
-                assert!(head.contains("upgrade: websocket"));
-                assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
-                assert_eq!(hex::encode(&buf[end + 4..end + 4 + want]), expected_frame);
-                break;
-            }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n")
+            && buf.len() >= end + 4 + want
+        {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            assert!(head.starts_with("http/1.1 101"), "{head}");
+            assert!(head.contains("upgrade: websocket"));
+            assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="));
+            assert_eq!(hex::encode(&buf[end + 4..end + 4 + want]), expected_frame);
+            break;
         }
     }
     let resp = http()

@@ -1,0 +1,81 @@
+"""The wrapper against a real ``comfyrelay dev``: submit, stream across a forced disconnect, run, and
+errors decoded from ``google.rpc`` details."""
+
+from __future__ import annotations
+
+import hashlib
+
+import grpc
+import pytest
+
+from comfyrelay import Client, JobFailed, RpcError
+from comfyrelay.v1 import comfyrelay_pb2 as pb
+from conftest import png, png_size
+
+
+def test_submit_returns_the_queued_job_and_stream_follows_it_to_the_end(dev):
+    with Client(dev.target) as client:
+        job = client.submit("scale-blur", png(), params={"width": 8, "height": 6, "sigma": 0.5, "crop": "center"})
+        assert job.state == pb.JOB_STATE_QUEUED
+        assert job.inputs["width"] == "8"
+        events = list(client.stream(job.id))
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].WhichOneof("kind") == "succeeded"
+    assert any(e.WhichOneof("kind") == "progress" for e in events)
+
+
+def test_stream_resumes_after_a_forced_disconnect_without_duplicate_or_gap(dev, proxy):
+    with Client(dev.target) as direct, Client(proxy.target) as client:
+        job = direct.submit("invert", png())
+        seen, cut = [], False
+        for event in client.stream(job.id):
+            seen.append(event)
+            if not cut and event.WhichOneof("kind") == "progress":
+                proxy.cut()
+                cut = True
+        assert client.reconnects >= 1, "the cut must force a resume"
+        assert proxy.accepted >= 2
+        assert [e.sequence for e in seen] == list(range(1, len(seen) + 1))
+        assert seen[-1].WhichOneof("kind") == "succeeded"
+        replay = list(direct.stream(job.id))
+        assert [(e.sequence, e.WhichOneof("kind")) for e in seen] == [(e.sequence, e.WhichOneof("kind")) for e in replay]
+
+
+def test_run_waits_and_returns_the_outputs(dev, tmp_path):
+    image = png(10, 7)
+    with Client(dev.target) as client:
+        outputs = client.run("invert", image, out_dir=tmp_path)
+    assert len(outputs) == 1
+    out = outputs[0]
+    assert (out.width, out.height) == (10, 7) == png_size(out.data)
+    assert hashlib.sha256(out.data).hexdigest() == out.sha256
+    assert out.path is not None and out.path.read_bytes() == out.data
+
+
+def test_a_bad_request_is_decoded(dev):
+    with Client(dev.target) as client:
+        with pytest.raises(RpcError) as caught:
+            client.submit("scale-blur", png(), params={"blur_radius": 99, "sigma": 100.0})
+    e = caught.value
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    fields = [v.field for v in e.field_violations]
+    assert fields == ["parameters[blur_radius]", "parameters[sigma]"], fields
+    assert "out of range" in e.field_violations[0].description
+    assert (e.reason, e.domain) == ("INVALID_ARGUMENT", "comfyrelay.dev")
+    assert "field `parameters[blur_radius]`" in str(e)
+
+
+def test_a_failed_job_raises_job_failed_with_the_reason(dev):
+    with Client(dev.target) as client:
+        with pytest.raises(JobFailed) as caught:
+            client.run("scale-blur", png(), params={"width": 5000, "height": 5000})
+    assert (caught.value.state, caught.value.reason) == ("failed", "EXECUTION")
+    assert caught.value.node_errors[0].class_type == "ImageScale"
+
+
+def test_not_found_is_not_retried(dev):
+    with Client(dev.target) as client:
+        with pytest.raises(RpcError) as caught:
+            list(client.stream("01234567-89ab-7def-8123-456789abcdef"))
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
+    assert client.reconnects == 0

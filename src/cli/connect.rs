@@ -1,0 +1,137 @@
+//! The connection to a comfyrelay server: its address and API key (from flags or `COMFYRELAY_SERVER` /
+//! `COMFYRELAY_API_KEY`, parsed by clap in `main`), one channel, and the three service clients.
+//!
+//! The key is sent as `authorization: Bearer <key>` metadata on every call, marked sensitive, and never
+//! printed (`Debug` redacts it, and clap hides its value in `--help`).
+
+use std::time::Duration;
+
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
+
+use super::error::{CliError, chain};
+use crate::{config::Secret, proto::pb};
+
+/// Largest message the client accepts: outputs inline in events can be large.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Flags every client command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// The comfyrelay server's gRPC address.
+    #[arg(long, env = "COMFYRELAY_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// API key, sent as `authorization: Bearer <key>`.
+    #[arg(long, env = "COMFYRELAY_API_KEY", hide_env_values = true, value_parser = parse_secret)]
+    pub api_key: Option<Secret>,
+    /// Print one JSON object per line on stdout (for scripts) instead of human output.
+    #[arg(long)]
+    pub json: bool,
+    /// How long to wait for the connection.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+}
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Ok(Secret::new(s))
+}
+
+/// Adds the API key to every call.
+#[derive(Clone)]
+pub(crate) struct Auth(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Auth(Bearer ***)" } else { "Auth(none)" })
+    }
+}
+
+impl Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Svc = InterceptedService<Channel, Auth>;
+
+/// Connected clients of the three services, sharing one channel.
+#[derive(Debug, Clone)]
+pub(crate) struct Clients {
+    pub(crate) jobs: pb::job_service_client::JobServiceClient<Svc>,
+    pub(crate) workflows: pb::workflow_service_client::WorkflowServiceClient<Svc>,
+    pub(crate) machines: pb::machine_service_client::MachineServiceClient<Svc>,
+}
+
+/// `host:port` becomes `http://host:port`.
+fn normalize(server: &str) -> String {
+    if server.contains("://") { server.to_string() } else { format!("http://{server}") }
+}
+
+impl Clients {
+    /// Connects to the server (the channel reconnects by itself after a lost connection).
+    ///
+    /// # Errors
+    /// [`CliError::Usage`] for a malformed address or key, [`CliError::Unreachable`] when the server
+    /// cannot be reached within the connect timeout.
+    pub(crate) async fn connect(args: &ConnectArgs) -> Result<Self, CliError> {
+        let server = normalize(&args.server);
+        let endpoint = Endpoint::from_shared(server.clone())
+            .map_err(|e| CliError::Usage(format!("--server {server:?} is not a valid address: {e}")))?
+            .connect_timeout(args.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let auth = match &args.api_key {
+            Some(key) => {
+                let mut value: MetadataValue<Ascii> = format!("Bearer {}", key.expose())
+                    .parse()
+                    .map_err(|_| CliError::Usage("the API key must be printable ASCII".into()))?;
+                value.set_sensitive(true);
+                Auth(Some(value))
+            }
+            None => Auth(None),
+        };
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::Unreachable { server: server.clone(), cause: chain(&e) })?;
+        Ok(Self {
+            jobs: pb::job_service_client::JobServiceClient::with_interceptor(channel.clone(), auth.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            workflows: pb::workflow_service_client::WorkflowServiceClient::with_interceptor(
+                channel.clone(),
+                auth.clone(),
+            )
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            machines: pb::machine_service_client::MachineServiceClient::with_interceptor(channel, auth)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_sent_as_bearer_and_never_shown() {
+        let mut value: MetadataValue<Ascii> = "Bearer k-123".parse().expect("ascii");
+        value.set_sensitive(true);
+        let mut auth = Auth(Some(value));
+        assert!(!format!("{auth:?}").contains("k-123"));
+        let request = auth.call(tonic::Request::new(())).expect("intercept");
+        assert_eq!(
+            request.metadata().get("authorization").and_then(|v| v.to_str().ok()),
+            Some("Bearer k-123")
+        );
+        assert_eq!(normalize("127.0.0.1:50051"), "http://127.0.0.1:50051");
+        assert_eq!(normalize("https://relay.example:443"), "https://relay.example:443");
+    }
+}

@@ -1,0 +1,147 @@
+//! Following a job's events to its end, resuming after a lost connection from the last sequence
+//! received: `StreamJob` replays from `after_sequence`, and events at or below it are dropped, so the
+//! caller sees every event once, in order.
+//!
+//! Reconnects back off exponentially (`backon`, 200 ms doubling to 5 s, with jitter) and give up when
+//! the stream has stayed broken for `reconnect_for` (a job may be silent for long; only a broken stream
+//! counts).
+
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder as _, ExponentialBuilder};
+use tonic::Code;
+
+use super::{connect::Clients, error::CliError};
+use crate::proto::pb;
+
+/// How a followed job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum End {
+    Succeeded(Vec<pb::Output>),
+    Failed(Option<pb::JobError>),
+    Cancelled(String),
+}
+
+/// What the follower tells its observer besides events.
+#[derive(Debug)]
+pub(crate) enum Notice<'a> {
+    /// An event, each sequence once.
+    Event(&'a pb::JobEvent),
+    /// The stream broke; it is re-opened after `after_sequence`.
+    Reconnecting { after_sequence: u64, error: String },
+}
+
+/// Whether a stream error is worth a reconnect: transport failures and a server going away.
+fn retryable(status: &tonic::Status) -> bool {
+    match status.code() {
+        // A cut connection surfaces as `Unknown` (h2/hyper errors) or `Unavailable`; `Internal` covers a
+        // stream reset mid-message; `Cancelled` is what a server's graceful shutdown can send.
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted => true,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::DeadlineExceeded
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::ResourceExhausted
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::DataLoss
+        | Code::Unauthenticated => false,
+    }
+}
+
+/// Follows `job_id` from after `after` to its terminal event, calling `observe` for each event (once per
+/// sequence) and each reconnect.
+///
+/// # Errors
+/// The first non-retryable RPC error, or the last error once the stream stayed broken for
+/// `reconnect_for`.
+pub(crate) async fn follow(
+    clients: &Clients,
+    job_id: &str,
+    after: u64,
+    reconnect_for: Duration,
+    mut observe: impl FnMut(Notice<'_>),
+) -> Result<End, CliError> {
+    let mut last = after;
+    let new_backoff = || {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    };
+    let mut backoff = new_backoff();
+    // When the stream broke with no event received since.
+    let mut broken_since: Option<Instant> = None;
+    loop {
+        let mut jobs = clients.jobs.clone();
+        let request =
+            pb::StreamJobRequest { job_id: job_id.to_string(), after_sequence: last, skip_previews: false };
+        let broke = match jobs.stream_job(request).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(event)) => {
+                            if event.sequence <= last {
+                                continue;
+                            }
+                            last = event.sequence;
+                            backoff = new_backoff();
+                            broken_since = None;
+                            observe(Notice::Event(&event));
+                            if let Some(end) = terminal(&event) {
+                                return Ok(end);
+                            }
+                        }
+                        // The server ended the stream before the terminal event (it is draining): resume.
+                        Ok(None) => break tonic::Status::unavailable("the stream ended before the job did"),
+                        Err(status) if retryable(&status) => break status,
+                        Err(status) => return Err(status.into()),
+                    }
+                }
+            }
+            Err(status) if retryable(&status) => status,
+            Err(status) => return Err(status.into()),
+        };
+        if broken_since.get_or_insert_with(Instant::now).elapsed() >= reconnect_for {
+            return Err(broke.into());
+        }
+        observe(Notice::Reconnecting { after_sequence: last, error: broke.message().to_string() });
+        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The job's end, if `event` is terminal.
+pub(crate) fn terminal(event: &pb::JobEvent) -> Option<End> {
+    use pb::job_event::Kind;
+    match &event.kind {
+        Some(Kind::Succeeded(s)) => Some(End::Succeeded(s.outputs.clone())),
+        Some(Kind::Failed(f)) => Some(End::Failed(f.error.clone())),
+        Some(Kind::Cancelled(c)) => Some(End::Cancelled(c.reason.clone())),
+        Some(
+            Kind::Queued(_)
+            | Kind::Provisioning(_)
+            | Kind::Started(_)
+            | Kind::NodeStarted(_)
+            | Kind::NodesCached(_)
+            | Kind::Progress(_)
+            | Kind::Preview(_)
+            | Kind::OutputReady(_)
+            | Kind::NodeExecuted(_)
+            | Kind::ProgressText(_)
+            | Kind::Retrying(_)
+            | Kind::ComfyMessage(_)
+            | Kind::PromptSubmitted(_)
+            | Kind::Warning(_)
+            | Kind::CancelRequested(_)
+            | Kind::Requeued(_),
+        )
+        | None => None,
+    }
+}

@@ -1,0 +1,269 @@
+//! A `comfyrelay dev` process in an empty temporary directory, the CLI pointed at it, test images, and a
+//! TCP proxy whose connections a test can cut.
+
+use std::io::{BufRead as _, BufReader};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+/// The binary under test.
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_comfyrelay");
+
+/// How long a `dev` may take to say it listens (a cold debug binary on a loaded machine).
+const START_DEADLINE: Duration = Duration::from_secs(90);
+
+/// A command for the binary with a clean environment: no `COMFYRELAY_*` from the machine.
+pub(crate) fn comfyrelay() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    cmd
+}
+
+/// A running `comfyrelay dev`, killed on drop.
+pub(crate) struct Dev {
+    child: Child,
+    /// The gRPC address, `http://127.0.0.1:PORT`.
+    pub(crate) server: String,
+    /// The gRPC socket address.
+    pub(crate) addr: SocketAddr,
+    /// The emulated ComfyUI's URL.
+    pub(crate) comfy_url: String,
+    /// The directory it was started in (empty before), where `./data` goes.
+    pub(crate) dir: tempfile::TempDir,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Dev {
+    /// `comfyrelay dev ARGS` in a new empty directory, its gRPC on a free port.
+    pub(crate) fn start(args: &[&str]) -> Dev {
+        Self::start_with(args, &[])
+    }
+
+    /// Like [`Dev::start`], with extra environment variables.
+    pub(crate) fn start_with(args: &[&str], env: &[(&str, &str)]) -> Dev {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("read dir").count(), 0);
+        let mut cmd = comfyrelay();
+        cmd.arg("dev")
+            .args(args)
+            .current_dir(dir.path())
+            .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+            .env("COMFYRELAY_GRPC__SHUTDOWN_GRACE", "2s")
+            .env("COMFYRELAY_LOG__FILTER", "warn")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn comfyrelay dev");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        // Drain both pipes for the process's life (a full pipe would block it), keeping every line.
+        for pipe in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let (lines, tx) = (lines.clone(), tx.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    let _ = tx.send(line.clone());
+                    lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(line);
+                }
+            });
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + START_DEADLINE;
+        let (mut server, mut comfy_url) = (None, None);
+        while server.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(url) = line.strip_prefix("comfyrelay dev: emulated ComfyUI on ") {
+                        comfy_url = Some(url.trim().to_string());
+                    }
+                    if let Some(url) = line.strip_prefix("comfyrelay dev: gRPC on ") {
+                        server = Some(url.trim().to_string());
+                    }
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let seen = lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).join("\n");
+                    panic!("comfyrelay dev did not start ({e:?}); it printed:\n{seen}");
+                }
+            }
+        }
+        let server = server.expect("set above");
+        let addr = server.trim_start_matches("http://").parse().expect("socket address");
+        Dev { child, server, addr, comfy_url: comfy_url.expect("printed before gRPC"), dir, lines }
+    }
+
+    /// Everything the process printed so far.
+    pub(crate) fn printed(&self) -> String {
+        self.lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner).join("\n")
+    }
+
+    /// The CLI pointed at this server (`COMFYRELAY_SERVER`), run in its directory.
+    pub(crate) fn cli(&self) -> Command {
+        let mut cmd = comfyrelay();
+        cmd.env("COMFYRELAY_SERVER", &self.server).current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Writes a test image into the directory and returns its path.
+    pub(crate) fn image(&self, name: &str, salt: u8) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, png(24, 16, salt)).expect("write image");
+        path
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished command returned.
+#[derive(Debug)]
+pub(crate) struct Out {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+impl Out {
+    /// Each stdout line parsed as JSON.
+    pub(crate) fn json(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{self:?}")))
+            .collect()
+    }
+
+    /// The `{"type": "event"}` lines.
+    pub(crate) fn events(&self) -> Vec<serde_json::Value> {
+        self.json().into_iter().filter(|v| v["type"] == "event").collect()
+    }
+}
+
+/// Runs `cmd` to its end (bounded: a hung client fails the test instead of hanging it).
+pub(crate) fn run(cmd: &mut Command) -> Out {
+    run_for(cmd, Duration::from_secs(120))
+}
+
+/// Runs `cmd` to its end, killing it after `limit`.
+pub(crate) fn run_for(cmd: &mut Command, limit: Duration) -> Out {
+    let child =
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => {
+            let out = out.expect("wait");
+            Out {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("command did not finish within {limit:?}: {cmd:?}");
+        }
+    }
+}
+
+/// A PNG of `w`×`h` with a gradient offset by `salt`: every pixel differs from its inverse, and each salt
+/// gives other bytes (so ComfyUI's cache does not skip the nodes).
+pub(crate) fn png(w: u32, h: u32, salt: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 255 / w.max(1)) as u8, (y * 255 / h.max(1)) as u8, 70u8.wrapping_add(salt)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
+    out.into_inner()
+}
+
+/// Asserts `events` are numbered 1, 2, 3, ... with no gap and no duplicate.
+pub(crate) fn assert_gap_free(events: &[serde_json::Value]) {
+    let seqs: Vec<u64> = events.iter().map(|e| e["sequence"].as_u64().expect("sequence")).collect();
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "sequences must be 1..=n without gap or duplicate");
+}
+
+/// A TCP proxy on 127.0.0.1 whose open connections [`Proxy::cut`] drops (new ones are still accepted).
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Connections accepted so far.
+    pub(crate) accepted: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    /// Forwards every connection to `upstream`.
+    pub(crate) fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("addr");
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (o, a, s) = (open.clone(), accepted.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(upstream) else { continue };
+                a.fetch_add(1, Ordering::SeqCst);
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                {
+                    let mut open = o.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    open.extend([client.try_clone(), server.try_clone()].into_iter().flatten());
+                }
+                pump(client.try_clone(), server.try_clone());
+                pump(server.try_clone(), client.try_clone());
+            }
+        });
+        Proxy { addr, open, accepted, stop }
+    }
+
+    /// Drops every open connection, both ways, without a goodbye.
+    pub(crate) fn cut(&self) {
+        for s in self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn pump(from: std::io::Result<TcpStream>, to: std::io::Result<TcpStream>) {
+    let (Ok(mut from), Ok(mut to)) = (from, to) else { return };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// The repository root.
+pub(crate) fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
