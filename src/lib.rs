@@ -8,6 +8,7 @@
 //! - [`runcomfy`]: the RunComfy Server API client.
 //! - [`store`]: durable storage (SQLite) and the artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
+//! - [`limits`]: the bounds on what a caller can make the service hold, and [`limits::echo`].
 //! - [`config`], [`telemetry`], [`shutdown`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod emulator;
 pub mod grpc;
 pub mod jobs;
+pub mod limits;
 pub mod machine;
 pub mod pool;
 pub mod proto;
