@@ -429,14 +429,13 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file(path));
         }
-        let env_keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
-        for (key, value) in vars {
+        for (key, value) in vars.clone() {
             let path = key["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
             let parsed: figment::value::Value =
                 value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
             figment = figment.merge(Serialized::global(&path, parsed));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e, &env_keys)))?;
+        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e, &vars)))?;
         config.validate()?;
         Ok(config)
     }
@@ -520,29 +519,84 @@ impl Config {
     }
 }
 
-fn describe(e: figment::Error, env_keys: &[String]) -> String {
+/// One line per error, naming the key and where its value came from, and never the value itself: a value
+/// under the wrong key may be a secret (a token pasted into `runcomfy.lease`), so only its type is said.
+fn describe(e: figment::Error, env: &[(String, String)]) -> String {
     e.into_iter()
         .map(|e| {
             let key = if e.path.is_empty() { "<root>".to_string() } else { e.path.join(".") };
-            let var = format!("COMFYRELAY_{}", key.replace('.', "__").to_ascii_uppercase());
-            let source = if env_keys.contains(&var) {
-                format!("environment variable {var}")
-            } else {
-                e.metadata.as_ref().and_then(|m| m.source.as_ref()).map(|s| s.to_string()).unwrap_or_default()
+            // The variable that set this key or a table holding it (`COMFYRELAY_COMFYUI__SERVERS` for
+            // `comfyui.servers.0.url`).
+            let var = env.iter().map(|(k, _)| k).find(|k| {
+                let path = k["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
+                key == path || key.starts_with(&format!("{path}."))
+            });
+            let source = match (var, e.metadata.as_ref().and_then(|m| m.source.as_ref())) {
+                (Some(var), _) => format!(" (from environment variable {var})"),
+                (None, Some(figment::Source::File(path))) => format!(" (from {})", path.display()),
+                (None, _) => String::new(),
             };
-            let mut kind = e.kind.to_string();
-            // Never echo a value back: it could be a secret placed under the wrong key.
-            if let Some(i) = kind.find(": found ") {
-                kind.truncate(i);
+            let mut kind = describe_kind(&e.kind);
+            // Belt and braces for free-text messages of custom deserializers: blank out any value given.
+            for (_, value) in env {
+                if value.len() >= 4 && kind.contains(value.as_str()) {
+                    kind = kind.replace(value.as_str(), "<value>");
+                }
             }
-            if source.is_empty() {
-                format!("key `{key}`: {kind}")
-            } else {
-                format!("key `{key}` (from {source}): {kind}")
-            }
+            format!("key `{}`{source}: {kind}", crate::limits::echo(&key))
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What is wrong, without the offending value (figment's own `Display` quotes it).
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let one_of = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    match kind {
+        // Custom messages (socket addresses, TOML syntax) say what is wrong on their first line; the
+        // lines after it quote the source text.
+        Kind::Message(m) => crate::limits::clip(m.lines().next().unwrap_or_default(), 120).into_owned(),
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {}", actual_kind(actual)),
+        Kind::InvalidValue(actual, expected) => {
+            format!("invalid value ({}), expected {expected}", actual_kind(actual))
+        }
+        Kind::InvalidLength(n, expected) => format!("expected {expected}, found {n} elements"),
+        Kind::UnknownVariant(_, expected) => format!("unknown value, expected one of {}", one_of(expected)),
+        Kind::UnknownField(_, []) => "unknown key".to_string(),
+        Kind::UnknownField(_, expected) => format!("unknown key, expected one of {}", one_of(expected)),
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        Kind::DuplicateField(name) => format!("duplicate key `{name}`"),
+        Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => "number out of range".to_string(),
+        Kind::Unsupported(actual) => format!("unsupported value ({})", actual_kind(actual)),
+        Kind::UnsupportedKey(actual, expected) => {
+            format!("unsupported key ({}), expected {expected}", actual_kind(actual))
+        }
+    }
+}
+
+/// The type of a value given, never the value.
+fn actual_kind(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a float",
+        Actual::Char(_) => "a character",
+        Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit => "nothing",
+        Actual::Option => "an option",
+        Actual::NewtypeStruct => "a new-type struct",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        Actual::Enum
+        | Actual::UnitVariant
+        | Actual::NewtypeVariant
+        | Actual::TupleVariant
+        | Actual::StructVariant => "an enum",
+        Actual::Other(_) => "a value of another type",
+    }
 }
 
 #[cfg(test)]

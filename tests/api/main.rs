@@ -6,6 +6,7 @@ mod cancel;
 mod config_errors;
 mod faults;
 mod foundation;
+mod hardening;
 mod jobs;
 mod load;
 mod machines;
