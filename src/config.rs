@@ -58,6 +58,24 @@ pub struct GrpcConfig {
     pub shutdown_grace: Duration,
     /// Serve gRPC-Web (HTTP/1.1, for browsers) next to gRPC.
     pub grpc_web: bool,
+    /// Open client connections at most; further ones wait in the listen backlog until one closes. It is
+    /// lowered at start (with a warning) when the process's open-file limit would leave fewer than a
+    /// quarter of its descriptors (at least 64) to the database, artifacts and ComfyUI sockets.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) on one connection.
+    pub max_concurrent_streams: u32,
+    /// A new connection must send its first 24 bytes (the HTTP/2 preface) within this, or it is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 pings to each client, so dead peers are noticed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a ping within this is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -67,6 +85,12 @@ impl Default for GrpcConfig {
             max_message_bytes: 48 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             grpc_web: true,
+            max_connections: 512,
+            max_concurrent_streams: 100,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -451,6 +475,23 @@ impl Config {
         }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
+        }
+        let g = &self.grpc;
+        if g.max_connections == 0 {
+            return bad("grpc.max_connections", "must be at least 1");
+        }
+        if g.max_concurrent_streams == 0 {
+            return bad("grpc.max_concurrent_streams", "must be at least 1");
+        }
+        for (key, d) in [
+            ("grpc.handshake_timeout", g.handshake_timeout),
+            ("grpc.idle_timeout", g.idle_timeout),
+            ("grpc.keepalive_interval", g.keepalive_interval),
+            ("grpc.keepalive_timeout", g.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be positive");
+            }
         }
         if self.comfyui.prequeue > 16 {
             return bad("comfyui.prequeue", "must be at most 16");

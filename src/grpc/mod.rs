@@ -2,14 +2,16 @@
 //!
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
 //! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
+//!
+//! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
+//! keepalive and streams per connection (tonic's builder, below).
 
+mod connections;
 mod convert;
 mod jobs;
 mod machines;
 pub mod status;
 mod workflows;
-
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -74,8 +76,26 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");
 
-    // Small gRPC messages must not wait for Nagle's algorithm (a 40 ms stall per call with delayed ACKs).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let g = &config.grpc;
+    let file_limit = connections::open_file_limit();
+    let max_connections = connections::effective_max_connections(g.max_connections, file_limit);
+    if max_connections < g.max_connections {
+        tracing::warn!(
+            configured = g.max_connections,
+            open_file_limit = file_limit,
+            using = max_connections,
+            "grpc.max_connections leaves too few open files for the rest of the service; lowered (raise the \
+             open-file limit, e.g. LimitNOFILE=, to allow more)"
+        );
+    }
+    let incoming = connections::incoming(
+        listener,
+        connections::ConnectionLimits {
+            max_connections,
+            handshake_timeout: g.handshake_timeout,
+            idle_timeout: g.idle_timeout,
+        },
+    );
     let health_for_shutdown = health.clone();
     let token = shutdown.clone();
     let signal = async move {
@@ -85,13 +105,16 @@ pub async fn serve(
         tracing::info!("draining gRPC connections");
     };
 
-    let mut builder = Server::builder()
+    let builder = Server::builder()
         .accept_http1(config.grpc.grpc_web)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(g.keepalive_interval))
+        .http2_keepalive_timeout(Some(g.keepalive_timeout))
+        .max_concurrent_streams(Some(g.max_concurrent_streams))
         .trace_fn(|req| tracing::info_span!("rpc", method = %req.uri().path()));
     let router = if config.grpc.grpc_web {
         builder
             .layer(tonic_web::GrpcWebLayer::new())
+            .layer(connections::CallTrackingLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -102,6 +125,7 @@ pub async fn serve(
             .await
     } else {
         builder
+            .layer(connections::CallTrackingLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -4,7 +4,293 @@
 //! neither echo the input nor lack an `ErrorInfo`; configuration errors that must not print a value;
 //! content types and corrupt images refused at submit.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use comfyrelay::proto::pb;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tonic::transport::Channel;
+
+use crate::helpers::{png, spawn_app_with, spawn_comfy, submit_request};
+
+/// The HTTP/2 client connection preface.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// An empty SETTINGS frame.
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+
+/// One HTTP/2 frame as read off the wire.
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    #[allow(dead_code, reason = "shown by Debug in assertion messages")]
+    len: usize,
+}
+
+/// Reads frames until the server closes the connection (EOF or reset), or panics after `within`.
+async fn frames_until_closed(stream: &mut TcpStream, within: Duration) -> Vec<Frame> {
+    let read = async {
+        let mut frames = Vec::new();
+        loop {
+            let mut header = [0u8; 9];
+            if stream.read_exact(&mut header).await.is_err() {
+                return frames;
+            }
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if stream.read_exact(&mut payload).await.is_err() {
+                return frames;
+            }
+            frames.push(Frame { kind: header[3], flags: header[4], len: payload.len() });
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the server closes the connection in time")
+}
+
+/// Waits until a connection that sends nothing is closed by the server (EOF or reset).
+async fn closed_by_server(stream: &mut TcpStream, within: Duration) {
+    let mut buf = [0u8; 64];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // whatever the server says first (e.g. its SETTINGS)
+            }
+        }
+    };
+    tokio::time::timeout(within, read).await.expect("the server closes the connection in time");
+}
+
+async fn channel(addr: std::net::SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
+}
+
+fn jobs_client(channel: Channel) -> pb::job_service_client::JobServiceClient<Channel> {
+    pb::job_service_client::JobServiceClient::new(channel)
+        .max_encoding_message_size(usize::MAX)
+        .max_decoding_message_size(64 << 20)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Defect 2: connections.
+
+#[tokio::test]
+async fn a_connection_that_never_sends_is_closed_within_the_handshake_timeout() {
+    let app = spawn_app_with(|c| c.grpc.handshake_timeout = Duration::from_millis(300)).await;
+    let mut silent = TcpStream::connect(app.addr).await.expect("connect");
+    closed_by_server(&mut silent, Duration::from_secs(20)).await;
+}
+
+#[tokio::test]
+async fn a_connection_with_no_call_is_closed_after_the_idle_timeout() {
+    let app = spawn_app_with(|c| {
+        c.grpc.idle_timeout = Duration::from_millis(300);
+        c.grpc.keepalive_interval = Duration::from_secs(3600);
+    })
+    .await;
+    let mut idle = TcpStream::connect(app.addr).await.expect("connect");
+    idle.write_all(PREFACE).await.expect("preface");
+    idle.write_all(&EMPTY_SETTINGS).await.expect("settings");
+    let frames = frames_until_closed(&mut idle, Duration::from_secs(20)).await;
+    assert!(frames.iter().any(|f| f.kind == FRAME_SETTINGS), "the handshake was answered: {frames:?}");
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_dropped() {
+    let app = spawn_app_with(|c| {
+        c.grpc.idle_timeout = Duration::from_secs(3600);
+        c.grpc.keepalive_interval = Duration::from_millis(200);
+        c.grpc.keepalive_timeout = Duration::from_millis(200);
+    })
+    .await;
+    let mut deaf = TcpStream::connect(app.addr).await.expect("connect");
+    deaf.write_all(PREFACE).await.expect("preface");
+    deaf.write_all(&EMPTY_SETTINGS).await.expect("settings");
+    let frames = frames_until_closed(&mut deaf, Duration::from_secs(20)).await;
+    assert!(
+        frames.iter().any(|f| f.kind == FRAME_PING && f.flags & 1 == 0),
+        "the server pinged before giving up: {frames:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_bound_on_streams_per_connection_is_advertised() {
+    let app = spawn_app_with(|c| c.grpc.max_concurrent_streams = 7).await;
+    let mut raw = TcpStream::connect(app.addr).await.expect("connect");
+    raw.write_all(PREFACE).await.expect("preface");
+    raw.write_all(&EMPTY_SETTINGS).await.expect("settings");
+    let mut header = [0u8; 9];
+    let first = async {
+        raw.read_exact(&mut header).await.expect("a frame");
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        raw.read_exact(&mut payload).await.expect("its payload");
+        payload
+    };
+    let payload = tokio::time::timeout(Duration::from_secs(20), first).await.expect("SETTINGS in time");
+    assert_eq!(header[3], FRAME_SETTINGS, "the server speaks first with SETTINGS");
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|c| (u16::from_be_bytes([c[0], c[1]]), u32::from_be_bytes([c[2], c[3], c[4], c[5]])))
+        .collect();
+    // SETTINGS_MAX_CONCURRENT_STREAMS = 0x3
+    assert!(settings.contains(&(0x3, 7)), "{settings:?}");
+}
+
+#[tokio::test]
+async fn idle_connections_past_the_limit_do_not_stop_a_real_client() {
+    let app = spawn_app_with(|c| {
+        c.grpc.max_connections = 4;
+        c.grpc.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(TcpStream::connect(app.addr).await.expect("connect"));
+    }
+    // A new client queues behind them in the listen backlog; the idle ones are closed one batch of
+    // permits at a time, so it gets its turn.
+    let submit = async {
+        let mut client = jobs_client(channel(app.addr).await);
+        client.submit_job(submit_request("invert", png(8, 8))).await
+    };
+    let job = tokio::time::timeout(Duration::from_secs(60), submit)
+        .await
+        .expect("the real client is served within 60 s")
+        .expect("SubmitJob succeeds");
+    assert_eq!(job.into_inner().workflow, "invert");
+    for conn in &mut idle {
+        closed_by_server(conn, Duration::from_secs(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_open_stream_keeps_its_connection_past_the_idle_timeout() {
+    let app = spawn_app_with(|c| {
+        c.grpc.idle_timeout = Duration::from_secs(1);
+        c.grpc.keepalive_interval = Duration::from_millis(200);
+    })
+    .await;
+    // Three nodes of 700 ms: the job, and its stream, last twice the idle timeout.
+    app.comfy.faults().set_node_delay(Duration::from_millis(700));
+    let mut client = jobs_client(channel(app.addr).await);
+    let job = client.submit_job(submit_request("invert", png(8, 8))).await.expect("submit").into_inner();
+    let mut stream = client
+        .stream_job(pb::StreamJobRequest { job_id: job.id, ..Default::default() })
+        .await
+        .expect("stream_job")
+        .into_inner();
+    let read = async {
+        let mut last = None;
+        while let Some(event) = stream.message().await.expect("the stream is not cut") {
+            last = event.kind;
+        }
+        last
+    };
+    let last = tokio::time::timeout(Duration::from_secs(60), read).await.expect("the job ends");
+    assert!(matches!(last, Some(pb::job_event::Kind::Succeeded(_))), "{last:?}");
+}
+
+/// A comfyrelay process started from the built binary, serving on an ephemeral port.
+struct ChildRelay {
+    child: Child,
+    addr: std::net::SocketAddr,
+    _data: tempfile::TempDir,
+}
+
+impl ChildRelay {
+    /// Runs `comfyrelay serve` under `sh -c 'ulimit -n FDS; exec ...'` with the given extra variables.
+    fn start(fds: u32, comfy_url: &str, env: &[(&str, &str)]) -> Self {
+        let data = tempfile::tempdir().expect("tempdir");
+        let workflows = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" serve"))
+            .arg(env!("CARGO_BIN_EXE_comfyrelay"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+            .env("COMFYRELAY_DATA_DIR", data.path())
+            .env("COMFYRELAY_WORKFLOWS_DIR", workflows)
+            .env("COMFYRELAY_COMFYUI__SERVERS", format!(r#"[{{name = "emu", url = "{comfy_url}"}}]"#))
+            .env("COMFYRELAY_LOG__FORMAT", "json")
+            .env("COMFYRELAY_LOG__FILTER", "warn,comfyrelay=info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start comfyrelay");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Drains the pipe for the child's whole life, so logging never blocks it.
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if v["fields"]["message"] == "serving gRPC"
+                    && let Some(addr) = v["fields"]["addr"].as_str().and_then(|a| a.parse().ok())
+                {
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("comfyrelay serves within 60 s");
+        Self { child, addr, _data: data }
+    }
+
+    /// CPU time the process has used (user + system), from `/proc/PID/stat`.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> =
+            stat.rsplit_once(") ").map(|(_, f)| f.split(' ').collect()).unwrap_or_default();
+        let ticks: u64 = [11, 12].iter().filter_map(|&i| fields.get(i)?.parse::<u64>().ok()).sum();
+        Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+    }
+}
+
+impl Drop for ChildRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The attack: more never-sending connections than the process has file descriptors (96 here). The
+/// server keeps its connections below the open-file limit (leaving descriptors for the database and the
+/// input images), closes the silent ones at their handshake timeout, and serves a real client queued
+/// behind them. (Before the fix it spun on `accept` failing with EMFILE and never answered.)
+#[tokio::test]
+async fn more_silent_connections_than_file_descriptors_do_not_stop_the_service() {
+    let comfy = spawn_comfy().await;
+    let relay = ChildRelay::start(96, &comfy.url(), &[("COMFYRELAY_GRPC__HANDSHAKE_TIMEOUT", "1s")]);
+    let cpu_before = relay.cpu_time();
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        silent.push(TcpStream::connect(relay.addr).await.expect("connect"));
+    }
+    let submit = async {
+        let mut client = jobs_client(channel(relay.addr).await);
+        client.submit_job(submit_request("invert", png(8, 8))).await
+    };
+    let job = tokio::time::timeout(Duration::from_secs(90), submit)
+        .await
+        .expect("the real client is served within 90 s")
+        .expect("SubmitJob succeeds");
+    assert_eq!(job.into_inner().workflow, "invert");
+    // A figure, not an assertion: the CPU the server burnt while descriptors were exhausted.
+    println!("comfyrelay CPU while flooded: {:?}", relay.cpu_time().saturating_sub(cpu_before));
+    drop(silent);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // Defect 7: configuration errors never echo values.
