@@ -205,6 +205,21 @@ pub struct JobsConfig {
     /// Longest output download.
     #[serde(with = "humantime_serde")]
     pub download_timeout: Duration,
+    /// Bytes of an inline graph (`graph_json`); larger ones are refused before they are parsed.
+    pub max_graph_bytes: usize,
+    /// Bytes of the prompt and of each text parameter.
+    pub max_text_bytes: usize,
+}
+
+impl JobsConfig {
+    /// The bounds on one request's fields.
+    pub fn request_limits(&self) -> crate::limits::RequestLimits {
+        crate::limits::RequestLimits {
+            max_graph_bytes: self.max_graph_bytes,
+            max_text_bytes: self.max_text_bytes,
+            ..crate::limits::RequestLimits::default()
+        }
+    }
 }
 
 impl Default for JobsConfig {
@@ -217,6 +232,8 @@ impl Default for JobsConfig {
             upload_timeout: Duration::from_secs(120),
             execution_timeout: Duration::from_secs(1800),
             download_timeout: Duration::from_secs(300),
+            max_graph_bytes: crate::limits::RequestLimits::default().max_graph_bytes,
+            max_text_bytes: crate::limits::RequestLimits::default().max_text_bytes,
         }
     }
 }
@@ -475,6 +492,12 @@ impl Config {
         }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
+        }
+        if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > self.grpc.max_message_bytes {
+            return bad("jobs.max_graph_bytes", "must be between 1024 and grpc.max_message_bytes");
+        }
+        if self.jobs.max_text_bytes == 0 || self.jobs.max_text_bytes > self.grpc.max_message_bytes {
+            return bad("jobs.max_text_bytes", "must be between 1 and grpc.max_message_bytes");
         }
         let g = &self.grpc;
         if g.max_connections == 0 {

@@ -191,13 +191,20 @@ impl Catalog {
             WorkflowSource::Named(name) => match self.get(&name) {
                 Some(workflow) => prepare::prepare_named(&workflow, inputs, object_info),
                 None => {
-                    let mut known = self.list().iter().map(|w| w.name.clone()).collect::<Vec<_>>().join(", ");
-                    if known.is_empty() {
+                    let all = self.list();
+                    let mut known =
+                        all.iter().take(20).map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ");
+                    if all.is_empty() {
                         known = "(no workflows)".to_string();
+                    } else if all.len() > 20 {
+                        known.push_str(&format!(", … ({} in all; see ListWorkflows)", all.len()));
                     }
                     Err(vec![FieldViolation::new(
                         "workflow",
-                        format!("unknown workflow `{name}`; the catalog has: {known}"),
+                        format!(
+                            "unknown workflow `{}`; the catalog has: {known}",
+                            crate::limits::echo(&name)
+                        ),
                     )])
                 }
             },

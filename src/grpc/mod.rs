@@ -4,10 +4,12 @@
 //! v1alpha) and gRPC-Web, and stops gracefully when the shutdown token is cancelled.
 //!
 //! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
-//! keepalive and streams per connection (tonic's builder, below).
+//! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
+//! an `ErrorInfo` (`error_details`).
 
 mod connections;
 mod convert;
+mod error_details;
 mod jobs;
 mod machines;
 pub mod status;
@@ -59,6 +61,7 @@ pub async fn serve(
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
         job_manager.clone(),
         shutdown.clone(),
+        config.jobs.request_limits(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -115,6 +118,7 @@ pub async fn serve(
         builder
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -126,6 +130,7 @@ pub async fn serve(
     } else {
         builder
             .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

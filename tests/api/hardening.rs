@@ -15,9 +15,10 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
-use tonic::transport::Channel;
+use tonic::{Code, Status, transport::Channel};
+use tonic_types::StatusExt;
 
-use crate::helpers::{png, spawn_app_with, spawn_comfy, submit_request};
+use crate::helpers::{assert_violations, png, spawn_app_with, spawn_comfy, submit_request};
 
 /// The HTTP/2 client connection preface.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -69,6 +70,10 @@ async fn closed_by_server(stream: &mut TcpStream, within: Duration) {
     tokio::time::timeout(within, read).await.expect("the server closes the connection in time");
 }
 
+fn error_info(status: &Status) -> tonic_types::ErrorInfo {
+    status.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"))
+}
+
 async fn channel(addr: std::net::SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).expect("uri").connect().await.expect("connect")
 }
@@ -77,6 +82,17 @@ fn jobs_client(channel: Channel) -> pb::job_service_client::JobServiceClient<Cha
     pb::job_service_client::JobServiceClient::new(channel)
         .max_encoding_message_size(usize::MAX)
         .max_decoding_message_size(64 << 20)
+}
+
+fn text(v: impl Into<String>) -> pb::ParameterValue {
+    pb::ParameterValue { kind: Some(pb::parameter_value::Kind::StringValue(v.into())) }
+}
+
+fn inline(graph: impl Into<String>) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        source: Some(pb::submit_job_request::Source::GraphJson(graph.into())),
+        ..Default::default()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -290,6 +306,169 @@ async fn more_silent_connections_than_file_descriptors_do_not_stop_the_service()
     // A figure, not an assertion: the CPU the server burnt while descriptors were exhausted.
     println!("comfyrelay CPU while flooded: {:?}", relay.cpu_time().saturating_sub(cpu_before));
     drop(silent);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Defect 3: bounded parsing, refused early, naming the field and the limit.
+
+#[tokio::test]
+async fn an_oversized_inline_graph_is_refused_before_it_is_parsed() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let graph = format!(
+        r#"{{"1": {{"class_type": "LoadImage", "inputs": {{"image": "{}"}}}}}}"#,
+        "x".repeat(3 << 20)
+    );
+    let err = app.jobs.submit_job(inline(graph)).await.unwrap_err();
+    assert_violations(&err, &["graph_json"]);
+    let info = error_info(&err);
+    assert_eq!(info.reason, "LIMIT_EXCEEDED");
+    assert_eq!(info.domain, "comfyrelay.dev");
+    assert_eq!(info.metadata["field"], "graph_json");
+    assert_eq!(info.metadata["limit"], (1024 * 1024).to_string());
+    assert_eq!(info.metadata["setting"], "jobs.max_graph_bytes");
+    assert!(err.message().len() < 512, "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_deeply_nested_inline_graph_is_refused_naming_the_depth_limit() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let depth = 5000;
+    let graph = format!(
+        r#"{{"1": {{"class_type": "A", "inputs": {{"x": {}{}}}}}}}"#,
+        "[".repeat(depth),
+        "]".repeat(depth)
+    );
+    let err = app.jobs.submit_job(inline(graph)).await.unwrap_err();
+    assert_violations(&err, &["graph_json"]);
+    let info = error_info(&err);
+    assert_eq!((info.metadata["limit"].as_str(), info.metadata["unit"].as_str()), ("32", "levels"));
+}
+
+#[tokio::test]
+async fn oversized_text_and_names_are_refused_naming_each_field_and_limit() {
+    let mut app = spawn_app_with(|c| c.jobs.max_text_bytes = 1024).await;
+
+    let mut req = submit_request("invert", png(8, 8));
+    req.parameters.insert("filename_prefix".into(), text("p".repeat(5 << 20)));
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    assert_violations(&err, &["parameters[filename_prefix]"]);
+    let info = error_info(&err);
+    assert_eq!(
+        (info.metadata["limit"].as_str(), info.metadata["setting"].as_str()),
+        ("1024", "jobs.max_text_bytes")
+    );
+
+    let mut req = submit_request("invert", png(8, 8));
+    req.prompt = "q".repeat(2000);
+    req.request_id = "r".repeat(1000);
+    req.labels.insert("k".repeat(1 << 20), "v".into());
+    req.labels.insert("team".into(), "v".repeat(10_000));
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    let fields = assert_violations(&err, &["prompt", "request_id", "labels[team]"]);
+    assert!(fields.iter().any(|f| f.starts_with("labels[kkkk") && f.ends_with("…]")), "{fields:?}");
+    let details = err.details().len();
+    assert!(
+        err.message().len() < 2048 && details < 4096,
+        "message {} / details {details}",
+        err.message().len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Defect 6: errors never echo the input, and all carry an ErrorInfo.
+
+#[tokio::test]
+async fn errors_quote_caller_values_cut_short() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let huge = "w".repeat(1 << 20);
+
+    // A 1 MiB workflow name: refused on its size, and not echoed.
+    let mut req = submit_request("invert", png(8, 8));
+    req.source = Some(pb::submit_job_request::Source::Workflow(huge.clone()));
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    assert_violations(&err, &["workflow"]);
+    assert!(err.message().len() < 512 && err.details().len() < 1024, "{}", err.message());
+
+    // An unknown name within the bound: quoted, cut to 64 characters.
+    let name = "n".repeat(120);
+    let mut req = submit_request("invert", png(8, 8));
+    req.source = Some(pb::submit_job_request::Source::Workflow(name.clone()));
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    assert_violations(&err, &["workflow"]);
+    assert!(err.message().contains(&format!("{}…", "n".repeat(64))), "{}", err.message());
+    assert!(!err.message().contains(&name));
+
+    // A choice value, and a node id of an inline graph.
+    let mut req = submit_request("scale-blur", png(8, 8));
+    req.parameters.insert("upscale_method".into(), text("c".repeat(10_000)));
+    let err = app.jobs.submit_job(req).await.unwrap_err();
+    assert_violations(&err, &["parameters[upscale_method]"]);
+    assert!(!err.message().contains(&"c".repeat(65)), "{}", err.message());
+    let node = "d".repeat(100_000);
+    let err = app.jobs.submit_job(inline(format!(r#"{{"{node}": {{"inputs": {{}}}}}}"#))).await.unwrap_err();
+    assert_violations(&err, &["graph_json"]);
+    assert!(!err.message().contains(&"d".repeat(65)) && err.details().len() < 4096, "{}", err.message());
+
+    // NOT_FOUND names.
+    let err = app.workflows.get_workflow(pb::GetWorkflowRequest { name: "x".repeat(100) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains(&format!("{}…", "x".repeat(64))), "{}", err.message());
+    let err = app.workflows.get_workflow(pb::GetWorkflowRequest { name: huge.clone() }).await.unwrap_err();
+    assert_eq!((err.code(), error_info(&err).metadata["field"].as_str()), (Code::InvalidArgument, "name"));
+    let err = app.machines.get_machine(pb::GetMachineRequest { machine_id: huge }).await.unwrap_err();
+    assert!(err.message().len() < 512, "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_request_over_the_message_limit_is_resource_exhausted_naming_the_setting() {
+    let app = spawn_app_with(|c| {
+        c.grpc.max_message_bytes = 1 << 20;
+        c.jobs.max_graph_bytes = 1 << 19;
+        c.jobs.max_text_bytes = 1 << 19;
+    })
+    .await;
+    let mut client = jobs_client(app.channel.clone());
+    let mut req = submit_request("invert", png(8, 8));
+    req.image.as_mut().expect("image").data = vec![0u8; 2 << 20].into();
+    let err = client.submit_job(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let info = error_info(&err);
+    assert_eq!(info.reason, "MESSAGE_TOO_LARGE");
+    assert_eq!(info.metadata["setting"], "grpc.max_message_bytes");
+    assert_eq!(info.metadata["limit"], (1u64 << 20).to_string());
+    assert!(err.message().contains("grpc.max_message_bytes"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn every_error_carries_an_error_info() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let mut errors = vec![
+        app.jobs.get_job(pb::GetJobRequest { job_id: uuid::Uuid::new_v4().to_string() }).await.unwrap_err(),
+        app.jobs.get_job(pb::GetJobRequest { job_id: "not-a-uuid".into() }).await.unwrap_err(),
+        app.jobs.submit_job(submit_request("nope", png(8, 8))).await.unwrap_err(),
+        app.workflows.get_workflow(pb::GetWorkflowRequest { name: "nope".into() }).await.unwrap_err(),
+        app.machines.get_machine(pb::GetMachineRequest { machine_id: "nope".into() }).await.unwrap_err(),
+    ];
+    let mut req = submit_request("invert", png(8, 8));
+    req.request_id = "same".into();
+    app.jobs.submit_job(req.clone()).await.expect("first");
+    req.priority = 5;
+    errors.push(app.jobs.submit_job(req).await.unwrap_err());
+
+    // A method the server does not have: answered by tonic itself, before any handler.
+    let mut grpc = tonic::client::Grpc::new(app.channel.clone());
+    grpc.ready().await.expect("ready");
+    let path = http::uri::PathAndQuery::from_static("/comfyrelay.v1.JobService/NoSuchMethod");
+    let codec = tonic_prost::ProstCodec::<pb::GetJobRequest, pb::Job>::default();
+    errors
+        .push(grpc.unary(tonic::Request::new(pb::GetJobRequest::default()), path, codec).await.unwrap_err());
+
+    for err in &errors {
+        let info = error_info(err);
+        assert_eq!(info.domain, "comfyrelay.dev", "{err:?}");
+        assert!(!info.reason.is_empty(), "{err:?}");
+    }
+    assert_eq!(errors.last().map(|e| error_info(e).reason), Some("UNIMPLEMENTED".to_string()));
 }
 
 // ---------------------------------------------------------------------------------------------------
