@@ -209,6 +209,10 @@ pub struct JobsConfig {
     pub max_graph_bytes: usize,
     /// Bytes of the prompt and of each text parameter.
     pub max_text_bytes: usize,
+    /// Pixels (width × height, as the image header declares them) of each input image; larger images are
+    /// refused at submit without being decoded. The default (64 MP, e.g. 8192×8192) fits SDXL and
+    /// upscaler inputs.
+    pub max_image_pixels: u64,
 }
 
 impl JobsConfig {
@@ -217,7 +221,7 @@ impl JobsConfig {
         crate::limits::RequestLimits {
             max_graph_bytes: self.max_graph_bytes,
             max_text_bytes: self.max_text_bytes,
-            ..crate::limits::RequestLimits::default()
+            max_image_pixels: self.max_image_pixels,
         }
     }
 }
@@ -234,6 +238,7 @@ impl Default for JobsConfig {
             download_timeout: Duration::from_secs(300),
             max_graph_bytes: crate::limits::RequestLimits::default().max_graph_bytes,
             max_text_bytes: crate::limits::RequestLimits::default().max_text_bytes,
+            max_image_pixels: crate::limits::RequestLimits::default().max_image_pixels,
         }
     }
 }
@@ -493,12 +498,6 @@ impl Config {
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
         }
-        if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > self.grpc.max_message_bytes {
-            return bad("jobs.max_graph_bytes", "must be between 1024 and grpc.max_message_bytes");
-        }
-        if self.jobs.max_text_bytes == 0 || self.jobs.max_text_bytes > self.grpc.max_message_bytes {
-            return bad("jobs.max_text_bytes", "must be between 1 and grpc.max_message_bytes");
-        }
         let g = &self.grpc;
         if g.max_connections == 0 {
             return bad("grpc.max_connections", "must be at least 1");
@@ -515,6 +514,15 @@ impl Config {
             if d.is_zero() {
                 return bad(key, "must be positive");
             }
+        }
+        if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > g.max_message_bytes {
+            return bad("jobs.max_graph_bytes", "must be between 1024 and grpc.max_message_bytes");
+        }
+        if self.jobs.max_text_bytes == 0 || self.jobs.max_text_bytes > g.max_message_bytes {
+            return bad("jobs.max_text_bytes", "must be between 1 and grpc.max_message_bytes");
+        }
+        if self.jobs.max_image_pixels == 0 {
+            return bad("jobs.max_image_pixels", "must be at least 1");
         }
         if self.comfyui.prequeue > 16 {
             return bad("comfyui.prequeue", "must be at most 16");

@@ -2,13 +2,14 @@
 //! validation of a request against them and injection of values into the graph.
 //!
 //! Layout: [`model`] (the domain types), `manifest` (parsing `manifest.toml` against `workflow.json`),
-//! `graph` (API-format structure checks), `object_info` (checks against a backend's `/object_info`),
+//! `graph` (API-format structure checks), `image_header` (an input image's declared size), `object_info` (checks against a backend's `/object_info`),
 //! `prepare` (request validation and injection), `watch` (the reload task).
 //!
 //! Knows nothing of gRPC, the job engine, uploads or how to reach a ComfyUI server: callers pass the
 //! backend's `/object_info` in when they have it.
 
 mod graph;
+mod image_header;
 mod manifest;
 pub mod model;
 mod object_info;
@@ -25,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use graph::{GraphProblem, check_structure, parse_graph};
+pub use image_header::{ImageHeader, ImageHeaderError, read_image_header};
 pub use manifest::{ManifestProblem, SourceFile, parse_workflow};
 pub use model::{InputKind, InputSpec, InputTarget, OutputSpec, Requirements, ScalarValue, Workflow};
 pub use prepare::{

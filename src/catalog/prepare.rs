@@ -194,12 +194,9 @@ fn check_image(mut image: ImageInput) -> Result<(ImageInput, String), String> {
     if image.data.is_empty() {
         return Err("the image is empty".to_string());
     }
-    let (mime, ext) = match image::guess_format(&image.data) {
-        Ok(image::ImageFormat::Png) => ("image/png", "png"),
-        Ok(image::ImageFormat::Jpeg) => ("image/jpeg", "jpg"),
-        Ok(image::ImageFormat::WebP) => ("image/webp", "webp"),
-        _ => return Err("the bytes are not a PNG, JPEG or WebP image".to_string()),
-    };
+    // The header, not only the signature: a PNG signature followed by junk fails here, not in LoadImage.
+    let header = super::image_header::read_image_header(&image.data).map_err(|e| e.to_string())?;
+    let (mime, ext) = (header.mime, header.extension);
     let sha = hex::encode(Sha256::digest(&image.data));
     if image.content_type.trim().is_empty() {
         image.content_type = mime.to_string();

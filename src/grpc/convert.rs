@@ -8,7 +8,7 @@ use prost_types::{Duration as PbDuration, Timestamp};
 
 use super::status::BadField;
 use crate::{
-    catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource},
+    catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource, read_image_header},
     jobs::{
         Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, ListRequest, OutputFile,
         OutputView, SubmitRequest, Violation,
@@ -50,44 +50,56 @@ fn too_long(field: impl Into<String>, value: &str, limit: usize) -> BadField {
     Exceeded::new(field, value.len() as u64, limit as u64, Unit::Bytes).into()
 }
 
-/// Guesses a MIME type from the bytes' signature.
-fn sniff(data: &[u8]) -> &'static str {
-    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
-        "image/png"
-    } else if data.starts_with(&[0xff, 0xd8, 0xff]) {
-        "image/jpeg"
-    } else if data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WEBP" {
-        "image/webp"
-    } else {
-        "application/octet-stream"
-    }
+/// Whether `s` is a MIME type `type/subtype` (RFC 6838 restricted names: letters, digits and
+/// `!#$&^_.+-`, starting with a letter or digit); parameters, spaces and control characters are refused,
+/// since the value ends up in an HTTP header of the upload to ComfyUI.
+fn is_mime_type(s: &str) -> bool {
+    let name = |part: &str| {
+        let mut bytes = part.bytes();
+        bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+            && part.len() <= 127
+    };
+    matches!(s.split_once('/'), Some((t, sub)) if name(t) && name(sub))
 }
 
-fn image_input(field: &str, img: pb::InputImage, violations: &mut Vec<BadField>) -> Option<ImageInput> {
+fn image_input(
+    field: &str,
+    img: pb::InputImage,
+    limits: &RequestLimits,
+    violations: &mut Vec<BadField>,
+) -> Option<ImageInput> {
     let pb::InputImage { data, filename, content_type } = img;
     if data.is_empty() {
         violations.push(BadField::new(format!("{field}.data"), "must not be empty"));
         return None;
     }
-    let sniffed = sniff(&data);
-    if sniffed == "application/octet-stream" {
-        violations.push(BadField::new(format!("{field}.data"), "is not a PNG, JPEG or WebP image"));
-        return None;
+    // The header, not only the signature: a PNG signature followed by junk is refused here rather than
+    // failing in LoadImage, and the declared size is checked without decoding a pixel.
+    let header = match read_image_header(&data) {
+        Ok(header) => header,
+        Err(e) => {
+            violations.push(BadField::new(format!("{field}.data"), e.to_string()));
+            return None;
+        }
+    };
+    if header.pixels() > limits.max_image_pixels {
+        let e = Exceeded::new(field, header.pixels(), limits.max_image_pixels, Unit::Pixels)
+            .with_setting(limits::SETTING_MAX_IMAGE_PIXELS);
+        let description = format!("declares {}×{} pixels: {}", header.width, header.height, e.description());
+        violations.push(BadField { description, ..e.into() });
     }
-    let content_type = if content_type.is_empty() { sniffed.to_string() } else { content_type };
-    if !content_type.starts_with("image/") {
+    let content_type = if content_type.is_empty() { header.mime.to_string() } else { content_type };
+    if !is_mime_type(&content_type) {
+        violations.push(BadField::new(
+            format!("{field}.content_type"),
+            "must be a MIME type such as image/png (type/subtype of letters, digits and !#$&^_.+-; no \
+             parameters, spaces or control characters)",
+        ));
+    } else if !content_type.to_ascii_lowercase().starts_with("image/") {
         violations.push(BadField::new(format!("{field}.content_type"), "must be an image/* type"));
     }
-    let filename = if filename.is_empty() {
-        let ext = match sniffed {
-            "image/jpeg" => "jpg",
-            "image/webp" => "webp",
-            _ => "png",
-        };
-        format!("input.{ext}")
-    } else {
-        filename
-    };
+    let filename = if filename.is_empty() { format!("input.{}", header.extension) } else { filename };
     if filename.contains('/') || filename.contains('\\') || filename.contains("..") {
         violations.push(BadField::new(format!("{field}.filename"), "must be a plain file name (no path)"));
     }
@@ -224,7 +236,7 @@ pub(crate) fn submit_request(
             None
         }
     };
-    let image = image.and_then(|img| image_input("image", img, &mut violations));
+    let image = image.and_then(|img| image_input("image", img, limits, &mut violations));
     let mut params = BTreeMap::new();
     for (name, value) in parameters {
         let field = format!("parameters[{name}]");
@@ -235,7 +247,7 @@ pub(crate) fn submit_request(
             Some(pb::parameter_value::Kind::FloatValue(f)) => ParamValue::Float(f),
             Some(pb::parameter_value::Kind::BoolValue(b)) => ParamValue::Bool(b),
             Some(pb::parameter_value::Kind::ImageValue(img)) => {
-                match image_input(&field, img, &mut violations) {
+                match image_input(&field, img, limits, &mut violations) {
                     Some(i) => ParamValue::Image(i),
                     None => continue,
                 }

@@ -88,6 +88,16 @@ fn text(v: impl Into<String>) -> pb::ParameterValue {
     pb::ParameterValue { kind: Some(pb::parameter_value::Kind::StringValue(v.into())) }
 }
 
+fn image_value(data: Vec<u8>, content_type: &str) -> pb::ParameterValue {
+    pb::ParameterValue {
+        kind: Some(pb::parameter_value::Kind::ImageValue(pb::InputImage {
+            data: data.into(),
+            filename: String::new(),
+            content_type: content_type.into(),
+        })),
+    }
+}
+
 fn inline(graph: impl Into<String>) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         source: Some(pb::submit_job_request::Source::GraphJson(graph.into())),
@@ -375,6 +385,78 @@ async fn oversized_text_and_names_are_refused_naming_each_field_and_limit() {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Defect 4: decompression bombs.
+
+/// CRC-32 (IEEE), for hand-made PNG chunks.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// A valid 1×1 grayscale PNG whose header is rewritten to declare `w`×`h` (the pixel data is not there:
+/// only the header matters to a check that must not decode).
+fn png_declaring(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, 1, 1);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::One);
+        let mut writer = enc.write_header().expect("header");
+        writer.write_image_data(&[0]).expect("data");
+    }
+    // Signature (8), IHDR length (4), "IHDR" (4), width, height, ..., CRC at 29..33.
+    out[16..20].copy_from_slice(&w.to_be_bytes());
+    out[20..24].copy_from_slice(&h.to_be_bytes());
+    let crc = crc32(&out[12..29]);
+    out[29..33].copy_from_slice(&crc.to_be_bytes());
+    out
+}
+
+#[tokio::test]
+async fn an_image_declaring_more_pixels_than_the_limit_is_refused_at_submit() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let bomb = png_declaring(20_000, 20_000);
+    assert!(bomb.len() < 1024, "a small file");
+    let err = app.jobs.submit_job(submit_request("invert", bomb.clone())).await.unwrap_err();
+    assert_violations(&err, &["image"]);
+    let info = error_info(&err);
+    assert_eq!(info.metadata["field"], "image");
+    assert_eq!(info.metadata["limit"], (64u64 << 20).to_string());
+    assert_eq!(
+        (info.metadata["unit"].as_str(), info.metadata["setting"].as_str()),
+        ("pixels", "jobs.max_image_pixels")
+    );
+    assert!(err.message().contains("20000×20000"), "{}", err.message());
+
+    // As an image parameter, of a catalog workflow and of an inline graph.
+    let mut req = submit_request("invert", png(8, 8));
+    req.image = None;
+    req.parameters.insert("image".into(), image_value(bomb.clone(), ""));
+    assert_violations(&app.jobs.submit_job(req).await.unwrap_err(), &["parameters[image]"]);
+    let mut req = inline(
+        r#"{"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}"#,
+    );
+    req.parameters.insert("1.image".into(), image_value(bomb, "image/png"));
+    assert_violations(&app.jobs.submit_job(req).await.unwrap_err(), &["parameters[1.image]"]);
+}
+
+#[tokio::test]
+async fn the_pixel_limit_is_configurable() {
+    let mut app = spawn_app_with(|c| c.jobs.max_image_pixels = 10_000).await;
+    let err = app.jobs.submit_job(submit_request("invert", png(101, 100))).await.unwrap_err();
+    assert_violations(&err, &["image"]);
+    assert_eq!(error_info(&err).metadata["limit"], "10000");
+    app.jobs.submit_job(submit_request("invert", png(100, 100))).await.expect("at the limit is accepted");
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Defect 6: errors never echo the input, and all carry an ErrorInfo.
 
 #[tokio::test]
@@ -519,4 +601,51 @@ fn configuration_errors_name_the_key_and_never_print_the_value() {
         assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
         assert!(!stderr.contains(SECRET), "{name}: the value is echoed: {stderr}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Defect 8: content types and corrupt images, refused at submit.
+
+#[tokio::test]
+async fn content_types_must_be_mime_types() {
+    let mut app = spawn_app_with(|_| {}).await;
+    for bad in [
+        "image/png\r\nX-Injected: 1",
+        "image/png\0",
+        "image/png\n",
+        "not a mime type",
+        "image/png; q=1",
+        "image/",
+    ] {
+        let mut req = submit_request("invert", png(8, 8));
+        req.image.as_mut().expect("image").content_type = bad.into();
+        let err = app.jobs.submit_job(req).await.unwrap_err();
+        assert_violations(&err, &["image.content_type"]);
+        assert!(!err.message().contains('\r') && !err.message().contains('\0'), "{bad:?}: {}", err.message());
+
+        let mut req = submit_request("invert", png(8, 8));
+        req.image = None;
+        req.parameters.insert("image".into(), image_value(png(8, 8), bad));
+        assert_violations(&app.jobs.submit_job(req).await.unwrap_err(), &["parameters[image].content_type"]);
+    }
+    let mut req = submit_request("invert", png(8, 8));
+    req.image.as_mut().expect("image").content_type = "IMAGE/PNG".into();
+    app.jobs.submit_job(req).await.expect("MIME types are case-insensitive");
+}
+
+#[tokio::test]
+async fn a_png_signature_followed_by_junk_is_refused_at_submit() {
+    let mut app = spawn_app_with(|_| {}).await;
+    let mut junk = b"\x89PNG\r\n\x1a\n".to_vec();
+    junk.extend_from_slice(&[0x5a; 4096]);
+    let err = app.jobs.submit_job(submit_request("invert", junk.clone())).await.unwrap_err();
+    assert_violations(&err, &["image.data"]);
+    assert!(err.message().contains("PNG"), "{}", err.message());
+
+    let mut req = inline(
+        r#"{"1": {"class_type": "LoadImage", "inputs": {"image": "a.png"}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}"#,
+    );
+    req.parameters.insert("1.image".into(), image_value(junk, "image/png"));
+    assert_violations(&app.jobs.submit_job(req).await.unwrap_err(), &["parameters[1.image].data"]);
 }
