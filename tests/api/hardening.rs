@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use comfyrelay::proto::pb;
+use comfyrelay::{
+    comfy::{ClientOptions, ComfyClient, QueuePrompt},
+    proto::pb,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -418,6 +421,20 @@ fn png_declaring(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
+/// A genuine `w`×`h` black 1-bit PNG: tiny on disk, large once decoded.
+fn black_png(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Grayscale);
+        enc.set_depth(png::BitDepth::One);
+        enc.set_compression(png::Compression::Fast);
+        let mut writer = enc.write_header().expect("header");
+        writer.write_image_data(&vec![0u8; w.div_ceil(8) as usize * h as usize]).expect("data");
+    }
+    out
+}
+
 #[tokio::test]
 async fn an_image_declaring_more_pixels_than_the_limit_is_refused_at_submit() {
     let mut app = spawn_app_with(|_| {}).await;
@@ -454,6 +471,61 @@ async fn the_pixel_limit_is_configurable() {
     assert_violations(&err, &["image"]);
     assert_eq!(error_info(&err).metadata["limit"], "10000");
     app.jobs.submit_job(submit_request("invert", png(100, 100))).await.expect("at the limit is accepted");
+}
+
+async fn run_on_emulator(client: &ComfyClient, image: Vec<u8>) -> Vec<(String, serde_json::Value)> {
+    let uploaded = client.upload_image(image.into(), "bomb.png", "image/png").await.expect("upload");
+    let prompt_id = uuid::Uuid::new_v4().to_string();
+    let graph = serde_json::json!({
+        "1": {"class_type": "LoadImage", "inputs": {"image": uploaded.name}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    });
+    client
+        .queue_prompt(&QueuePrompt { prompt_id: prompt_id.clone(), graph, client_id: "hardening".into() })
+        .await
+        .expect("queued");
+    let done = async {
+        loop {
+            if let Some(entry) = client.history(&prompt_id).await.expect("history") {
+                return entry.messages;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await; // bounded polling, see the timeout
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), done).await.expect("the prompt ends within 60 s")
+}
+
+fn execution_error(messages: &[(String, serde_json::Value)]) -> (String, String) {
+    let (_, data) = messages
+        .iter()
+        .find(|(kind, _)| kind == "execution_error")
+        .unwrap_or_else(|| panic!("no execution_error in {messages:?}"));
+    (
+        data["exception_type"].as_str().unwrap_or_default().into(),
+        data["exception_message"].as_str().unwrap_or_default().into(),
+    )
+}
+
+#[tokio::test]
+async fn the_comfyui_emulator_bounds_its_own_decoding() {
+    let comfy = spawn_comfy().await;
+    let client = ComfyClient::new(&comfy.url(), ClientOptions::default()).expect("client");
+
+    // Declares 400 MP: Pillow's bomb check refuses it before decoding, and so does the emulator.
+    let (kind, message) = execution_error(&run_on_emulator(&client, png_declaring(20_000, 20_000)).await);
+    assert_eq!(kind, "PIL.Image.DecompressionBombError");
+    assert!(message.contains("400000000 pixels"), "{message}");
+
+    // 25 MP of real pixels (a 3 KB file): above the emulator's frame bound, so LoadImage fails like an
+    // out-of-memory allocation instead of expanding it (300 MB as float32).
+    let genuine = black_png(5000, 5000);
+    assert!(genuine.len() < 200_000, "{}", genuine.len());
+    let (kind, message) = execution_error(&run_on_emulator(&client, genuine).await);
+    assert_eq!(kind, "RuntimeError");
+    assert!(message.contains("not enough memory"), "{message}");
+
+    // The emulator is still serving.
+    client.system_stats().await.expect("alive");
 }
 
 // ---------------------------------------------------------------------------------------------------
