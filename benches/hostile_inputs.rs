@@ -170,6 +170,12 @@ async fn main() {
     scenario(&comfy, "one 30 MB inline graph (small nodes)", vec![inline(many_nodes_graph(30 * mb))]).await;
     scenario(
         &comfy,
+        "one 1 MB inline graph (small nodes, within the limit)",
+        vec![inline(many_nodes_graph(mb - 1024))],
+    )
+    .await;
+    scenario(
+        &comfy,
         "four 30 MB inline graphs at once",
         (0..4).map(|_| inline(many_nodes_graph(30 * mb))).collect(),
     )
