@@ -82,6 +82,25 @@ pub struct GrpcConfig {
     pub shutdown_grace: Duration,
     /// Serve gRPC-Web (HTTP/1.1, for browsers) next to gRPC.
     pub grpc_web: bool,
+    /// Open client connections at most; further ones wait in the listen backlog until one closes. It is
+    /// lowered at start (with a warning) when the process's open-file limit would leave fewer than a
+    /// quarter of its descriptors (at least 64) to the database, artifacts and ComfyUI sockets.
+    pub max_connections: usize,
+    /// Concurrent calls (HTTP/2 streams) on one connection. A backend that multiplexes many StreamJob calls
+    /// over one channel needs room: an open StreamJob holds a few KiB (it is pulled, not buffered).
+    pub max_concurrent_streams: u32,
+    /// A new connection must send its first 24 bytes (the HTTP/2 preface) within this, or it is closed.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A connection with no call open for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Interval of HTTP/2 pings to each client, so dead peers are noticed.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// A client that does not answer a ping within this is disconnected.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
 }
 
 impl Default for GrpcConfig {
@@ -91,6 +110,12 @@ impl Default for GrpcConfig {
             max_message_bytes: 48 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
             grpc_web: true,
+            max_connections: 512,
+            max_concurrent_streams: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -207,6 +232,25 @@ pub struct JobsConfig {
     pub download_timeout: Duration,
     /// Jobs not finished (queued and running) at most; a submit beyond is `RESOURCE_EXHAUSTED`.
     pub max_unfinished: usize,
+    /// Bytes of an inline graph (`graph_json`); larger ones are refused before they are parsed.
+    pub max_graph_bytes: usize,
+    /// Bytes of the prompt and of each text parameter.
+    pub max_text_bytes: usize,
+    /// Pixels (width × height, as the image header declares them) of each input image; larger images are
+    /// refused at submit without being decoded. The default (64 MP, e.g. 8192×8192) fits SDXL and
+    /// upscaler inputs.
+    pub max_image_pixels: u64,
+}
+
+impl JobsConfig {
+    /// The bounds on one request's fields.
+    pub fn request_limits(&self) -> crate::limits::RequestLimits {
+        crate::limits::RequestLimits {
+            max_graph_bytes: self.max_graph_bytes,
+            max_text_bytes: self.max_text_bytes,
+            max_image_pixels: self.max_image_pixels,
+        }
+    }
 }
 
 impl Default for JobsConfig {
@@ -220,6 +264,9 @@ impl Default for JobsConfig {
             execution_timeout: Duration::from_secs(1800),
             download_timeout: Duration::from_secs(300),
             max_unfinished: 100_000,
+            max_graph_bytes: crate::limits::RequestLimits::default().max_graph_bytes,
+            max_text_bytes: crate::limits::RequestLimits::default().max_text_bytes,
+            max_image_pixels: crate::limits::RequestLimits::default().max_image_pixels,
         }
     }
 }
@@ -460,14 +507,13 @@ impl Config {
         if let Some(path) = file {
             figment = figment.merge(Toml::file(path));
         }
-        let env_keys: Vec<String> = vars.iter().map(|(k, _)| k.clone()).collect();
-        for (key, value) in vars {
+        for (key, value) in vars.clone() {
             let path = key["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
             let parsed: figment::value::Value =
                 value.parse().unwrap_or_else(|_| figment::value::Value::from(value.clone()));
             figment = figment.merge(Serialized::global(&path, parsed));
         }
-        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e, &env_keys)))?;
+        let config: Config = figment.extract().map_err(|e| ConfigError(describe(e, &vars)))?;
         config.validate()?;
         Ok(config)
     }
@@ -486,6 +532,32 @@ impl Config {
         }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
+        }
+        let g = &self.grpc;
+        if g.max_connections == 0 {
+            return bad("grpc.max_connections", "must be at least 1");
+        }
+        if g.max_concurrent_streams == 0 {
+            return bad("grpc.max_concurrent_streams", "must be at least 1");
+        }
+        for (key, d) in [
+            ("grpc.handshake_timeout", g.handshake_timeout),
+            ("grpc.idle_timeout", g.idle_timeout),
+            ("grpc.keepalive_interval", g.keepalive_interval),
+            ("grpc.keepalive_timeout", g.keepalive_timeout),
+        ] {
+            if d.is_zero() {
+                return bad(key, "must be positive");
+            }
+        }
+        if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > g.max_message_bytes {
+            return bad("jobs.max_graph_bytes", "must be between 1024 and grpc.max_message_bytes");
+        }
+        if self.jobs.max_text_bytes == 0 || self.jobs.max_text_bytes > g.max_message_bytes {
+            return bad("jobs.max_text_bytes", "must be between 1 and grpc.max_message_bytes");
+        }
+        if self.jobs.max_image_pixels == 0 {
+            return bad("jobs.max_image_pixels", "must be at least 1");
         }
         if self.comfyui.prequeue > 16 {
             return bad("comfyui.prequeue", "must be at most 16");
@@ -554,29 +626,84 @@ impl Config {
     }
 }
 
-fn describe(e: figment::Error, env_keys: &[String]) -> String {
+/// One line per error, naming the key and where its value came from, and never the value itself: a value
+/// under the wrong key may be a secret (a token pasted into `runcomfy.lease`), so only its type is said.
+fn describe(e: figment::Error, env: &[(String, String)]) -> String {
     e.into_iter()
         .map(|e| {
             let key = if e.path.is_empty() { "<root>".to_string() } else { e.path.join(".") };
-            let var = format!("COMFYRELAY_{}", key.replace('.', "__").to_ascii_uppercase());
-            let source = if env_keys.contains(&var) {
-                format!("environment variable {var}")
-            } else {
-                e.metadata.as_ref().and_then(|m| m.source.as_ref()).map(|s| s.to_string()).unwrap_or_default()
+            // The variable that set this key or a table holding it (`COMFYRELAY_COMFYUI__SERVERS` for
+            // `comfyui.servers.0.url`).
+            let var = env.iter().map(|(k, _)| k).find(|k| {
+                let path = k["COMFYRELAY_".len()..].to_ascii_lowercase().replace("__", ".");
+                key == path || key.starts_with(&format!("{path}."))
+            });
+            let source = match (var, e.metadata.as_ref().and_then(|m| m.source.as_ref())) {
+                (Some(var), _) => format!(" (from environment variable {var})"),
+                (None, Some(figment::Source::File(path))) => format!(" (from {})", path.display()),
+                (None, _) => String::new(),
             };
-            let mut kind = e.kind.to_string();
-            // Never echo a value back: it could be a secret placed under the wrong key.
-            if let Some(i) = kind.find(": found ") {
-                kind.truncate(i);
+            let mut kind = describe_kind(&e.kind);
+            // Belt and braces for free-text messages of custom deserializers: blank out any value given.
+            for (_, value) in env {
+                if value.len() >= 4 && kind.contains(value.as_str()) {
+                    kind = kind.replace(value.as_str(), "<value>");
+                }
             }
-            if source.is_empty() {
-                format!("key `{key}`: {kind}")
-            } else {
-                format!("key `{key}` (from {source}): {kind}")
-            }
+            format!("key `{}`{source}: {kind}", crate::limits::echo(&key))
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// What is wrong, without the offending value (figment's own `Display` quotes it).
+fn describe_kind(kind: &figment::error::Kind) -> String {
+    use figment::error::Kind;
+    let one_of = |names: &[&str]| names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    match kind {
+        // Custom messages (socket addresses, TOML syntax) say what is wrong on their first line; the
+        // lines after it quote the source text.
+        Kind::Message(m) => crate::limits::clip(m.lines().next().unwrap_or_default(), 120).into_owned(),
+        Kind::InvalidType(actual, expected) => format!("expected {expected}, found {}", actual_kind(actual)),
+        Kind::InvalidValue(actual, expected) => {
+            format!("invalid value ({}), expected {expected}", actual_kind(actual))
+        }
+        Kind::InvalidLength(n, expected) => format!("expected {expected}, found {n} elements"),
+        Kind::UnknownVariant(_, expected) => format!("unknown value, expected one of {}", one_of(expected)),
+        Kind::UnknownField(_, []) => "unknown key".to_string(),
+        Kind::UnknownField(_, expected) => format!("unknown key, expected one of {}", one_of(expected)),
+        Kind::MissingField(name) => format!("missing key `{name}`"),
+        Kind::DuplicateField(name) => format!("duplicate key `{name}`"),
+        Kind::ISizeOutOfRange(_) | Kind::USizeOutOfRange(_) => "number out of range".to_string(),
+        Kind::Unsupported(actual) => format!("unsupported value ({})", actual_kind(actual)),
+        Kind::UnsupportedKey(actual, expected) => {
+            format!("unsupported key ({}), expected {expected}", actual_kind(actual))
+        }
+    }
+}
+
+/// The type of a value given, never the value.
+fn actual_kind(actual: &figment::error::Actual) -> &'static str {
+    use figment::error::Actual;
+    match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) => "an integer",
+        Actual::Float(_) => "a float",
+        Actual::Char(_) => "a character",
+        Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Unit => "nothing",
+        Actual::Option => "an option",
+        Actual::NewtypeStruct => "a new-type struct",
+        Actual::Seq => "an array",
+        Actual::Map => "a table",
+        Actual::Enum
+        | Actual::UnitVariant
+        | Actual::NewtypeVariant
+        | Actual::TupleVariant
+        | Actual::StructVariant => "an enum",
+        Actual::Other(_) => "a value of another type",
+    }
 }
 
 #[cfg(test)]

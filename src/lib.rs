@@ -12,6 +12,7 @@
 //! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
 //! - [`dev`]: `comfyrelay dev`, the service on emulators.
 //! - [`cli`]: the command-line gRPC client (a client adapter: tonic and `pb::` like `grpc`).
+//! - [`limits`]: the bounds on what a caller can make the service hold, and [`limits::echo`].
 //! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
@@ -25,6 +26,7 @@ pub mod emulator;
 pub mod grpc;
 pub mod health;
 pub mod jobs;
+pub mod limits;
 pub mod listen;
 pub mod machine;
 pub mod metrics;

@@ -8,6 +8,8 @@ use std::fmt;
 
 use serde_json::{Map, Value};
 
+use crate::limits::{MAX_JSON_DEPTH, echo, exceeds_json_depth};
+
 /// One problem found in a graph, located as precisely as possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphProblem {
@@ -50,6 +52,12 @@ pub(crate) const UI_FORMAT_MESSAGE: &str = "this is a UI-format workflow (it has
 /// Every problem found: not JSON, not an object, UI format, no nodes, and everything [`check_structure`]
 /// reports.
 pub fn parse_graph(text: &str) -> Result<Map<String, Value>, Vec<GraphProblem>> {
+    // Before building a tree: a deep nesting costs the parser stack and memory for nothing.
+    if exceeds_json_depth(text, MAX_JSON_DEPTH) {
+        return Err(vec![GraphProblem::graph(format!(
+            "the graph nests more than {MAX_JSON_DEPTH} levels deep (API-format graphs need 5)"
+        ))]);
+    }
     let value: Value = serde_json::from_str(text)
         .map_err(|e| vec![GraphProblem::graph(format!("the graph is not valid JSON: {e}"))])?;
     let graph = as_graph(value)?;
@@ -110,12 +118,17 @@ pub(crate) fn node_inputs<'a>(
     graph.get(node_id)?.get("inputs")?.as_object()
 }
 
-/// `node 3 (KSampler)`, for messages.
+/// `node 3 (KSampler)`, for messages (ids and class types cut short: an inline graph's come from the caller).
 pub(crate) fn describe_node(graph: &Map<String, Value>, node_id: &str) -> String {
     match class_type(graph, node_id) {
-        Some(class) => format!("node {node_id} ({class})"),
-        None => format!("node {node_id}"),
+        Some(class) => format!("node {} ({})", echo(node_id), echo(class)),
+        None => format!("node {}", echo(node_id)),
     }
+}
+
+/// A JSON value as text for a message, cut short.
+pub(crate) fn echo_json(value: &Value) -> String {
+    echo(&value.to_string()).into_owned()
 }
 
 /// Checks what ComfyUI needs of every graph: node shape, link targets and acyclicity.
@@ -125,43 +138,48 @@ pub fn check_structure(graph: &Map<String, Value>) -> Vec<GraphProblem> {
     // node -> the nodes it reads from (only valid links to existing nodes).
     let mut edges: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     for (id, node) in graph {
+        let nid = echo(id);
         let Value::Object(node) = node else {
             problems.push(GraphProblem::node(
                 id,
-                format!("node {id} must be an object with `class_type` and `inputs`"),
+                format!("node {nid} must be an object with `class_type` and `inputs`"),
             ));
             continue;
         };
         match node.get("class_type") {
             Some(Value::String(c)) if !c.trim().is_empty() => {}
             Some(_) => problems
-                .push(GraphProblem::node(id, format!("node {id}: `class_type` must be a non-empty string"))),
-            None => problems.push(GraphProblem::node(id, format!("node {id} has no `class_type`"))),
+                .push(GraphProblem::node(id, format!("node {nid}: `class_type` must be a non-empty string"))),
+            None => problems.push(GraphProblem::node(id, format!("node {nid} has no `class_type`"))),
         }
         let inputs = match node.get("inputs") {
             Some(Value::Object(inputs)) => inputs,
             Some(_) => {
-                problems.push(GraphProblem::node(id, format!("node {id}: `inputs` must be an object")));
+                problems.push(GraphProblem::node(id, format!("node {nid}: `inputs` must be an object")));
                 continue;
             }
             None => {
-                problems.push(GraphProblem::node(id, format!("node {id} has no `inputs` object")));
+                problems.push(GraphProblem::node(id, format!("node {nid} has no `inputs` object")));
                 continue;
             }
         };
         let sources = edges.entry(id.as_str()).or_default();
         for (name, value) in inputs {
+            let nname = echo(name);
             match as_link(value) {
                 None => {}
                 Some(Err(why)) => problems.push(GraphProblem::input(
                     id,
                     name,
-                    format!("node {id} input `{name}` is a malformed link {value}: {why}"),
+                    format!("node {nid} input `{nname}` is a malformed link {}: {why}", echo_json(value)),
                 )),
                 Some(Ok((source, _))) if !graph.contains_key(source) => problems.push(GraphProblem::input(
                     id,
                     name,
-                    format!("node {id} input `{name}` links to node {source}, which is not in the graph"),
+                    format!(
+                        "node {nid} input `{nname}` links to node {}, which is not in the graph",
+                        echo(source)
+                    ),
                 )),
                 Some(Ok((source, _))) => {
                     sources.insert(source);
@@ -205,9 +223,13 @@ fn find_cycles(graph: &Map<String, Value>, edges: &HashMap<&str, BTreeSet<&str>>
                     let from = stack.iter().position(|(n, _)| *n == next).unwrap_or(0);
                     let mut path: Vec<&str> = stack[from..].iter().map(|(n, _)| *n).collect();
                     path.push(next);
+                    let mut shown: Vec<String> = path.iter().take(12).map(|n| echo(n).into_owned()).collect();
+                    if path.len() > 12 {
+                        shown.push(format!("… ({} nodes)", path.len()));
+                    }
                     problems.push(GraphProblem::node(
                         next,
-                        format!("the graph has a cycle: {}", path.join(" → ")),
+                        format!("the graph has a cycle: {}", shown.join(" → ")),
                     ));
                 }
                 None => {

@@ -5,13 +5,14 @@
 //! default; a directory (`workflows_dir`) adds to them and overrides them by name, and only it is reloaded.
 //!
 //! Layout: [`model`] (the domain types), `manifest` (parsing `manifest.toml` against `workflow.json`),
-//! `graph` (API-format structure checks), `object_info` (checks against a backend's `/object_info`),
+//! `graph` (API-format structure checks), `image_header` (an input image's declared size), `object_info` (checks against a backend's `/object_info`),
 //! `prepare` (request validation and injection), `watch` (the reload task).
 //!
 //! Knows nothing of gRPC, the job engine, uploads or how to reach a ComfyUI server: callers pass the
 //! backend's `/object_info` in when they have it.
 
 mod graph;
+mod image_header;
 mod manifest;
 pub mod model;
 mod object_info;
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use graph::{GraphProblem, check_structure, parse_graph};
+pub use image_header::{ImageHeader, ImageHeaderError, read_image_header};
 pub use manifest::{ManifestProblem, SourceFile, parse_workflow};
 pub use model::{InputKind, InputSpec, InputTarget, OutputSpec, Requirements, ScalarValue, Workflow};
 pub use outputs::{declared_outputs, node_classes, streams_over_websocket};
@@ -213,13 +215,20 @@ impl Catalog {
             WorkflowSource::Named(name) => match self.get(&name) {
                 Some(workflow) => prepare::prepare_named(&workflow, inputs, object_info),
                 None => {
-                    let mut known = self.list().iter().map(|w| w.name.clone()).collect::<Vec<_>>().join(", ");
-                    if known.is_empty() {
+                    let all = self.list();
+                    let mut known =
+                        all.iter().take(20).map(|w| w.name.as_str()).collect::<Vec<_>>().join(", ");
+                    if all.is_empty() {
                         known = "(no workflows)".to_string();
+                    } else if all.len() > 20 {
+                        known.push_str(&format!(", … ({} in all; see ListWorkflows)", all.len()));
                     }
                     Err(vec![FieldViolation::new(
                         "workflow",
-                        format!("unknown workflow `{name}`; the catalog has: {known}"),
+                        format!(
+                            "unknown workflow `{}`; the catalog has: {known}",
+                            crate::limits::echo(&name)
+                        ),
                     )])
                 }
             },

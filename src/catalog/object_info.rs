@@ -9,8 +9,9 @@ use std::collections::HashSet;
 
 use serde_json::{Map, Value};
 
-use super::graph::{GraphProblem, as_link, class_type};
+use super::graph::{GraphProblem, as_link, class_type, echo_json};
 use super::model::InputTarget;
+use crate::limits::echo;
 
 /// Checks every node of `graph` against `object_info`: unknown classes, missing required inputs, unknown
 /// inputs, literal values of the wrong type, combo values not in the list, numbers out of min/max, link
@@ -27,12 +28,14 @@ pub(crate) fn check(
     let mut has_output_node = false;
     for (id, node) in graph {
         let Some(class) = class_type(graph, id) else { continue };
+        // Node ids, class types and input names of inline graphs come from the caller: quoted cut short.
+        let (nid, ncls) = (echo(id), echo(class));
         let Some(class_info) = info.get(class).and_then(Value::as_object) else {
             all_known = false;
             problems.push(GraphProblem::node(
                 id,
                 format!(
-                    "node {id}: class_type `{class}` is not available on the backend (a missing custom node?)"
+                    "node {nid}: class_type `{ncls}` is not available on the backend (a missing custom node?)"
                 ),
             ));
             continue;
@@ -44,16 +47,18 @@ pub(crate) fn check(
         let (required, optional, hidden) = (section("required"), section("optional"), section("hidden"));
         if let Some(required) = required {
             for name in required.keys() {
+                let nname = echo(name);
                 if !inputs.contains_key(name) {
                     problems.push(GraphProblem::input(
                         id,
                         name,
-                        format!("node {id} ({class}): required input `{name}` is missing"),
+                        format!("node {nid} ({ncls}): required input `{nname}` is missing"),
                     ));
                 }
             }
         }
         for (name, value) in inputs {
+            let nname = echo(name);
             let spec = required
                 .and_then(|r| r.get(name))
                 .or_else(|| optional.and_then(|o| o.get(name)))
@@ -65,13 +70,14 @@ pub(crate) fn check(
                     problems.push(GraphProblem::input(
                         id,
                         name,
-                        format!("node {id} ({class}) has no input `{name}`"),
+                        format!("node {nid} ({ncls}) has no input `{nname}`"),
                     ));
                 }
                 continue;
             };
             match as_link(value) {
                 Some(Ok((source, index))) => {
+                    let nsrc = echo(source);
                     let outputs = class_type(graph, source)
                         .and_then(|c| info.get(c))
                         .and_then(|c| c.get("output"))
@@ -81,7 +87,7 @@ pub(crate) fn check(
                             id,
                             name,
                             format!(
-                                "node {id} ({class}) input `{name}` reads output {index} of node {source}, which has {} output(s)",
+                                "node {nid} ({ncls}) input `{nname}` reads output {index} of node {nsrc}, which has {} output(s)",
                                 outputs.len()
                             ),
                         ));
@@ -94,7 +100,7 @@ pub(crate) fn check(
                         problems.push(GraphProblem::input(
                             id,
                             name,
-                            format!("node {id} ({class}) input `{name}`: {why}"),
+                            format!("node {nid} ({ncls}) input `{nname}`: {why}"),
                         ));
                     }
                 }
@@ -144,6 +150,7 @@ pub(crate) fn spec_type(spec: &Value) -> (SpecType<'_>, Option<&Map<String, Valu
 /// Why a literal value does not fit its spec, if it does not.
 fn check_literal(spec: &Value, value: &Value, skip_combo: bool) -> Option<String> {
     let (kind, options) = spec_type(spec);
+    let value_text = || echo_json(value);
     let bound = |key: &str| options.and_then(|o| o.get(key)).and_then(Value::as_f64);
     let in_range = |x: f64| -> Option<String> {
         if let Some(min) = bound("min").filter(|min| x < *min) {
@@ -161,26 +168,35 @@ fn check_literal(spec: &Value, value: &Value, skip_combo: bool) -> Option<String
             }
             let shown: Vec<String> = list.iter().take(10).map(Value::to_string).collect();
             let more = if list.len() > 10 { format!(", … ({} in all)", list.len()) } else { String::new() };
-            Some(format!("value {value} is not among the backend's choices [{}{more}]", shown.join(", ")))
+            Some(format!(
+                "value {} is not among the backend's choices [{}{more}]",
+                value_text(),
+                shown.join(", ")
+            ))
         }
         SpecType::Int => match value {
             Value::Number(n) if n.is_i64() || n.is_u64() => in_range(n.as_f64().unwrap_or(0.0)),
             Value::Number(n) => match n.as_f64() {
                 Some(x) if x.fract() == 0.0 => in_range(x),
-                _ => Some(format!("value {value} is not an integer (INT)")),
+                _ => Some(format!("value {} is not an integer (INT)", value_text())),
             },
-            _ => Some(format!("value {value} is not an integer (INT)")),
+            _ => Some(format!("value {} is not an integer (INT)", value_text())),
         },
         SpecType::Float => match value.as_f64() {
             Some(x) => in_range(x),
-            None => Some(format!("value {value} is not a number (FLOAT)")),
+            None => Some(format!("value {} is not a number (FLOAT)", value_text())),
         },
         SpecType::Boolean => {
-            (!value.is_boolean()).then(|| format!("value {value} is not a boolean (BOOLEAN)"))
+            (!value.is_boolean()).then(|| format!("value {} is not a boolean (BOOLEAN)", value_text()))
         }
-        SpecType::String => (!value.is_string()).then(|| format!("value {value} is not a string (STRING)")),
+        SpecType::String => {
+            (!value.is_string()).then(|| format!("value {} is not a string (STRING)", value_text()))
+        }
         SpecType::Other(t) if t.chars().all(|c| c.is_ascii_uppercase() || c == '_') && t != "*" => {
-            Some(format!("type {t} must come from another node's output (a link), not the literal {value}"))
+            Some(format!(
+                "type {t} must come from another node's output (a link), not the literal {}",
+                value_text()
+            ))
         }
         SpecType::Other(_) | SpecType::Unknown => None,
     }

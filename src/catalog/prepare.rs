@@ -26,6 +26,7 @@ use super::graph::{self, GraphProblem, as_link, class_type, describe_node, node_
 use super::model::{InputKind, InputSpec, InputTarget, Requirements, ScalarValue, Workflow};
 use super::object_info::{self, SpecType, spec_type};
 use super::values::fit;
+use crate::limits::echo;
 
 /// The workflow name recorded for inline graphs.
 pub const INLINE_WORKFLOW: &str = "inline";
@@ -193,12 +194,9 @@ fn check_image(mut image: ImageInput) -> Result<(ImageInput, String), String> {
     if image.data.is_empty() {
         return Err("the image is empty".to_string());
     }
-    let (mime, ext) = match image::guess_format(&image.data) {
-        Ok(image::ImageFormat::Png) => ("image/png", "png"),
-        Ok(image::ImageFormat::Jpeg) => ("image/jpeg", "jpg"),
-        Ok(image::ImageFormat::WebP) => ("image/webp", "webp"),
-        _ => return Err("the bytes are not a PNG, JPEG or WebP image".to_string()),
-    };
+    // The header, not only the signature: a PNG signature followed by junk fails here, not in LoadImage.
+    let header = super::image_header::read_image_header(&image.data).map_err(|e| e.to_string())?;
+    let (mime, ext) = (header.mime, header.extension);
     let sha = hex::encode(Sha256::digest(&image.data));
     if image.content_type.trim().is_empty() {
         image.content_type = mime.to_string();
@@ -271,7 +269,8 @@ pub(crate) fn prepare_named(
             violations.push(FieldViolation::new(
                 field.clone(),
                 format!(
-                    "unknown input `{name}`; workflow `{}` takes: {}",
+                    "unknown input `{}`; workflow `{}` takes: {}",
+                    echo(name),
                     workflow.name,
                     workflow.input_names()
                 ),
@@ -472,7 +471,10 @@ pub(crate) fn prepare_inline(
             Err(why) => violations.push(FieldViolation::new("image", why)),
             Ok(target) if origin.contains_key(&target) => violations.push(FieldViolation::new(
                 "image",
-                format!("the `image` field and parameters[{target}] both fill {target}; give one"),
+                format!(
+                    "the `image` field and parameters[{t}] both fill {t}; give one",
+                    t = echo(&target.to_string())
+                ),
             )),
             Ok(target) => match check_image(image) {
                 Ok((image, text)) => {
@@ -494,7 +496,10 @@ pub(crate) fn prepare_inline(
             Err(why) => violations.push(FieldViolation::new("prompt", why)),
             Ok(target) if origin.contains_key(&target) => violations.push(FieldViolation::new(
                 "prompt",
-                format!("the `prompt` field and parameters[{target}] both fill {target}; give one"),
+                format!(
+                    "the `prompt` field and parameters[{t}] both fill {t}; give one",
+                    t = echo(&target.to_string())
+                ),
             )),
             Ok(target) => {
                 summary.insert("prompt".to_string(), summarise(&ScalarValue::Text(prompt.clone())));
@@ -548,18 +553,20 @@ fn address<'a>(
         .find(|(node, _)| map.contains_key(*node));
     let Some((node, input)) = split else {
         return Err(format!(
-            "no node matches `{key}`; inline graph inputs are addressed as `node_id.input_name` (nodes: {})",
-            map.keys().take(20).cloned().collect::<Vec<_>>().join(", ")
+            "no node matches `{}`; inline graph inputs are addressed as `node_id.input_name` (nodes: {})",
+            echo(key),
+            shown_ids(map.keys().map(String::as_str), map.len())
         ));
     };
     let target = InputTarget::new(node, input);
     let node_desc = describe_node(map, node);
-    match node_inputs(map, node).and_then(|i| i.get(input)) {
+    let input = echo(input);
+    match node_inputs(map, node).and_then(|i| i.get(target.input_name.as_str())) {
         Some(v) if as_link(v).is_some() => Err(format!(
             "{node_desc} input `{input}` is connected to another node; only literal inputs can be set"
         )),
         Some(_) => Ok(target),
-        None if class_info(node).and_then(|c| input_spec(c, input)).is_some() => Ok(target),
+        None if class_info(node).and_then(|c| input_spec(c, &target.input_name)).is_some() => Ok(target),
         None => Err(format!("{node_desc} has no input `{input}`")),
     }
 }
@@ -582,7 +589,7 @@ fn check_inline_value(
     value: ParamValue,
 ) -> Result<Resolved, String> {
     let node_desc = describe_node(map, &target.node_id);
-    let input = &target.input_name;
+    let input = echo(&target.input_name);
     let expected = match spec.map(spec_type) {
         Some((SpecType::Int, _)) => "INT",
         Some((SpecType::Float, _)) => "FLOAT",
@@ -622,6 +629,15 @@ fn check_inline_value(
     }
 }
 
+/// Up to ten node ids, each cut short, for messages (`total` counts them all).
+fn shown_ids<'a>(ids: impl Iterator<Item = &'a str>, total: usize) -> String {
+    let mut shown: Vec<String> = ids.take(10).map(|id| echo(id).into_owned()).collect();
+    if total > shown.len() {
+        shown.push(format!("… ({total} in all)"));
+    }
+    shown.join(", ")
+}
+
 fn is_load_image(map: &Map<String, Value>, node: &str) -> bool {
     class_type(map, node) == Some("LoadImage")
 }
@@ -635,7 +651,7 @@ fn only_load_image(map: &Map<String, Value>) -> Result<InputTarget, String> {
         many => Err(format!(
             "the graph has {} LoadImage nodes ({}); pass each image as parameters[<node_id>.image]",
             many.len(),
-            many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            shown_ids(many.iter().map(|s| s.as_str()), many.len())
         )),
     }
 }
@@ -665,7 +681,7 @@ fn positive_prompt(map: &Map<String, Value>) -> Result<InputTarget, String> {
         }
         many => Err(format!(
             "the prompt could go to several text encoders ({}); pass it as parameters[<node_id>.text]",
-            many.join(", ")
+            shown_ids(many.iter().copied(), many.len())
         )),
     }
 }

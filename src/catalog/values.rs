@@ -29,7 +29,11 @@ pub(crate) fn fit(spec: &InputSpec, value: ScalarValue) -> Result<ScalarValue, S
         }
         (InputKind::Choice, ScalarValue::Text(s)) => {
             if !spec.choices.contains(&s) {
-                return Err(format!("{s:?} is not among the choices: {}", spec.choices.join(", ")));
+                return Err(format!(
+                    "{:?} is not among the choices: {}",
+                    crate::limits::echo(&s),
+                    spec.choices.join(", ")
+                ));
             }
             ScalarValue::Text(s)
         }

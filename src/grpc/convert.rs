@@ -6,12 +6,14 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use prost_types::{Duration as PbDuration, Timestamp};
 
+use super::status::BadField;
 use crate::{
-    catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource},
+    catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource, read_image_header},
     jobs::{
         Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, JobStatus, ListRequest,
         OutputFile, OutputView, SubmitRequest, Violation,
     },
+    limits::{self, Exceeded, RequestLimits, Unit, echo},
     proto::pb,
 };
 
@@ -33,52 +35,196 @@ pub(crate) fn job_id(field: &str, s: &str) -> Result<JobId, Violation> {
     s.parse().map_err(|_| Violation::new(field, "must be a job id (a UUID)"))
 }
 
-/// Guesses a MIME type from the bytes' signature.
-fn sniff(data: &[u8]) -> &'static str {
-    if data.starts_with(b"\x89PNG\r\n\x1a\n") {
-        "image/png"
-    } else if data.starts_with(&[0xff, 0xd8, 0xff]) {
-        "image/jpeg"
-    } else if data.len() >= 12 && &data[..4] == b"RIFF" && &data[8..12] == b"WEBP" {
-        "image/webp"
-    } else {
-        "application/octet-stream"
+/// The size bounds of one image field, checked before anything else.
+fn image_sizes(field: &str, img: &pb::InputImage, out: &mut Vec<BadField>) {
+    let pb::InputImage { data: _, filename, content_type } = img;
+    if filename.len() > limits::MAX_FILENAME_BYTES {
+        out.push(too_long(format!("{field}.filename"), filename, limits::MAX_FILENAME_BYTES));
+    }
+    if content_type.len() > limits::MAX_CONTENT_TYPE_BYTES {
+        out.push(too_long(format!("{field}.content_type"), content_type, limits::MAX_CONTENT_TYPE_BYTES));
     }
 }
 
-fn image_input(field: &str, img: pb::InputImage, violations: &mut Vec<Violation>) -> Option<ImageInput> {
+fn too_long(field: impl Into<String>, value: &str, limit: usize) -> BadField {
+    Exceeded::new(field, value.len() as u64, limit as u64, Unit::Bytes).into()
+}
+
+/// Whether `s` is a MIME type `type/subtype` (RFC 6838 restricted names: letters, digits and
+/// `!#$&^_.+-`, starting with a letter or digit); parameters, spaces and control characters are refused,
+/// since the value ends up in an HTTP header of the upload to ComfyUI.
+fn is_mime_type(s: &str) -> bool {
+    let name = |part: &str| {
+        let mut bytes = part.bytes();
+        bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+            && part.len() <= 127
+    };
+    matches!(s.split_once('/'), Some((t, sub)) if name(t) && name(sub))
+}
+
+fn image_input(
+    field: &str,
+    img: pb::InputImage,
+    limits: &RequestLimits,
+    violations: &mut Vec<BadField>,
+) -> Option<ImageInput> {
     let pb::InputImage { data, filename, content_type } = img;
     if data.is_empty() {
-        violations.push(Violation::new(format!("{field}.data"), "must not be empty"));
+        violations.push(BadField::new(format!("{field}.data"), "must not be empty"));
         return None;
     }
-    let sniffed = sniff(&data);
-    if sniffed == "application/octet-stream" {
-        violations.push(Violation::new(format!("{field}.data"), "is not a PNG, JPEG or WebP image"));
-        return None;
-    }
-    let content_type = if content_type.is_empty() { sniffed.to_string() } else { content_type };
-    if !content_type.starts_with("image/") {
-        violations.push(Violation::new(format!("{field}.content_type"), "must be an image/* type"));
-    }
-    let filename = if filename.is_empty() {
-        let ext = match sniffed {
-            "image/jpeg" => "jpg",
-            "image/webp" => "webp",
-            _ => "png",
-        };
-        format!("input.{ext}")
-    } else {
-        filename
+    // The header, not only the signature: a PNG signature followed by junk is refused here rather than
+    // failing in LoadImage, and the declared size is checked without decoding a pixel.
+    let header = match read_image_header(&data) {
+        Ok(header) => header,
+        Err(e) => {
+            violations.push(BadField::new(format!("{field}.data"), e.to_string()));
+            return None;
+        }
     };
-    if filename.contains('/') || filename.contains('\\') || filename.contains("..") || filename.len() > 200 {
-        violations.push(Violation::new(format!("{field}.filename"), "must be a plain file name (no path)"));
+    if header.pixels() > limits.max_image_pixels {
+        let e = Exceeded::new(field, header.pixels(), limits.max_image_pixels, Unit::Pixels)
+            .with_setting(limits::SETTING_MAX_IMAGE_PIXELS);
+        let description = format!("declares {}×{} pixels: {}", header.width, header.height, e.description());
+        violations.push(BadField { description, ..e.into() });
+    }
+    let content_type = if content_type.is_empty() { header.mime.to_string() } else { content_type };
+    if !is_mime_type(&content_type) {
+        violations.push(BadField::new(
+            format!("{field}.content_type"),
+            "must be a MIME type such as image/png (type/subtype of letters, digits and !#$&^_.+-; no \
+             parameters, spaces or control characters)",
+        ));
+    } else if !content_type.to_ascii_lowercase().starts_with("image/") {
+        violations.push(BadField::new(format!("{field}.content_type"), "must be an image/* type"));
+    }
+    let filename = if filename.is_empty() { format!("input.{}", header.extension) } else { filename };
+    if filename.contains('/') || filename.contains('\\') || filename.contains("..") {
+        violations.push(BadField::new(format!("{field}.filename"), "must be a plain file name (no path)"));
     }
     Some(ImageInput { data, filename, content_type })
 }
 
-/// Decodes `SubmitJobRequest`.
-pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest, Vec<Violation>> {
+/// Checks every size bound of a `SubmitJobRequest` before anything is parsed or decoded: the request is
+/// refused early, naming each field and its limit, when one is exceeded.
+fn submit_sizes(req: &pb::SubmitJobRequest, limits: &RequestLimits) -> Vec<BadField> {
+    let pb::SubmitJobRequest {
+        source,
+        image,
+        prompt,
+        parameters,
+        request_id,
+        priority: _,
+        labels,
+        deadline: _,
+    } = req;
+    let mut out = Vec::new();
+    match source {
+        Some(pb::submit_job_request::Source::Workflow(name)) if name.len() > limits::MAX_NAME_BYTES => {
+            out.push(too_long("workflow", name, limits::MAX_NAME_BYTES));
+        }
+        Some(pb::submit_job_request::Source::GraphJson(graph)) if graph.len() > limits.max_graph_bytes => {
+            out.push(
+                Exceeded::new("graph_json", graph.len() as u64, limits.max_graph_bytes as u64, Unit::Bytes)
+                    .with_setting(limits::SETTING_MAX_GRAPH_BYTES)
+                    .into(),
+            );
+        }
+        Some(pb::submit_job_request::Source::GraphJson(graph))
+            if limits::exceeds_json_depth(graph, limits::MAX_JSON_DEPTH) =>
+        {
+            out.push(
+                Exceeded::new("graph_json", 0, limits::MAX_JSON_DEPTH as u64, Unit::Levels)
+                    .without_actual()
+                    .into(),
+            );
+        }
+        _ => {}
+    }
+    if let Some(img) = image {
+        image_sizes("image", img, &mut out);
+    }
+    let text = |field: String, value: &str, out: &mut Vec<BadField>| {
+        if value.len() > limits.max_text_bytes {
+            out.push(
+                Exceeded::new(field, value.len() as u64, limits.max_text_bytes as u64, Unit::Bytes)
+                    .with_setting(limits::SETTING_MAX_TEXT_BYTES)
+                    .into(),
+            );
+        }
+    };
+    text("prompt".into(), prompt, &mut out);
+    if parameters.len() > limits::MAX_PARAMETERS {
+        out.push(
+            Exceeded::new(
+                "parameters",
+                parameters.len() as u64,
+                limits::MAX_PARAMETERS as u64,
+                Unit::Entries,
+            )
+            .into(),
+        );
+    }
+    for (name, value) in parameters.iter().take(limits::MAX_PARAMETERS + 1) {
+        let field = format!("parameters[{}]", echo(name));
+        if name.len() > limits::MAX_NAME_BYTES {
+            out.push(BadField::new(
+                field,
+                format!(
+                    "the parameter name has {} bytes; at most {} are allowed",
+                    name.len(),
+                    limits::MAX_NAME_BYTES
+                ),
+            ));
+            continue;
+        }
+        match &value.kind {
+            Some(pb::parameter_value::Kind::StringValue(s)) => text(field, s, &mut out),
+            Some(pb::parameter_value::Kind::ImageValue(img)) => image_sizes(&field, img, &mut out),
+            _ => {}
+        }
+    }
+    if request_id.len() > limits::MAX_REQUEST_ID_BYTES {
+        out.push(too_long("request_id", request_id, limits::MAX_REQUEST_ID_BYTES));
+    }
+    labels_sizes("labels", labels, &mut out);
+    out
+}
+
+/// The size bounds of a label map (keys and values), naming over-long keys cut short.
+fn labels_sizes(field: &str, labels: &std::collections::HashMap<String, String>, out: &mut Vec<BadField>) {
+    if labels.len() > limits::MAX_LABELS {
+        out.push(Exceeded::new(field, labels.len() as u64, limits::MAX_LABELS as u64, Unit::Entries).into());
+        return;
+    }
+    for (key, value) in labels {
+        let entry = format!("{field}[{}]", echo(key));
+        if key.len() > limits::MAX_LABEL_KEY_BYTES {
+            out.push(BadField::new(
+                entry.clone(),
+                format!(
+                    "the key has {} bytes; at most {} are allowed",
+                    key.len(),
+                    limits::MAX_LABEL_KEY_BYTES
+                ),
+            ));
+        }
+        if value.len() > limits::MAX_LABEL_VALUE_BYTES {
+            out.push(too_long(entry, value, limits::MAX_LABEL_VALUE_BYTES));
+        }
+    }
+}
+
+/// Decodes `SubmitJobRequest`, refusing it early when a field is over its bound.
+pub(crate) fn submit_request(
+    req: pb::SubmitJobRequest,
+    limits: &RequestLimits,
+) -> Result<SubmitRequest, Vec<BadField>> {
+    let over = submit_sizes(&req, limits);
+    if !over.is_empty() {
+        return Err(over);
+    }
     let pb::SubmitJobRequest { source, image, prompt, parameters, request_id, priority, labels, deadline } =
         req;
     let mut violations = Vec::new();
@@ -86,11 +232,11 @@ pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest,
         Some(pb::submit_job_request::Source::Workflow(name)) => Some(WorkflowSource::Named(name)),
         Some(pb::submit_job_request::Source::GraphJson(graph)) => Some(WorkflowSource::Inline(graph)),
         None => {
-            violations.push(Violation::new("workflow", "set either workflow (a catalog name) or graph_json"));
+            violations.push(BadField::new("workflow", "set either workflow (a catalog name) or graph_json"));
             None
         }
     };
-    let image = image.and_then(|img| image_input("image", img, &mut violations));
+    let image = image.and_then(|img| image_input("image", img, limits, &mut violations));
     let mut params = BTreeMap::new();
     for (name, value) in parameters {
         let field = format!("parameters[{name}]");
@@ -101,13 +247,13 @@ pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest,
             Some(pb::parameter_value::Kind::FloatValue(f)) => ParamValue::Float(f),
             Some(pb::parameter_value::Kind::BoolValue(b)) => ParamValue::Bool(b),
             Some(pb::parameter_value::Kind::ImageValue(img)) => {
-                match image_input(&field, img, &mut violations) {
+                match image_input(&field, img, limits, &mut violations) {
                     Some(i) => ParamValue::Image(i),
                     None => continue,
                 }
             }
             None => {
-                violations.push(Violation::new(field, "has no value"));
+                violations.push(BadField::new(field, "has no value"));
                 continue;
             }
         };
@@ -129,17 +275,30 @@ pub(crate) fn submit_request(req: pb::SubmitJobRequest) -> Result<SubmitRequest,
 }
 
 /// Decodes `ListJobsRequest`.
-pub(crate) fn list_request(req: pb::ListJobsRequest) -> Result<ListRequest, Vec<Violation>> {
+pub(crate) fn list_request(req: pb::ListJobsRequest) -> Result<ListRequest, Vec<BadField>> {
     let pb::ListJobsRequest { page_size, page_token, states, workflow, labels } = req;
     let mut violations = Vec::new();
+    if page_token.len() > limits::MAX_PAGE_TOKEN_BYTES {
+        violations.push(too_long("page_token", &page_token, limits::MAX_PAGE_TOKEN_BYTES));
+    }
+    if workflow.len() > limits::MAX_NAME_BYTES {
+        violations.push(too_long("workflow", &workflow, limits::MAX_NAME_BYTES));
+    }
+    if states.len() > limits::MAX_STATE_FILTERS {
+        violations.push(
+            Exceeded::new("states", states.len() as u64, limits::MAX_STATE_FILTERS as u64, Unit::Entries)
+                .into(),
+        );
+    }
+    labels_sizes("labels", &labels, &mut violations);
     if page_size < 0 {
-        violations.push(Violation::new("page_size", "must not be negative"));
+        violations.push(BadField::new("page_size", "must not be negative"));
     }
     let mut parsed = Vec::new();
-    for s in states {
-        match pb::JobState::try_from(s).ok().and_then(state_from_pb) {
+    for s in states.iter().take(limits::MAX_STATE_FILTERS) {
+        match pb::JobState::try_from(*s).ok().and_then(state_from_pb) {
             Some(s) => parsed.push(s),
-            None => violations.push(Violation::new("states", format!("{s} is not a job state"))),
+            None => violations.push(BadField::new("states", format!("{s} is not a job state"))),
         }
     }
     if !violations.is_empty() {
@@ -392,7 +551,7 @@ mod tests {
 
     #[test]
     fn submit_without_a_source_names_the_field() {
-        let err = submit_request(pb::SubmitJobRequest::default()).unwrap_err();
+        let err = submit_request(pb::SubmitJobRequest::default(), &RequestLimits::default()).unwrap_err();
         assert_eq!(err[0].field, "workflow");
     }
 
@@ -403,7 +562,7 @@ mod tests {
             image: Some(pb::InputImage { data: Bytes::from_static(b"not an image"), ..Default::default() }),
             ..Default::default()
         };
-        let err = submit_request(req).unwrap_err();
+        let err = submit_request(req, &RequestLimits::default()).unwrap_err();
         assert_eq!(err[0].field, "image.data");
     }
 }

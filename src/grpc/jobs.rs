@@ -9,9 +9,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use super::{convert, status::job_error};
+use super::{
+    convert,
+    status::{BadField, bad_request, job_error},
+};
 use crate::{
     jobs::{Event, EventKind, EventStream, JobManager, Violation},
+    limits::{self, Exceeded, RequestLimits, Unit},
     proto::pb,
 };
 
@@ -20,11 +24,12 @@ use crate::{
 pub(crate) struct JobApi {
     jobs: JobManager,
     shutdown: CancellationToken,
+    limits: RequestLimits,
 }
 
 impl JobApi {
-    pub(crate) fn new(jobs: JobManager, shutdown: CancellationToken) -> Self {
-        Self { jobs, shutdown }
+    pub(crate) fn new(jobs: JobManager, shutdown: CancellationToken, limits: RequestLimits) -> Self {
+        Self { jobs, shutdown, limits }
     }
 
     async fn job_with_outputs(&self, job: &crate::jobs::Job) -> Result<pb::Job, Status> {
@@ -103,11 +108,14 @@ impl Subscription {
     }
 }
 
+fn too_long(field: &str, value: &str, limit: usize) -> Status {
+    bad_request(vec![BadField::from(Exceeded::new(field, value.len() as u64, limit as u64, Unit::Bytes))])
+}
+
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let req = convert::submit_request(req.into_inner())
-            .map_err(|v| job_error(crate::jobs::JobError::InvalidArgument(v)))?;
+        let req = convert::submit_request(req.into_inner(), &self.limits).map_err(bad_request)?;
         let job = self.jobs.submit(req).await.map_err(job_error)?;
         Ok(Response::new(convert::job_to_pb(&job, Vec::new())))
     }
@@ -148,8 +156,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        let req = convert::list_request(req.into_inner())
-            .map_err(|v| job_error(crate::jobs::JobError::InvalidArgument(v)))?;
+        let req = convert::list_request(req.into_inner()).map_err(bad_request)?;
         let page = self.jobs.list(req).await.map_err(job_error)?;
         let jobs = page
             .jobs
@@ -165,6 +172,9 @@ impl pb::job_service_server::JobService for JobApi {
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
         let pb::CancelJobRequest { job_id, reason } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        if reason.len() > limits::MAX_REASON_BYTES {
+            return Err(too_long("reason", &reason, limits::MAX_REASON_BYTES));
+        }
         let job = self.jobs.cancel(id, reason).await.map_err(job_error)?;
         Ok(Response::new(self.job_with_outputs(&job).await?))
     }
@@ -179,6 +189,9 @@ impl pb::job_service_server::JobService for JobApi {
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
         if filename.is_empty() {
             return Err(bad(Violation::new("filename", "must name an output of the job")));
+        }
+        if filename.len() > limits::MAX_FILENAME_BYTES {
+            return Err(too_long("filename", &filename, limits::MAX_FILENAME_BYTES));
         }
         let chunk = match chunk_size {
             0 => 256 * 1024,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{convert::ts, status::with_reason};
+use super::{convert::ts, status::not_found};
 use crate::{
     machine::{Machine, MachineKind},
     pool::{MachinePhase, MachineView, Pool},
@@ -48,6 +48,15 @@ impl MachineApi {
         if id.is_empty() {
             return Err(super::status::invalid_field("machine_id", "must name a machine"));
         }
+        if id.len() > crate::limits::MAX_NAME_BYTES {
+            let e = crate::limits::Exceeded::new(
+                "machine_id",
+                id.len() as u64,
+                crate::limits::MAX_NAME_BYTES as u64,
+                crate::limits::Unit::Bytes,
+            );
+            return Err(super::status::bad_request(vec![e.into()]));
+        }
         if let Some(view) = self.pool.as_ref().and_then(|p| p.machine(id)) {
             return Ok(Found::Pool(Box::new(view)));
         }
@@ -56,9 +65,7 @@ impl MachineApi {
             .into_iter()
             .find(|m| m.id == id && m.kind == MachineKind::Static)
             .map(Found::Static)
-            .ok_or_else(|| {
-                with_reason(tonic::Code::NotFound, "NOT_FOUND", format!("machine {id:?} not found"))
-            })
+            .ok_or_else(|| not_found("NOT_FOUND", "machine", id, ""))
     }
 }
 
@@ -194,13 +201,11 @@ impl pb::machine_service_server::MachineService for MachineApi {
                 Ok(Response::new(static_to_pb(&m)))
             }
             Found::Pool(_) => {
-                let view = self.pool.as_ref().and_then(|p| p.drain(&machine_id)).ok_or_else(|| {
-                    with_reason(
-                        tonic::Code::NotFound,
-                        "NOT_FOUND",
-                        format!("machine {machine_id:?} not found"),
-                    )
-                })?;
+                let view = self
+                    .pool
+                    .as_ref()
+                    .and_then(|p| p.drain(&machine_id))
+                    .ok_or_else(|| not_found("NOT_FOUND", "machine", &machine_id, ""))?;
                 Ok(Response::new(pool_to_pb(&view)))
             }
         }

@@ -8,15 +8,19 @@
 //! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
 //! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
 //! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
+//!
+//! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
+//! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
+//! an `ErrorInfo` (`error_details`).
 
+mod connections;
 mod convert;
+mod error_details;
 mod jobs;
 mod machines;
 mod observe;
 pub mod status;
 mod workflows;
-
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -74,6 +78,7 @@ pub async fn serve(
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
         job_manager.clone(),
         shutdown.clone(),
+        config.jobs.request_limits(),
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
@@ -92,8 +97,26 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, grpc_web = config.grpc.grpc_web, "serving gRPC");
 
-    // Small gRPC messages must not wait for Nagle's algorithm (a 40 ms stall per call with delayed ACKs).
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let g = &config.grpc;
+    let file_limit = connections::open_file_limit();
+    let max_connections = connections::effective_max_connections(g.max_connections, file_limit);
+    if max_connections < g.max_connections {
+        tracing::warn!(
+            configured = g.max_connections,
+            open_file_limit = file_limit,
+            using = max_connections,
+            "grpc.max_connections leaves too few open files for the rest of the service; lowered (raise the \
+             open-file limit, e.g. LimitNOFILE=, to allow more)"
+        );
+    }
+    let incoming = connections::incoming(
+        listener,
+        connections::ConnectionLimits {
+            max_connections,
+            handshake_timeout: g.handshake_timeout,
+            idle_timeout: g.idle_timeout,
+        },
+    );
     // The one writer of health statuses: readiness changes until the drain, then NOT_SERVING for good. It is
     // the server's shutdown future, so the drain starts only after load balancers were told.
     let token = shutdown.clone();
@@ -127,12 +150,16 @@ pub async fn serve(
     ]);
     let builder = Server::builder()
         .accept_http1(config.grpc.grpc_web)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_interval(Some(g.keepalive_interval))
+        .http2_keepalive_timeout(Some(g.keepalive_timeout))
+        .max_concurrent_streams(Some(g.max_concurrent_streams))
         .trace_fn(observe::call_span);
     let router = if config.grpc.grpc_web {
         builder
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(calls)
+            .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -144,6 +171,8 @@ pub async fn serve(
     } else {
         builder
             .layer(calls)
+            .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

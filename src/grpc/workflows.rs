@@ -1,13 +1,16 @@
 //! `comfyrelay.v1.WorkflowService`: the catalog's schemas. An adapter only: it reads the [`Catalog`] and
 //! converts its domain types to `pb::` messages; it knows nothing of manifests or files.
 
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
-use super::status::with_reason;
+use super::status::{bad_request, not_found};
 use crate::catalog::{
     Catalog, InputKind, InputSpec, InputTarget, OutputSpec, Requirements, ScalarValue, Workflow,
 };
-use crate::proto::pb;
+use crate::{
+    limits::{self, Exceeded, Unit},
+    proto::pb,
+};
 
 /// The WorkflowService adapter.
 #[derive(Debug, Clone)]
@@ -37,13 +40,15 @@ impl pb::workflow_service_server::WorkflowService for WorkflowApi {
         req: Request<pb::GetWorkflowRequest>,
     ) -> Result<Response<pb::Workflow>, Status> {
         let pb::GetWorkflowRequest { name } = req.into_inner();
+        if name.len() > limits::MAX_NAME_BYTES {
+            let e = Exceeded::new("name", name.len() as u64, limits::MAX_NAME_BYTES as u64, Unit::Bytes);
+            return Err(bad_request(vec![e.into()]));
+        }
         match self.catalog.get(&name) {
             Some(workflow) => Ok(Response::new(workflow_to_pb(&workflow))),
-            None => Err(with_reason(
-                Code::NotFound,
-                "WORKFLOW_NOT_FOUND",
-                format!("workflow `{name}` is not in the catalog (see ListWorkflows)"),
-            )),
+            None => {
+                Err(not_found("WORKFLOW_NOT_FOUND", "workflow", &name, " in the catalog (see ListWorkflows)"))
+            }
         }
     }
 }
@@ -120,6 +125,7 @@ mod tests {
 
     use super::*;
     use pb::workflow_service_server::WorkflowService;
+    use tonic::Code;
 
     fn api() -> WorkflowApi {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");

@@ -7,6 +7,7 @@ mod config_errors;
 mod faults;
 mod foundation;
 mod generations;
+mod hardening;
 mod jobs;
 mod load;
 mod machines;

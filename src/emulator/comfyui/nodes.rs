@@ -365,6 +365,52 @@ fn encode_png(
     Ok(out)
 }
 
+/// The first frames of a traceback through `node_helpers.pillow(Image.open, ...)` in LoadImage.
+const PILLOW_OPEN_FRAMES: [&str; 2] = [
+    "  File \"/opt/ComfyUI/nodes.py\", line 1647, in load_image\n    img = node_helpers.pillow(Image.open, image_path)\n          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n",
+    "  File \"/opt/ComfyUI/node_helpers.py\", line 31, in pillow\n    x = fn(arg)\n        ^^^^^^^\n",
+];
+
+/// Pillow's `Image.open` refuses images above twice `Image.MAX_IMAGE_PIXELS` (89 478 485) with a
+/// `DecompressionBombError`, before decoding.
+pub(crate) const PIL_BOMB_PIXELS: u64 = 2 * 89_478_485;
+
+/// Why [`decode_bounded`] refused to decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DecodeRefusal {
+    /// Not an image the emulator reads, or a corrupt one.
+    Unreadable,
+    /// Declares more pixels than Pillow opens.
+    Bomb { pixels: u64 },
+    /// Declares more than the emulator's frame bound ([`MAX_FRAME_PIXELS`]).
+    TooLarge { width: usize, height: usize },
+}
+
+/// Decodes an image whose header declares at most [`MAX_FRAME_PIXELS`], with the `image` crate's
+/// allocation limit set to match, so a small file declaring a huge image (a decompression bomb) fails
+/// instead of exhausting the host: the size is read from the header before a pixel is decoded.
+pub(crate) fn decode_bounded(bytes: &[u8]) -> Result<image::DynamicImage, DecodeRefusal> {
+    let reader = || {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|_| DecodeRefusal::Unreadable)?;
+        let mut limits = image::Limits::default();
+        // RGBA with 16 bits per channel is the largest buffer a decoder allocates per pixel.
+        limits.max_alloc = Some(MAX_FRAME_PIXELS as u64 * 8);
+        reader.limits(limits);
+        Ok(reader)
+    };
+    let (w, h) = reader()?.into_dimensions().map_err(|_| DecodeRefusal::Unreadable)?;
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > PIL_BOMB_PIXELS {
+        return Err(DecodeRefusal::Bomb { pixels });
+    }
+    if pixels > MAX_FRAME_PIXELS as u64 {
+        return Err(DecodeRefusal::TooLarge { width: w as usize, height: h as usize });
+    }
+    reader()?.decode().map_err(|_| DecodeRefusal::Unreadable)
+}
+
 /// LoadImage: PIL open, RGB convert, `/255` in float32; the MASK is `1 - alpha` (or 64x64 zeros).
 fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
     let path = dirs.annotated_input_path(name);
@@ -374,14 +420,35 @@ fn load_image(name: &str, dirs: &Dirs) -> Result<NodeOutput, NodeFailure> {
             format!("[Errno 2] No such file or directory: '{}' ({e})", path.display()),
         )
     })?;
-    let decoded = image::load_from_memory(&bytes).map_err(|_| NodeFailure::Error {
+    let unidentified = || {
+        NodeFailure::Error {
         exception_type: "PIL.UnidentifiedImageError".into(),
         message: format!("cannot identify image file '{}'", path.display()),
         traceback: vec![
-            "  File \"/opt/ComfyUI/nodes.py\", line 1647, in load_image\n    img = node_helpers.pillow(Image.open, image_path)\n          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n".into(),
-            "  File \"/opt/ComfyUI/node_helpers.py\", line 31, in pillow\n    x = fn(arg)\n        ^^^^^^^\n".into(),
+            PILLOW_OPEN_FRAMES[0].into(),
+            PILLOW_OPEN_FRAMES[1].into(),
             "  File \"/opt/venv/lib/python3.11/site-packages/PIL/Image.py\", line 3730, in open\n    raise UnidentifiedImageError(msg)\n".into(),
         ],
+    }
+    };
+    let decoded = decode_bounded(&bytes).map_err(|refusal| match refusal {
+        DecodeRefusal::Unreadable => unidentified(),
+        DecodeRefusal::Bomb { pixels } => NodeFailure::Error {
+            exception_type: "PIL.Image.DecompressionBombError".into(),
+            message: format!(
+                "Image size ({pixels} pixels) exceeds limit of {PIL_BOMB_PIXELS} pixels, could be decompression bomb DOS attack."
+            ),
+            traceback: vec![
+                PILLOW_OPEN_FRAMES[0].into(),
+                PILLOW_OPEN_FRAMES[1].into(),
+                "  File \"/opt/venv/lib/python3.11/site-packages/PIL/Image.py\", line 3724, in open\n    _decompression_bomb_check(im.size)\n".into(),
+                "  File \"/opt/venv/lib/python3.11/site-packages/PIL/Image.py\", line 3628, in _decompression_bomb_check\n    raise DecompressionBombError(msg)\n".into(),
+            ],
+        },
+        DecodeRefusal::TooLarge { width, height } => match check_frame_size(width, height, 1) {
+            Err(failure) => failure,
+            Ok(()) => unidentified(),
+        },
     })?;
     let has_alpha = decoded.color().has_alpha();
     let rgb = decoded.to_rgb8();

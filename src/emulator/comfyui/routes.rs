@@ -763,8 +763,8 @@ fn merge_mask(dirs: &Dirs, original_ref: Option<&str>, mask: &[u8]) -> Result<Op
     let sub = original.get("subfolder").map(pyjson::py_str).unwrap_or_default();
     let Some(dir) = join_inside(dir, &sub) else { return Ok(None) };
     let path = dir.join(file);
-    let orig = image::open(&path).map_err(|_| ())?.to_rgba8();
-    let m = image::load_from_memory(mask).map_err(|_| ())?.to_rgba8();
+    let orig = nodes::decode_bounded(&std::fs::read(&path).map_err(|_| ())?).map_err(|_| ())?.to_rgba8();
+    let m = nodes::decode_bounded(mask).map_err(|_| ())?.to_rgba8();
     let mut merged = orig.clone();
     for (x, y, px) in merged.enumerate_pixels_mut() {
         px.0[3] = m.get_pixel_checked(x, y).map(|p| p.0[3]).unwrap_or(255);
@@ -844,7 +844,7 @@ async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String
     if let Some(preview) = q.get("preview") {
         let (fmt, quality) = preview.split_once(';').unwrap_or((preview.as_str(), "90"));
         let quality: u8 = quality.parse().unwrap_or(90);
-        if let Ok(img) = image::load_from_memory(&bytes) {
+        if let Ok(img) = nodes::decode_bounded(&bytes) {
             let rgb = image::DynamicImage::ImageRgb8(img.to_rgb8());
             let mut out = std::io::Cursor::new(Vec::new());
             let (ok, ctype) = if fmt == "webp" {
@@ -860,7 +860,7 @@ async fn view(State(shared): Shr, method: Method, Query(q): Query<HashMap<String
     }
     let channel = q.get("channel").map(String::as_str).unwrap_or("rgba");
     if (channel == "rgb" || channel == "a")
-        && let Ok(img) = image::load_from_memory(&bytes)
+        && let Ok(img) = nodes::decode_bounded(&bytes)
     {
         let mut out = std::io::Cursor::new(Vec::new());
         let converted = if channel == "rgb" {
