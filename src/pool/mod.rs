@@ -21,12 +21,12 @@
 //!   stopped with `runcomfy.stop_unknown_servers`).
 //! - Billing is counted from `Ready` until the DELETE returns, at the configured price of its server type.
 //!
-//! All timing is `tokio::time`, so the pool runs under `tokio::time::pause()` (the simulated-day benchmark).
+//! All timing is `tokio::time`, so the pool runs under `tokio::time::pause()` (the simulated-day benchmark,
+//! `tests/support/pool_day.rs`).
 
 mod lifecycle;
 mod plan;
 mod reconcile;
-pub mod sim;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},

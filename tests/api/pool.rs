@@ -19,6 +19,9 @@ use tonic::transport::Channel;
 
 use crate::helpers::{collect_events, png, submit_request, terminal};
 
+#[path = "../support/pool_day.rs"]
+mod pool_day;
+
 /// The test workflow: `invert` with RunComfy requirements.
 const WORKFLOW: &str = "invert-rc";
 
@@ -509,7 +512,7 @@ async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason(
 
 #[tokio::test(start_paused = true)]
 async fn the_real_pool_runs_hours_of_simulated_traffic_under_paused_time() {
-    use comfyrelay::pool::sim::{DayParams, simulate_day};
+    use pool_day::{DayParams, simulate_day};
     let params = DayParams {
         length: Duration::from_secs(6 * 3600),
         peak_jobs_per_hour: 300.0,

@@ -42,10 +42,7 @@ use tracing::{Instrument as _, info, warn};
 
 pub use self::faults::{LaunchFailure, RunComfyFaults};
 use self::faults::{MachinePlan, RequestFault};
-use crate::{
-    emulator::comfyui::{ComfyEmulator, EmulatorConfig},
-    runcomfy::{DirectLimiter, limiter, try_acquire},
-};
+use crate::emulator::comfyui::{ComfyEmulator, EmulatorConfig};
 
 /// The user id the default configuration serves.
 pub const DEFAULT_USER_ID: &str = "5e1f6c7a-0000-4000-8000-00000000e001";
@@ -202,7 +199,7 @@ struct Shared {
     config: RunComfyEmulatorConfig,
     /// Maps `tokio::time` instants to wall-clock timestamps (so paused time shows in the JSON too).
     epoch: (Instant, SystemTime),
-    limiter: DirectLimiter,
+    limiter: Mutex<TokenBucket>,
     faults: RunComfyFaults,
     machines: Mutex<HashMap<String, Machine>>,
     next_seq: AtomicU64,
@@ -260,6 +257,37 @@ impl Shared {
     }
 }
 
+/// The account's rate limit as the provider would enforce it: a bucket of `burst` requests, refilled at
+/// `per_second`. The emulator's own, written apart from the client's limiter (`governor`), so that the
+/// two check each other rather than agree by construction.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    capacity: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let capacity = f64::from(burst.max(1));
+        Self { per_second: f64::from(per_second.max(1)), capacity, tokens: capacity, at: Instant::now() }
+    }
+
+    /// Takes one request's token: zero if admitted, else how long until a token is there.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.at = now;
+        // A hair of slack so a client pacing itself at exactly the rate is not refused by rounding.
+        if self.tokens >= 1.0 - 1e-6 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.per_second)
+    }
+}
+
 /// A running emulated RunComfy Server API (`Arc` inside; cheap to clone). It stops serving, and stops every
 /// machine's ComfyUI, on [`RunComfyEmulator::shutdown`] or when the last clone is dropped.
 #[derive(Debug, Clone)]
@@ -295,7 +323,7 @@ impl RunComfyEmulator {
     pub async fn start(listener: TcpListener, config: RunComfyEmulatorConfig) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            limiter: limiter(config.requests_per_second, config.burst),
+            limiter: Mutex::new(TokenBucket::new(config.requests_per_second, config.burst)),
             config,
             epoch: (Instant::now(), SystemTime::now()),
             faults: RunComfyFaults::default(),
@@ -520,7 +548,7 @@ fn gate(shared: &Shared, headers: &HeaderMap, user_id: &str) -> Option<Response>
     if user_id != shared.config.user_id {
         return Some(api_error(StatusCode::FORBIDDEN, 403003, "The API token does not belong to this user"));
     }
-    let wait = try_acquire(&shared.limiter);
+    let wait = shared.limiter.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now());
     if !wait.is_zero() {
         return Some(too_many(shared, wait));
     }
