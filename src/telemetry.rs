@@ -28,3 +28,21 @@ pub fn init_for_tests(enabled: bool) {
             .try_init();
     }
 }
+
+/// Displays an error with its whole cause chain (`outer: cause: root cause`), for logs: many errors say
+/// little without their sources (`StoreError::Database` is "database error", a transport error hides the
+/// connection failure under it). Use as `error = %ErrorChain(&e)`.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}

@@ -3,6 +3,7 @@
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 
 use super::*;
+use crate::telemetry::ErrorChain;
 
 impl Pool {
     pub(super) fn spawn_launch(&self, spec: MachineSpec) {
@@ -37,7 +38,8 @@ impl Pool {
             updated_ms: record.requested_ms,
             body: serde_json::to_string(&record).unwrap_or_default(),
         };
-        if let Err(e) = self.inner.store.put_machine(&row).await {
+        if let Err(e) = self.put_row(&row).await {
+            error!(error = %ErrorChain(&e), "cannot record a launch before sending it; not launching");
             self.launch_done(&spec);
             self.launch_failed(&spec, format!("cannot record the launch: {e}"), true);
             return;
@@ -59,7 +61,7 @@ impl Pool {
             Some(Err(e)) => {
                 self.launch_done(&spec);
                 if !e.is_ambiguous() {
-                    let _ = self.inner.store.delete_machine(&record_id).await;
+                    self.forget_launch(&record_id).await;
                 }
                 self.launch_failed(&spec, format!("launch failed: {}", e), true);
                 return;
@@ -78,7 +80,7 @@ impl Pool {
             st.machines.insert(id.clone(), entry);
         }
         self.persist(&id).await;
-        let _ = self.inner.store.delete_machine(&record_id).await;
+        self.forget_launch(&record_id).await;
         info!(machine = %id, "RunComfy machine launched; waiting for Ready");
         self.announce(&spec, &id, ProvisionPhase::Starting, started);
         self.bring_up(id, spec, started).await;
@@ -345,7 +347,7 @@ impl Pool {
                 }
                 Err(e) => {
                     attempt += 1;
-                    error!(error = %e, attempt, "DELETE failed; the machine is still billed; retrying");
+                    error!(error = %ErrorChain(&e), attempt, "DELETE failed; the machine is still billed; retrying");
                     tokio::time::sleep(pauses.next().unwrap_or(STOP_RETRY)).await;
                 }
             }
@@ -425,7 +427,7 @@ impl Pool {
                 self.gone(&id, "the provider no longer knows it".into());
             }
             Err(e) => {
-                warn!(error = %e, "cannot extend the lease; retrying");
+                warn!(error = %ErrorChain(&e), "cannot extend the lease; retrying");
                 if let Some(e) = self.state().machines.get_mut(&id) {
                     e.busy = false;
                     e.next_renew = Instant::now() + RENEW_RETRY;
@@ -463,7 +465,7 @@ impl Pool {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    debug!(error = %e, "status check failed; not counted against the machine")
+                    debug!(error = %ErrorChain(&e), "status check failed; not counted against the machine")
                 }
             }
         }

@@ -1,8 +1,50 @@
 //! Persistence of machine records, and reconciliation of the account's servers with them at start.
 
+use backon::{ExponentialBuilder, Retryable as _};
+
 use super::*;
+use crate::{store::StoreError, telemetry::ErrorChain};
+
+/// Retries of a machine-record write: the store is local, so a failure is a busy or failing disk; a few
+/// quick retries ride out a busy database, and a disk that stays broken is reported.
+fn store_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(5)
+        .with_jitter()
+}
 
 impl Pool {
+    /// Writes a machine row, retrying failures.
+    ///
+    /// # Errors
+    /// The last store error once the retries are spent (already logged at each retry).
+    pub(super) async fn put_row(&self, row: &MachineRow) -> Result<(), StoreError> {
+        let store = &self.inner.store;
+        (|| store.put_machine(row))
+            .retry(store_backoff())
+            .notify(|e, delay| {
+                warn!(machine = %row.id, error = %ErrorChain(e), ?delay, "cannot write a machine record; retrying");
+            })
+            .await
+    }
+
+    /// Deletes a launch record, retrying failures; one that cannot be deleted is only logged (it claims
+    /// nothing at the next start, see [`Pool::reconcile`]).
+    pub(super) async fn forget_launch(&self, record_id: &str) {
+        let store = &self.inner.store;
+        let deleted = (|| store.delete_machine(record_id))
+            .retry(store_backoff())
+            .notify(|e, delay| {
+                warn!(launch = %record_id, error = %ErrorChain(e), ?delay, "cannot delete a launch record; retrying");
+            })
+            .await;
+        if let Err(e) = deleted {
+            error!(launch = %record_id, error = %ErrorChain(&e), "cannot delete a launch record; it is ignored at the next start");
+        }
+    }
+
     pub(super) async fn persist(&self, id: &str) {
         let row = {
             let now = Instant::now();
@@ -20,9 +62,9 @@ impl Pool {
                 body: serde_json::to_string(&e.record(now)).unwrap_or_default(),
             }
         };
-        if let Err(e) = self.inner.store.put_machine(&row).await {
+        if let Err(e) = self.put_row(&row).await {
             // The machine is still tracked in memory and its lease bounds the cost if we die now.
-            error!(machine = %id, error = %e, "cannot record a machine's state");
+            error!(machine = %id, error = %ErrorChain(&e), "cannot record a machine's state; it stays tracked in memory, and its lease stops it if comfyrelay dies");
         }
     }
 
@@ -35,8 +77,10 @@ impl Pool {
     /// Lists the account's servers and settles each against the store. Returns the adopted machines ready
     /// for jobs.
     pub(super) async fn reconcile(&self) -> Result<Vec<Arc<Machine>>, ReconcileError> {
-        let rows = self.inner.store.list_machines().await.map_err(|e| ReconcileError(e.to_string()))?;
-        let servers = self.inner.client.list_servers().await.map_err(|e| ReconcileError(e.to_string()))?;
+        let rows =
+            self.inner.store.list_machines().await.map_err(|e| ReconcileError(ErrorChain(&e).to_string()))?;
+        let servers =
+            self.inner.client.list_servers().await.map_err(|e| ReconcileError(ErrorChain(&e).to_string()))?;
         let mut records: HashMap<String, (MachineRow, Record)> = HashMap::new();
         let mut launches: Vec<(String, LaunchRecord)> = Vec::new();
         for row in rows {
@@ -233,7 +277,10 @@ impl Pool {
                 body: serde_json::to_string(&record).unwrap_or_default(),
                 ..row.clone()
             };
-            let _ = self.inner.store.put_machine(&row).await;
+            if let Err(e) = self.put_row(&row).await {
+                // The row keeps its old phase; the next start settles it again the same way.
+                error!(machine = %id, error = %ErrorChain(&e), "cannot record a machine as stopped");
+            }
             history.push((id.clone(), record));
         }
         {
@@ -244,7 +291,7 @@ impl Pool {
         }
         self.prune_stopped();
         for (launch_id, _) in launches {
-            let _ = self.inner.store.delete_machine(&launch_id).await;
+            self.forget_launch(&launch_id).await;
         }
         self.state().reconciled = true;
         for id in adopted.iter().map(|m| m.id.clone()).collect::<Vec<_>>() {
