@@ -336,6 +336,14 @@ pub enum PoolEvent {
     },
     /// A machine is ready and its ComfyUI answered: it may get jobs.
     Ready(Arc<Machine>),
+    /// The pool's start-up reconciliation of the provider's machines is done (sent once, in the
+    /// background after start, before any `Ready`). `adopted` are the machines launched before a restart
+    /// that are ready for jobs: a job recovered as running on one of them is re-attached to it; a job
+    /// recovered as running on a RunComfy machine not among them lost its machine.
+    Reconciled {
+        /// The adopted machines.
+        adopted: Vec<Arc<Machine>>,
+    },
     /// The machine must get no more jobs.
     Removed {
         /// The machine.

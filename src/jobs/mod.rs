@@ -129,7 +129,8 @@ struct Inner {
 impl JobManager {
     /// Recovers unfinished jobs from the store, then starts the scheduler and the retention task.
     ///
-    /// `machines` are the machines known at start (static ones, and RunComfy ones the pool adopted);
+    /// `machines` are the machines known at start (static ones; the pool announces the RunComfy machines
+    /// it adopts with `PoolEvent::Reconciled`, and jobs recovered as running on one wait for that);
     /// `pool`, when RunComfy is enabled, is the pool's demand sink and the channel of its events.
     /// Background tasks live in the manager's tracker and stop when `shutdown` is cancelled; call
     /// [`JobManager::drain`] to wait for them.
@@ -164,8 +165,8 @@ impl JobManager {
             shutdown,
         });
         let manager = Self { inner };
-        let recovered = manager.recover().await?;
-        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered);
+        let (recovered, held) = manager.recover().await?;
+        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered, held);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
         manager.inner.tracker.spawn(retention.retention_loop().instrument(tracing::info_span!("retention")));
@@ -621,10 +622,12 @@ impl JobManager {
     }
 
     /// Loads unfinished jobs: queued ones are queued again, running ones re-attached to their machine.
-    /// Returns the running jobs re-attached, with their machines, so the scheduler counts their slots.
-    async fn recover(&self) -> Result<Vec<(JobId, Arc<Machine>)>, JobError> {
+    /// Returns the running jobs re-attached, with their machines, so the scheduler counts their slots, and
+    /// the running jobs held until the pool reports `PoolEvent::Reconciled` (their RunComfy machine may
+    /// yet be adopted).
+    async fn recover(&self) -> Result<(Vec<(JobId, Arc<Machine>)>, Vec<JobId>), JobError> {
         let rows = self.inner.store.unfinished_jobs().await?;
-        let mut running = Vec::new();
+        let (mut running, mut held) = (Vec::new(), Vec::new());
         for row in rows {
             let job: Job = match serde_json::from_str(&row.body) {
                 Ok(j) => j,
@@ -647,6 +650,7 @@ impl JobManager {
                     running.push((id, machine.clone()));
                     self.spawn_runner(live, machine, true);
                 }
+                (JobState::Running, true, None) if spec.is_some() => held.push(id),
                 (JobState::Running, true, None) => {
                     // Its machine is no longer configured: treat like a lost prompt.
                     runner::lost_or_retry(self, &live, "its machine is no longer configured".into()).await?;
@@ -664,7 +668,7 @@ impl JobManager {
                 }
             }
         }
-        Ok(running)
+        Ok((running, held))
     }
 
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.

@@ -71,6 +71,8 @@ pub(super) struct Scheduler {
     /// The last (machine, provisioning phase) told to each waiting job: the pool announces to every job
     /// waiting for a spec, and a job must not hear the same news twice.
     provisioning: HashMap<JobId, (String, &'static str)>,
+    /// Running jobs recovered on a RunComfy machine not known yet, until `PoolEvent::Reconciled`.
+    held: Vec<JobId>,
 }
 
 impl Scheduler {
@@ -79,6 +81,7 @@ impl Scheduler {
         rx: mpsc::UnboundedReceiver<SchedMsg>,
         pool_rx: Option<mpsc::UnboundedReceiver<PoolEvent>>,
         running: Vec<(JobId, Arc<Machine>)>,
+        held: Vec<JobId>,
     ) -> Self {
         for (_, machine) in &running {
             machine.job_assigned("");
@@ -93,6 +96,7 @@ impl Scheduler {
             last_published: None,
             last_demand: BTreeMap::new(),
             provisioning: HashMap::new(),
+            held,
         }
     }
 
@@ -243,6 +247,28 @@ impl Scheduler {
                 if let Ok(mut list) = self.manager.inner.machines.write() {
                     list.retain(|m| m.id != machine.id);
                     list.push(machine);
+                }
+            }
+            PoolEvent::Reconciled { adopted } => {
+                if let Ok(mut list) = self.manager.inner.machines.write() {
+                    list.retain(|m| !adopted.iter().any(|a| a.id == m.id));
+                    list.extend(adopted);
+                }
+                for id in std::mem::take(&mut self.held) {
+                    let Some(live) = self.manager.live(id) else { continue };
+                    let on = live.job.lock().await.machine_id.clone();
+                    match self.manager.machines().into_iter().find(|m| on.as_ref() == Some(&m.id)) {
+                        Some(machine) => {
+                            machine.job_assigned("");
+                            self.manager.spawn_runner(live, machine, true);
+                        }
+                        None => {
+                            let reason = "its RunComfy machine did not survive the restart".to_string();
+                            if let Err(e) = super::runner::lost_or_retry(&self.manager, &live, reason).await {
+                                tracing::error!(job_id = %id, error = %e, "cannot settle a job whose machine is gone");
+                            }
+                        }
+                    }
                 }
             }
             PoolEvent::Removed { machine_id, reason } => {

@@ -167,6 +167,7 @@ pub(crate) async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport>
             }
             Some(event) = events.recv() => match event {
                 PoolEvent::Ready(m) => machines.push(m),
+                PoolEvent::Reconciled { adopted } => machines.extend(adopted),
                 PoolEvent::Removed { machine_id, .. } => machines.retain(|m| m.id != machine_id),
                 PoolEvent::Provisioning { .. } | PoolEvent::ProvisioningFailed { .. } => {}
             },
