@@ -74,9 +74,10 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         .with_context(|| format!("ComfyUI server {}", server.name))?;
         machines.push(machine);
     }
-    // The RunComfy pool reconciles the account's machines before the job engine recovers jobs, so jobs
-    // running on an adopted machine are re-attached to it. It outlives the engine's shutdown token: its
-    // machines are stopped (or left to their leases) only after the jobs drained.
+    // The RunComfy pool starts at once and reconciles the account's machines in the background (the API may
+    // be unreachable); it announces the adopted machines with `PoolEvent::Reconciled`, and the engine holds
+    // jobs running on RunComfy machines until then. It outlives the engine's shutdown token: its machines
+    // are stopped (or left to their leases) only after the jobs drained.
     let pool_shutdown = CancellationToken::new();
     let mut engine_pool = None;
     let mut pool = None;
@@ -84,7 +85,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
         let client = runcomfy::RunComfyClient::new(runcomfy::ClientOptions::from_config(&config.runcomfy))
             .context("RunComfy client")?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (p, adopted) = pool::Pool::start(
+        let p = pool::Pool::start(
             pool::PoolParts {
                 config: config.runcomfy.clone(),
                 client,
@@ -95,9 +96,7 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
                 events,
             },
             pool_shutdown.clone(),
-        )
-        .await;
-        machines.extend(adopted);
+        );
         engine_pool = Some((Arc::new(p.clone()) as Arc<dyn machine::Provisioner>, events_rx));
         pool = Some(p);
     }
@@ -125,12 +124,14 @@ pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationTo
     let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone() };
     let served = grpc::serve(listener, &config, services, shutdown.clone()).await;
 
-    // The server has stopped taking calls; give running work the grace period to reach a resumable state.
+    // The server has stopped taking calls; give running work the grace period to reach a resumable state,
+    // and the pool what is left of it to stop its machines.
+    let deadline = tokio::time::Instant::now() + config.grpc.shutdown_grace;
     if !jobs.drain(config.grpc.shutdown_grace).await {
         tracing::warn!(grace = ?config.grpc.shutdown_grace, "job tasks still running after the grace period; cut");
     }
     if let Some(pool) = &pool {
-        pool.close(config.grpc.shutdown_grace.max(std::time::Duration::from_secs(30))).await;
+        pool.close(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
     }
     catalog_watch.abort();
     served

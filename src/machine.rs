@@ -184,6 +184,14 @@ impl Machine {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Gives it new jobs again after [`Machine::drain`]; a retired machine stays drained.
+    pub fn undrain(&self) {
+        let _s = self.status.lock();
+        if !self.is_retired() {
+            self.draining.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// The last workflow it ran.
     pub fn last_workflow(&self) -> String {
         self.status.lock().map(|s| s.last_workflow.clone()).unwrap_or_default()

@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::jobs::JobError;
+use crate::{jobs::JobError, pool::PoolError};
 
 /// The `ErrorInfo.domain` of every error comfyrelay returns.
 pub const ERROR_DOMAIN: &str = "comfyrelay.dev";
@@ -73,6 +73,17 @@ pub fn job_error(e: JobError) -> Status {
             Status::with_error_details(Code::Unavailable, "comfyrelay is shutting down; retry", details)
         }
         e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_)) => internal(&e),
+    }
+}
+
+/// The one mapping from the pool's operator errors to `Status`: exhaustive, no wildcard arm.
+pub fn pool_error(e: PoolError) -> Status {
+    let message = e.to_string();
+    match e {
+        PoolError::NotFound(_) => with_reason(Code::NotFound, "NOT_FOUND", message),
+        PoolError::Unmanaged(_) => with_reason(Code::FailedPrecondition, "MACHINE_UNMANAGED", message),
+        PoolError::Ending { .. } => with_reason(Code::FailedPrecondition, "MACHINE_STOPPING", message),
+        PoolError::PastLifetime(_) => with_reason(Code::FailedPrecondition, "MACHINE_PAST_LIFETIME", message),
     }
 }
 

@@ -25,7 +25,10 @@ use super::{
     error::RunComfyError,
     model::{LaunchRequest, Server, ServerStatus, Timestamp, Workflow, duration_secs},
 };
-use crate::config::{RunComfyConfig, Secret};
+use crate::{
+    config::{RunComfyConfig, Secret},
+    telemetry::ErrorChain,
+};
 
 /// How the client talks to the API. `Default` matches the documented limits (1 request/s).
 #[derive(Debug, Clone)]
@@ -359,7 +362,7 @@ impl RunComfyClient {
             };
             if error.is_ambiguous() {
                 any_ambiguous = true;
-                warn!(error = %error, attempt, "launch outcome unknown; checking the server list before launching again");
+                warn!(error = %ErrorChain(&error), attempt, "launch outcome unknown; checking the server list before launching again");
                 let grace = self.inner.options.launch_confirm_grace;
                 if let Some(server) = self.find_launched(request, &before, started, grace).await? {
                     info!(server_id = %server.server_id, "the ambiguous launch did happen; adopting its server");
@@ -376,7 +379,7 @@ impl RunComfyClient {
                 });
             }
             let delay = backoff.next().unwrap_or(self.inner.options.max_backoff);
-            warn!(error = %error, attempt, ?delay, "launch did not happen; launching again");
+            warn!(error = %ErrorChain(&error), attempt, ?delay, "launch did not happen; launching again");
             tokio::time::sleep(delay).await;
             if any_ambiguous
                 && let Some(server) = self.find_launched(request, &before, started, Duration::ZERO).await?
@@ -415,7 +418,9 @@ impl RunComfyClient {
                         status: "gone".into(),
                     });
                 }
-                Err(e) if e.is_retryable() => warn!(error = %e, "status poll failed; polling on"),
+                Err(e) if e.is_retryable() => {
+                    warn!(error = %ErrorChain(&e), "status poll failed; polling on")
+                }
                 Err(e) => return Err(e),
             }
             let waited = start.elapsed();
@@ -553,7 +558,7 @@ impl RunComfyClient {
                 },
                 _ => return Err(error),
             };
-            warn!(method = %method, path = %url.path(), error = %error, ?delay, "RunComfy call failed; retrying");
+            warn!(method = %method, path = %url.path(), error = %ErrorChain(&error), ?delay, "RunComfy call failed; retrying");
             tokio::time::sleep(delay).await;
         }
     }

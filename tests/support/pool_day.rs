@@ -126,7 +126,7 @@ pub(crate) async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport>
     let client = RunComfyClient::new(ClientOptions::from_config(&config))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
-    let (pool, _) = Pool::start(
+    let pool = Pool::start(
         PoolParts {
             config,
             client,
@@ -137,8 +137,7 @@ pub(crate) async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport>
             events: events_tx,
         },
         shutdown.clone(),
-    )
-    .await;
+    );
 
     let spec = MachineSpec {
         workflow_version_id: DEFAULT_WORKFLOW_VERSION_ID.into(),
