@@ -88,11 +88,7 @@ impl Pool {
         let mut st = self.state();
         st.reconciling = false;
         match result {
-            Ok(adopted) => {
-                drop(st);
-                self.send(PoolEvent::Reconciled { adopted });
-            }
-            Err(ReconcileError::ShuttingDown) => {}
+            Ok(()) | Err(ReconcileError::ShuttingDown) => {}
             Err(e) => {
                 st.reconcile_failures += 1;
                 let delay = RECONCILE_RETRY.0.saturating_mul(2u32.saturating_pow(st.reconcile_failures - 1));
@@ -136,9 +132,9 @@ impl Pool {
         }
     }
 
-    /// Lists the account's servers and settles each against the store. Returns the adopted machines ready
-    /// for jobs.
-    pub(super) async fn reconcile(&self) -> Result<Vec<Arc<Machine>>, ReconcileError> {
+    /// Lists the account's servers and settles each against the store, then tells the engine which adopted
+    /// machines are ready for jobs ([`PoolEvent::Reconciled`], before any machine it brings up is `Ready`).
+    pub(super) async fn reconcile(&self) -> Result<(), ReconcileError> {
         let read = async {
             let rows = self.inner.store.list_machines().await.map_err(ReconcileError::Store)?;
             match self.inner.client.list_servers().await {
@@ -386,6 +382,8 @@ impl Pool {
         for id in adopted.iter().map(|m| m.id.clone()).collect::<Vec<_>>() {
             self.persist(&id).await;
         }
+        info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
+        self.send(PoolEvent::Reconciled { adopted });
         for (id, reason) in to_stop {
             self.spawn_stop(id, reason);
         }
@@ -397,9 +395,8 @@ impl Pool {
                     .instrument(tracing::info_span!("adopt_starting")),
             );
         }
-        info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
         self.inner.wake.notify_one();
-        Ok(adopted)
+        Ok(())
     }
 
     /// A machine stopped before this start, as history.
