@@ -461,10 +461,7 @@ async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
     let (p, channel) = acc.start().await;
     let id = submit(&p).await;
     // Executing (past the upload): the machine dies under a running prompt.
-    crate::helpers::wait_for_event(&channel, &id, |e| {
-        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
-    })
-    .await;
+    executing(&channel, &id).await;
     let first = acc.emu.machines()[0].server_id.clone();
     assert!(acc.emu.kill_machine(&first).await, "killed the machine's ComfyUI");
 
@@ -640,6 +637,38 @@ async fn a_job_arriving_during_a_launch_hears_it_waits_for_that_machine() {
     acc.finish(p).await;
 }
 
+/// Waits until the job executes on its machine (past the upload: a node started).
+async fn executing(channel: &Channel, id: &str) {
+    crate::helpers::wait_for_event(channel, id, |e| {
+        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
+    })
+    .await;
+}
+
+/// Asserts that comfyrelay answers a MachineService call within a bounded wait (without the fix for an
+/// unreachable API it answers only once each API request has timed out, minutes later).
+async fn answers_within_bounds(p: &Process) {
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut machines = p.machines().await;
+        machines.list_machines(pb::ListMachinesRequest::default()).await
+    })
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "no answer while RunComfy is unreachable: {answered:?}");
+}
+
+impl Account {
+    /// Stops comfyrelay gracefully; `theirs` (a server another client launched) must never have been sent
+    /// a DELETE and must still run; then its owner deletes it.
+    async fn finish_leaving(self, p: Process, theirs: &str) {
+        p.stop().await;
+        assert!(!self.emu.delete_requests().iter().any(|d| d == theirs), "their server was sent a DELETE");
+        let running: Vec<String> = self.emu.running_machines().into_iter().map(|m| m.server_id).collect();
+        assert_eq!(running, vec![theirs.to_string()], "only their server is left, and it runs");
+        self.emu.delete_by_someone_else(theirs).await;
+        self.emu.shutdown().await;
+    }
+}
+
 /// The failure a job ended with.
 fn failure(events: &[pb::JobEvent]) -> pb::JobError {
     match events.last().and_then(|e| e.kind.as_ref()) {
@@ -668,12 +697,7 @@ async fn a_restart_never_deletes_a_server_someone_else_launched_while_a_launch_w
     let events = collect_events(&channel, &job, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     assert!(!started_machine(&events).contains(&theirs), "ran on a machine comfyrelay launched: {events:#?}");
-    p.stop().await;
-    assert!(!acc.emu.delete_requests().contains(&theirs), "their server was sent a DELETE");
-    let running: Vec<String> = acc.emu.running_machines().into_iter().map(|m| m.server_id).collect();
-    assert_eq!(running, vec![theirs.clone()], "only their server is left, and it runs");
-    acc.emu.delete_by_someone_else(&theirs).await;
-    acc.emu.shutdown().await;
+    acc.finish_leaving(p, &theirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -768,13 +792,7 @@ async fn with_the_api_unreachable_comfyrelay_serves_at_once_and_a_stop_is_not_he
     acc.config.grpc.shutdown_grace = Duration::from_secs(2);
     acc.emu.faults().set_unreachable(true);
     let p = Process::start(acc.config.clone()).await;
-    // Bounded waits: without the fix both take minutes (each API request waits for its 30 s timeout).
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut machines = p.machines().await;
-        machines.list_machines(pb::ListMachinesRequest::default()).await
-    })
-    .await;
-    assert!(matches!(answered, Ok(Ok(_))), "no answer while RunComfy is unreachable: {answered:?}");
+    answers_within_bounds(&p).await;
     // A job for a RunComfy workflow is accepted and waits for the pool.
     let id = submit(&p).await;
     let job = p.jobs().await.get_job(pb::GetJobRequest { job_id: id }).await.expect("get job").into_inner();
@@ -791,22 +809,14 @@ async fn a_job_running_at_a_crash_is_reattached_to_its_machine_after_a_late_reco
     let acc = Account::new(fast_emulator(Duration::from_millis(700))).await;
     let (p, channel) = acc.start().await;
     let id = submit(&p).await;
-    crate::helpers::wait_for_event(&channel, &id, |e| {
-        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
-    })
-    .await;
+    executing(&channel, &id).await;
     let machine = acc.emu.machines()[0].server_id.clone();
     p.kill().await;
 
     // comfyrelay restarts while RunComfy is unreachable: it serves, and the running job waits for the pool.
     acc.emu.faults().set_unreachable(true);
     let (p, channel) = acc.start().await;
-    let answered = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut machines = p.machines().await;
-        machines.list_machines(pb::ListMachinesRequest::default()).await
-    })
-    .await;
-    assert!(matches!(answered, Ok(Ok(_))), "no answer while RunComfy is unreachable: {answered:?}");
+    answers_within_bounds(&p).await;
     acc.emu.faults().set_unreachable(false);
     let events = collect_events(&channel, &id, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
@@ -847,11 +857,7 @@ async fn servers_comfyrelay_does_not_manage_are_listed_as_unmanaged_and_left_alo
         machines.undrain_machine(pb::UndrainMachineRequest { machine_id: theirs.clone() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
-    p.stop().await;
-    assert!(!acc.emu.delete_requests().contains(&theirs), "their server was sent a DELETE");
-    assert!(acc.emu.running_machines().iter().any(|m| m.server_id == theirs), "their server still runs");
-    acc.emu.delete_by_someone_else(&theirs).await;
-    acc.emu.shutdown().await;
+    acc.finish_leaving(p, &theirs).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,10 +865,7 @@ async fn a_drained_pool_machine_can_be_undrained_until_it_is_being_stopped() {
     let acc = Account::new(fast_emulator(Duration::from_millis(500))).await;
     let (p, channel) = acc.start().await;
     let first = submit(&p).await;
-    crate::helpers::wait_for_event(&channel, &first, |e| {
-        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
-    })
-    .await;
+    executing(&channel, &first).await;
     let id = acc.emu.machines()[0].server_id.clone();
     let mut machines = p.machines().await;
     // Drained while it runs a job: it is not stopped before the job ends, so it can be undrained.
