@@ -6,7 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use comfyrelay::pool::sim::{DayParams, simulate_day};
+#[path = "../tests/support/pool_day.rs"]
+mod pool_day;
+
+use pool_day::{DayParams, simulate_day};
 
 fn env_f64(key: &str, default: f64) -> f64 {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)

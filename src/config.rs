@@ -352,6 +352,10 @@ pub struct RunComfyConfig {
     /// Pause before launching again after a failed launch (doubling per failure, at most 5 min).
     #[serde(with = "humantime_serde")]
     pub launch_retry_backoff: Duration,
+    /// After a launch answered ambiguously (5xx, timeout), how long the server list is watched for the
+    /// machine before the launch counts as not done (and may be sent again).
+    #[serde(with = "humantime_serde")]
+    pub launch_confirm_grace: Duration,
     /// Delete every machine on a graceful shutdown (otherwise they stop at their lease, or are adopted by
     /// the next start).
     pub stop_on_shutdown: bool,
@@ -465,6 +469,7 @@ impl Default for RunComfyConfig {
             health_timeout: Duration::from_secs(120),
             max_launch_failures: 3,
             launch_retry_backoff: Duration::from_secs(10),
+            launch_confirm_grace: Duration::from_secs(20),
             stop_on_shutdown: true,
             stop_unknown_servers: false,
             prices: default_prices(),

@@ -20,12 +20,10 @@ pub fn can_take_jobs(machines: &[Arc<Machine>], pool: Option<&Pool>) -> bool {
     machines.iter().any(|m| !m.is_draining() && m.conn.is_connected()) || pool.is_some_and(pool_can_launch)
 }
 
-/// Whether the RunComfy pool can launch a machine.
-///
-/// An enabled pool counts as able to launch until the pool reports its launch health; switch this to
-/// `pool.launch_health()` once that exists (one line, here only).
-fn pool_can_launch(_pool: &Pool) -> bool {
-    true
+/// Whether the RunComfy pool can launch a machine: every state but a refused token or user id (jobs for
+/// RunComfy workflows then fail at once until the configuration is fixed); see [`Pool::launch_health`].
+fn pool_can_launch(pool: &Pool) -> bool {
+    pool.launch_health().state != crate::pool::LaunchState::Misconfigured
 }
 
 /// Calls `report(ready)` with the first readiness and then on every change, until `shutdown` is

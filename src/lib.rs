@@ -140,9 +140,10 @@ async fn run_service(
         .with_context(|| format!("ComfyUI server {}", server.name))?;
         machines.push(machine);
     }
-    // The RunComfy pool reconciles the account's machines before the job engine recovers jobs, so jobs
-    // running on an adopted machine are re-attached to it. It outlives the engine's shutdown token: its
-    // machines are stopped (or left to their leases) only after the jobs drained.
+    // The RunComfy pool starts at once and reconciles the account's machines in the background (the API may
+    // be unreachable); it announces the adopted machines with `PoolEvent::Reconciled`, and the engine holds
+    // jobs running on RunComfy machines until then. It outlives the engine's shutdown token: its machines
+    // are stopped (or left to their leases) only after the jobs drained.
     let pool_shutdown = CancellationToken::new();
     let mut engine_pool = None;
     let mut pool = None;
@@ -150,7 +151,7 @@ async fn run_service(
         let client = runcomfy::RunComfyClient::new(runcomfy::ClientOptions::from_config(&config.runcomfy))
             .context("RunComfy client")?;
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (p, adopted) = pool::Pool::start(
+        let p = pool::Pool::start(
             pool::PoolParts {
                 config: config.runcomfy.clone(),
                 client,
@@ -161,9 +162,7 @@ async fn run_service(
                 events,
             },
             pool_shutdown.clone(),
-        )
-        .await;
-        machines.extend(adopted);
+        );
         engine_pool = Some((Arc::new(p.clone()) as Arc<dyn machine::Provisioner>, events_rx));
         pool = Some(p);
     }

@@ -221,6 +221,14 @@ impl Machine {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Gives it new jobs again after [`Machine::drain`]; a retired machine stays drained.
+    pub fn undrain(&self) {
+        let _s = self.status.lock();
+        if !self.is_retired() {
+            self.draining.store(false, Ordering::Relaxed);
+        }
+    }
+
     /// The last workflow it ran.
     pub fn last_workflow(&self) -> String {
         self.status.lock().map(|s| s.last_workflow.clone()).unwrap_or_default()
@@ -373,6 +381,14 @@ pub enum PoolEvent {
     },
     /// A machine is ready and its ComfyUI answered: it may get jobs.
     Ready(Arc<Machine>),
+    /// The pool's start-up reconciliation of the provider's machines is done (sent once, in the
+    /// background after start, before any `Ready`). `adopted` are the machines launched before a restart
+    /// that are ready for jobs: a job recovered as running on one of them is re-attached to it; a job
+    /// recovered as running on a RunComfy machine not among them lost its machine.
+    Reconciled {
+        /// The adopted machines.
+        adopted: Vec<Arc<Machine>>,
+    },
     /// The machine must get no more jobs.
     Removed {
         /// The machine.

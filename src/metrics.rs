@@ -377,8 +377,8 @@ pub struct MachineSample<'a> {
 }
 
 /// Every state a pool machine can be in, so a state that empties reads 0 rather than its last count.
-pub const MACHINE_STATES: [&str; 7] =
-    ["starting", "checking", "ready", "draining", "stopping", "stopped", "unhealthy"];
+pub const MACHINE_STATES: [&str; 8] =
+    ["starting", "checking", "ready", "draining", "stopping", "stopped", "unhealthy", "unmanaged"];
 
 /// The pool's machines now: sets the per-state and idle gauges and accrues billed seconds and cost.
 ///

@@ -141,17 +141,22 @@ pub fn init_for_tests(enabled: bool) {
     }
 }
 
-/// An error and every cause under it, `: `-separated, for one log field (`error = %chain(&e)`): "storage
-/// failed" alone says nothing an operator can act on.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+/// Displays an error with its whole cause chain (`outer: cause: root cause`), for logs: many errors say
+/// little without their sources (`StoreError::Database` is "database error", a transport error hides the
+/// connection failure under it). Use as `error = %ErrorChain(&e)`.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
     }
-    text
 }
 
 #[cfg(test)]

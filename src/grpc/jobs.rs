@@ -99,7 +99,7 @@ impl Subscription {
             match self.jobs.output_view(f).await {
                 Ok(v) => outputs.push(convert::output_view_to_pb(v)),
                 Err(e) => {
-                    tracing::warn!(error = %crate::telemetry::chain(&e), "output not readable for inline delivery");
+                    tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "output not readable for inline delivery");
                     outputs.push(convert::output_to_pb(f, None));
                 }
             }

@@ -69,6 +69,15 @@ impl MachineApi {
     }
 }
 
+impl MachineApi {
+    fn pool(&self) -> Result<&Pool, Status> {
+        // `find` answered a pool machine, so the pool exists.
+        self.pool
+            .as_ref()
+            .ok_or_else(|| super::status::with_reason(tonic::Code::NotFound, "NOT_FOUND", "no RunComfy pool"))
+    }
+}
+
 enum Found {
     Static(Arc<Machine>),
     Pool(Box<MachineView>),
@@ -125,6 +134,7 @@ fn pool_to_pb(v: &MachineView) -> pb::Machine {
         MachinePhase::Stopping => pb::MachineState::Stopping,
         MachinePhase::Stopped => pb::MachineState::Stopped,
         MachinePhase::Unhealthy => pb::MachineState::Unhealthy,
+        MachinePhase::Unmanaged => pb::MachineState::Unmanaged,
     };
     let (running_jobs, queued_jobs, last_workflow, jobs_completed) = jobs_fields(v.machine.as_deref());
     pb::Machine {
@@ -201,11 +211,25 @@ impl pb::machine_service_server::MachineService for MachineApi {
                 Ok(Response::new(static_to_pb(&m)))
             }
             Found::Pool(_) => {
-                let view = self
-                    .pool
-                    .as_ref()
-                    .and_then(|p| p.drain(&machine_id))
-                    .ok_or_else(|| not_found("NOT_FOUND", "machine", &machine_id, ""))?;
+                let view = self.pool()?.drain(&machine_id).map_err(super::status::pool_error)?;
+                Ok(Response::new(pool_to_pb(&view)))
+            }
+        }
+    }
+
+    async fn undrain_machine(
+        &self,
+        req: Request<pb::UndrainMachineRequest>,
+    ) -> Result<Response<pb::Machine>, Status> {
+        let pb::UndrainMachineRequest { machine_id } = req.into_inner();
+        match self.find(&machine_id)? {
+            Found::Static(m) => {
+                m.undrain();
+                tracing::info!(machine = %m.id, "machine undrained by an operator");
+                Ok(Response::new(static_to_pb(&m)))
+            }
+            Found::Pool(_) => {
+                let view = self.pool()?.undrain(&machine_id).map_err(super::status::pool_error)?;
                 Ok(Response::new(pool_to_pb(&view)))
             }
         }

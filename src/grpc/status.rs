@@ -15,6 +15,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::{
     jobs::{JobError, Violation},
     limits::{Exceeded, SETTING_MAX_MESSAGE_BYTES, clip, echo},
+    pool::PoolError,
 };
 
 /// The `ErrorInfo.domain` of every error comfyrelay returns.
@@ -215,7 +216,7 @@ pub(crate) fn reason_of(code: Code) -> &'static str {
 
 /// An internal failure: logs the full cause chain and returns a generic message.
 pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
-    tracing::error!(error = %crate::telemetry::chain(error), "internal error");
+    tracing::error!(error = %crate::telemetry::ErrorChain(error), "internal error");
     with_reason(Code::Internal, "INTERNAL", "internal error; see the server log")
 }
 
@@ -273,6 +274,18 @@ pub fn job_error(e: JobError) -> Status {
         e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_) | JobError::Log(_)) => {
             internal(&e)
         }
+    }
+}
+
+/// The one mapping from the pool's operator errors to `Status`: exhaustive, no wildcard arm.
+pub fn pool_error(e: PoolError) -> Status {
+    // The message names the machine the caller gave: clipped like every echoed value.
+    let message = clip(&e.to_string(), 2 * crate::limits::ECHO_MAX_CHARS).into_owned();
+    match e {
+        PoolError::NotFound(_) => with_reason(Code::NotFound, "NOT_FOUND", message),
+        PoolError::Unmanaged(_) => with_reason(Code::FailedPrecondition, "MACHINE_UNMANAGED", message),
+        PoolError::Ending { .. } => with_reason(Code::FailedPrecondition, "MACHINE_STOPPING", message),
+        PoolError::PastLifetime(_) => with_reason(Code::FailedPrecondition, "MACHINE_PAST_LIFETIME", message),
     }
 }
 

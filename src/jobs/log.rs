@@ -410,7 +410,7 @@ impl Writer {
             Ok(o) => o,
             Err(e) => {
                 let e = Arc::new(e);
-                tracing::error!(error = %crate::telemetry::chain(&*e), "the job log could not be written");
+                tracing::error!(error = %crate::telemetry::ErrorChain(&*e), "the job log could not be written");
                 for c in creates {
                     let _ = c.reply.send(Err(AppendError::Store(e.clone())));
                 }

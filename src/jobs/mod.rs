@@ -135,7 +135,8 @@ struct Inner {
 impl JobManager {
     /// Starts the log writer, recovers unfinished jobs, then starts the scheduler and the retention task.
     ///
-    /// `machines` are the machines known at start (static ones, and RunComfy ones the pool adopted);
+    /// `machines` are the machines known at start (static ones; the pool announces the RunComfy machines
+    /// it adopts with `PoolEvent::Reconciled`, and jobs recovered as running on one wait for that);
     /// `pool`, when RunComfy is enabled, is the pool's demand sink and the channel of its events.
     /// Background tasks stop when `shutdown` is cancelled; call [`JobManager::drain`] to wait for them.
     ///
@@ -172,14 +173,14 @@ impl JobManager {
             shutdown,
         });
         let manager = Self { inner };
-        let recovered = match manager.recover().await {
+        let (recovered, held) = match manager.recover().await {
             Ok(r) => r,
             Err(e) => {
                 manager.inner.log.close().await;
                 return Err(e);
             }
         };
-        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered);
+        let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered, held);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
         manager.inner.tracker.spawn(retention.retention_loop().instrument(tracing::info_span!("retention")));
@@ -512,7 +513,7 @@ impl JobManager {
             async move {
                 // Exit policy: a runner never panics the service; an error fails the job with INTERNAL.
                 if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
-                    tracing::error!(error = %crate::telemetry::chain(&e), "job runner failed");
+                    tracing::error!(error = %crate::telemetry::ErrorChain(&e), "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
                         let error =
                             JobFailure::new(FailureReason::Internal, "internal error; see the server log");
@@ -540,7 +541,7 @@ impl JobManager {
                     Ok((ids, orphaned)) => {
                         for sha in &orphaned {
                             if let Err(e) = self.inner.artifacts.delete(sha).await {
-                                tracing::warn!(error = %crate::telemetry::chain(&e), sha256 = %sha, "cannot delete an expired artifact");
+                                tracing::warn!(error = %crate::telemetry::ErrorChain(&e), sha256 = %sha, "cannot delete an expired artifact");
                             }
                         }
                         if !ids.is_empty() {
@@ -556,7 +557,7 @@ impl JobManager {
                     }
                     Err(e) => {
                         // Exit policy: log and try again at the next tick.
-                        tracing::error!(error = %crate::telemetry::chain(&e), "retention sweep failed");
+                        tracing::error!(error = %crate::telemetry::ErrorChain(&e), "retention sweep failed");
                         break;
                     }
                 }

@@ -22,16 +22,17 @@ const LEGACY_PAGE: u32 = 200;
 
 impl JobManager {
     /// Loads unfinished jobs and settles them. Returns the jobs re-attached to their machines, so the
-    /// scheduler counts their slots.
-    pub(super) async fn recover(&self) -> Result<Vec<(JobId, Arc<Machine>)>, JobError> {
+    /// scheduler counts their slots, and the running jobs held until the pool reports
+    /// `PoolEvent::Reconciled` (their RunComfy machine may yet be adopted).
+    pub(super) async fn recover(&self) -> Result<(Vec<(JobId, Arc<Machine>)>, Vec<JobId>), JobError> {
         self.migrate_legacy().await?;
         let rows = self.inner.store.unfinished_jobs().await?;
-        let mut running = Vec::new();
+        let (mut running, mut held) = (Vec::new(), Vec::new());
         for row in rows {
             let job = match super::log::decode_job(&row) {
                 Ok(j) => j,
                 Err(e) => {
-                    tracing::error!(job_id = %row.id, error = %crate::telemetry::chain(&e), "cannot decode a stored job; skipping it");
+                    tracing::error!(job_id = %row.id, error = %crate::telemetry::ErrorChain(&e), "cannot decode a stored job; skipping it");
                     continue;
                 }
             };
@@ -50,6 +51,8 @@ impl JobManager {
                             running.push((id, machine.clone()));
                             self.spawn_runner(live, machine, true);
                         }
+                        // A RunComfy machine the pool may still adopt once it has reconciled the account.
+                        None if self.spec_of(&job.spec).is_some() => held.push(id),
                         None => {
                             let reason = format!("its machine {machine_id} is no longer known");
                             self.retry_or(&live, reason, FailureReason::Lost, Usage::default()).await?;
@@ -78,7 +81,7 @@ impl JobManager {
                 JobState::Succeeded | JobState::Failed { .. } | JobState::Cancelled { .. } => {}
             }
         }
-        Ok(running)
+        Ok((running, held))
     }
 
     /// Converts rows written by the previous schema (one body per job) into a spec and a record.

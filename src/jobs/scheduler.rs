@@ -92,6 +92,8 @@ pub(super) struct Scheduler {
     /// The last (machine, provisioning phase) told to each waiting job: the pool announces to every job
     /// waiting for a spec, and a job must not hear the same news twice.
     provisioning: HashMap<JobId, (String, &'static str)>,
+    /// Running jobs recovered on a RunComfy machine not known yet, until `PoolEvent::Reconciled`.
+    held: Vec<JobId>,
 }
 
 impl Scheduler {
@@ -100,6 +102,7 @@ impl Scheduler {
         rx: mpsc::UnboundedReceiver<SchedMsg>,
         pool_rx: Option<mpsc::UnboundedReceiver<PoolEvent>>,
         running: Vec<(JobId, Arc<Machine>)>,
+        held: Vec<JobId>,
     ) -> Self {
         for (_, machine) in &running {
             machine.job_assigned("");
@@ -114,6 +117,7 @@ impl Scheduler {
             last_published: None,
             last_demand: BTreeMap::new(),
             provisioning: HashMap::new(),
+            held,
         }
     }
 
@@ -277,6 +281,33 @@ impl Scheduler {
                 if let Ok(mut list) = self.manager.inner.machines.write() {
                     list.retain(|m| m.id != machine.id);
                     list.push(machine);
+                }
+            }
+            PoolEvent::Reconciled { adopted } => {
+                if let Ok(mut list) = self.manager.inner.machines.write() {
+                    list.retain(|m| !adopted.iter().any(|a| a.id == m.id));
+                    list.extend(adopted);
+                }
+                for id in std::mem::take(&mut self.held) {
+                    let Some(live) = self.manager.inner.log.live(id) else { continue };
+                    let on = live.record().machine_id.clone();
+                    match self.manager.machines().into_iter().find(|m| on.as_ref() == Some(&m.id)) {
+                        Some(machine) => {
+                            machine.job_assigned("");
+                            self.manager.spawn_runner(live, machine, true);
+                        }
+                        None => {
+                            // Settled by a short task: the scheduler does not wait on the log.
+                            let manager = self.manager.clone();
+                            let reason = "its RunComfy machine did not survive the restart".to_string();
+                            self.manager.inner.tracker.spawn(async move {
+                                let usage = super::model::Usage::default();
+                                if let Err(e) = manager.retry_or(&live, reason, FailureReason::Lost, usage).await {
+                                    tracing::error!(job_id = %id, error = %crate::telemetry::ErrorChain(&e), "cannot settle a job whose machine is gone");
+                                }
+                            });
+                        }
+                    }
                 }
             }
             PoolEvent::Removed { machine_id, reason } => {

@@ -1,8 +1,11 @@
 //! A machine's life: launch, bring-up (Ready, ComfyUI health), stop, lease renewals, health checks.
 
+use std::collections::HashSet;
+
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 
 use super::*;
+use crate::telemetry::ErrorChain;
 
 impl Pool {
     pub(super) fn spawn_launch(&self, spec: MachineSpec) {
@@ -20,15 +23,36 @@ impl Pool {
             elapsed: Duration::ZERO,
         });
         let lease = self.inner.config.lease;
+        // The account's servers before the launch: only a server not among them can be its machine.
+        let listed = tokio::select! {
+            r = self.inner.client.list_servers() => r,
+            () = self.inner.shutdown.cancelled() => return self.launch_done(&spec),
+        };
+        let before: HashSet<String> = match listed {
+            Ok(servers) => servers.into_iter().map(|s| s.server_id).collect(),
+            Err(e) => {
+                self.launch_done(&spec);
+                if !self.api_failed("listing the account's servers before a launch", &e) {
+                    let reason =
+                        format!("cannot list the account's servers before launching: {}", ErrorChain(&e));
+                    self.launch_failed(&spec, reason, false);
+                }
+                return;
+            }
+        };
         let record_id = format!("launch-{}", uuid::Uuid::new_v4().simple());
+        let mut known_before: Vec<String> = before.iter().cloned().collect();
+        known_before.sort();
         let record = LaunchRecord {
             workflow_version_id: spec.workflow_version_id.clone(),
             server_type: spec.server_type.clone(),
             duration_secs: lease.as_secs(),
             requested_ms: now_ms(),
+            known_before,
         };
-        // Written before the call: if comfyrelay dies before it learns the server id, the next start
-        // recognises the server as ours and stops it.
+        // Written before the call. If comfyrelay dies before it learns the server id, the next start cannot
+        // tell its machine from another client's launch of the same type, so it claims none; the record
+        // only explains the servers that may be it (their lease stops them if they are).
         let row = MachineRow {
             id: record_id.clone(),
             kind: KIND_LAUNCH.into(),
@@ -37,37 +61,45 @@ impl Pool {
             updated_ms: record.requested_ms,
             body: serde_json::to_string(&record).unwrap_or_default(),
         };
-        if let Err(e) = self.inner.store.put_machine(&row).await {
+        if let Err(e) = self.put_row(&row).await {
+            error!(error = %ErrorChain(&e), "cannot record a launch before sending it; not launching");
             self.launch_done(&spec);
-            self.launch_failed(&spec, format!("cannot record the launch: {e}"), true);
+            self.launch_failed(&spec, format!("cannot record the launch: {e}"), false);
             return;
+        }
+        if self.inner.shutdown.is_cancelled() {
+            // Shutdown began meanwhile: a machine launched now would only be deleted again.
+            self.forget_launch(&record_id).await;
+            return self.launch_done(&spec);
         }
         let request = LaunchRequest {
             workflow_version_id: spec.workflow_version_id.clone(),
             server_type: ServerType::parse(&spec.server_type),
             estimated_duration: lease,
         };
-        let result = tokio::select! {
-            r = self.inner.client.launch(&request) => Some(r),
-            () = self.inner.shutdown.cancelled() => None,
-        };
+        // Not cut by shutdown: once sent, the answer names a machine that must be stopped (see `close`,
+        // which waits for it within the shutdown deadline). Shutdown only stops further attempts.
+        let result = self.inner.client.launch_from(&request, before, &self.inner.shutdown).await;
         let server = match result {
-            None => {
-                self.launch_done(&spec);
-                return; // The launch record stays: the next start finds the server if it was launched.
-            }
-            Some(Err(e)) => {
+            Err(e) => {
                 self.launch_done(&spec);
                 if !e.is_ambiguous() {
-                    let _ = self.inner.store.delete_machine(&record_id).await;
+                    self.forget_launch(&record_id).await;
                 }
-                self.launch_failed(&spec, format!("launch failed: {}", e), true);
+                // A 401/403 fails the waiting jobs through the misconfiguration; otherwise a refusal the
+                // API was certain of (a 4xx, or 5xx answers after which the list showed no machine) fails
+                // them at once, and an uncertain failure counts towards max_launch_failures.
+                if !self.api_failed("launching a machine", &e) {
+                    let certain = !e.is_ambiguous() && !e.is_retryable();
+                    self.launch_failed(&spec, format!("launch failed: {}", ErrorChain(&e)), certain);
+                }
                 return;
             }
-            Some(Ok(server)) => server,
+            Ok(server) => server,
         };
+        self.api_ok();
         let id = server.server_id.clone();
-        {
+        let closing = {
             let mut st = self.state();
             if let Some(n) = st.launching.get_mut(&spec) {
                 *n = n.saturating_sub(1);
@@ -76,10 +108,25 @@ impl Pool {
             crate::metrics::machine_launched(&spec);
             let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, started);
             entry.busy = true;
+            entry.seen_at = Some(Instant::now());
+            st.unmanaged.remove(&id);
             st.machines.insert(id.clone(), entry);
-        }
+            // Under the same lock `close` takes to list what it stops: either it listed this machine, or
+            // this task sees `closing` and stops it.
+            st.closing
+        };
         self.persist(&id).await;
-        let _ = self.inner.store.delete_machine(&record_id).await;
+        self.forget_launch(&record_id).await;
+        if closing {
+            if self.inner.config.stop_on_shutdown {
+                info!(machine = %id, "RunComfy machine launched during shutdown; stopping it");
+                self.stop(id, "comfyrelay is shutting down".into()).await;
+            } else {
+                // Recorded: the next start adopts it, or its lease stops it.
+                self.release(&id);
+            }
+            return;
+        }
         info!(machine = %id, "RunComfy machine launched; waiting for Ready");
         self.announce(&spec, &id, ProvisionPhase::Starting, started);
         self.bring_up(id, spec, started).await;
@@ -120,6 +167,7 @@ impl Pool {
             next_renew: now,
             health_checks: 0,
             unreachable_since: None,
+            seen_at: None,
         }
     }
 
@@ -134,8 +182,10 @@ impl Pool {
         let server = match waited {
             Ok(server) => server,
             Err(e) => {
-                let reason = format!("did not become ready: {}", e);
-                self.launch_failed(&spec, format!("machine {id} {reason}"), false);
+                let reason = format!("did not become ready: {}", ErrorChain(&e));
+                if !self.api_failed("waiting for a machine to be ready", &e) {
+                    self.launch_failed(&spec, format!("machine {id} {reason}"), false);
+                }
                 self.mark_for_stop(&id, MachinePhase::Unhealthy, reason);
                 return;
             }
@@ -150,6 +200,7 @@ impl Pool {
             }
             e.ready_at = Some(now);
             e.ready_ms = Some(now_ms());
+            e.seen_at = Some(now);
             e.url = Some(url.clone());
             e.lease_until = Some(lease_end(&server, now, self.inner.client.options().ready_poll_interval));
         }
@@ -247,8 +298,10 @@ impl Pool {
         }
     }
 
-    /// A launch (or bring-up) failed: back off, and tell the engine whether waiting jobs should fail.
-    pub(super) fn launch_failed(&self, spec: &MachineSpec, reason: String, launch_call_failed: bool) {
+    /// A launch (or bring-up) failed: back off, and tell the engine whether waiting jobs should fail: at
+    /// once when the failure is `certain` (the API refused the launch and no machine exists, so waiting
+    /// cannot help them), else after `max_launch_failures` failures in a row.
+    pub(super) fn launch_failed(&self, spec: &MachineSpec, reason: String, certain: bool) {
         let gave_up = {
             let mut st = self.state();
             st.counters.launch_failures += 1;
@@ -257,13 +310,15 @@ impl Pool {
             f.consecutive += 1;
             let backoff = self.inner.config.launch_retry_backoff * 2u32.saturating_pow(f.consecutive - 1);
             f.retry_at = Some(Instant::now() + backoff.min(Duration::from_secs(300)));
-            let gave_up = f.consecutive >= self.inner.config.max_launch_failures;
-            if gave_up {
+            let since = f.last.as_ref().map_or_else(now_ms, |(_, since)| *since);
+            f.last = Some((truncate(&reason, 300), since));
+            let spent = f.consecutive >= self.inner.config.max_launch_failures;
+            if spent {
                 f.consecutive = 0;
             }
-            gave_up
+            certain || spent
         };
-        warn!(?spec, %reason, gave_up, launch_call_failed, "provisioning failed");
+        warn!(?spec, %reason, gave_up, certain, "provisioning failed");
         self.send(PoolEvent::ProvisioningFailed { spec: spec.clone(), reason, gave_up });
         self.inner.wake.notify_one();
     }
@@ -333,7 +388,7 @@ impl Pool {
             .without_max_times()
             .build();
         let mut attempt = 0u32;
-        loop {
+        let already_gone = loop {
             match self.inner.client.delete_server(&id).await {
                 Ok(outcome) => {
                     // Not the whole answer: it carries the machine's URL, which is its only credential.
@@ -343,25 +398,32 @@ impl Pool {
                         DeleteOutcome::AlreadyGone => "already gone".into(),
                     };
                     debug!(%status, "DELETE confirmed");
-                    break;
+                    break matches!(outcome, DeleteOutcome::AlreadyGone);
                 }
                 Err(e) => {
                     attempt += 1;
-                    error!(error = %e, attempt, "DELETE failed; the machine is still billed; retrying");
+                    self.api_failed("deleting a machine", &e);
+                    error!(error = %ErrorChain(&e), attempt, "DELETE failed; the machine is still billed; retrying");
                     tokio::time::sleep(pauses.next().unwrap_or(STOP_RETRY)).await;
                 }
             }
-        }
+        };
         let now = Instant::now();
         let billed = {
             let mut st = self.state();
             st.counters.stopped += 1;
             let Some(e) = st.machines.get_mut(&id) else { return };
+            // Gone before the DELETE: the provider stopped billing it by itself, at the latest when its API
+            // last reported it running.
+            let end = match (already_gone, e.seen_at) {
+                (true, Some(seen)) => e.ready_at.map_or(seen, |r| seen.max(r)).min(now),
+                _ => now,
+            };
             e.phase = MachinePhase::Stopped;
-            e.stopped_at = Some(now);
-            e.stopped_ms = Some(now_ms());
+            e.stopped_at = Some(end);
+            e.stopped_ms = Some(now_ms() - now.saturating_duration_since(end).as_millis() as i64);
             e.busy = false;
-            e.billed(now)
+            e.billed(end)
         };
         self.persist(&id).await;
         self.prune_stopped();
@@ -409,10 +471,12 @@ impl Pool {
         };
         match result {
             Ok(_) => {
+                self.api_ok();
                 {
                     let mut st = self.state();
                     st.counters.renewals += 1;
                     if let Some(e) = st.machines.get_mut(&id) {
+                        e.seen_at = Some(Instant::now());
                         // Ready was seen up to one status poll late: count the lease from a poll earlier.
                         let slack = self.inner.client.options().ready_poll_interval;
                         e.lease_until =
@@ -427,7 +491,8 @@ impl Pool {
                 self.gone(&id, "the provider no longer knows it".into());
             }
             Err(e) => {
-                warn!(error = %e, "cannot extend the lease; retrying");
+                self.api_failed("extending a machine's lease", &e);
+                warn!(error = %ErrorChain(&e), "cannot extend the lease; retrying");
                 if let Some(e) = self.state().machines.get_mut(&id) {
                     e.busy = false;
                     e.next_renew = Instant::now() + RENEW_RETRY;
@@ -463,9 +528,15 @@ impl Pool {
                 Err(RunComfyError::NotFound { .. }) => {
                     return self.gone(&id, "the provider no longer knows it".into());
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    self.api_ok();
+                    if let Some(e) = self.state().machines.get_mut(&id) {
+                        e.seen_at = Some(Instant::now());
+                    }
+                }
                 Err(e) => {
-                    debug!(error = %e, "status check failed; not counted against the machine")
+                    self.api_failed("checking a machine's status", &e);
+                    debug!(error = %ErrorChain(&e), "status check failed; not counted against the machine")
                 }
             }
         }

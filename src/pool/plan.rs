@@ -21,15 +21,28 @@ impl Pool {
                     Action::Stop { id, reason } => self.spawn_stop(id, reason),
                     Action::Renew(id) => self.spawn_renew(id),
                     Action::Health(id) => self.spawn_health(id),
-                    Action::Reconcile => match self.reconcile().await {
-                        Ok(adopted) => {
-                            for machine in adopted {
-                                self.send(PoolEvent::Ready(machine));
-                            }
-                        }
-                        Err(e) => warn!(error = %e, "reconciling RunComfy machines failed; retrying"),
-                    },
+                    Action::Reconcile => self.spawn_reconcile(),
+                    Action::Survey => self.spawn_survey(),
                 }
+            }
+        }
+    }
+
+    /// Tells the engine that jobs waiting for RunComfy machines cannot get one while the credentials are
+    /// refused (the engine fails them with the reason); not those of a spec with a machine taking jobs,
+    /// which still serves them.
+    fn fail_waiting_jobs(&self, st: &State, reason: &str) {
+        for (spec, queued) in &st.demand {
+            let served = st
+                .machines
+                .values()
+                .any(|e| &e.spec == spec && e.phase == MachinePhase::Ready && e.machine.is_some());
+            if *queued > 0 && !served {
+                self.send(PoolEvent::ProvisioningFailed {
+                    spec: spec.clone(),
+                    reason: reason.to_string(),
+                    gave_up: true,
+                });
             }
         }
     }
@@ -42,11 +55,27 @@ impl Pool {
         if st.closing {
             return Vec::new();
         }
+        if let Some((reason, _)) = &st.misconfigured {
+            // No launch can succeed; the survey (or the reconciliation) checks the credentials again.
+            self.fail_waiting_jobs(&st, reason);
+        }
         if !st.reconciled {
-            return vec![Action::Reconcile];
+            // Retried with backoff (while misconfigured, it doubles as the check of the credentials).
+            if !st.reconciling && st.reconcile_retry_at.is_none_or(|t| now >= t) {
+                st.reconciling = true;
+                return vec![Action::Reconcile];
+            }
+            return Vec::new();
         }
         let mut actions = Vec::new();
         let st = &mut *st;
+        if !st.surveying && st.next_survey.is_none_or(|t| now >= t) {
+            st.surveying = true;
+            actions.push(Action::Survey);
+        }
+        // With the credentials refused no launch can succeed (the survey checks them again); machines
+        // already running are still checked, renewed and stopped as usual.
+        let misconfigured = st.misconfigured.is_some();
 
         // Specs to look at: those with demand, with a warm minimum, and with machines.
         let mut specs: BTreeSet<MachineSpec> = st.demand.keys().cloned().collect();
@@ -88,7 +117,7 @@ impl Pool {
                 }
             }
 
-            if have < target {
+            if have < target && !misconfigured {
                 let backoff = st.failures.get(&spec).and_then(|f| f.retry_at).is_some_and(|t| now < t);
                 let room = config.max_machines_total.saturating_sub(total);
                 let n = (target - have).min(room);
@@ -129,7 +158,8 @@ impl Pool {
             for id in stop_idle {
                 let Some(e) = st.machines.get_mut(&id) else { continue };
                 if e.machine.as_ref().is_some_and(|m| m.drain_if_idle()) {
-                    e.phase = MachinePhase::Draining;
+                    // Stopping from this decision on: an operator's undrain can no longer revive it.
+                    e.phase = MachinePhase::Stopping;
                     e.reason = format!("idle for {}", humantime::format_duration(policy.idle_stop));
                     e.busy = true;
                     actions.push(Action::Stop { id, reason: e.reason.clone() });
@@ -154,14 +184,17 @@ impl Pool {
             }
             match e.phase {
                 MachinePhase::Draining => {
-                    let idle = e.machine.as_ref().is_none_or(|m| m.assigned() == 0);
+                    // `drain_if_idle`: a job assigned after this check would be a job on a stopped machine.
+                    let idle = e.machine.as_ref().is_none_or(|m| m.drain_if_idle());
                     if idle {
+                        e.phase = MachinePhase::Stopping;
                         e.busy = true;
                         actions.push(Action::Stop { id: e.id.clone(), reason: e.reason.clone() });
                         continue;
                     }
                 }
                 MachinePhase::Unhealthy => {
+                    e.phase = MachinePhase::Stopping;
                     e.busy = true;
                     actions.push(Action::Stop { id: e.id.clone(), reason: e.reason.clone() });
                     continue;

@@ -1,8 +1,50 @@
 //! Persistence of machine records, and reconciliation of the account's servers with them at start.
 
+use backon::{ExponentialBuilder, Retryable as _};
+
 use super::*;
+use crate::{store::StoreError, telemetry::ErrorChain};
+
+/// Retries of a machine-record write: the store is local, so a failure is a busy or failing disk; a few
+/// quick retries ride out a busy database, and a disk that stays broken is reported.
+fn store_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_max_times(5)
+        .with_jitter()
+}
 
 impl Pool {
+    /// Writes a machine row, retrying failures.
+    ///
+    /// # Errors
+    /// The last store error once the retries are spent (already logged at each retry).
+    pub(super) async fn put_row(&self, row: &MachineRow) -> Result<(), StoreError> {
+        let store = &self.inner.store;
+        (|| store.put_machine(row))
+            .retry(store_backoff())
+            .notify(|e, delay| {
+                warn!(machine = %row.id, error = %ErrorChain(e), ?delay, "cannot write a machine record; retrying");
+            })
+            .await
+    }
+
+    /// Deletes a launch record, retrying failures; one that cannot be deleted is only logged (it claims
+    /// nothing at the next start, see [`Pool::reconcile`]).
+    pub(super) async fn forget_launch(&self, record_id: &str) {
+        let store = &self.inner.store;
+        let deleted = (|| store.delete_machine(record_id))
+            .retry(store_backoff())
+            .notify(|e, delay| {
+                warn!(launch = %record_id, error = %ErrorChain(e), ?delay, "cannot delete a launch record; retrying");
+            })
+            .await;
+        if let Err(e) = deleted {
+            error!(launch = %record_id, error = %ErrorChain(&e), "cannot delete a launch record; it is ignored at the next start");
+        }
+    }
+
     pub(super) async fn persist(&self, id: &str) {
         let row = {
             let now = Instant::now();
@@ -20,9 +62,9 @@ impl Pool {
                 body: serde_json::to_string(&e.record(now)).unwrap_or_default(),
             }
         };
-        if let Err(e) = self.inner.store.put_machine(&row).await {
+        if let Err(e) = self.put_row(&row).await {
             // The machine is still tracked in memory and its lease bounds the cost if we die now.
-            error!(machine = %id, error = %e, "cannot record a machine's state");
+            error!(machine = %id, error = %ErrorChain(&e), "cannot record a machine's state; it stays tracked in memory, and its lease stops it if comfyrelay dies");
         }
     }
 
@@ -32,11 +74,82 @@ impl Pool {
         self.inner.tracker.spawn(async move { pool.persist(&id).await });
     }
 
-    /// Lists the account's servers and settles each against the store. Returns the adopted machines ready
-    /// for jobs.
-    pub(super) async fn reconcile(&self) -> Result<Vec<Arc<Machine>>, ReconcileError> {
-        let rows = self.inner.store.list_machines().await.map_err(|e| ReconcileError(e.to_string()))?;
-        let servers = self.inner.client.list_servers().await.map_err(|e| ReconcileError(e.to_string()))?;
+    pub(super) fn spawn_reconcile(&self) {
+        let pool = self.clone();
+        let span = tracing::info_span!("reconcile");
+        self.inner.tracker.spawn(async move { pool.reconcile_once().await }.instrument(span));
+    }
+
+    /// One start-up reconciliation. Exit policy: on failure the planner retries it with backoff (1 s
+    /// doubling to a minute); cut by shutdown.
+    async fn reconcile_once(&self) {
+        let result = self.reconcile().await;
+        let now = Instant::now();
+        let mut st = self.state();
+        st.reconciling = false;
+        match result {
+            Ok(()) | Err(ReconcileError::ShuttingDown) => {}
+            Err(e) => {
+                st.reconcile_failures += 1;
+                let delay = RECONCILE_RETRY.0.saturating_mul(2u32.saturating_pow(st.reconcile_failures - 1));
+                let delay = delay.min(RECONCILE_RETRY.1);
+                st.reconcile_retry_at = Some(now + delay);
+                drop(st);
+                warn!(error = %ErrorChain(&e), retry_in = ?delay, "cannot reconcile the account's RunComfy servers; launching nothing until it succeeds");
+            }
+        }
+        self.inner.wake.notify_one();
+    }
+
+    pub(super) fn spawn_survey(&self) {
+        let pool = self.clone();
+        let span = tracing::debug_span!("survey");
+        self.inner.tracker.spawn(async move { pool.survey().await }.instrument(span));
+    }
+
+    /// Reads the account's server list again: servers this comfyrelay does not track are listed as
+    /// unmanaged (and a success after a 401/403 shows the credentials work again). Exit policy: one read;
+    /// the planner schedules the next one.
+    async fn survey(&self) {
+        let listed = tokio::select! {
+            r = self.inner.client.list_servers() => r,
+            () = self.inner.shutdown.cancelled() => return,
+        };
+        match &listed {
+            Ok(_) => self.api_ok(),
+            Err(e) => {
+                self.api_failed("listing the account's servers", e);
+                debug!(error = %ErrorChain(e), "cannot list the account's servers");
+            }
+        }
+        let mut st = self.state();
+        st.surveying = false;
+        st.next_survey = Some(Instant::now() + SURVEY_INTERVAL);
+        if let Ok(servers) = listed {
+            let notes = HashMap::new();
+            let unmanaged = unmanaged_servers(&st, &servers, &notes);
+            st.unmanaged = unmanaged;
+        }
+    }
+
+    /// Lists the account's servers and settles each against the store, then tells the engine which adopted
+    /// machines are ready for jobs ([`PoolEvent::Reconciled`], before any machine it brings up is `Ready`).
+    pub(super) async fn reconcile(&self) -> Result<(), ReconcileError> {
+        let read = async {
+            let rows = self.inner.store.list_machines().await.map_err(ReconcileError::Store)?;
+            match self.inner.client.list_servers().await {
+                Ok(servers) => Ok((rows, servers)),
+                Err(e) => {
+                    self.api_failed("reconciling the account's servers", &e);
+                    Err(ReconcileError::Api(e))
+                }
+            }
+        };
+        let (rows, servers) = tokio::select! {
+            r = read => r?,
+            () = self.inner.shutdown.cancelled() => return Err(ReconcileError::ShuttingDown),
+        };
+        self.api_ok();
         let mut records: HashMap<String, (MachineRow, Record)> = HashMap::new();
         let mut launches: Vec<(String, LaunchRecord)> = Vec::new();
         for row in rows {
@@ -77,12 +190,17 @@ impl Pool {
                 Err(_) => (id, (None, false)),
             }
         });
-        let mut probed: HashMap<String, (Option<Arc<Machine>>, bool)> =
-            futures::future::join_all(probes).await.into_iter().collect();
+        let mut probed: HashMap<String, (Option<Arc<Machine>>, bool)> = tokio::select! {
+            probed = futures::future::join_all(probes) => probed.into_iter().collect(),
+            () = self.inner.shutdown.cancelled() => return Err(ReconcileError::ShuttingDown),
+        };
+        // From here to the insertion below nothing awaits: what is settled is inserted at once.
         let now = Instant::now();
+        let mut entries: Vec<Entry> = Vec::new();
         let mut adopted = Vec::new();
         let mut to_stop: Vec<(String, String)> = Vec::new();
         let mut to_bring_up: Vec<(String, MachineSpec)> = Vec::new();
+        let mut notes: HashMap<String, String> = HashMap::new();
         let mut seen = BTreeSet::new();
         for server in &servers {
             let id = server.server_id.clone();
@@ -97,6 +215,7 @@ impl Pool {
                 let mut entry = self.new_entry(&id, spec.clone(), MachinePhase::Starting, now);
                 entry.launched_ms = record.launched_ms;
                 entry.price = record.price_per_hour_usd;
+                entry.seen_at = Some(now);
                 // To stop: what we were stopping, and what the provider reports `Stopping` or `Error` (values
                 // only seen in client code; a DELETE is what confirms the billing has stopped).
                 let leftover = if server.current_status.is_terminal() {
@@ -114,7 +233,7 @@ impl Pool {
                     entry.reason = reason.clone();
                     entry.busy = true;
                     adopt_timing(&mut entry, server, record, now);
-                    self.state().machines.insert(id.clone(), entry);
+                    entries.push(entry);
                     to_stop.push((id.clone(), reason));
                     continue;
                 }
@@ -156,36 +275,22 @@ impl Pool {
                                 to_stop.push((id.clone(), entry.reason.clone()));
                             }
                         }
-                        self.state().machines.insert(id.clone(), entry);
+                        entries.push(entry);
                     }
                     _ => {
                         // Still starting: wait for it as for a fresh launch.
                         entry.busy = true;
-                        self.state().machines.insert(id.clone(), entry);
+                        entries.push(entry);
                         to_bring_up.push((id.clone(), spec));
                     }
                 }
                 continue;
             }
-            // Not tracked: a launch we recorded but never learned the id of?
-            let claim = launches.iter().position(|(_, l)| {
-                server.server_type.as_ref().is_some_and(|t| t.as_str() == l.server_type)
-                    && server.estimated_duration.is_none_or(|d| d == l.duration_secs)
-            });
-            let reason = match claim {
-                Some(i) => {
-                    launches.remove(i);
-                    Some("launched by an earlier run that did not record it".to_string())
-                }
-                None if self.inner.config.stop_unknown_servers => {
-                    Some("not launched by this comfyrelay (runcomfy.stop_unknown_servers)".to_string())
-                }
-                None => {
-                    warn!(machine = %id, status = %server.current_status, "a RunComfy server this comfyrelay did not launch is running; left alone");
-                    None
-                }
-            };
-            if let Some(reason) = reason {
+            // Not tracked. A launch record whose answer never came does not make it ours: another client of
+            // the account may have launched the same server type and duration meanwhile.
+            let maybe_ours = launches.iter().any(|(_, l)| may_be_launch_of(server, l));
+            if self.inner.config.stop_unknown_servers {
+                let reason = "not launched by this comfyrelay (runcomfy.stop_unknown_servers)".to_string();
                 let spec = MachineSpec {
                     workflow_version_id: String::new(),
                     server_type: server
@@ -201,13 +306,24 @@ impl Pool {
                     entry.ready_at = Some(now);
                     entry.ready_ms = Some(now_ms());
                 }
-                self.state().machines.insert(id.clone(), entry);
+                entries.push(entry);
                 to_stop.push((id.clone(), reason));
+            } else {
+                let note = if maybe_ours {
+                    "may be the machine of a launch an earlier run sent just before it stopped (its answer \
+                     never came, so it cannot be told from another client's); left alone: if it is, its \
+                     lease stops it"
+                } else {
+                    "on the account but not launched by this comfyrelay; left alone"
+                };
+                warn!(machine = %id, status = %server.current_status, maybe_ours, "a RunComfy server this comfyrelay does not track is running; left alone");
+                notes.insert(id.clone(), note.to_string());
             }
         }
         // Tracked machines the API no longer lists stopped by themselves (lease) or were deleted; they and
         // the machines already stopped are kept as history for `ListMachines(include_stopped)`.
         let mut history: Vec<(String, Record)> = Vec::new();
+        let mut settled_rows: Vec<MachineRow> = Vec::new();
         for (id, (row, record)) in &records {
             if seen.contains(id) {
                 continue;
@@ -227,29 +343,47 @@ impl Pool {
                 record.reason = "stopped while comfyrelay was not running".into();
             }
             info!(machine = %id, "a machine tracked before the restart has stopped meanwhile");
-            let row = MachineRow {
+            settled_rows.push(MachineRow {
                 state: "stopped".into(),
                 updated_ms: now_ms(),
                 body: serde_json::to_string(&record).unwrap_or_default(),
                 ..row.clone()
-            };
-            let _ = self.inner.store.put_machine(&row).await;
+            });
             history.push((id.clone(), record));
         }
         {
             let mut st = self.state();
+            if st.closing {
+                // Shutdown began: adopt nothing (the next start does), stop nothing.
+                return Err(ReconcileError::ShuttingDown);
+            }
+            for entry in entries {
+                st.machines.insert(entry.id.clone(), entry);
+            }
             for (id, record) in history {
                 st.machines.entry(id.clone()).or_insert_with(|| self.stopped_entry(&id, &record, now));
             }
+            st.unmanaged = unmanaged_servers(&st, &servers, &notes);
+            st.reconciled = true;
+            st.reconcile_failures = 0;
+            st.reconcile_retry_at = None;
+            st.next_survey = Some(now + SURVEY_INTERVAL);
         }
         self.prune_stopped();
-        for (launch_id, _) in launches {
-            let _ = self.inner.store.delete_machine(&launch_id).await;
+        for row in settled_rows {
+            if let Err(e) = self.put_row(&row).await {
+                // The row keeps its old phase; the next start settles it again the same way.
+                error!(machine = %row.id, error = %ErrorChain(&e), "cannot record a machine as stopped");
+            }
         }
-        self.state().reconciled = true;
+        for (launch_id, _) in launches {
+            self.forget_launch(&launch_id).await;
+        }
         for id in adopted.iter().map(|m| m.id.clone()).collect::<Vec<_>>() {
             self.persist(&id).await;
         }
+        info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
+        self.send(PoolEvent::Reconciled { adopted });
         for (id, reason) in to_stop {
             self.spawn_stop(id, reason);
         }
@@ -261,9 +395,8 @@ impl Pool {
                     .instrument(tracing::info_span!("adopt_starting")),
             );
         }
-        info!(servers = servers.len(), adopted = adopted.len(), "RunComfy machines reconciled");
         self.inner.wake.notify_one();
-        Ok(adopted)
+        Ok(())
     }
 
     /// A machine stopped before this start, as history.
@@ -280,4 +413,42 @@ impl Pool {
         e.ready_at = record.ready_ms.map(|_| now.checked_sub(billed).unwrap_or(now));
         e
     }
+}
+
+/// Whether `server` may be the machine of the interrupted launch `launch`: not listed before it was sent,
+/// and of its server type and duration (where the API reports them).
+pub(super) fn may_be_launch_of(server: &Server, launch: &LaunchRecord) -> bool {
+    !launch.known_before.contains(&server.server_id)
+        && server.server_type.as_ref().is_none_or(|t| t.as_str() == launch.server_type)
+        && server.estimated_duration.is_none_or(|d| d == launch.duration_secs)
+}
+
+/// The account's running servers that `st` does not track, keeping what was known of each (first sighting,
+/// note) and taking new notes from `notes`.
+fn unmanaged_servers(
+    st: &State,
+    servers: &[Server],
+    notes: &HashMap<String, String>,
+) -> BTreeMap<String, Unmanaged> {
+    let now = now_ms();
+    servers
+        .iter()
+        .filter(|s| !matches!(s.current_status, ServerStatus::Deleting | ServerStatus::Stopped))
+        .filter(|s| !st.machines.contains_key(&s.server_id))
+        .map(|s| {
+            let known = st.unmanaged.get(&s.server_id);
+            let note =
+                notes.get(&s.server_id).cloned().or_else(|| known.map(|k| k.note.clone())).unwrap_or_else(
+                    || "on the account but not launched by this comfyrelay; left alone".into(),
+                );
+            let unmanaged = Unmanaged {
+                server_type: s.server_type.as_ref().map(|t| t.as_str().to_string()).unwrap_or_default(),
+                ready_ms: s.service_ready_at.map(|t| system_to_ms(t.0)),
+                stopping_ms: s.estimated_stopping_at.map(|t| system_to_ms(t.0)),
+                first_seen_ms: known.map_or(now, |k| k.first_seen_ms),
+                note,
+            };
+            (s.server_id.clone(), unmanaged)
+        })
+        .collect()
 }

@@ -16,6 +16,7 @@ use reqwest::{
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, debug, info, instrument, warn};
 use url::Url;
 
@@ -24,7 +25,10 @@ use super::{
     error::RunComfyError,
     model::{LaunchRequest, Server, ServerStatus, Timestamp, Workflow, duration_secs},
 };
-use crate::config::{RunComfyConfig, Secret};
+use crate::{
+    config::{RunComfyConfig, Secret},
+    telemetry::ErrorChain,
+};
 
 /// How the client talks to the API. `Default` matches the documented limits (1 request/s).
 #[derive(Debug, Clone)]
@@ -111,6 +115,8 @@ impl ClientOptions {
             request_timeout: config.request_timeout,
             ready_poll_interval: config.status_poll,
             not_found_poll: config.status_poll.min(Self::default().not_found_poll),
+            launch_confirm_grace: config.launch_confirm_grace,
+            launch_confirm_poll: config.status_poll.min(Self::default().launch_confirm_poll),
             ..Self::default()
         }
     }
@@ -143,8 +149,10 @@ struct Inner {
     limiter: DirectLimiter,
     /// Set after a 429: no call is sent before this instant.
     blocked_until: Mutex<Option<Instant>>,
-    /// Servers this process launched and has not seen deleted, with their launch time.
-    launched: Mutex<HashMap<String, Instant>>,
+    /// Servers this process launched and has not seen deleted, with their launch time until the API first
+    /// answered a lookup of them (their grace for 404s ends then: a server the API knew and then forgot
+    /// is gone, not freshly launched).
+    launched: Mutex<HashMap<String, Option<Instant>>>,
     /// Serializes launches so reconciliation after an ambiguous failure can attribute new servers.
     launch_lock: tokio::sync::Mutex<()>,
 }
@@ -296,16 +304,35 @@ impl RunComfyClient {
     ///
     /// Never launches blindly twice: the server list is read first, and after an ambiguous failure
     /// (timeout, lost connection, 5xx, internal error in the body) the list is read again for up to
-    /// `launch_confirm_grace`; a new server matching the request (same `server_type` and duration, and
-    /// `workflow_version_id`/creation time if the API reports them) is taken as this launch. Only if none
-    /// appears is the launch repeated (after one more look), up to `max_launch_attempts` times in all.
-    /// Launches through this client and its clones are serialized so that attribution is unambiguous.
+    /// `launch_confirm_grace`; the one new server matching the request (same `server_type` and duration,
+    /// and `workflow_version_id`/creation time if the API reports them) is taken as this launch. Only if
+    /// none appears is the launch repeated (after one more look), up to `max_launch_attempts` times in
+    /// all. Launches through this client and its clones are serialized so that attribution among them is
+    /// unambiguous; if several new servers match (another client of the account launched alike), none is
+    /// taken.
     ///
     /// # Errors
     /// The last failure; [`RunComfyError::is_ambiguous`] errors mean the outcome could not be confirmed
-    /// either way (the server list was unreadable), so a machine may exist.
-    #[instrument(skip_all, fields(server_type = %request.server_type, workflow_version_id = %request.workflow_version_id))]
+    /// either way (the server list was unreadable, or several servers could be the one), so a machine may
+    /// exist. [`RunComfyError::NotLaunched`]: every attempt failed and the list showed no machine after it.
     pub async fn launch(&self, request: &LaunchRequest) -> Result<Server, RunComfyError> {
+        let before: HashSet<String> = self.list_servers().await?.into_iter().map(|s| s.server_id).collect();
+        self.launch_from(request, before, &CancellationToken::new()).await
+    }
+
+    /// [`RunComfyClient::launch`] for a caller that listed the account's servers itself just before
+    /// (`before`: their ids). Once `no_more_attempts` is cancelled (shutdown), a failed attempt is not
+    /// repeated (an ambiguous one is still looked for in the list).
+    ///
+    /// # Errors
+    /// As [`RunComfyClient::launch`].
+    #[instrument(skip_all, fields(server_type = %request.server_type, workflow_version_id = %request.workflow_version_id))]
+    pub async fn launch_from(
+        &self,
+        request: &LaunchRequest,
+        before: HashSet<String>,
+        no_more_attempts: &CancellationToken,
+    ) -> Result<Server, RunComfyError> {
         let _serialized = self.inner.launch_lock.lock().await;
         let body = json!({
             "workflow_version_id": request.workflow_version_id,
@@ -314,9 +341,8 @@ impl RunComfyClient {
         });
         let url = self.url(&["servers"]);
         let mut backoff = self.backoff();
-        // Servers that existed before the first attempt. Kept for every attempt, so a server from an
-        // earlier ambiguous attempt that shows up late is still recognised as ours.
-        let before: HashSet<String> = self.list_servers().await?.into_iter().map(|s| s.server_id).collect();
+        // `before`: servers that existed before the first attempt. Kept for every attempt, so a server from
+        // an earlier ambiguous attempt that shows up late is still recognised as ours.
         let started = SystemTime::now();
         let mut any_ambiguous = false;
         let mut attempt = 0;
@@ -336,7 +362,7 @@ impl RunComfyClient {
             };
             if error.is_ambiguous() {
                 any_ambiguous = true;
-                warn!(error = %error, attempt, "launch outcome unknown; checking the server list before launching again");
+                warn!(error = %ErrorChain(&error), attempt, "launch outcome unknown; checking the server list before launching again");
                 let grace = self.inner.options.launch_confirm_grace;
                 if let Some(server) = self.find_launched(request, &before, started, grace).await? {
                     info!(server_id = %server.server_id, "the ambiguous launch did happen; adopting its server");
@@ -345,11 +371,15 @@ impl RunComfyClient {
             } else if !error.is_retryable() {
                 return Err(error);
             }
-            if attempt >= self.inner.options.max_launch_attempts.max(1) {
-                return Err(error);
+            if attempt >= self.inner.options.max_launch_attempts.max(1) || no_more_attempts.is_cancelled() {
+                // An ambiguous failure was checked: the list showed no machine for it.
+                return Err(match error.is_ambiguous() {
+                    true => RunComfyError::NotLaunched { attempts: attempt, last: Box::new(error) },
+                    false => error,
+                });
             }
             let delay = backoff.next().unwrap_or(self.inner.options.max_backoff);
-            warn!(error = %error, attempt, ?delay, "launch did not happen; launching again");
+            warn!(error = %ErrorChain(&error), attempt, ?delay, "launch did not happen; launching again");
             tokio::time::sleep(delay).await;
             if any_ambiguous
                 && let Some(server) = self.find_launched(request, &before, started, Duration::ZERO).await?
@@ -388,7 +418,9 @@ impl RunComfyClient {
                         status: "gone".into(),
                     });
                 }
-                Err(e) if e.is_retryable() => warn!(error = %e, "status poll failed; polling on"),
+                Err(e) if e.is_retryable() => {
+                    warn!(error = %ErrorChain(&e), "status poll failed; polling on")
+                }
                 Err(e) => return Err(e),
             }
             let waited = start.elapsed();
@@ -438,7 +470,7 @@ impl RunComfyClient {
     }
 
     fn record_launched(&self, server_id: &str) {
-        lock(&self.inner.launched).insert(server_id.to_string(), Instant::now());
+        lock(&self.inner.launched).insert(server_id.to_string(), Some(Instant::now()));
     }
 
     /// Runs `op`, retrying its 404s while `server_id` is within its post-launch grace period.
@@ -447,10 +479,20 @@ impl RunComfyClient {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Value, RunComfyError>>,
     {
-        let grace_end =
-            lock(&self.inner.launched).get(server_id).map(|t| *t + self.inner.options.not_found_grace);
+        let grace_end = lock(&self.inner.launched)
+            .get(server_id)
+            .copied()
+            .flatten()
+            .map(|t| t + self.inner.options.not_found_grace);
         loop {
             match op().await {
+                Ok(v) => {
+                    // The API knows it now: a later 404 means it is gone.
+                    if let Some(launched) = lock(&self.inner.launched).get_mut(server_id) {
+                        *launched = None;
+                    }
+                    return Ok(v);
+                }
                 Err(RunComfyError::NotFound { .. }) => {
                     if grace_end.is_some_and(|end| Instant::now() < end) {
                         debug!(server_id, "404 for a freshly launched server; retrying");
@@ -465,7 +507,8 @@ impl RunComfyClient {
     }
 
     /// After an ambiguous launch failure: looks for a server that appeared since `before`, matches the
-    /// request and is not claimed, for up to `grace` (at least once).
+    /// request and is not claimed, for up to `grace` (at least once). Several such servers are
+    /// [`RunComfyError::Unattributable`]: one of them may be ours, but another client launched alike.
     async fn find_launched(
         &self,
         request: &LaunchRequest,
@@ -478,13 +521,19 @@ impl RunComfyClient {
             // If even the list fails, the outcome stays unknown: report that rather than launch again.
             let servers = self.list_servers().await?;
             let claimed: HashSet<String> = lock(&self.inner.launched).keys().cloned().collect();
-            let found = servers.into_iter().find(|s| {
-                !before.contains(&s.server_id)
-                    && !claimed.contains(&s.server_id)
-                    && !s.current_status.is_terminal()
-                    && matches_launch(s, request, started)
-            });
-            if let Some(server) = found {
+            let mut found: Vec<Server> = servers
+                .into_iter()
+                .filter(|s| {
+                    !before.contains(&s.server_id)
+                        && !claimed.contains(&s.server_id)
+                        && !s.current_status.is_terminal()
+                        && matches_launch(s, request, started)
+                })
+                .collect();
+            if found.len() > 1 {
+                return Err(RunComfyError::Unattributable { candidates: found.len() });
+            }
+            if let Some(server) = found.pop() {
                 self.record_launched(&server.server_id);
                 return Ok(Some(server));
             }
@@ -527,7 +576,7 @@ impl RunComfyClient {
                 },
                 _ => return Err(error),
             };
-            warn!(method = %method, path = %url.path(), error = %error, ?delay, "RunComfy call failed; retrying");
+            warn!(method = %method, path = %url.path(), error = %ErrorChain(&error), ?delay, "RunComfy call failed; retrying");
             tokio::time::sleep(delay).await;
         }
     }

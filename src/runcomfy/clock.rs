@@ -20,7 +20,7 @@ impl governor::clock::Clock for TokioClock {
 }
 
 /// An in-memory, unkeyed rate limiter on [`TokioClock`].
-pub(crate) type DirectLimiter = governor::RateLimiter<
+pub(super) type DirectLimiter = governor::RateLimiter<
     governor::state::NotKeyed,
     governor::state::InMemoryState,
     TokioClock,
@@ -28,14 +28,14 @@ pub(crate) type DirectLimiter = governor::RateLimiter<
 >;
 
 /// Builds a limiter allowing `per_second` requests a second with bursts of `burst` (both at least 1).
-pub(crate) fn limiter(per_second: u32, burst: u32) -> DirectLimiter {
+pub(super) fn limiter(per_second: u32, burst: u32) -> DirectLimiter {
     let rate = std::num::NonZeroU32::new(per_second.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
     let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
     governor::RateLimiter::direct_with_clock(governor::Quota::per_second(rate).allow_burst(burst), TokioClock)
 }
 
 /// How long to wait before `limiter` admits one more request (zero if it admits one now, consuming it).
-pub(crate) fn try_acquire(limiter: &DirectLimiter) -> std::time::Duration {
+fn try_acquire(limiter: &DirectLimiter) -> std::time::Duration {
     use governor::clock::Clock as _;
     match limiter.check() {
         Ok(()) => std::time::Duration::ZERO,
@@ -44,7 +44,7 @@ pub(crate) fn try_acquire(limiter: &DirectLimiter) -> std::time::Duration {
 }
 
 /// Waits until `limiter` admits one request.
-pub(crate) async fn acquire(limiter: &DirectLimiter) {
+pub(super) async fn acquire(limiter: &DirectLimiter) {
     loop {
         let wait = try_acquire(limiter);
         if wait.is_zero() {

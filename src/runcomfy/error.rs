@@ -71,6 +71,27 @@ pub enum RunComfyError {
         /// Its last status.
         last_status: String,
     },
+    /// Every launch attempt failed, and after each the server list showed that no machine was created:
+    /// the API's refusal is certain.
+    #[error(
+        "RunComfy did not launch a machine ({attempts} attempts; the server list showed none after each)"
+    )]
+    NotLaunched {
+        /// Attempts made.
+        attempts: usize,
+        /// The last attempt's failure.
+        #[source]
+        last: Box<RunComfyError>,
+    },
+    /// After an ambiguous launch failure, several new servers on the account match the request: one may
+    /// be the machine launched, but another client of the account launched alike, so none is taken.
+    #[error(
+        "cannot tell which of {candidates} new servers is the one launched (another client launched alike)"
+    )]
+    Unattributable {
+        /// Matching new servers.
+        candidates: usize,
+    },
     /// A server waited on stopped for good (deleted, stopped, expired or failed) instead of becoming Ready.
     #[error("RunComfy server {server_id} ended with status {status} instead of becoming Ready")]
     ServerEnded {
@@ -100,7 +121,9 @@ impl RunComfyError {
             | Self::NotFound { .. }
             | Self::Decode(_)
             | Self::ReadyTimeout { .. }
-            | Self::ServerEnded { .. } => false,
+            | Self::ServerEnded { .. }
+            | Self::NotLaunched { .. }
+            | Self::Unattributable { .. } => false,
         }
     }
 
@@ -109,7 +132,7 @@ impl RunComfyError {
     /// A rate-limited call (429) or one that never connected did not.
     pub fn is_ambiguous(&self) -> bool {
         match self {
-            Self::Timeout(_) | Self::Decode(_) => true,
+            Self::Timeout(_) | Self::Decode(_) | Self::Unattributable { .. } => true,
             Self::Transport(e) => !e.is_connect(),
             Self::RateLimited { .. } => false,
             Self::Api { http_status: 429, .. } => false,
@@ -119,7 +142,8 @@ impl RunComfyError {
             | Self::Forbidden { .. }
             | Self::NotFound { .. }
             | Self::ReadyTimeout { .. }
-            | Self::ServerEnded { .. } => false,
+            | Self::ServerEnded { .. }
+            | Self::NotLaunched { .. } => false,
         }
     }
 

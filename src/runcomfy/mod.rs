@@ -6,9 +6,8 @@
 //! `Retry-After`, no blind relaunch, grace for a 404 right after launch, errors carried in HTTP 200 bodies).
 //!
 //! All timing uses `tokio::time`, so callers can run it under `tokio::time::pause()`. With paused time
-//! and real sockets, keep a short periodic timer running
-//! ([`PausedTimeTicker`](crate::emulator::runcomfy::PausedTimeTicker)) so the auto-advancing clock cannot
-//! jump past a request timeout while a loopback answer is in flight.
+//! and real sockets, keep a short periodic timer running (tests use the emulator's `PausedTimeTicker`) so
+//! the auto-advancing clock cannot jump past a request timeout while a loopback answer is in flight.
 
 mod client;
 mod clock;
@@ -17,7 +16,6 @@ mod model;
 
 pub use client::{ClientOptions, DeleteOutcome, RunComfyClient};
 pub use clock::TokioClock;
-pub(crate) use clock::{DirectLimiter, limiter, try_acquire};
 pub use error::RunComfyError;
 pub use model::{LaunchRequest, Server, ServerStatus, ServerType, Timestamp, Workflow};
 

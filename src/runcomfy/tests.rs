@@ -337,3 +337,42 @@ async fn concurrent_launches_get_distinct_machines_even_when_one_is_ambiguous() 
     assert_eq!(ids.len(), 3, "each launch adopted its own machine");
     assert_eq!(h.emu.machines_launched(), 3);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_launch_refused_every_time_with_no_machine_listed_is_certain() {
+    let h = harness(boot(30), |_| {}).await;
+    for _ in 0..3 {
+        h.emu.faults().fail_next_launch(LaunchFailure::Rejected);
+    }
+    let err = h.client.launch(&request(600)).await.unwrap_err();
+    assert!(matches!(err, RunComfyError::NotLaunched { attempts: 3, .. }), "{err:?}");
+    assert!(!err.is_ambiguous() && !err.is_retryable(), "{err:?}");
+    assert_eq!(h.emu.machines_launched(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_ambiguous_launch_is_not_attributed_when_another_client_launched_alike() {
+    let h = harness(boot(30), |_| {}).await;
+    // Another client launches the same type and duration after our list and before our launch's answer.
+    let before: std::collections::HashSet<String> =
+        h.client.list_servers().await.unwrap().into_iter().map(|s| s.server_id).collect();
+    h.emu.launch_by_someone_else(DEFAULT_WORKFLOW_VERSION_ID, "large", Duration::from_secs(600));
+    h.emu.faults().fail_next_launch(LaunchFailure::CreatedButFailed);
+    let no_stop = tokio_util::sync::CancellationToken::new();
+    let err = h.client.launch_from(&request(600), before, &no_stop).await.unwrap_err();
+    assert!(matches!(err, RunComfyError::Unattributable { candidates: 2 }), "{err:?}");
+    assert!(err.is_ambiguous(), "a machine may exist: {err:?}");
+    assert_eq!(h.emu.machines_launched(), 2, "not launched again");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_404_after_the_api_knew_the_server_is_reported_at_once() {
+    let h = harness(boot(1), |_| {}).await;
+    let launched = h.client.launch(&request(600)).await.unwrap();
+    h.client.wait_ready(&launched.server_id, Duration::from_secs(60)).await.unwrap();
+    assert!(h.emu.forget_machine(&launched.server_id));
+    let asked = Instant::now();
+    let err = h.client.get_server(&launched.server_id).await.unwrap_err();
+    assert!(matches!(err, RunComfyError::NotFound { .. }), "{err:?}");
+    assert!(asked.elapsed() < h.client.options().not_found_poll, "no grace once the API knew it");
+}

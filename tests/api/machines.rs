@@ -57,3 +57,35 @@ async fn lists_gets_and_drains_the_configured_servers() {
         .into_inner();
     assert_eq!(cancelled.state(), pb::JobState::Cancelled);
 }
+
+#[tokio::test]
+async fn a_drained_static_server_can_be_undrained_and_its_queued_jobs_run() {
+    let mut app = spawn_app().await;
+    let drained = app
+        .machines
+        .drain_machine(pb::DrainMachineRequest { machine_id: "local".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.state(), pb::MachineState::Draining);
+    let waiting = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
+    let queued =
+        app.jobs.get_job(pb::GetJobRequest { job_id: waiting.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(queued.state(), pb::JobState::Queued);
+
+    let undrained = app
+        .machines
+        .undrain_machine(pb::UndrainMachineRequest { machine_id: "local".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!undrained.draining);
+    assert_eq!(undrained.state(), pb::MachineState::Ready);
+    assert_eq!(terminal(&collect_events(&app.channel, &waiting.id, 0).await), "succeeded");
+    let err = app
+        .machines
+        .undrain_machine(pb::UndrainMachineRequest { machine_id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}

@@ -19,6 +19,9 @@ use tonic::transport::Channel;
 
 use crate::helpers::{collect_events, png, submit_request, terminal};
 
+#[path = "../support/pool_day.rs"]
+mod pool_day;
+
 /// The test workflow: `invert` with RunComfy requirements.
 const WORKFLOW: &str = "invert-rc";
 
@@ -458,10 +461,7 @@ async fn a_machine_dying_mid_job_is_replaced_and_the_job_retried_elsewhere() {
     let (p, channel) = acc.start().await;
     let id = submit(&p).await;
     // Executing (past the upload): the machine dies under a running prompt.
-    crate::helpers::wait_for_event(&channel, &id, |e| {
-        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
-    })
-    .await;
+    executing(&channel, &id).await;
     let first = acc.emu.machines()[0].server_id.clone();
     assert!(acc.emu.kill_machine(&first).await, "killed the machine's ComfyUI");
 
@@ -509,7 +509,7 @@ async fn machines_that_never_become_ready_fail_waiting_jobs_with_a_clear_reason(
 
 #[tokio::test(start_paused = true)]
 async fn the_real_pool_runs_hours_of_simulated_traffic_under_paused_time() {
-    use comfyrelay::pool::sim::{DayParams, simulate_day};
+    use pool_day::{DayParams, simulate_day};
     let params = DayParams {
         length: Duration::from_secs(6 * 3600),
         peak_jobs_per_hour: 300.0,
@@ -634,5 +634,270 @@ async fn a_job_arriving_during_a_launch_hears_it_waits_for_that_machine() {
         !provisioning_phases(&first_events).contains(&(P::WaitingForMachine as i32)),
         "{first_events:#?}"
     );
+    acc.finish(p).await;
+}
+
+/// Waits until the job executes on its machine (past the upload: a node started).
+async fn executing(channel: &Channel, id: &str) {
+    crate::helpers::wait_for_event(channel, id, |e| {
+        matches!(e.kind, Some(pb::job_event::Kind::NodeStarted(_)))
+    })
+    .await;
+}
+
+/// Asserts that comfyrelay answers a MachineService call within a bounded wait (without the fix for an
+/// unreachable API it answers only once each API request has timed out, minutes later).
+async fn answers_within_bounds(p: &Process) {
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut machines = p.machines().await;
+        machines.list_machines(pb::ListMachinesRequest::default()).await
+    })
+    .await;
+    assert!(matches!(answered, Ok(Ok(_))), "no answer while RunComfy is unreachable: {answered:?}");
+}
+
+impl Account {
+    /// Stops comfyrelay gracefully; `theirs` (a server another client launched) must never have been sent
+    /// a DELETE and must still run; then its owner deletes it.
+    async fn finish_leaving(self, p: Process, theirs: &str) {
+        p.stop().await;
+        assert!(!self.emu.delete_requests().iter().any(|d| d == theirs), "their server was sent a DELETE");
+        let running: Vec<String> = self.emu.running_machines().into_iter().map(|m| m.server_id).collect();
+        assert_eq!(running, vec![theirs.to_string()], "only their server is left, and it runs");
+        self.emu.delete_by_someone_else(theirs).await;
+        self.emu.shutdown().await;
+    }
+}
+
+/// The failure a job ended with.
+fn failure(events: &[pb::JobEvent]) -> pb::JobError {
+    match events.last().and_then(|e| e.kind.as_ref()) {
+        Some(pb::job_event::Kind::Failed(f)) => f.error.clone().expect("a failure carries its error"),
+        other => panic!("not failed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_never_deletes_a_server_someone_else_launched_while_a_launch_was_in_flight() {
+    use comfyrelay::emulator::runcomfy::LaunchFailure;
+    // runcomfy.stop_unknown_servers is off (the default).
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.emu.faults().fail_next_launch(LaunchFailure::Stalled(Duration::from_secs(60)));
+    let (p, _) = acc.start().await;
+    let job = submit(&p).await;
+    eventually("the launch is in flight", Duration::from_secs(10), || acc.emu.launches_in_flight() == 1)
+        .await;
+    // Meanwhile another client of the account launches the same server type for the same duration; then
+    // comfyrelay dies with its launch unanswered.
+    let lease = acc.config.runcomfy.lease;
+    let theirs = acc.emu.launch_by_someone_else(DEFAULT_WORKFLOW_VERSION_ID, "medium", lease);
+    p.kill().await;
+
+    let (p, channel) = acc.start().await;
+    let events = collect_events(&channel, &job, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    assert!(!started_machine(&events).contains(&theirs), "ran on a machine comfyrelay launched: {events:#?}");
+    acc.finish_leaving(p, &theirs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_during_a_launch_waits_for_it_and_stops_the_machine() {
+    use comfyrelay::emulator::runcomfy::LaunchFailure;
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.emu.faults().fail_next_launch(LaunchFailure::CreatedButStalled(Duration::from_secs(2)));
+    let (p, _) = acc.start().await;
+    submit(&p).await;
+    eventually("the machine exists while its launch is unanswered", Duration::from_secs(10), || {
+        acc.emu.launches_in_flight() == 1 && acc.emu.machines_launched() == 1
+    })
+    .await;
+    let machine = acc.emu.machines()[0].server_id.clone();
+    // SIGTERM now: the answer comes within the grace period, and the machine it names is deleted.
+    p.stop().await;
+    assert!(acc.emu.running_machines().is_empty(), "left running: {:?}", acc.emu.running_machines());
+    assert_eq!(acc.emu.delete_requests(), vec![machine], "the launched machine was deleted");
+    acc.emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_token_fails_waiting_jobs_at_once_without_echoing_it() {
+    const WRONG: &str = "rc_not_the_right_token_0123456789";
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.api_token = comfyrelay::config::Secret::new(WRONG);
+    acc.config.jobs.queue_timeout = Duration::from_secs(20);
+    // The API quotes the presented token in its 401 (some gateways do): comfyrelay must not pass it on.
+    acc.emu.faults().echo_token_in_auth_errors(true);
+    let (p, channel) = acc.start().await;
+    for _ in 0..2 {
+        let events = collect_events(&channel, &submit(&p).await, 0).await;
+        assert_eq!(terminal(&events), "failed", "{events:#?}");
+        let error = failure(&events);
+        assert_eq!(error.reason, pb::FailureReason::Provisioning as i32, "{error:?}");
+        assert!(error.message.contains("401") && error.message.contains("api_token"), "{error:?}");
+        assert!(!format!("{events:?}").contains(WRONG), "the token leaked into the job: {events:#?}");
+    }
+    assert_eq!(acc.emu.machines_launched(), 0);
+    acc.finish(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_launch_the_api_refused_for_certain_fails_waiting_jobs_without_waiting_for_more_failures() {
+    use comfyrelay::emulator::runcomfy::LaunchFailure;
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.runcomfy.max_launch_failures = 50;
+    acc.config.runcomfy.launch_confirm_grace = Duration::from_millis(300);
+    // Every attempt the client makes is answered 500, and the server list shows no machine after each.
+    for _ in 0..3 {
+        acc.emu.faults().fail_next_launch(LaunchFailure::Rejected);
+    }
+    let (p, channel) = acc.start().await;
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "failed", "{events:#?}");
+    let error = failure(&events);
+    assert_eq!(error.reason, pb::FailureReason::Provisioning as i32, "{error:?}");
+    assert!(error.message.contains("did not launch"), "{error:?}");
+    assert_eq!(acc.emu.machines_launched(), 0);
+    // The API launches again: the next job gets a machine.
+    let events = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    acc.finish(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_whose_api_record_vanished_after_ready_is_retired_and_billed_as_the_provider_did() {
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    let (p, channel) = acc.start().await;
+    let first = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&first), "succeeded", "{first:#?}");
+    let lost = started_machine(&first)[0].clone();
+    // The provider loses the machine's record (404, unlisted, no longer billed); its ComfyUI still answers.
+    assert!(acc.emu.forget_machine(&lost));
+    let stopped = pb::MachineState::Stopped as i32;
+    let m = p.machine_when(&lost, "the machine the provider lost is retired", |m| m.state == stopped).await;
+    let provider = acc.emu.billed_seconds(&lost).expect("billed");
+    assert!(
+        m.billed_seconds <= provider + 1.0,
+        "billed {} s; the provider billed {provider} s",
+        m.billed_seconds
+    );
+    let second = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&second), "succeeded", "{second:#?}");
+    assert!(!started_machine(&second).contains(&lost), "a job went to the lost machine: {second:#?}");
+    acc.finish(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_unreachable_comfyrelay_serves_at_once_and_a_stop_is_not_held_up() {
+    let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    acc.config.grpc.shutdown_grace = Duration::from_secs(2);
+    acc.emu.faults().set_unreachable(true);
+    let p = Process::start(acc.config.clone()).await;
+    answers_within_bounds(&p).await;
+    // A job for a RunComfy workflow is accepted and waits for the pool.
+    let id = submit(&p).await;
+    let job = p.jobs().await.get_job(pb::GetJobRequest { job_id: id }).await.expect("get job").into_inner();
+    assert_eq!(job.state, pb::JobState::Queued as i32, "{job:?}");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), p.stop()).await;
+    assert!(stopped.is_ok(), "a graceful stop waited on the unreachable API");
+    acc.emu.faults().set_unreachable(false);
+    assert_eq!(acc.emu.machines_launched(), 0);
+    acc.emu.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_running_at_a_crash_is_reattached_to_its_machine_after_a_late_reconcile() {
+    let acc = Account::new(fast_emulator(Duration::from_millis(700))).await;
+    let (p, channel) = acc.start().await;
+    let id = submit(&p).await;
+    executing(&channel, &id).await;
+    let machine = acc.emu.machines()[0].server_id.clone();
+    p.kill().await;
+
+    // comfyrelay restarts while RunComfy is unreachable: it serves, and the running job waits for the pool.
+    acc.emu.faults().set_unreachable(true);
+    let (p, channel) = acc.start().await;
+    answers_within_bounds(&p).await;
+    acc.emu.faults().set_unreachable(false);
+    let events = collect_events(&channel, &id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:#?}");
+    assert!(!events.iter().any(|e| matches!(e.kind, Some(pb::job_event::Kind::Retrying(_)))), "{events:#?}");
+    assert!(started_machine(&events).iter().all(|m| m == &machine), "{events:#?}");
+    assert_eq!(acc.emu.machines_launched(), 1, "the adopted machine finished the job; nothing launched");
+    acc.finish(p).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_comfyrelay_does_not_manage_are_listed_as_unmanaged_and_left_alone() {
+    let acc = Account::new(fast_emulator(Duration::ZERO)).await;
+    let theirs =
+        acc.emu.launch_by_someone_else(DEFAULT_WORKFLOW_VERSION_ID, "large", Duration::from_secs(600));
+    eventually("their server is ready", Duration::from_secs(10), || {
+        acc.emu.machines().iter().any(|m| m.server_id == theirs && m.status == "Ready")
+    })
+    .await;
+    let (p, _) = acc.start().await;
+    let unmanaged = pb::MachineState::Unmanaged as i32;
+    let is_theirs = |m: &pb::Machine| m.id == theirs && m.state == unmanaged;
+    p.machines_when("their server is listed as unmanaged", |l| l.iter().any(is_theirs)).await;
+    // Listed among current machines (it bills), with what the API tells of it, but not its URL.
+    let mut machines = p.machines().await;
+    let listed = machines.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+    let m = listed.machines.iter().find(|m| m.id == theirs).expect("listed without include_stopped").clone();
+    assert_eq!((m.kind, m.server_type.as_str()), (pb::MachineKind::Runcomfy as i32, "large"), "{m:?}");
+    assert!(m.comfy_url.is_empty(), "an unmanaged machine's URL is its credential: {m:?}");
+    assert!(m.ready_time.is_some() && m.lease_expire_time.is_some(), "{m:?}");
+    assert!(m.billed_seconds > 0.0 && m.cost.as_ref().is_some_and(|c| c.amount > 0.0), "{m:?}");
+    let got = machines.get_machine(pb::GetMachineRequest { machine_id: theirs.clone() }).await.unwrap();
+    assert_eq!(got.into_inner().state, unmanaged);
+    // Operators cannot drain what comfyrelay does not manage.
+    let err =
+        machines.drain_machine(pb::DrainMachineRequest { machine_id: theirs.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err =
+        machines.undrain_machine(pb::UndrainMachineRequest { machine_id: theirs.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    acc.finish_leaving(p, &theirs).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_pool_machine_can_be_undrained_until_it_is_being_stopped() {
+    let acc = Account::new(fast_emulator(Duration::from_millis(500))).await;
+    let (p, channel) = acc.start().await;
+    let first = submit(&p).await;
+    executing(&channel, &first).await;
+    let id = acc.emu.machines()[0].server_id.clone();
+    let mut machines = p.machines().await;
+    // Drained while it runs a job: it is not stopped before the job ends, so it can be undrained.
+    let drained = machines
+        .drain_machine(pb::DrainMachineRequest { machine_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drained.state, pb::MachineState::Draining as i32, "{drained:?}");
+    let undrained = machines
+        .undrain_machine(pb::UndrainMachineRequest { machine_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(undrained.state, pb::MachineState::Ready as i32, "{undrained:?}");
+    assert!(!undrained.draining, "{undrained:?}");
+    assert_eq!(terminal(&collect_events(&channel, &first, 0).await), "succeeded");
+    // It takes the next job: nothing else was launched.
+    let second = collect_events(&channel, &submit(&p).await, 0).await;
+    assert_eq!(terminal(&second), "succeeded", "{second:#?}");
+    assert_eq!(started_machine(&second), vec![id.clone()]);
+    assert_eq!(acc.emu.machines_launched(), 1);
+
+    // Drained while idle, it is stopped: too late to undrain.
+    machines.drain_machine(pb::DrainMachineRequest { machine_id: id.clone() }).await.unwrap();
+    let stopped = pb::MachineState::Stopped as i32;
+    p.machine_when(&id, "the idle drained machine is stopped", |m| m.state == stopped).await;
+    let err =
+        machines.undrain_machine(pb::UndrainMachineRequest { machine_id: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    let err =
+        machines.undrain_machine(pb::UndrainMachineRequest { machine_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
     acc.finish(p).await;
 }

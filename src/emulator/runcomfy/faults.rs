@@ -11,6 +11,9 @@ pub enum LaunchFailure {
     CreatedButFailed,
     /// The machine IS created, but the answer is held back this long (the client times out first).
     CreatedButStalled(Duration),
+    /// The answer is held back this long, then HTTP 504, and NO machine is created (a gateway that gave
+    /// up before the backend saw the request).
+    Stalled(Duration),
 }
 
 /// What a request runs into before it is processed.
@@ -34,6 +37,7 @@ pub(crate) struct MachinePlan {
 
 #[derive(Debug, Default)]
 struct State {
+    echo_token: bool,
     launch_failures: VecDeque<LaunchFailure>,
     requests: VecDeque<RequestFault>,
     never_ready: usize,
@@ -42,9 +46,17 @@ struct State {
 }
 
 /// Fault injection for [`RunComfyEmulator`](super::RunComfyEmulator). Faults queue up and fire in order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunComfyFaults {
     state: Mutex<State>,
+    /// While true, requests get no answer (see [`RunComfyFaults::set_unreachable`]).
+    unreachable: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for RunComfyFaults {
+    fn default() -> Self {
+        Self { state: Mutex::default(), unreachable: tokio::sync::watch::Sender::new(false) }
+    }
 }
 
 impl RunComfyFaults {
@@ -91,9 +103,36 @@ impl RunComfyFaults {
         self.lock().not_found_lookups = lookups;
     }
 
-    /// Removes every queued fault.
+    /// While `unreachable`, every API request is held without an answer, as behind a network partition
+    /// (callers' timeouts fire); requests still held when it is turned off get HTTP 504.
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.unreachable.send_replace(unreachable);
+    }
+
+    /// Auth failures (401/403) quote the presented `Authorization` header in their message, as some
+    /// gateways do: what a client passes on from an error body must not leak the token.
+    pub fn echo_token_in_auth_errors(&self, echo: bool) {
+        self.lock().echo_token = echo;
+    }
+
+    /// Removes every queued fault (and ends `set_unreachable`).
     pub fn clear(&self) {
         *self.lock() = State::default();
+        self.set_unreachable(false);
+    }
+
+    pub(crate) fn echoes_token(&self) -> bool {
+        self.lock().echo_token
+    }
+
+    /// Resolves at once if the API is reachable; otherwise once it is again (`true`: the request was held).
+    pub(crate) async fn wait_reachable(&self) -> bool {
+        let mut rx = self.unreachable.subscribe();
+        if !*rx.borrow_and_update() {
+            return false;
+        }
+        let _ = rx.wait_for(|u| !*u).await;
+        true
     }
 
     pub(crate) fn take_launch_failure(&self) -> Option<LaunchFailure> {

@@ -42,10 +42,7 @@ use tracing::{Instrument as _, info, warn};
 
 pub use self::faults::{LaunchFailure, RunComfyFaults};
 use self::faults::{MachinePlan, RequestFault};
-use crate::{
-    emulator::comfyui::{ComfyEmulator, EmulatorConfig},
-    runcomfy::{DirectLimiter, limiter, try_acquire},
-};
+use crate::emulator::comfyui::{ComfyEmulator, EmulatorConfig};
 
 /// The user id the default configuration serves.
 pub const DEFAULT_USER_ID: &str = "5e1f6c7a-0000-4000-8000-00000000e001";
@@ -202,12 +199,16 @@ struct Shared {
     config: RunComfyEmulatorConfig,
     /// Maps `tokio::time` instants to wall-clock timestamps (so paused time shows in the JSON too).
     epoch: (Instant, SystemTime),
-    limiter: DirectLimiter,
+    limiter: Mutex<TokenBucket>,
     faults: RunComfyFaults,
     machines: Mutex<HashMap<String, Machine>>,
     next_seq: AtomicU64,
     requests: AtomicU64,
     rate_limited: AtomicU64,
+    /// Launch requests received and not answered yet.
+    launches_in_flight: AtomicU64,
+    /// Server ids that were sent a DELETE (accepted by auth), in order.
+    deletes: Mutex<Vec<String>>,
     /// Owns every machine lifecycle task; they stop on `cancel`.
     tasks: TaskTracker,
     cancel: CancellationToken,
@@ -260,6 +261,37 @@ impl Shared {
     }
 }
 
+/// The account's rate limit as the provider would enforce it: a bucket of `burst` requests, refilled at
+/// `per_second`. The emulator's own, written apart from the client's limiter (`governor`), so that the
+/// two check each other rather than agree by construction.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    capacity: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32) -> Self {
+        let capacity = f64::from(burst.max(1));
+        Self { per_second: f64::from(per_second.max(1)), capacity, tokens: capacity, at: Instant::now() }
+    }
+
+    /// Takes one request's token: zero if admitted, else how long until a token is there.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
+        self.at = now;
+        // A hair of slack so a client pacing itself at exactly the rate is not refused by rounding.
+        if self.tokens >= 1.0 - 1e-6 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / self.per_second)
+    }
+}
+
 /// A running emulated RunComfy Server API (`Arc` inside; cheap to clone). It stops serving, and stops every
 /// machine's ComfyUI, on [`RunComfyEmulator::shutdown`] or when the last clone is dropped.
 #[derive(Debug, Clone)]
@@ -295,7 +327,7 @@ impl RunComfyEmulator {
     pub async fn start(listener: TcpListener, config: RunComfyEmulatorConfig) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
-            limiter: limiter(config.requests_per_second, config.burst),
+            limiter: Mutex::new(TokenBucket::new(config.requests_per_second, config.burst)),
             config,
             epoch: (Instant::now(), SystemTime::now()),
             faults: RunComfyFaults::default(),
@@ -303,6 +335,8 @@ impl RunComfyEmulator {
             next_seq: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
+            launches_in_flight: AtomicU64::new(0),
+            deletes: Mutex::new(Vec::new()),
             tasks: TaskTracker::new(),
             cancel: CancellationToken::new(),
         });
@@ -379,6 +413,79 @@ impl RunComfyEmulator {
     /// The ComfyUI of a Ready machine, e.g. to inject ComfyUI faults.
     pub fn comfyui(&self, server_id: &str) -> Option<ComfyEmulator> {
         self.inner.shared.machines().get(server_id).and_then(|m| m.comfy.clone())
+    }
+
+    /// Launch requests received and not answered yet (e.g. held by [`LaunchFailure::Stalled`]).
+    pub fn launches_in_flight(&self) -> u64 {
+        self.inner.shared.launches_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Server ids that were sent a DELETE through the API, in order (repeats included).
+    pub fn delete_requests(&self) -> Vec<String> {
+        self.inner.shared.deletes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Launches a machine on the account the way another client of the same account would (not through
+    /// this API, so it costs no request and meets no fault). Returns its server id.
+    ///
+    /// # Panics
+    /// An unknown `server_type` (one of [`SERVER_TYPES`]).
+    pub fn launch_by_someone_else(
+        &self,
+        workflow_version_id: &str,
+        server_type: &str,
+        duration: Duration,
+    ) -> String {
+        assert!(SERVER_TYPES.contains(&server_type), "unknown server type {server_type}");
+        let shared = &self.inner.shared;
+        let (id, _) = create_machine(
+            shared,
+            workflow_version_id,
+            server_type,
+            duration.as_secs().max(1),
+            MachinePlan::default(),
+        );
+        id
+    }
+
+    /// Deletes a machine the way another client of the account would (no request counted). Returns whether
+    /// it was running.
+    pub async fn delete_by_someone_else(&self, server_id: &str) -> bool {
+        let comfy = {
+            let mut machines = self.inner.shared.machines();
+            let Some(m) = machines.get_mut(server_id) else { return false };
+            if !matches!(m.phase, Phase::Starting | Phase::Ready) {
+                return false;
+            }
+            if m.phase == Phase::Ready {
+                m.billing_end = Some(Instant::now());
+            }
+            m.phase = Phase::Deleting;
+            m.wake.notify_one();
+            m.comfy.take()
+        };
+        if let Some(c) = comfy {
+            c.shutdown().await;
+        }
+        true
+    }
+
+    /// The provider loses a machine's record: from now on the API answers 404 for it and no longer lists
+    /// it, and bills nothing more, while its ComfyUI keeps answering (until [`RunComfyEmulator::kill_machine`]
+    /// or shutdown). Returns whether the machine was known and not gone.
+    pub fn forget_machine(&self, server_id: &str) -> bool {
+        let mut machines = self.inner.shared.machines();
+        let Some(m) = machines.get_mut(server_id) else { return false };
+        if m.phase == Phase::Gone {
+            return false;
+        }
+        if m.phase == Phase::Ready {
+            m.billing_end = Some(Instant::now());
+        }
+        m.phase = Phase::Gone;
+        m.wake.notify_one();
+        warn!(server_id, "the emulated provider lost a machine's record");
+        true
     }
 
     /// Kills a machine's ComfyUI while the API keeps reporting it `Ready` (and billing it) until it is
@@ -507,20 +614,34 @@ async fn unknown_route(headers: HeaderMap) -> Response {
     reply(StatusCode::FORBIDDEN, json!({ "message": message }))
 }
 
-/// Auth, account, rate limit and injected request faults, in that order: `Some(answer)` refuses the request.
-fn gate(shared: &Shared, headers: &HeaderMap, user_id: &str) -> Option<Response> {
+/// Reachability, auth, account, rate limit and injected request faults, in that order: `Some(answer)`
+/// refuses the request.
+async fn gate(shared: &Shared, headers: &HeaderMap, user_id: &str) -> Option<Response> {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    let held = tokio::select! {
+        held = shared.faults.wait_reachable() => held,
+        () = shared.cancel.cancelled() => true,
+    };
+    if held {
+        return Some(reply(StatusCode::GATEWAY_TIMEOUT, json!({ "message": "Endpoint request timed out" })));
+    }
     let Some(auth) = headers.get(header::AUTHORIZATION) else {
         return Some(reply(StatusCode::UNAUTHORIZED, json!({ "message": "Unauthorized" })));
     };
+    // With the fault on, the message quotes what was presented (some gateways do).
+    let quoted = |message: &str| match shared.faults.echoes_token() {
+        true => format!("{message}: {:?}", auth.to_str().unwrap_or_default()),
+        false => message.to_string(),
+    };
     let token = auth.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     if !token.is_some_and(|t| shared.config.tokens.iter().any(|k| k == t)) {
-        return Some(api_error(StatusCode::UNAUTHORIZED, 401001, "Invalid or expired API token"));
+        return Some(api_error(StatusCode::UNAUTHORIZED, 401001, &quoted("Invalid or expired API token")));
     }
     if user_id != shared.config.user_id {
-        return Some(api_error(StatusCode::FORBIDDEN, 403003, "The API token does not belong to this user"));
+        let message = quoted("The API token does not belong to this user");
+        return Some(api_error(StatusCode::FORBIDDEN, 403003, &message));
     }
-    let wait = try_acquire(&shared.limiter);
+    let wait = shared.limiter.lock().unwrap_or_else(|e| e.into_inner()).take(Instant::now());
     if !wait.is_zero() {
         return Some(too_many(shared, wait));
     }
@@ -552,7 +673,7 @@ fn lookup<'a>(machines: &'a mut HashMap<String, Machine>, id: &str) -> Option<&'
 }
 
 async fn list_workflows(State(s): AppState, Path(user_id): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
     let created = s.wall(s.epoch.0);
@@ -569,7 +690,7 @@ async fn list_workflows(State(s): AppState, Path(user_id): Path<String>, headers
 }
 
 async fn list_servers(State(s): AppState, Path(user_id): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
     let machines = s.machines();
@@ -583,7 +704,7 @@ async fn get_server(
     Path((user_id, server_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
     let mut machines = s.machines();
@@ -599,7 +720,7 @@ async fn launch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
     let bad = |m: &str| api_error(StatusCode::BAD_REQUEST, 400001, m);
@@ -622,10 +743,47 @@ async fn launch(
         return bad("estimated_duration must be a positive integer (seconds)");
     };
     let failure = s.faults.take_launch_failure();
-    if failure == Some(LaunchFailure::Rejected) {
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "message": "Internal server error" }));
+    let shared = s.clone();
+    let hold = |d: Duration| async move {
+        shared.launches_in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            () = shared.cancel.cancelled() => {}
+            () = tokio::time::sleep(d) => {}
+        }
+        shared.launches_in_flight.fetch_sub(1, Ordering::Relaxed);
+    };
+    match failure {
+        Some(LaunchFailure::Rejected) => {
+            return reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "message": "Internal server error" }));
+        }
+        Some(LaunchFailure::Stalled(d)) => {
+            hold(d).await;
+            return reply(StatusCode::GATEWAY_TIMEOUT, json!({ "message": "Endpoint request timed out" }));
+        }
+        _ => {}
     }
     let plan = s.faults.take_machine_plan();
+    let (_, response) = create_machine(&s, version, server_type, duration, plan);
+    match failure {
+        Some(LaunchFailure::CreatedButFailed) => {
+            reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "message": "Internal server error" }))
+        }
+        Some(LaunchFailure::CreatedButStalled(d)) => {
+            hold(d).await;
+            reply(StatusCode::OK, response)
+        }
+        _ => reply(StatusCode::OK, response),
+    }
+}
+
+/// Creates a machine (`Starting`) and spawns its lifecycle; returns its id and its JSON.
+fn create_machine(
+    s: &Arc<Shared>,
+    version: &str,
+    server_type: &str,
+    duration: u64,
+    plan: MachinePlan,
+) -> (String, Value) {
     let id = uuid::Uuid::new_v4().to_string();
     let wake = Arc::new(Notify::new());
     let machine = Machine {
@@ -647,7 +805,7 @@ async fn launch(
     info!(server_id = %id, server_type, duration, "emulated machine launched");
     let span = tracing::info_span!("emulated_machine", server_id = %id);
     let cancel = s.cancel.clone();
-    let task = lifecycle(s.clone(), id, wake, plan);
+    let task = lifecycle(s.clone(), id.clone(), wake, plan);
     // Exit policy: runs until the machine is gone; stops at once when the emulator shuts down.
     s.tasks.spawn(
         async move {
@@ -658,19 +816,7 @@ async fn launch(
         }
         .instrument(span),
     );
-    match failure {
-        Some(LaunchFailure::CreatedButFailed) => {
-            reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "message": "Internal server error" }))
-        }
-        Some(LaunchFailure::CreatedButStalled(d)) => {
-            tokio::select! {
-                () = s.cancel.cancelled() => {}
-                () = tokio::time::sleep(d) => {}
-            }
-            reply(StatusCode::OK, response)
-        }
-        _ => reply(StatusCode::OK, response),
-    }
+    (id, response)
 }
 
 async fn update_duration(
@@ -679,7 +825,7 @@ async fn update_duration(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
     let duration = serde_json::from_slice::<Value>(&body)
@@ -709,9 +855,10 @@ async fn delete_server(
     Path((user_id, server_id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = gate(&s, &headers, &user_id) {
+    if let Some(r) = gate(&s, &headers, &user_id).await {
         return r;
     }
+    s.deletes.lock().unwrap_or_else(|e| e.into_inner()).push(server_id.clone());
     let (body, comfy) = {
         let mut machines = s.machines();
         let Some(m) = lookup(&mut machines, &server_id) else { return not_found() };
@@ -836,6 +983,10 @@ async fn lifecycle(shared: Arc<Shared>, id: String, wake: Arc<Notify>, plan: Mac
 /// Stops whatever still runs, waits `deleting_time`, then forgets the machine (it stays in the
 /// introspection list as `Gone`, with its billing).
 async fn teardown(shared: &Shared, id: &str) {
+    if shared.machines().get(id).is_some_and(|m| m.phase == Phase::Gone) {
+        // Forgotten by the provider (`forget_machine`): its ComfyUI runs on until killed or shutdown.
+        return;
+    }
     let comfy = shared.machines().get_mut(id).and_then(|m| m.comfy.take());
     if let Some(c) = comfy {
         c.shutdown().await;

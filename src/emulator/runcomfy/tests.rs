@@ -287,3 +287,82 @@ async fn deleting_a_starting_machine_bills_nothing_and_never_boots_it() {
         ("Gone", None, Duration::ZERO)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn another_client_of_the_account_launches_and_deletes_machines() {
+    let _ticker = PausedTimeTicker::start(STEP);
+    let emu = emulator(fast()).await;
+    let raw = Raw::new(&emu);
+    let id = emu.launch_by_someone_else(DEFAULT_WORKFLOW_VERSION_ID, "large", Duration::from_secs(600));
+    let (_, list) = raw.send(Method::GET, "/servers", None).await;
+    assert_eq!((list[0]["server_id"].as_str(), list[0]["server_type"].as_str()), (Some(&*id), Some("large")));
+    assert_eq!(list[0]["estimated_duration"], 600);
+    assert_eq!(emu.requests_received(), 1, "the other client's launch is not one of our requests");
+    assert!(emu.delete_by_someone_else(&id).await);
+    assert!(emu.delete_requests().is_empty(), "no DELETE came through the API");
+    raw.send(Method::DELETE, &format!("/servers/{id}"), None).await;
+    assert_eq!(emu.delete_requests(), vec![id]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_machine_is_404_and_unlisted_while_its_comfyui_answers() {
+    let _ticker = PausedTimeTicker::start(STEP);
+    let emu = emulator(fast()).await;
+    let raw = Raw::new(&emu);
+    let (_, launched) = raw.send(Method::POST, "/servers", Some(launch_body(600))).await;
+    let id = launched["server_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, server) = raw.send(Method::GET, &format!("/servers/{id}"), None).await;
+    let url = server["main_service_url"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(emu.forget_machine(&id));
+    assert_eq!(raw.send(Method::GET, &format!("/servers/{id}"), None).await.0, 404);
+    assert_eq!(raw.send(Method::GET, "/servers", None).await.1, json!([]));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_approx(emu.billed_seconds(&id).unwrap(), 5.0);
+    assert!(reqwest::get(format!("{url}/system_stats")).await.unwrap().status().is_success());
+    assert!(emu.running_machines().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn stalled_launches_and_an_unreachable_api_answer_nothing_until_released() {
+    let _ticker = PausedTimeTicker::start(STEP);
+    let emu = emulator(fast()).await;
+    let raw = std::sync::Arc::new(Raw::new(&emu));
+    emu.faults().fail_next_launch(LaunchFailure::Stalled(Duration::from_secs(30)));
+    let held = tokio::spawn({
+        let raw = raw.clone();
+        async move { raw.send(Method::POST, "/servers", Some(launch_body(600))).await.0 }
+    });
+    while emu.launches_in_flight() == 0 {
+        tokio::time::sleep(STEP).await;
+    }
+    assert_eq!(held.await.unwrap(), 504);
+    assert_eq!(
+        (emu.machines_launched(), emu.launches_in_flight()),
+        (0, 0),
+        "a stalled launch creates nothing"
+    );
+
+    emu.faults().set_unreachable(true);
+    let pending = tokio::spawn({
+        let raw = raw.clone();
+        async move { raw.send(Method::GET, "/servers", None).await.0 }
+    });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert!(!pending.is_finished(), "no answer while unreachable");
+    emu.faults().set_unreachable(false);
+    assert_eq!(pending.await.unwrap(), 504);
+    assert_eq!(raw.send(Method::GET, "/servers", None).await.0, 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn auth_errors_can_quote_the_presented_token() {
+    let _ticker = PausedTimeTicker::start(STEP);
+    let emu = emulator(fast()).await;
+    let raw = Raw::new(&emu);
+    emu.faults().echo_token_in_auth_errors(true);
+    let (status, _, body) = raw.send_as(Method::GET, "/servers", Some("Bearer rc_wrong_secret"), None).await;
+    assert_eq!(status, 401);
+    assert!(body["error_message"].as_str().unwrap().contains("rc_wrong_secret"), "{body}");
+}

@@ -1,10 +1,14 @@
 //! A simulated day of traffic through the real pool against the RunComfy emulator, under
-//! `tokio::time::pause()`: capacity planning and the pool benchmark.
+//! `tokio::time::pause()`: capacity planning and the pool benchmark. Test support, shared by
+//! `benches/pool_day.rs` and `tests/api/pool.rs` (each includes it with `#[path]`), so the library never
+//! builds the emulator into a pool code path.
 //!
 //! The pool, the API client (with its rate limiter), the emulated API and every launched machine's emulated
 //! ComfyUI run for real over loopback; only the job engine is replaced by a small driver that queues
 //! jobs, reports the demand, hands jobs to ready machines (preferring warm ones, through the same
 //! `Machine::try_assign` the scheduler uses) and holds each machine for the job's duration.
+
+#![allow(dead_code, reason = "shared by a bench and a test; each reads only part of the report")]
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -16,8 +20,7 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Pool, PoolParts, PoolStats};
-use crate::{
+use comfyrelay::{
     comfy,
     config::{PoolPolicy, RunComfyConfig, Secret},
     emulator::runcomfy::{
@@ -25,27 +28,28 @@ use crate::{
         RunComfyEmulatorConfig,
     },
     machine::{Machine, MachineSpec, PoolEvent, Provisioner as _},
+    pool::{Pool, PoolParts, PoolStats},
     runcomfy::{ClientOptions, RunComfyClient},
     store::{MachineRow, MachineStore, StoreError},
 };
 
 /// What to simulate.
 #[derive(Debug, Clone)]
-pub struct DayParams {
+pub(crate) struct DayParams {
     /// Simulated length.
-    pub length: Duration,
+    pub(crate) length: Duration,
     /// Arrivals per hour at the daily peak (the rate follows a day curve: 10 % at night, 100 % mid-day).
-    pub peak_jobs_per_hour: f64,
+    pub(crate) peak_jobs_per_hour: f64,
     /// Each job's duration is uniform in this range.
-    pub job_time: (Duration, Duration),
+    pub(crate) job_time: (Duration, Duration),
     /// Emulated launch → Ready.
-    pub boot_time: Duration,
+    pub(crate) boot_time: Duration,
     /// The pool policy.
-    pub policy: PoolPolicy,
+    pub(crate) policy: PoolPolicy,
     /// The lease.
-    pub lease: Duration,
+    pub(crate) lease: Duration,
     /// RNG seed (the same seed gives the same arrivals).
-    pub seed: u64,
+    pub(crate) seed: u64,
 }
 
 impl Default for DayParams {
@@ -70,38 +74,38 @@ impl Default for DayParams {
 
 /// What happened.
 #[derive(Debug, Clone)]
-pub struct DayReport {
+pub(crate) struct DayReport {
     /// Jobs that arrived.
-    pub jobs: usize,
+    pub(crate) jobs: usize,
     /// Jobs run to the end.
-    pub completed: usize,
+    pub(crate) completed: usize,
     /// Queue wait (arrival → machine) percentiles: p50, p95, max.
-    pub wait_p50: Duration,
+    pub(crate) wait_p50: Duration,
     /// See `wait_p50`.
-    pub wait_p95: Duration,
+    pub(crate) wait_p95: Duration,
     /// See `wait_p50`.
-    pub wait_max: Duration,
+    pub(crate) wait_max: Duration,
     /// Machine time spent running jobs, seconds.
-    pub busy_seconds: f64,
+    pub(crate) busy_seconds: f64,
     /// The pool's totals (billed seconds and cost as the pool counted them).
-    pub pool: PoolStats,
+    pub(crate) pool: PoolStats,
     /// Billed seconds as the emulated provider counted them.
-    pub provider_billed_seconds: f64,
+    pub(crate) provider_billed_seconds: f64,
     /// Most machines running at once (as the provider saw them).
-    pub peak_machines: usize,
+    pub(crate) peak_machines: usize,
     /// Machines still running at the provider after the pool closed.
-    pub left_running: usize,
+    pub(crate) left_running: usize,
     /// API requests received by the emulated provider.
-    pub api_requests: u64,
+    pub(crate) api_requests: u64,
     /// 429 answers it gave.
-    pub rate_limited: u64,
+    pub(crate) rate_limited: u64,
 }
 
 /// Runs the simulation. Call on a current-thread runtime with time paused (`start_paused = true`).
 ///
 /// # Errors
 /// The emulator or the store cannot start.
-pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
+pub(crate) async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
     let _ticker = PausedTimeTicker::start(Duration::from_millis(50));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let emulator = RunComfyEmulator::start(
@@ -122,7 +126,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
     let client = RunComfyClient::new(ClientOptions::from_config(&config))?;
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
-    let (pool, _) = Pool::start(
+    let pool = Pool::start(
         PoolParts {
             config,
             client,
@@ -133,8 +137,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
             events: events_tx,
         },
         shutdown.clone(),
-    )
-    .await;
+    );
 
     let spec = MachineSpec {
         workflow_version_id: DEFAULT_WORKFLOW_VERSION_ID.into(),
@@ -163,6 +166,7 @@ pub async fn simulate_day(params: DayParams) -> anyhow::Result<DayReport> {
             }
             Some(event) = events.recv() => match event {
                 PoolEvent::Ready(m) => machines.push(m),
+                PoolEvent::Reconciled { adopted } => machines.extend(adopted),
                 PoolEvent::Removed { machine_id, .. } => machines.retain(|m| m.id != machine_id),
                 PoolEvent::Provisioning { .. } | PoolEvent::ProvisioningFailed { .. } => {}
             },
