@@ -186,6 +186,7 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
+        let mut demand = self.demand();
         let mut taken = Vec::new();
         let mut full_specs: BTreeSet<Option<MachineSpec>> = BTreeSet::new();
         for key in self.queue.iter().take(DISPATCH_SCAN) {
@@ -202,8 +203,17 @@ impl Scheduler {
                 full_specs.insert(w.spec.clone());
                 continue;
             };
+            // The pool sizes itself on queued + assigned jobs, read from another task: a job must leave the
+            // demand before it counts as assigned, or the pool sees it twice and launches a machine for it.
+            if let Some(spec) = &w.spec {
+                demand.entry(spec.clone()).and_modify(|n| *n = n.saturating_sub(1));
+                tell_demand(&self.manager, &mut self.last_demand, &demand);
+            }
             if !machine.try_assign(&w.workflow) {
                 // Drained by the pool between the pick and now: try again next round.
+                if let Some(spec) = &w.spec {
+                    *demand.entry(spec.clone()).or_default() += 1;
+                }
                 continue;
             }
             taken.push(w.id);
@@ -261,17 +271,19 @@ impl Scheduler {
 
     /// Tells the pool how many queued jobs wait for each spec, when that changed.
     fn report_demand(&mut self) {
-        let Some(provisioner) = &self.manager.inner.provisioner else { return };
+        let demand = self.demand();
+        tell_demand(&self.manager, &mut self.last_demand, &demand);
+    }
+
+    /// Queued jobs per machine spec.
+    fn demand(&self) -> BTreeMap<MachineSpec, usize> {
         let mut demand: BTreeMap<MachineSpec, usize> = BTreeMap::new();
         for (_, w) in self.waiting.values() {
             if let Some(spec) = &w.spec {
                 *demand.entry(spec.clone()).or_default() += 1;
             }
         }
-        if demand != self.last_demand {
-            provisioner.demand(&demand);
-            self.last_demand = demand;
-        }
+        demand
     }
 
     async fn pool_event(&mut self, event: PoolEvent) {
@@ -405,5 +417,20 @@ async fn recv_pool(rx: &mut Option<mpsc::UnboundedReceiver<PoolEvent>>) -> Optio
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler").field("queued", &self.queue.len()).finish()
+    }
+}
+
+/// Tells the pool how many jobs wait for each spec, when that changed since `last`.
+fn tell_demand(
+    manager: &JobManager,
+    last: &mut BTreeMap<MachineSpec, usize>,
+    demand: &BTreeMap<MachineSpec, usize>,
+) {
+    let Some(provisioner) = &manager.inner.provisioner else { return };
+    let mut demand = demand.clone();
+    demand.retain(|_, n| *n > 0);
+    if demand != *last {
+        provisioner.demand(&demand);
+        *last = demand;
     }
 }
