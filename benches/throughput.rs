@@ -125,6 +125,22 @@ impl Relay {
         Duration::from_millis(ticks * 1000 / clock_ticks())
     }
 
+    /// Context switches (voluntary + involuntary) of all the process's threads so far: each is a thread
+    /// that went to sleep or was preempted, so their count per job is the job's thread hops and wake-ups.
+    fn context_switches(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return 0 };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .ok()
@@ -254,6 +270,58 @@ fn report_latency(
     p50
 }
 
+/// fsync/fdatasync calls of the relay process per job over `n` sequential jobs, counted by `strace -c`
+/// attached to it (`None` when strace is not installed). Timing under strace means nothing: only counts.
+async fn count_fsyncs(
+    relay: &Relay,
+    client: &mut JobClient,
+    image: &Bytes,
+    n: usize,
+) -> anyhow::Result<Option<f64>> {
+    let out = tempfile::NamedTempFile::new()?;
+    let strace = tokio::process::Command::new("strace")
+        .args(["-f", "-qq", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,msync", "-o"])
+        .arg(out.path())
+        .args(["-p", &relay.pid.to_string()])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut strace) = strace else { return Ok(None) };
+    // Attached once every thread of the process names a tracer.
+    let traced = || {
+        std::fs::read_dir(format!("/proc/{}/task", relay.pid)).is_ok_and(|tasks| {
+            tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                    s.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+                })
+            })
+        })
+    };
+    let attached = Instant::now();
+    while !traced() {
+        if attached.elapsed() > Duration::from_secs(10) || strace.try_wait()?.is_some() {
+            return Ok(None); // not permitted here (ptrace_scope) or strace failed
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..n {
+        relay_job(client, invert_request(image)).await?;
+    }
+    if let Some(pid) = strace.id() {
+        // SIGINT: strace detaches and writes its summary.
+        let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+    }
+    let _ = strace.wait().await;
+    let summary = std::fs::read_to_string(out.path())?;
+    // Rows: % time, seconds, usecs/call, calls, [errors], syscall.
+    let calls: u64 = summary
+        .lines()
+        .filter(|l| l.split_whitespace().last().is_some_and(|s| s.contains("sync")))
+        .filter_map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Ok(Some(calls as f64 / n as f64))
+}
+
 fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
     let rate = jobs as f64 / wall.as_secs_f64();
     let cpu = cpu
@@ -301,7 +369,7 @@ async fn main() -> anyhow::Result<()> {
     }
     done += 20;
     let mut samples = Vec::with_capacity(jobs);
-    let cpu0 = relay.cpu();
+    let (cpu0, switches0) = (relay.cpu(), relay.context_switches());
     let start = Instant::now();
     for _ in 0..jobs {
         let t = Instant::now();
@@ -309,8 +377,21 @@ async fn main() -> anyhow::Result<()> {
         samples.push(t.elapsed());
     }
     done += jobs;
+    let switches = relay.context_switches() - switches0;
     let relay_p50 =
         report_latency("comfyrelay, sequential", samples, start.elapsed(), Some(relay.cpu() - cpu0));
+    println!(
+        "{:<48} {:.1} per job (voluntary + involuntary, all threads)",
+        "  context switches of the comfyrelay process",
+        switches as f64 / jobs as f64
+    );
+    if let Some(fsyncs) = count_fsyncs(&relay, &mut client, &image, 100).await? {
+        println!(
+            "{:<48} {:.2} per job (strace, 100 jobs; storage.durability = crash)",
+            "  fsync calls", fsyncs
+        );
+        done += 100;
+    }
     println!(
         "{:<48} {:+.2} ms per job at p50 ({:.2}x)",
         "  overhead beyond the direct client",

@@ -111,12 +111,10 @@ impl Attempt<'_> {
         let shutdown = self.manager.inner.shutdown.clone();
         let started =
             EventKind::Started { machine_id: self.machine.id.clone(), prompt_id: self.prompt_id.clone() };
-        match self.emit_durable(started).await {
-            Ok(()) => {}
-            // Cancelled or expired between the dispatch and now.
-            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+        // Not awaited here: the upload needs nothing from it, and the log keeps order, so `PromptSubmitted`
+        // below, awaited before anything is queued on ComfyUI, is durable only after it. Its answer is read
+        // before then (a job cancelled or expired since the dispatch refuses it).
+        let started = self.manager.inner.log.append(self.id(), started).await;
         if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
             return self.stopped_before_submit().await.map(|()| None);
         }
@@ -140,6 +138,12 @@ impl Attempt<'_> {
         };
         if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
             return self.stopped_before_submit().await.map(|()| None);
+        }
+        match started.durable().await {
+            Ok(_) => {}
+            // Cancelled or expired between the dispatch and now.
+            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
         let upload_ms = upload_started.elapsed().as_millis() as u64;
         match self.emit_durable(EventKind::PromptSubmitted { upload_ms }).await {
