@@ -177,10 +177,15 @@ async fn a_node_that_ignores_every_interrupt_ends_cancelled_at_the_deadline_and_
     .await;
     assert_eq!(app.comfy.running_prompt().await.as_deref(), Some(a.id.as_str()), "still wedged");
     assert_eq!(app.comfy.posted_times(&b.id), 0, "nothing was sent behind the wedged prompt");
+    let local = || pb::GetMachineRequest { machine_id: "local".into() };
+    let m = app.machines.get_machine(local()).await.unwrap().into_inner();
+    assert_eq!(m.state(), pb::MachineState::Unhealthy, "{m:?}");
     // Once the wedged prompt ends by itself, the server takes jobs again.
     let events = collect_events(&app.channel, &b.id, 0).await;
     assert_eq!(terminal(&events), "succeeded", "{events:#?}");
     assert_eq!(app.comfy.posted_ids(), [a.id.clone(), b.id.clone()]);
+    let m = app.machines.get_machine(local()).await.unwrap().into_inner();
+    assert_eq!(m.state(), pb::MachineState::Ready, "{m:?}");
     let history = app.comfy.history_ids().await;
     assert!(history.iter().position(|h| *h == a.id) < history.iter().position(|h| *h == b.id), "{history:?}");
 }
