@@ -449,7 +449,29 @@ impl Attempt<'_> {
         if esc.settled {
             return Escalated::Cancel;
         }
-        if elapsed >= cfg.cancel_deadline {
+        let runcomfy = self.machine.kind == MachineKind::RunComfy;
+        let past_deadline = elapsed >= cfg.cancel_deadline;
+        match esc.step {
+            CancelStepKind::Interrupt if !past_deadline => {
+                self.emit(step_event(CancelStepKind::Free)).await;
+                esc.step = CancelStepKind::Free;
+                let outcome = self.machine.free_and_interrupt(&self.prompt_id).await;
+                self.after_step(esc, outcome);
+                return Escalated::Wait;
+            }
+            // Due after the free's grace, or at the deadline if that came first (a deadline shorter than two
+            // grace periods): a wedged RunComfy machine is never left running and billed.
+            CancelStepKind::Interrupt | CancelStepKind::Free if runcomfy => {
+                esc.step = CancelStepKind::ReplaceMachine;
+                if self.replace_machine(elapsed) {
+                    self.emit(step_event(CancelStepKind::ReplaceMachine)).await;
+                    return Escalated::Cancel;
+                }
+                // Not the pool's to stop (already being stopped): wait for the deadline.
+            }
+            _ => {}
+        }
+        if past_deadline {
             tracing::warn!(
                 machine = %self.machine.id,
                 "the cancelled prompt did not stop by jobs.cancel_deadline; the job is cancelled without ComfyUI"
@@ -457,34 +479,17 @@ impl Attempt<'_> {
             self.emit(step_event(CancelStepKind::Abandoned)).await;
             return Escalated::Abandon;
         }
-        match esc.step {
-            CancelStepKind::Interrupt => {
-                self.emit(step_event(CancelStepKind::Free)).await;
-                esc.step = CancelStepKind::Free;
-                let outcome = self.machine.free_and_interrupt(&self.prompt_id).await;
-                self.after_step(esc, outcome);
-                Escalated::Wait
-            }
-            CancelStepKind::Free if self.machine.kind == MachineKind::RunComfy => {
-                let provisioner = self.manager.inner.provisioner.as_ref();
-                let reason = format!(
-                    "a cancelled prompt ignored interrupts and /free for {}",
-                    humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64))
-                );
-                if provisioner.is_some_and(|p| p.replace(&self.machine.id, &reason)) {
-                    self.emit(step_event(CancelStepKind::ReplaceMachine)).await;
-                    return Escalated::Cancel;
-                }
-                // Not the pool's to stop (already being stopped): wait for the deadline.
-                esc.step = CancelStepKind::ReplaceMachine;
-                esc.next_at = esc.began + cfg.cancel_deadline;
-                Escalated::Wait
-            }
-            CancelStepKind::Free | CancelStepKind::ReplaceMachine | CancelStepKind::Abandoned => {
-                esc.next_at = esc.began + cfg.cancel_deadline;
-                Escalated::Wait
-            }
-        }
+        esc.next_at = esc.began + cfg.cancel_deadline;
+        Escalated::Wait
+    }
+
+    /// Asks the pool to stop and replace this RunComfy machine; whether it will.
+    fn replace_machine(&self, elapsed: Duration) -> bool {
+        let reason = format!(
+            "a cancelled prompt ignored interrupts and /free for {}",
+            humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64))
+        );
+        self.manager.inner.provisioner.as_ref().is_some_and(|p| p.replace(&self.machine.id, &reason))
     }
 
     /// After an abandoned cancel: the job has ended, but its prompt still runs on the machine. Keeps the
