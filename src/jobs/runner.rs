@@ -486,7 +486,7 @@ impl Attempt<'_> {
     /// Asks the pool to stop and replace this RunComfy machine; whether it will.
     fn replace_machine(&self, elapsed: Duration) -> bool {
         let reason = format!(
-            "a cancelled prompt ignored interrupts and /free for {}",
+            "a cancelled prompt ignored interrupts (and /free) for {}",
             humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64))
         );
         self.manager.inner.provisioner.as_ref().is_some_and(|p| p.replace(&self.machine.id, &reason))
