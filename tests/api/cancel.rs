@@ -190,10 +190,12 @@ async fn a_node_that_ignores_every_interrupt_ends_cancelled_at_the_deadline_and_
     assert!(history.iter().position(|h| *h == a.id) < history.iter().position(|h| *h == b.id), "{history:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_that_ignores_every_interrupt_on_a_runcomfy_machine_ends_cancelled_and_the_machine_stopped() {
+/// A job on a RunComfy machine whose node ignores interrupts and `/free`, cancelled with `grace` and
+/// `deadline`: it ends `CANCELLED` by replacing the machine, which the provider then shows stopped.
+async fn wedged_on_runcomfy(grace: Duration, deadline: Duration) -> Vec<pb::JobEvent> {
     let mut acc = Account::new(fast_emulator(Duration::ZERO)).await;
-    short_cancel(&mut acc.config);
+    acc.config.jobs.cancel_grace = grace;
+    acc.config.jobs.cancel_deadline = deadline;
     let (p, channel) = acc.start().await;
     // A first job brings a machine up; its ComfyUI then gets the fault.
     let warm = crate::pool::submit(&p).await;
@@ -210,8 +212,6 @@ async fn a_node_that_ignores_every_interrupt_on_a_runcomfy_machine_ends_cancelle
     let events = collect_events(&channel, &id, 0).await;
     assert_eq!(terminal(&events), "cancelled", "{events:#?}");
     assert_eq!(steps(&events), [Step::Interrupt, Step::Free, Step::ReplaceMachine], "{events:#?}");
-    let took = cancel_took(&events);
-    assert!(took < DEADLINE, "the replacement ended it before the deadline: {took:?}");
     assert_eq!(comfy.free_calls(), 1);
 
     // The machine is stopped at the provider (billed no further); no job waits, so none replaces it.
@@ -222,4 +222,25 @@ async fn a_node_that_ignores_every_interrupt_on_a_runcomfy_machine_ends_cancelle
     assert!(acc.emu.delete_requests().contains(&machine), "{:?}", acc.emu.delete_requests());
     assert_eq!(acc.emu.machines_launched(), 1);
     acc.finish(p).await;
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_ignores_every_interrupt_on_a_runcomfy_machine_ends_cancelled_and_the_machine_stopped() {
+    let events = wedged_on_runcomfy(GRACE, DEADLINE).await;
+    let replaced = cancel_steps(&events)[2].1;
+    assert!(replaced >= 2 * GRACE, "replaced after two grace periods: {replaced:?}");
+    let took = cancel_took(&events);
+    assert!(took < DEADLINE, "the replacement ended it before the deadline: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_shorter_than_two_grace_periods_still_replaces_the_wedged_runcomfy_machine() {
+    let (grace, deadline) = (Duration::from_millis(600), Duration::from_millis(900));
+    let events = wedged_on_runcomfy(grace, deadline).await;
+    let replaced = cancel_steps(&events)[2].1;
+    // At the deadline (not abandoned, as a static server would be), not a second grace later.
+    assert!(replaced >= deadline, "replaced at the deadline: {replaced:?}");
+    let took = cancel_took(&events);
+    assert!(took < deadline + SLACK, "cancelled within the bound: {took:?}");
 }
