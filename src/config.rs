@@ -230,6 +230,14 @@ pub struct JobsConfig {
     /// Longest output download.
     #[serde(with = "humantime_serde")]
     pub download_timeout: Duration,
+    /// How long each step of a running job's cancel (interrupt; `/free` and interrupt again; replacing a
+    /// RunComfy machine) waits for ComfyUI to confirm that the prompt stopped before the next step.
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Duration,
+    /// A cancelled job is `CANCELLED` by this long after its cancel began on the machine, whether ComfyUI
+    /// confirmed it or not.
+    #[serde(with = "humantime_serde")]
+    pub cancel_deadline: Duration,
     /// Jobs not finished (queued and running) at most; a submit beyond is `RESOURCE_EXHAUSTED`.
     pub max_unfinished: usize,
     /// Bytes of an inline graph (`graph_json`); larger ones are refused before they are parsed.
@@ -263,6 +271,8 @@ impl Default for JobsConfig {
             upload_timeout: Duration::from_secs(120),
             execution_timeout: Duration::from_secs(1800),
             download_timeout: Duration::from_secs(300),
+            cancel_grace: Duration::from_secs(10),
+            cancel_deadline: Duration::from_secs(60),
             max_unfinished: 100_000,
             max_graph_bytes: crate::limits::RequestLimits::default().max_graph_bytes,
             max_text_bytes: crate::limits::RequestLimits::default().max_text_bytes,
@@ -538,6 +548,12 @@ impl Config {
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
         }
+        if self.jobs.cancel_grace.is_zero() {
+            return bad("jobs.cancel_grace", "must be positive");
+        }
+        if self.jobs.cancel_deadline < self.jobs.cancel_grace {
+            return bad("jobs.cancel_deadline", "must be at least jobs.cancel_grace");
+        }
         let g = &self.grpc;
         if g.max_connections == 0 {
             return bad("grpc.max_connections", "must be at least 1");
@@ -774,6 +790,9 @@ mod tests {
         assert!(e.to_string().contains("grpc.max_message_bytes"), "{e}");
         let e = Config::load(None, env(&[("COMFYRELAY_JOBS__MAX_ATTEMPTS", "0")])).unwrap_err();
         assert!(e.to_string().contains("jobs.max_attempts"), "{e}");
+        let short = [("COMFYRELAY_JOBS__CANCEL_GRACE", "10s"), ("COMFYRELAY_JOBS__CANCEL_DEADLINE", "5s")];
+        let e = Config::load(None, env(&short)).unwrap_err();
+        assert!(e.to_string().contains("jobs.cancel_deadline"), "{e}");
     }
 
     #[test]
