@@ -1,0 +1,143 @@
+// Drives the console in a real headless Chromium (playwright-core with the system's chromium), for
+// tests/console/main.rs, which starts `comfyrelay dev`, the pages' origins and a proxy it can cut.
+//
+// Input: the environment variable CONSOLE_TEST (JSON, see main.rs). Output: one JSON object per line
+// on stdout: `{"cut": true}` asks the test to cut the proxy's connections (it answers with a line on
+// stdin), `{"done": {...}}` ends with what the test checks through the API. Any failed expectation
+// throws: the process exits non-zero with the message on stderr.
+import { createInterface } from "node:readline";
+import { writeFileSync } from "node:fs";
+import assert from "node:assert/strict";
+
+const cfg = JSON.parse(process.env.CONSOLE_TEST);
+const { chromium } = await import(`${cfg.playwright}/index.mjs`);
+const stdin = createInterface({ input: process.stdin })[Symbol.asyncIterator]();
+const say = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
+const step = (name) => process.stderr.write(`drive: ${name}\n`);
+const T = { timeout: 30_000 };
+
+const browser = await chromium.launch({
+  executablePath: cfg.chromium,
+  headless: true,
+  args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
+});
+const context = await browser.newContext({ viewport: { width: 1440, height: 900 }, deviceScaleFactor: 1 });
+
+/** A page whose CSP violations and script errors fail the test. */
+async function open(url) {
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  page.on("console", (m) => {
+    if (m.type() === "error" && /Content Security Policy|Refused to/.test(m.text())) problems.push(m.text());
+  });
+  await page.goto(url);
+  return { page, problems };
+}
+
+function gapFree(seqs) {
+  const sorted = [...seqs].sort((a, b) => a - b);
+  assert.deepEqual(sorted, Array.from({ length: sorted.length }, (_, i) => i + 1), `events shown once each, 1..n: ${seqs}`);
+}
+
+async function submitInvert(page, image) {
+  await page.waitForSelector('#workflow option[value="invert"]', { state: "attached", ...T });
+  await page.selectOption("#workflow", "invert");
+  await page.setInputFiles("#input-image", image);
+  await page.click("#submit-button");
+  await page.waitForFunction(() => /^#\/jobs\/[0-9a-f-]{36}$/.test(location.hash), null, T);
+  const id = decodeURIComponent(new URL(page.url()).hash.split("/")[2]);
+  await page.waitForSelector(`section.job[data-job="${id}"]`, T);
+  return id;
+}
+
+// 1. Served by comfyrelay itself (same origin, under its CSP): the catalog and the machines view.
+step("same-origin console");
+const own = await open(`${cfg.server}/console/#/machines`);
+await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="ready"]', T);
+const sameOriginRows = await own.page.locator("#machines-table tbody tr").count();
+assert.equal(sameOriginRows, 1, "one machine, the emulated ComfyUI");
+
+// 2. From another origin on the allowlist, through the proxy the test can cut, with an API key pasted.
+step("allowed origin: submit invert through the form");
+const { page, problems } = await open(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+await page.fill("#api-key", "console-test-key");
+await page.click(".key button");
+await page.waitForSelector('#workflow option[value="invert"]', { state: "attached", ...T });
+// The form follows the workflow's typed inputs: scale-blur has ranged numbers and enums as selects.
+await page.selectOption("#workflow", "scale-blur");
+assert.equal(await page.getAttribute("#input-blur_radius", "min"), "1");
+assert.equal(await page.getAttribute("#input-blur_radius", "max"), "31");
+assert.equal(await page.locator("#input-upscale_method").evaluate((e) => e.tagName), "SELECT");
+assert.ok((await page.locator("#input-upscale_method option").allTextContents()).includes("lanczos"));
+assert.equal(await page.getAttribute("#input-image", "type"), "file");
+
+const invert = await submitInvert(page, cfg.images[0]);
+step(`job ${invert}: progress, then the connection is cut`);
+await page.waitForSelector("#events tr[data-kind=progress]", T);
+await page.waitForSelector(".node .bar-fill", T);
+const boxBefore = await page.locator(".preview-box").boundingBox();
+const outputsBefore = await page.locator("#outputs").boundingBox();
+say({ cut: true });
+await stdin.next();
+await page.waitForFunction(() => Number(document.querySelector("#stream-state")?.dataset.reconnects) >= 1, null, T);
+step("resumed; waiting for the end");
+await page.waitForSelector("#terminal-state", T);
+assert.equal(await page.textContent("#terminal-state"), "succeeded");
+await page.waitForFunction(() => {
+  const img = document.querySelector(".output .output-box img");
+  return img && img.complete && img.naturalWidth > 0;
+}, null, T);
+gapFree(await page.locator("#events tr").evaluateAll((rows) => rows.map((r) => Number(r.dataset.sequence))));
+const kinds = await page.locator("#events tr").evaluateAll((rows) => rows.map((r) => r.dataset.kind));
+for (const k of ["queued", "started", "nodeStarted", "progress", "outputReady", "succeeded"]) {
+  assert.ok(kinds.includes(k), `a ${k} event is shown (${kinds})`);
+}
+// Nothing moved while events streamed: the reserved boxes are where they were.
+assert.deepEqual(await page.locator(".preview-box").boundingBox(), boxBefore, "the preview box does not move");
+assert.deepEqual(await page.locator("#outputs").boundingBox(), outputsBefore, "the outputs area does not move");
+const output = await page.locator(".output a[download]").evaluate(async (a) => {
+  const bytes = new Uint8Array(await (await fetch(a.href)).arrayBuffer());
+  return { name: a.getAttribute("download"), base64: btoa(String.fromCharCode(...bytes)) };
+});
+writeFileSync(`${cfg.out}/output.png`, Buffer.from(output.base64, "base64"));
+await page.screenshot({ path: `${cfg.out}/job.png`, fullPage: true });
+
+step("a second job, cancelled from its view");
+await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+const cancelled = await submitInvert(page, cfg.images[1]);
+await page.click("#cancel-job");
+await page.waitForSelector("#terminal-state", T);
+assert.equal(await page.textContent("#terminal-state"), "cancelled");
+
+step("the job list, filtered");
+await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/jobs`);
+await page.waitForSelector(`tr[data-job="${invert}"]`, T);
+await page.selectOption("#filter-state", { label: "cancelled" });
+await page.waitForSelector(`tr[data-job="${invert}"]`, { state: "detached", ...T });
+await page.waitForSelector(`tr[data-job="${cancelled}"] .badge[data-state="cancelled"]`, T);
+await page.screenshot({ path: `${cfg.out}/jobs.png` });
+assert.deepEqual(problems, [], "no CSP violation or script error on the allowed page");
+
+step("machines view screenshot");
+await own.page.bringToFront();
+await own.page.reload();
+await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="ready"]', T);
+await own.page.waitForFunction(() => /\/ [1-9]\d*$/.test(document.querySelector('tr[data-machine="emulator"] td:nth-child(4)')?.textContent ?? ""), null, T);
+await own.page.screenshot({ path: `${cfg.out}/machines.png` });
+assert.deepEqual(own.problems, [], "no CSP violation or script error on the console served by comfyrelay");
+
+// 3. From an origin off the allowlist: the browser refuses the calls (no CORS headers), so no job shows.
+step("refused origin");
+const refused = await context.newPage();
+const failed = [];
+refused.on("requestfailed", (r) => failed.push(r.url()));
+await refused.goto(`${cfg.refused}/console/?server=${encodeURIComponent(cfg.server)}#/jobs`);
+await refused.waitForSelector("#jobs-status.error", T);
+assert.equal(await refused.locator("#jobs-table tbody tr").count(), 0, "no job listed to a refused origin");
+assert.ok(failed.some((u) => u.includes("/comfyrelay.v1.JobService/ListJobs")), `the call failed in the browser: ${failed}`);
+const refusedMessage = await refused.textContent("#jobs-status");
+
+await browser.close();
+say({ done: { invert, cancelled, output: output.name, refused: refusedMessage } });
+process.exit(0);
