@@ -254,7 +254,7 @@ function jobRow(id: string) {
   const tr = h(
     "tr",
     { "data-job": id, class: "clickable", onclick: () => (location.hash = `#/jobs/${encodeURIComponent(id)}`) },
-    h("td", { class: "mono" }, h("a", { href: `#/jobs/${encodeURIComponent(id)}` }, id.slice(0, 8))),
+    h("td", { class: "mono" }, h("a", { href: `#/jobs/${encodeURIComponent(id)}` }, id)),
     cells.workflow,
     h("td", {}, state),
     cells.waiting,
@@ -348,7 +348,7 @@ function jobView(id: string, signal: AbortSignal): void {
     if (previewUrl) URL.revokeObjectURL(previewUrl);
   });
 
-  const mark = (s: { li: HTMLElement }, how: "done" | "active" | "failed" | "") => {
+  const mark = (s: { li: HTMLElement }, how: "done" | "active" | "failed" | "skipped" | "") => {
     if (s.li.dataset.mark !== how) {
       s.li.dataset.mark = how;
       s.li.className = `stage ${how}`;
@@ -380,7 +380,9 @@ function jobView(id: string, signal: AbortSignal): void {
     if (s === JobState.QUEUED) {
       text(queued.detail, `position ${job.queuePosition}${job.waitingReason ? ` — ${job.waitingReason}` : ""}`);
     }
-    mark(provisioning, s === JobState.PROVISIONING ? "active" : job.provisionTime ? "done" : s > JobState.PROVISIONING ? "done" : "");
+    if (provisioning.li.dataset.mark !== "skipped") {
+      mark(provisioning, s === JobState.PROVISIONING ? "active" : job.provisionTime || s > JobState.PROVISIONING ? "done" : "");
+    }
     mark(running, s === JobState.RUNNING ? "active" : job.startTime ? "done" : "");
     mark(finished, s === JobState.SUCCEEDED ? "done" : s === JobState.FAILED || s === JobState.CANCELLED ? "failed" : "");
     if (isTerminal(s)) renderTerminal(job);
@@ -441,6 +443,15 @@ function jobView(id: string, signal: AbortSignal): void {
     return row;
   };
 
+  const finishNodes = () => {
+    for (const r of nodeRows.values()) {
+      if (r.li.classList.contains("executed") || r.li.classList.contains("cached")) continue;
+      r.li.classList.add("executed");
+      r.bar.style.width = "100%";
+      text(r.label, "done");
+    }
+  };
+
   const setProgress = (nodeId: string, value: number, max: number) => {
     const row = nodeRow(nodeId, "");
     const pct = max > 0 ? Math.min(100, (value / max) * 100) : 0;
@@ -494,9 +505,7 @@ function jobView(id: string, signal: AbortSignal): void {
     switch (k.case) {
       case "queued":
         details = `position ${k.value.position}${k.value.reason ? ` — ${k.value.reason}` : ""}`;
-        if (current?.state === JobState.QUEUED || !current) {
-          text(queued.detail, details);
-        }
+        text(queued.detail, details);
         break;
       case "provisioning": {
         const phase = enumName(ProvisioningPhase, k.value.phase);
@@ -511,6 +520,10 @@ function jobView(id: string, signal: AbortSignal): void {
         details = `on ${k.value.machineId}`;
         text(running.detail.querySelector(".machine-line")!, `on ${k.value.machineId} · prompt ${k.value.comfyPromptId}`);
         mark(queued, "done");
+        if (!phases.length) {
+          text(provisioning.detail, "not needed: the machine was ready");
+          mark(provisioning, "skipped");
+        }
         mark(running, "active");
         setBadge(state, "running");
         break;
@@ -519,6 +532,8 @@ function jobView(id: string, signal: AbortSignal): void {
         break;
       case "nodeStarted":
         details = `#${k.value.nodeId} ${k.value.classType}`;
+        // ComfyUI runs one node at a time: the next one starting means the others finished.
+        finishNodes();
         nodeRow(k.value.nodeId, k.value.classType).li.classList.add("started");
         break;
       case "nodesCached":
@@ -549,7 +564,7 @@ function jobView(id: string, signal: AbortSignal): void {
           const r = nodeRow(k.value.nodeId, "");
           r.li.classList.add("executed");
           r.bar.style.width = "100%";
-          if (!r.label.textContent) text(r.label, "done");
+          text(r.label, "done");
         }
         break;
       case "outputReady":
@@ -574,6 +589,7 @@ function jobView(id: string, signal: AbortSignal): void {
         break;
       case "succeeded":
         details = `${k.value.outputs.length} output(s)`;
+        finishNodes();
         for (const o of k.value.outputs) addOutput(o);
         break;
       case "failed":
@@ -650,6 +666,11 @@ function jobView(id: string, signal: AbortSignal): void {
       failures += 1;
       streamState.dataset.reconnects = String(reconnects);
       text(streamState, `reconnecting after #${after}…`);
+      if (!events.querySelector(`tr.resumed[data-after="${after}"]`)) {
+        events.prepend(
+          h("tr", { class: "resumed", "data-after": String(after) }, h("td", {}), h("td", {}, formatTime(new Date())), h("td", {}, "connection lost"), h("td", { class: "details" }, `resumed after #${after}, without repeating an event`)),
+        );
+      }
       await sleep(Math.min(250 * 2 ** failures, RECONNECT_MAX_MS), signal);
       try {
         renderJob(await jobs.getJob({ jobId: id }, { signal }));
@@ -840,7 +861,7 @@ function machinesView(signal: AbortSignal): void {
       h(
         "table",
         { class: "machines", id: "machines-table" },
-        h("thead", {}, h("tr", {}, ...["machine", "kind", "state", "jobs (running / queued / done)", "lease ends", "billed", "cost", "last workflow", ""].map((c) => h("th", {}, c)))),
+        h("thead", {}, h("tr", {}, ...["machine", "kind", "state", "jobs run/queue/done", "lease ends", "billed", "cost", "last workflow", ""].map((c) => h("th", {}, c)))),
         body,
       ),
       empty,
@@ -922,7 +943,8 @@ function machineRow(id: string, status: HTMLElement, signal: AbortSignal, refres
       text(c.kind, `${enumName(MachineKind, m.kind)}${m.serverType ? ` · ${m.serverType}` : ""}`);
       text(c.jobs, `${m.runningJobs} / ${m.queuedJobs} / ${m.jobsCompleted}`);
       const lease = date(m.leaseExpireTime);
-      text(c.lease, lease ? `${formatTime(lease)} (in ${formatSeconds((lease.getTime() - Date.now()) / 1000)})` : "–");
+      text(c.lease, lease ? `in ${formatSeconds((lease.getTime() - Date.now()) / 1000)}` : "–");
+      c.lease.title = lease ? lease.toLocaleString() : "";
       text(c.billed, formatSeconds(m.billedSeconds));
       text(c.cost, m.cost ? `${m.cost.amount.toFixed(4)} ${m.cost.currency}` : "–");
       text(c.last, m.lastWorkflow || "–");

@@ -40,9 +40,9 @@ function gapFree(seqs) {
   assert.deepEqual(sorted, Array.from({ length: sorted.length }, (_, i) => i + 1), `events shown once each, 1..n: ${seqs}`);
 }
 
-async function submitInvert(page, image) {
-  await page.waitForSelector('#workflow option[value="invert"]', { state: "attached", ...T });
-  await page.selectOption("#workflow", "invert");
+async function submitInvert(page, image, workflow = "invert") {
+  await page.waitForSelector(`#workflow option[value="${workflow}"]`, { state: "attached", ...T });
+  await page.selectOption("#workflow", workflow);
   await page.setInputFiles("#input-image", image);
   await page.click("#submit-button");
   await page.waitForFunction(() => /^#\/jobs\/[0-9a-f-]{36}$/.test(location.hash), null, T);
@@ -88,8 +88,9 @@ await page.waitForFunction(() => {
   const img = document.querySelector(".output .output-box img");
   return img && img.complete && img.naturalWidth > 0;
 }, null, T);
-gapFree(await page.locator("#events tr").evaluateAll((rows) => rows.map((r) => Number(r.dataset.sequence))));
-const kinds = await page.locator("#events tr").evaluateAll((rows) => rows.map((r) => r.dataset.kind));
+gapFree(await page.locator("#events tr[data-sequence]").evaluateAll((rows) => rows.map((r) => Number(r.dataset.sequence))));
+assert.equal(await page.locator("#events tr.resumed").count(), 1, "the cut is shown once in the log");
+const kinds = await page.locator("#events tr[data-sequence]").evaluateAll((rows) => rows.map((r) => r.dataset.kind));
 for (const k of ["queued", "started", "nodeStarted", "progress", "outputReady", "succeeded"]) {
   assert.ok(kinds.includes(k), `a ${k} event is shown (${kinds})`);
 }
@@ -110,6 +111,16 @@ await page.click("#cancel-job");
 await page.waitForSelector("#terminal-state", T);
 assert.equal(await page.textContent("#terminal-state"), "cancelled");
 
+step("a job on a RunComfy machine: provisioning phases");
+await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+const cloud = await submitInvert(page, cfg.images[2], "invert-cloud");
+await page.waitForSelector('[data-stage="provisioning"] .chip', T);
+await page.waitForSelector("#terminal-state", { timeout: 90_000 });
+assert.equal(await page.textContent("#terminal-state"), "succeeded");
+const phases = await page.locator('[data-stage="provisioning"] .chip').allTextContents();
+assert.ok(phases.includes("launch requested") && phases.includes("comfyui reachable"), `phases: ${phases}`);
+await page.screenshot({ path: `${cfg.out}/job-runcomfy.png`, fullPage: true });
+
 step("the job list, filtered");
 await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/jobs`);
 await page.waitForSelector(`tr[data-job="${invert}"]`, T);
@@ -119,12 +130,18 @@ await page.waitForSelector(`tr[data-job="${cancelled}"] .badge[data-state="cance
 await page.screenshot({ path: `${cfg.out}/jobs.png` });
 assert.deepEqual(problems, [], "no CSP violation or script error on the allowed page");
 
-step("machines view screenshot");
+step("machines: the RunComfy machine bills; Drain");
 await own.page.bringToFront();
 await own.page.reload();
 await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="ready"]', T);
 await own.page.waitForFunction(() => /\/ [1-9]\d*$/.test(document.querySelector('tr[data-machine="emulator"] td:nth-child(4)')?.textContent ?? ""), null, T);
+const runcomfy = own.page.locator("#machines-table tbody tr", { hasText: "runcomfy" });
+await runcomfy.first().waitFor(T);
+await own.page.waitForFunction(() => [...document.querySelectorAll("#machines-table tbody tr")].some((r) => r.textContent.includes("USD")), null, T);
 await own.page.screenshot({ path: `${cfg.out}/machines.png` });
+await own.page.click('button.drain[data-machine="emulator"]');
+await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="draining"]', T);
+assert.equal(await own.page.textContent('button.drain[data-machine="emulator"]'), "Undrain");
 assert.deepEqual(own.problems, [], "no CSP violation or script error on the console served by comfyrelay");
 
 // 3. From an origin off the allowlist: the browser refuses the calls (no CORS headers), so no job shows.
@@ -139,5 +156,5 @@ assert.ok(failed.some((u) => u.includes("/comfyrelay.v1.JobService/ListJobs")), 
 const refusedMessage = await refused.textContent("#jobs-status");
 
 await browser.close();
-say({ done: { invert, cancelled, output: output.name, refused: refusedMessage } });
+say({ done: { invert, cancelled, cloud, output: output.name, refused: refusedMessage } });
 process.exit(0);

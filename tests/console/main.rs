@@ -24,6 +24,10 @@ use std::time::Duration;
 
 use helpers::{Dev, Proxy, png, repo};
 
+/// The test images' size (big enough to see in the screenshots).
+const W: u32 = 96;
+const H: u32 = 64;
+
 /// How long the whole browser session may take (a cold chromium on a loaded 2-core machine).
 const DRIVE_DEADLINE: Duration = Duration::from_secs(240);
 
@@ -138,6 +142,27 @@ fn serve_static(listener: TcpListener, assets: Arc<Vec<(String, String, Vec<u8>)
     });
 }
 
+/// The bundled `invert` and `scale-blur`, and `invert-cloud`: `invert` with RunComfy requirements, so its
+/// jobs run on the emulated RunComfy account's machines (as in the README's "RunComfy" section).
+fn catalog() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (from, to) in [("invert", "invert"), ("scale-blur", "scale-blur"), ("invert", "invert-cloud")] {
+        let dest = dir.path().join(to);
+        std::fs::create_dir_all(&dest).expect("mkdir");
+        for file in ["manifest.toml", "workflow.json"] {
+            std::fs::copy(repo().join("workflows").join(from).join(file), dest.join(file))
+                .expect("copy workflow");
+        }
+    }
+    let manifest = dir.path().join("invert-cloud/manifest.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .expect("read manifest")
+        .replace(r#"name = "invert""#, r#"name = "invert-cloud""#)
+        + "\n[requirements]\nruncomfy_workflow_version_id = \"5e1f6c7a-0000-4000-8000-00000000f001\"\n";
+    std::fs::write(&manifest, text).expect("write manifest");
+    dir
+}
+
 fn out_dir() -> PathBuf {
     let dir = repo().join("target/console");
     std::fs::create_dir_all(&dir).expect("create target/console");
@@ -152,9 +177,23 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
     let allowed_origin = format!("http://{}", allowed.local_addr().expect("addr"));
     let refused_origin = format!("http://{}", refused.local_addr().expect("addr"));
     let origins = format!(r#"["{allowed_origin}"]"#);
+    let catalog = catalog();
     let dev = Dev::start_with(
-        &["--comfy-port", "0", "--node-delay", "1s", "--progress-steps", "8"],
-        &[("COMFYRELAY_GRPC__CORS_ORIGINS", origins.as_str())],
+        &[
+            "--comfy-port",
+            "0",
+            "--runcomfy",
+            "--runcomfy-port",
+            "0",
+            "--node-delay",
+            "1s",
+            "--progress-steps",
+            "8",
+        ],
+        &[
+            ("COMFYRELAY_GRPC__CORS_ORIGINS", origins.as_str()),
+            ("COMFYRELAY_WORKFLOWS_DIR", catalog.path().to_str().expect("utf-8 path")),
+        ],
     );
 
     // CORS on the wire: the allowed origin gets what gRPC-Web needs, any other origin nothing at all.
@@ -201,11 +240,11 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
 
     let proxy = Proxy::start(dev.addr);
     let out = out_dir();
-    let images: Vec<PathBuf> = [("first.png", 1), ("second.png", 2)]
+    let images: Vec<PathBuf> = [("first.png", 1), ("second.png", 2), ("third.png", 3)]
         .into_iter()
         .map(|(name, salt)| {
             let p = out.join(name);
-            std::fs::write(&p, png(24, 16, salt)).expect("write image");
+            std::fs::write(&p, png(W, H, salt)).expect("write image");
             p
         })
         .collect();
@@ -224,6 +263,14 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
     // What the browser did, seen through the API.
     let invert = done["invert"].as_str().expect("invert id");
     let cancelled = done["cancelled"].as_str().expect("cancelled id");
+    let cloud = done["cloud"].as_str().expect("RunComfy job id");
+    let job = helpers::run(dev.cli().args(["get", cloud, "--json"]));
+    assert!(job.stdout.contains("\"succeeded\"") || job.stdout.contains("SUCCEEDED"), "{job:?}");
+    let machines = helpers::run(dev.cli().args(["machines", "--json"]));
+    assert!(
+        machines.stdout.lines().any(|l| l.contains("\"emulator\"") && l.to_lowercase().contains("draining")),
+        "{machines:?}"
+    );
     let job = helpers::run(dev.cli().args(["get", invert, "--json"]));
     assert!(job.stdout.contains("\"succeeded\"") || job.stdout.contains("SUCCEEDED"), "{job:?}");
     let job = helpers::run(dev.cli().args(["get", cancelled, "--json"]));
@@ -232,7 +279,7 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
         proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2,
         "the stream came back on a new connection"
     );
-    assert_inverted(&out.join("output.png"), &png(24, 16, 1));
+    assert_inverted(&out.join("output.png"), &png(W, H, 1));
     for shot in ["job.png", "machines.png", "jobs.png"] {
         let len = std::fs::metadata(out.join(shot)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "{shot} written ({len} bytes)");
