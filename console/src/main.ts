@@ -25,6 +25,8 @@ import {
 const JOBS_POLL_MS = 1500;
 const MACHINES_POLL_MS = 2000;
 const RECONNECT_MAX_MS = 5000;
+/** Rows the events log keeps (the oldest go first); a long job sends thousands of progress events. */
+const EVENT_ROWS = 1000;
 
 // ---------------------------------------------------------------------------------------------------
 // Shell: header, navigation, one view at a time (hash routes).
@@ -193,6 +195,7 @@ function jobsView(signal: AbortSignal): void {
     body,
   );
   const empty = h("p", { class: "muted empty", id: "jobs-empty" }, "No jobs yet.");
+  const more = h("p", { class: "muted more", id: "jobs-more", hidden: true }, "Showing the newest 50; narrow the filters to see others.");
   fill(
     main,
     h(
@@ -202,6 +205,7 @@ function jobsView(signal: AbortSignal): void {
       status,
       table,
       empty,
+      more,
     ),
   );
   workflows.listWorkflows({}, { signal }).then(
@@ -232,6 +236,7 @@ function jobsView(signal: AbortSignal): void {
         }
       }
       empty.hidden = r.jobs.length > 0;
+      more.hidden = !r.nextPageToken;
     } catch (e) {
       if (!signal.aborted) showError(status, e);
     }
@@ -615,6 +620,7 @@ function jobView(id: string, signal: AbortSignal): void {
         h("td", { class: "details" }, details),
       ),
     );
+    while (events.rows.length > EVENT_ROWS) events.lastElementChild?.remove();
   };
 
   cancel.addEventListener("click", async () => {

@@ -196,45 +196,7 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
         ],
     );
 
-    // CORS on the wire: the allowed origin gets what gRPC-Web needs, any other origin nothing at all.
-    let (status, headers) = preflight(dev.addr, &allowed_origin);
-    assert!(status.contains(" 200 "), "{status}");
-    assert_eq!(header(&headers, "access-control-allow-origin"), Some(allowed_origin.as_str()));
-    let allowed_headers = header(&headers, "access-control-allow-headers").unwrap_or_default();
-    for h in ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "authorization"] {
-        assert!(allowed_headers.contains(h), "{h} allowed: {allowed_headers}");
-    }
-    assert_eq!(header(&headers, "access-control-allow-credentials"), None, "no credentials");
-    let (_, headers) = preflight(dev.addr, &refused_origin);
-    let cors: Vec<_> = headers.iter().filter(|(k, _)| k.starts_with("access-control-")).collect();
-    assert!(cors.is_empty(), "a refused origin gets no CORS header: {cors:?}");
-    let (_, headers, _) = http(
-        dev.addr,
-        &format!(
-            "POST /comfyrelay.v1.WorkflowService/ListWorkflows HTTP/1.1\r\nHost: {}\r\nOrigin: {allowed_origin}\r\n\
-             Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0",
-            dev.addr
-        ),
-    );
-    let exposed = header(&headers, "access-control-expose-headers").unwrap_or_default();
-    for h in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
-        assert!(exposed.contains(h), "{h} exposed: {exposed}");
-    }
-
-    // The console's files as comfyrelay serves them, with their types and policy.
-    let mut assets = Vec::new();
-    for path in ["/console/", "/console/console.js", "/console/console.css"] {
-        let (status, headers, body) = http(
-            dev.addr,
-            &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", dev.addr),
-        );
-        assert!(status.contains(" 200 "), "{path}: {status}");
-        let csp = header(&headers, "content-security-policy").unwrap_or_default();
-        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{path}: {csp}");
-        let ty = header(&headers, "content-type").unwrap_or_default().to_string();
-        assets.push((path.to_string(), ty, body));
-    }
-    let assets = Arc::new(assets);
+    let assets = Arc::new(console_assets(dev.addr));
     serve_static(allowed, assets.clone());
     serve_static(refused, assets);
 
@@ -284,6 +246,60 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
         let len = std::fs::metadata(out.join(shot)).map(|m| m.len()).unwrap_or(0);
         assert!(len > 10_000, "{shot} written ({len} bytes)");
     }
+}
+
+#[test]
+fn listed_origins_get_cors_for_grpc_web_others_none_and_the_console_is_served_under_its_policy() {
+    let allowed_origin = "http://127.0.0.1:9";
+    let refused_origin = "http://localhost:9";
+    let origins = format!(r#"["{allowed_origin}"]"#);
+    let dev = Dev::start_with(&["--comfy-port", "0"], &[("COMFYRELAY_GRPC__CORS_ORIGINS", origins.as_str())]);
+    // CORS on the wire: the allowed origin gets what gRPC-Web needs, any other origin nothing at all.
+    let (status, headers) = preflight(dev.addr, allowed_origin);
+    assert!(status.contains(" 200 "), "{status}");
+    assert_eq!(header(&headers, "access-control-allow-origin"), Some(allowed_origin));
+    let allowed_headers = header(&headers, "access-control-allow-headers").unwrap_or_default();
+    for h in ["content-type", "x-grpc-web", "x-user-agent", "grpc-timeout", "authorization"] {
+        assert!(allowed_headers.contains(h), "{h} allowed: {allowed_headers}");
+    }
+    assert_eq!(header(&headers, "access-control-allow-credentials"), None, "no credentials");
+    let (_, headers) = preflight(dev.addr, refused_origin);
+    let cors: Vec<_> = headers.iter().filter(|(k, _)| k.starts_with("access-control-")).collect();
+    assert!(cors.is_empty(), "a refused origin gets no CORS header: {cors:?}");
+    let (_, headers, _) = http(
+        dev.addr,
+        &format!(
+            "POST /comfyrelay.v1.WorkflowService/ListWorkflows HTTP/1.1\r\nHost: {}\r\nOrigin: {allowed_origin}\r\n\
+             Content-Type: application/grpc-web+proto\r\nX-Grpc-Web: 1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n\0\0\0\0\0",
+            dev.addr
+        ),
+    );
+    let exposed = header(&headers, "access-control-expose-headers").unwrap_or_default();
+    for h in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        assert!(exposed.contains(h), "{h} exposed: {exposed}");
+    }
+
+    let assets = console_assets(dev.addr);
+    assert!(assets.iter().any(|(p, ty, _)| p == "/console/console.js" && ty.starts_with("text/javascript")));
+    let (status, headers, _) =
+        http(dev.addr, &format!("GET /console HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", dev.addr));
+    assert!(status.contains(" 308 "), "{status}");
+    assert_eq!(header(&headers, "location"), Some("/console/"));
+}
+
+/// The console's files as comfyrelay serves them, checked for their policy: (path, content type, bytes).
+fn console_assets(server: SocketAddr) -> Vec<(String, String, Vec<u8>)> {
+    let mut assets = Vec::new();
+    for path in ["/console/", "/console/console.js", "/console/console.css"] {
+        let (status, headers, body) =
+            http(server, &format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", server));
+        assert!(status.contains(" 200 "), "{path}: {status}");
+        let csp = header(&headers, "content-security-policy").unwrap_or_default();
+        assert!(csp.contains("default-src 'none'") && csp.contains("connect-src 'self'"), "{path}: {csp}");
+        let ty = header(&headers, "content-type").unwrap_or_default().to_string();
+        assets.push((path.to_string(), ty, body));
+    }
+    assets
 }
 
 /// Runs drive.mjs with `config`, cutting the proxy when it asks; returns its `done` object.
