@@ -121,6 +121,26 @@ const phases = await page.locator('[data-stage="provisioning"] .chip').allTextCo
 assert.ok(phases.includes("launch requested") && phases.includes("comfyui reachable"), `phases: ${phases}`);
 await page.screenshot({ path: `${cfg.out}/job-runcomfy.png`, fullPage: true });
 
+// (The emulated ComfyUI sends no preview that is not an output: SaveImageWebsocket's frames are outputs.)
+step("websocket outputs, numbers typed into the form");
+await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+await page.waitForSelector('#workflow option[value="progress-websocket"]', { state: "attached", ...T });
+await page.selectOption("#workflow", "progress-websocket");
+await page.fill("#input-batch_size", "99");
+assert.equal(await page.locator("#input-batch_size").evaluate((e) => e.checkValidity()), false, "over max: the form refuses");
+await page.fill("#input-width", "48");
+await page.fill("#input-height", "32");
+await page.fill("#input-batch_size", "3");
+await page.click("#submit-button");
+await page.waitForFunction(() => /^#\/jobs\/[0-9a-f-]{36}$/.test(location.hash), null, T);
+await page.waitForSelector("#terminal-state", T);
+assert.equal(await page.textContent("#terminal-state"), "succeeded");
+await page.waitForFunction(
+  () => [...document.querySelectorAll(".output .output-box img")].filter((i) => i.complete && i.naturalWidth === 48).length === 3,
+  null,
+  T,
+);
+
 step("the job list, filtered");
 await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/jobs`);
 await page.waitForSelector(`tr[data-job="${invert}"]`, T);

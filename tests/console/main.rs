@@ -142,11 +142,16 @@ fn serve_static(listener: TcpListener, assets: Arc<Vec<(String, String, Vec<u8>)
     });
 }
 
-/// The bundled `invert` and `scale-blur`, and `invert-cloud`: `invert` with RunComfy requirements, so its
+/// The bundled `invert`, `scale-blur` and `progress-websocket`, and `invert-cloud`: `invert` with RunComfy requirements, so its
 /// jobs run on the emulated RunComfy account's machines (as in the README's "RunComfy" section).
 fn catalog() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
-    for (from, to) in [("invert", "invert"), ("scale-blur", "scale-blur"), ("invert", "invert-cloud")] {
+    for (from, to) in [
+        ("invert", "invert"),
+        ("scale-blur", "scale-blur"),
+        ("progress-websocket", "progress-websocket"),
+        ("invert", "invert-cloud"),
+    ] {
         let dest = dir.path().join(to);
         std::fs::create_dir_all(&dest).expect("mkdir");
         for file in ["manifest.toml", "workflow.json"] {
