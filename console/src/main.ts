@@ -819,9 +819,10 @@ function inputField(input: WorkflowInput): HTMLElement {
       control = el;
     }
   }
+  const wide = input.type === InputType.IMAGE || input.name === "prompt";
   return h(
     "label",
-    { class: "field", for: id },
+    { class: wide ? "field wide" : "field", for: id },
     h("span", {}, input.name, input.required ? h("span", { class: "required" }, " *") : null),
     control,
     h("small", { class: "muted" }, [input.description, hint].filter(Boolean).join(" · ")),

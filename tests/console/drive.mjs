@@ -71,6 +71,7 @@ assert.equal(await page.getAttribute("#input-blur_radius", "max"), "31");
 assert.equal(await page.locator("#input-upscale_method").evaluate((e) => e.tagName), "SELECT");
 assert.ok((await page.locator("#input-upscale_method option").allTextContents()).includes("lanczos"));
 assert.equal(await page.getAttribute("#input-image", "type"), "file");
+await page.screenshot({ path: `${cfg.out}/submit.png` });
 
 const invert = await submitInvert(page, cfg.images[0]);
 step(`job ${invert}: progress, then the connection is cut`);
