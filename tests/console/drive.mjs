@@ -163,6 +163,18 @@ await own.page.screenshot({ path: `${cfg.out}/machines.png` });
 await own.page.click('button.drain[data-machine="emulator"]');
 await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="draining"]', T);
 assert.equal(await own.page.textContent('button.drain[data-machine="emulator"]'), "Undrain");
+
+step("queued behind a drained machine, with the reason; Undrain lets it run");
+await page.goto(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+const waiting = await submitInvert(page, cfg.images[3]);
+await page.waitForFunction(() => /position 1 — .*drained/.test(document.querySelector('[data-stage="queued"] .stage-detail')?.textContent ?? ""), null, T);
+assert.equal(await page.getAttribute('[data-stage="queued"]', "data-mark"), "active");
+await own.page.bringToFront();
+await own.page.click('button.drain[data-machine="emulator"]');
+await own.page.waitForSelector('tr[data-machine="emulator"] .badge[data-state="ready"]', T);
+await page.bringToFront();
+await page.waitForSelector("#terminal-state", T);
+assert.equal(await page.textContent("#terminal-state"), "succeeded");
 assert.deepEqual(own.problems, [], "no CSP violation or script error on the console served by comfyrelay");
 
 // 3. From an origin off the allowlist: the browser refuses the calls (no CORS headers), so no job shows.
@@ -177,5 +189,5 @@ assert.ok(failed.some((u) => u.includes("/comfyrelay.v1.JobService/ListJobs")), 
 const refusedMessage = await refused.textContent("#jobs-status");
 
 await browser.close();
-say({ done: { invert, cancelled, cloud, output: output.name, refused: refusedMessage } });
+say({ done: { invert, cancelled, cloud, waiting, output: output.name, refused: refusedMessage } });
 process.exit(0);

@@ -207,7 +207,7 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
 
     let proxy = Proxy::start(dev.addr);
     let out = out_dir();
-    let images: Vec<PathBuf> = [("first.png", 1), ("second.png", 2), ("third.png", 3)]
+    let images: Vec<PathBuf> = [("first.png", 1), ("second.png", 2), ("third.png", 3), ("fourth.png", 4)]
         .into_iter()
         .map(|(name, salt)| {
             let p = out.join(name);
@@ -234,10 +234,12 @@ fn the_console_submits_follows_resumes_and_cancels_in_chromium_and_other_origins
     let job = helpers::run(dev.cli().args(["get", cloud, "--json"]));
     assert!(job.stdout.contains("\"succeeded\"") || job.stdout.contains("SUCCEEDED"), "{job:?}");
     let machines = helpers::run(dev.cli().args(["machines", "--json"]));
-    assert!(
-        machines.stdout.lines().any(|l| l.contains("\"emulator\"") && l.to_lowercase().contains("draining")),
-        "{machines:?}"
-    );
+    // Drained from the console, then undrained for the job that waited for it.
+    let emulator = machines.stdout.lines().find(|l| l.contains("\"emulator\"")).unwrap_or_default();
+    assert!(emulator.contains("\"ready\"") || emulator.contains("READY"), "{machines:?}");
+    let waiting = done["waiting"].as_str().expect("waiting id");
+    let job = helpers::run(dev.cli().args(["get", waiting, "--json"]));
+    assert!(job.stdout.contains("\"succeeded\"") || job.stdout.contains("SUCCEEDED"), "{job:?}");
     let job = helpers::run(dev.cli().args(["get", invert, "--json"]));
     assert!(job.stdout.contains("\"succeeded\"") || job.stdout.contains("SUCCEEDED"), "{job:?}");
     let job = helpers::run(dev.cli().args(["get", cancelled, "--json"]));
