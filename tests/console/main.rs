@@ -12,7 +12,7 @@
 //! Screenshots go to `target/console/`.
 
 #[path = "../clients/helpers.rs"]
-#[allow(dead_code, unreachable_pub)]
+#[expect(dead_code, reason = "shared with the clients binary, which uses the rest of it")]
 mod helpers;
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
