@@ -35,6 +35,29 @@ async function open(url) {
   return { page, problems };
 }
 
+/** `after_sequence` of a StreamJob request body (a gRPC-Web frame: 5 header bytes, then the message). */
+function afterSequence(body) {
+  let i = 5;
+  let after = 0;
+  while (i < body.length) {
+    const tag = body[i++];
+    if (tag === 0x0a) {
+      i += 1 + body[i]; // job_id: a UUID, so its length fits one byte
+    } else if (tag === 0x10) {
+      let shift = 0;
+      for (;;) {
+        const b = body[i++];
+        after += (b & 0x7f) * 2 ** shift;
+        shift += 7;
+        if (!(b & 0x80)) break;
+      }
+    } else {
+      i += 1; // skip_previews (a bool)
+    }
+  }
+  return after;
+}
+
 function gapFree(seqs) {
   const sorted = [...seqs].sort((a, b) => a - b);
   assert.deepEqual(sorted, Array.from({ length: sorted.length }, (_, i) => i + 1), `events shown once each, 1..n: ${seqs}`);
@@ -61,6 +84,10 @@ assert.equal(sameOriginRows, 1, "one machine, the emulated ComfyUI");
 // 2. From another origin on the allowlist, through the proxy the test can cut, with an API key pasted.
 step("allowed origin: submit invert through the form");
 const { page, problems } = await open(`${cfg.allowed}/console/?server=${encodeURIComponent(cfg.proxy)}#/submit`);
+const streamCalls = [];
+page.on("request", (r) => {
+  if (r.url().endsWith("/comfyrelay.v1.JobService/StreamJob")) streamCalls.push(afterSequence(r.postDataBuffer()));
+});
 await page.fill("#api-key", "console-test-key");
 await page.click(".key button");
 await page.waitForSelector('#workflow option[value="invert"]', { state: "attached", ...T });
@@ -91,6 +118,10 @@ await page.waitForFunction(() => {
 }, null, T);
 gapFree(await page.locator("#events tr[data-sequence]").evaluateAll((rows) => rows.map((r) => Number(r.dataset.sequence))));
 assert.equal(await page.locator("#events tr.resumed").count(), 1, "the cut is shown once in the log");
+// The stream was asked again from where it was cut, not from the beginning.
+const resumedAfter = Number(await page.getAttribute("#events tr.resumed", "data-after"));
+assert.ok(resumedAfter > 0, "events arrived before the cut");
+assert.deepEqual(streamCalls.slice(0, 2), [0, resumedAfter], `StreamJob after_sequence per call: ${streamCalls}`);
 const kinds = await page.locator("#events tr[data-sequence]").evaluateAll((rows) => rows.map((r) => r.dataset.kind));
 for (const k of ["queued", "started", "nodeStarted", "progress", "outputReady", "succeeded"]) {
   assert.ok(kinds.includes(k), `a ${k} event is shown (${kinds})`);
