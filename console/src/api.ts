@@ -47,7 +47,9 @@ export function describeError(e: unknown): { title: string; lines: string[] } {
     if (d) lines.push(`retry in ${Number(d.seconds) + d.nanos / 1e9} s`);
   }
   const reason = err.findDetails(ErrorInfoSchema)[0]?.reason;
-  const title = `${Code[err.code] ?? err.code}${reason ? ` (${reason})` : ""}: ${err.rawMessage}`;
+  // With field violations the message only repeats them: each is listed once, under the code.
+  const head = `${Code[err.code] ?? err.code}${reason ? ` (${reason})` : ""}`;
+  const title = lines.length && err.findDetails(BadRequestSchema).length ? head : `${head}: ${err.rawMessage}`;
   return { title, lines };
 }
 

@@ -797,7 +797,9 @@ function inputField(input: WorkflowInput): HTMLElement {
       });
       if (d?.case === "intValue") el.value = String(d.value);
       if (d?.case === "floatValue") el.value = String(d.value);
-      if (input.min !== undefined || input.max !== undefined) hint = `${input.min ?? "…"} to ${input.max ?? "…"}`;
+      // A seed's range is the whole of int64, too long to be worth showing.
+      const bound = (v: number | undefined) => (v === undefined || Math.abs(v) >= 2 ** 53 ? "…" : String(v));
+      if (input.min !== undefined || input.max !== undefined) hint = `${bound(input.min)} to ${bound(input.max)}`;
       control = el;
       break;
     }

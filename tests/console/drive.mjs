@@ -100,6 +100,18 @@ assert.ok((await page.locator("#input-upscale_method option").allTextContents())
 assert.equal(await page.getAttribute("#input-image", "type"), "file");
 await page.screenshot({ path: `${cfg.out}/submit.png` });
 
+// An error's google.rpc details reach the page (grpc-status-details-bin is exposed to it): the server
+// refuses a workflow whose nodes the backend lacks, naming each in a field violation.
+await page.selectOption("#workflow", "sd15-local");
+await page.setInputFiles("#input-image", cfg.images[0]);
+await page.fill("#input-prompt", "a cat");
+await page.click("#submit-button");
+await page.waitForSelector("#submit-status.error .detail", T);
+const refusal = await page.textContent("#submit-status");
+await page.screenshot({ path: `${cfg.out}/submit-refused.png` });
+assert.match(refusal, /^InvalidArgument \(INVALID_ARGUMENT\)workflow: /, refusal);
+assert.ok((await page.locator("#submit-status .detail").allTextContents()).some((d) => d.startsWith("workflow: ") && d.includes("CheckpointLoaderSimple")), refusal);
+
 const invert = await submitInvert(page, cfg.images[0]);
 step(`job ${invert}: progress, then the connection is cut`);
 await page.waitForSelector("#events tr[data-kind=progress]", T);

@@ -142,8 +142,9 @@ fn serve_static(listener: TcpListener, assets: Arc<Vec<(String, String, Vec<u8>)
     });
 }
 
-/// The bundled `invert`, `scale-blur` and `progress-websocket`, and `invert-cloud`: `invert` with RunComfy requirements, so its
-/// jobs run on the emulated RunComfy account's machines (as in the README's "RunComfy" section).
+/// The bundled `invert`, `scale-blur` and `progress-websocket`; `invert-cloud`, `invert` with RunComfy
+/// requirements, so its jobs run on the emulated RunComfy account's machines (as in the README's "RunComfy"
+/// section); and `sd15-local`, which the emulated ComfyUI cannot run.
 fn catalog() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for (from, to) in [
@@ -159,6 +160,17 @@ fn catalog() -> tempfile::TempDir {
                 .expect("copy workflow");
         }
     }
+    // sd15-img2img without its RunComfy requirements: the emulated ComfyUI lacks its nodes, so it is refused.
+    let dest = dir.path().join("sd15-local");
+    std::fs::create_dir_all(&dest).expect("mkdir");
+    std::fs::copy(repo().join("workflows/sd15-img2img/workflow.json"), dest.join("workflow.json"))
+        .expect("copy");
+    let text =
+        std::fs::read_to_string(repo().join("workflows/sd15-img2img/manifest.toml")).expect("read manifest");
+    let (head, rest) = text.split_once("[requirements]").expect("sd15-img2img has requirements");
+    let rest = &rest[rest.find("[[").expect("inputs after the requirements")..];
+    let text = format!("{head}{rest}").replace(r#"name = "sd15-img2img""#, r#"name = "sd15-local""#);
+    std::fs::write(dest.join("manifest.toml"), text).expect("write manifest");
     let manifest = dir.path().join("invert-cloud/manifest.toml");
     let text = std::fs::read_to_string(&manifest)
         .expect("read manifest")
