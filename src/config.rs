@@ -101,6 +101,10 @@ pub struct GrpcConfig {
     /// A client that does not answer a ping within this is disconnected.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Web origins (`scheme://host[:port]`, exactly as browsers send them in `Origin`) whose pages may
+    /// call the gRPC-Web API cross-origin (CORS). Empty: none; the console served at `/console` is
+    /// same-origin and needs no entry.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GrpcConfig {
@@ -116,6 +120,7 @@ impl Default for GrpcConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -571,6 +576,15 @@ impl Config {
                 return bad(key, "must be positive");
             }
         }
+        for (i, origin) in g.cors_origins.iter().enumerate() {
+            if !is_origin(origin) {
+                return bad(
+                    &format!("grpc.cors_origins[{i}]"),
+                    "must be a web origin like `https://console.example.com` (http(s) scheme, host and \
+                     optional port; no path, no trailing slash, no wildcard)",
+                );
+            }
+        }
         if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > g.max_message_bytes {
             return bad("jobs.max_graph_bytes", "must be between 1024 and grpc.max_message_bytes");
         }
@@ -727,6 +741,14 @@ fn actual_kind(actual: &figment::error::Actual) -> &'static str {
     }
 }
 
+/// Whether `s` is a serialized web origin as browsers send it in `Origin` (`http(s)://host[:port]`).
+fn is_origin(s: &str) -> bool {
+    match url::Url::parse(s) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => u.origin().ascii_serialization() == s,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -770,6 +792,31 @@ mod tests {
         .unwrap();
         assert_eq!(c.comfyui.servers.len(), 2);
         assert_eq!(c.comfyui.servers[1].url, "http://127.0.0.1:2");
+    }
+
+    #[test]
+    fn cors_origins_must_be_exact_origins() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "COMFYRELAY_GRPC__CORS_ORIGINS",
+                r#"["http://127.0.0.1:8080", "https://ops.example.com"]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.grpc.cors_origins, ["http://127.0.0.1:8080", "https://ops.example.com"]);
+        for bad in [
+            "*",
+            "https://ops.example.com/",
+            "https://ops.example.com/console",
+            "ops.example.com",
+            "file:///x",
+        ] {
+            let value = format!(r#"["http://127.0.0.1:1", "{bad}"]"#);
+            let e =
+                Config::load(None, env(&[("COMFYRELAY_GRPC__CORS_ORIGINS", value.as_str())])).unwrap_err();
+            assert!(e.to_string().contains("grpc.cors_origins[1]"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`metrics`]: every Prometheus metric, its labels and its `/metrics` listener.
 //! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
 //! - [`dev`]: `comfyrelay dev`, the service on emulators.
+//! - [`console`]: the web console's static assets (served at `/console` by `grpc`; a gRPC-Web client).
 //! - [`cli`]: the command-line gRPC client (a client adapter: tonic and `pb::` like `grpc`).
 //! - [`limits`]: the bounds on what a caller can make the service hold, and [`limits::echo`].
 //! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
@@ -21,6 +22,7 @@ pub mod catalog;
 pub mod cli;
 pub mod comfy;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod emulator;
 pub mod grpc;
