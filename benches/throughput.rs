@@ -47,9 +47,13 @@ fn env_usize(key: &str, default: usize) -> usize {
 
 fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        // A cheap hash, so the image does not compress: the PNG is about w*h*3 bytes.
-        let v =
-            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503) ^ seed.wrapping_mul(97)).to_le_bytes();
+        // splitmix64 of the pixel's position and the seed: noise that does not compress, so the PNG is
+        // about w*h*3 bytes (a weaker hash left patterns that deflate shrank to a quarter).
+        let mut z =
+            (u64::from(seed) << 40 | u64::from(y) << 20 | u64::from(x)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let v = (z ^ (z >> 31)).to_le_bytes();
         image::Rgb([v[0], v[1], v[2]])
     });
     let mut out = std::io::Cursor::new(Vec::new());
@@ -516,7 +520,7 @@ async fn main() -> anyhow::Result<()> {
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")]).await?;
     let images: Arc<Vec<Bytes>> =
-        Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(150, 150, i + 7))).collect());
+        Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(296, 296, i + 7))).collect());
     let size = images[0].len();
     let next = Arc::new(AtomicUsize::new(0));
     // Warm-up: the first submit waits for the unreachable backend's /object_info once.
