@@ -12,7 +12,11 @@
 //! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
 //! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
 //! an `ErrorInfo` (`error_details`).
+//!
+//! TLS and mTLS (`tls`, with certificate reload) wrap the bounded connections; browser requests (gRPC-Web,
+//! HTTP/1) must name an allowed `Host` and `Origin` (`browser`).
 
+mod browser;
 mod connections;
 mod convert;
 mod error_details;
@@ -20,6 +24,7 @@ mod jobs;
 mod machines;
 mod observe;
 pub mod status;
+pub mod tls;
 mod workflows;
 
 use tokio::net::TcpListener;
@@ -109,14 +114,30 @@ pub async fn serve(
              open-file limit, e.g. LimitNOFILE=, to allow more)"
         );
     }
-    let incoming = connections::incoming(
-        listener,
-        connections::ConnectionLimits {
-            max_connections,
-            handshake_timeout: g.handshake_timeout,
-            idle_timeout: g.idle_timeout,
-        },
+    let tls = tls::Tls::load(&g.tls, g.grpc_web).await?;
+    if let Some(tls) = &tls {
+        tracing::info!(mutual = tls.mutual(), "gRPC over TLS");
+    }
+    let incoming = tls::incoming(
+        connections::incoming(
+            listener,
+            connections::ConnectionLimits {
+                max_connections,
+                handshake_timeout: g.handshake_timeout,
+                idle_timeout: g.idle_timeout,
+            },
+        ),
+        tls.clone(),
+        g.handshake_timeout,
+        max_connections,
     );
+    // Owned by this call: polls the TLS files until the server returns.
+    let reload = async move {
+        match tls {
+            Some(tls) => tls.watch().await,
+            None => std::future::pending().await,
+        }
+    };
     // The one writer of health statuses: readiness changes until the drain, then NOT_SERVING for good. It is
     // the server's shutdown future, so the drain starts only after load balancers were told.
     let token = shutdown.clone();
@@ -154,35 +175,43 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(g.keepalive_timeout))
         .max_concurrent_streams(Some(g.max_concurrent_streams))
         .trace_fn(observe::call_span);
-    let router = if config.grpc.grpc_web {
-        builder
-            .layer(tonic_web::GrpcWebLayer::new())
-            .layer(calls)
-            .layer(connections::CallTrackingLayer)
-            .layer(error_details::ErrorDetailsLayer::new(max))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(jobs)
-            .add_service(workflows)
-            .add_service(machines)
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await
-    } else {
-        builder
-            .layer(calls)
-            .layer(connections::CallTrackingLayer)
-            .layer(error_details::ErrorDetailsLayer::new(max))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(jobs)
-            .add_service(workflows)
-            .add_service(machines)
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await
+    let browser = browser::BrowserCheckLayer::new(&g.allowed_hosts, &g.cors_origins);
+    let served = async move {
+        if g.grpc_web {
+            builder
+                .layer(browser)
+                .layer(tonic_web::GrpcWebLayer::new())
+                .layer(calls)
+                .layer(connections::CallTrackingLayer)
+                .layer(error_details::ErrorDetailsLayer::new(max))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(jobs)
+                .add_service(workflows)
+                .add_service(machines)
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
+        } else {
+            builder
+                .layer(browser)
+                .layer(calls)
+                .layer(connections::CallTrackingLayer)
+                .layer(error_details::ErrorDetailsLayer::new(max))
+                .add_service(health_service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .add_service(jobs)
+                .add_service(workflows)
+                .add_service(machines)
+                .serve_with_incoming_shutdown(incoming, signal)
+                .await
+        }
     };
-    router?;
+    tokio::select! {
+        served = served => served?,
+        () = reload => {}
+    }
     tracing::info!("gRPC server stopped");
     Ok(())
 }
