@@ -346,3 +346,59 @@ impl Connected for ServerConn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(cn: Option<&str>, sans: &[&str]) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        }
+        params.subject_alt_names =
+            sans.iter().map(|s| rcgen::SanType::URI((*s).try_into().expect("uri"))).collect();
+        (params.self_signed(&key).expect("cert"), key)
+    }
+
+    #[test]
+    fn the_subject_is_the_common_name_else_the_first_san() {
+        let (with_cn, _) = leaf(Some("team-a"), &["spiffe://x/ci"]);
+        assert_eq!(subject_of(with_cn.der()), Some(ClientSubject("team-a".into())));
+        let (san_only, _) = leaf(None, &["spiffe://x/ci", "spiffe://x/other"]);
+        assert_eq!(subject_of(san_only.der()), Some(ClientSubject("spiffe://x/ci".into())));
+        let (nothing, _) = leaf(None, &[]);
+        assert_eq!(subject_of(nothing.der()), None);
+    }
+
+    #[tokio::test]
+    async fn files_that_do_not_load_are_named_and_never_quoted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = leaf(Some("localhost"), &[]);
+        let (_, other_key) = leaf(Some("localhost"), &[]);
+        let files = Files {
+            cert: dir.path().join("c.pem"),
+            key: dir.path().join("k.pem"),
+            client_ca: Some(dir.path().join("missing-ca.pem")),
+        };
+        std::fs::write(&files.cert, cert.pem()).expect("write");
+        let secret_line = "-----BEGIN PRIVATE KEY-----\nTOP-SECRET-KEY-MATERIAL\n";
+        std::fs::write(&files.key, secret_line).expect("write");
+        let e = build(&files, &[]).await.expect_err("broken key").to_string();
+        assert!(e.contains("grpc.tls.key_file") && !e.contains("TOP-SECRET"), "{e}");
+
+        std::fs::write(&files.key, other_key.serialize_pem()).expect("write");
+        let e = build(&files, &[]).await.expect_err("missing CA").to_string();
+        assert!(e.contains("grpc.tls.client_ca_file") && e.contains("missing-ca.pem"), "{e}");
+
+        let files = Files { client_ca: None, ..files };
+        let e = build(&files, &[]).await.expect_err("mismatched key").to_string();
+        assert!(e.contains("grpc.tls.cert_file and grpc.tls.key_file"), "{e}");
+
+        std::fs::write(&files.key, key.serialize_pem()).expect("write");
+        let config = build(&files, &[b"h2".to_vec()]).await.expect("a matching pair loads");
+        assert_eq!(config.alpn_protocols, [b"h2".to_vec()]);
+    }
+}
