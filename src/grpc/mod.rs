@@ -49,7 +49,8 @@ pub struct Services {
     pub pool: Option<crate::pool::Pool>,
 }
 
-/// Serves every service on `listener` until `shutdown` is cancelled.
+/// Serves every service on `listener` until `shutdown` is cancelled, over TLS when `tls` is given (from
+/// [`tls::Tls::load`], before anything else starts, so files that do not load stop the start at once).
 ///
 /// # Errors
 /// A transport failure while serving.
@@ -57,6 +58,7 @@ pub async fn serve(
     listener: TcpListener,
     config: &Config,
     services: Services,
+    tls: Option<tls::Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Services { jobs: job_manager, catalog, pool } = services;
@@ -114,7 +116,6 @@ pub async fn serve(
              open-file limit, e.g. LimitNOFILE=, to allow more)"
         );
     }
-    let tls = tls::Tls::load(&g.tls, g.grpc_web).await?;
     if let Some(tls) = &tls {
         tracing::info!(mutual = tls.mutual(), "gRPC over TLS");
     }

@@ -50,22 +50,34 @@ pub struct ClientSubject(pub String);
 
 /// TLS files that cannot be loaded. The messages name the setting and the file, never their contents.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum TlsError {
+pub enum TlsError {
     /// A file cannot be read.
     #[error("{setting} ({}): cannot read it: {source}", path.display())]
     Read {
+        /// The configuration key naming the file.
         setting: &'static str,
+        /// The file.
         path: PathBuf,
+        /// Why.
         #[source]
         source: io::Error,
     },
     /// A file holds no PEM item of the kind wanted, or malformed PEM.
     #[error("{setting} ({}): {what}", path.display())]
-    Pem { setting: &'static str, path: PathBuf, what: &'static str },
+    Pem {
+        /// The configuration key naming the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words (never the file's contents).
+        what: &'static str,
+    },
     /// rustls refused the certificate and key (e.g. they do not match) or the client CAs.
     #[error("{setting}: {source}")]
     Rustls {
+        /// The configuration key(s) at fault.
         setting: &'static str,
+        /// rustls's reason.
         #[source]
         source: rustls::Error,
     },
@@ -83,13 +95,23 @@ struct Files {
 }
 
 /// TLS of the gRPC port: the current rustls configuration, replaced when the files change.
-#[derive(Debug, Clone)]
-pub(crate) struct Tls {
+#[derive(Clone)]
+pub struct Tls {
     files: Files,
     alpn: Vec<Vec<u8>>,
     reload_interval: Duration,
     // A std lock: held to clone or swap an `Arc`, never across an await.
     current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+// By hand: the rustls configuration holds the key.
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("files", &self.files)
+            .field("reload_interval", &self.reload_interval)
+            .finish()
+    }
 }
 
 impl Tls {
@@ -98,7 +120,7 @@ impl Tls {
     ///
     /// # Errors
     /// A [`TlsError`] naming the setting whose file does not load.
-    pub(crate) async fn load(config: &TlsConfig, http1: bool) -> Result<Option<Self>, TlsError> {
+    pub async fn load(config: &TlsConfig, http1: bool) -> Result<Option<Self>, TlsError> {
         let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else { return Ok(None) };
         let files = Files { cert: cert.clone(), key: key.clone(), client_ca: config.client_ca_file.clone() };
         let mut alpn = vec![b"h2".to_vec()];

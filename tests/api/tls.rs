@@ -360,3 +360,24 @@ async fn grpc_web_from_a_foreign_host_or_origin_is_refused_and_native_grpc_is_no
     req.metadata_mut().insert("origin", "https://evil.example".parse().expect("metadata"));
     HealthClient::new(channel).check(req).await.expect("native gRPC is not checked");
 }
+
+#[tokio::test]
+async fn serve_does_not_start_with_tls_files_that_do_not_load_and_says_which() {
+    let data_dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca.server());
+    for (broken, setting) in [(&files.key, "grpc.tls.key_file"), (&files.cert, "grpc.tls.cert_file")] {
+        replace(broken, "not PEM\n");
+        let mut config = crate::helpers::test_config(data_dir.path());
+        files.configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let run = comfyrelay::run(listener, config, tokio_util::sync::CancellationToken::new());
+        let e = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("run returns at once")
+            .expect_err("starts with a broken TLS file");
+        let text = format!("{e:#}");
+        assert!(text.contains(setting), "{text}");
+        files.install(&ca.server());
+    }
+}
