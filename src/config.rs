@@ -518,8 +518,15 @@ impl Default for RunComfyConfig {
 }
 
 /// `COMFYRELAY_*` variables that are not server settings: the config file's path, and the CLI client's
-/// server address and API key (read by the client's flags, never by the server).
-pub const NOT_SERVER_SETTINGS: &[&str] = &["COMFYRELAY_CONFIG", "COMFYRELAY_SERVER", "COMFYRELAY_API_KEY"];
+/// server address, API key and TLS files (read by the client's flags, never by the server).
+pub const NOT_SERVER_SETTINGS: &[&str] = &[
+    "COMFYRELAY_CONFIG",
+    "COMFYRELAY_SERVER",
+    "COMFYRELAY_API_KEY",
+    "COMFYRELAY_CA_CERT",
+    "COMFYRELAY_CLIENT_CERT",
+    "COMFYRELAY_CLIENT_KEY",
+];
 
 /// A configuration error that names the key at fault.
 #[derive(Debug, thiserror::Error)]
