@@ -381,3 +381,57 @@ async fn serve_does_not_start_with_tls_files_that_do_not_load_and_says_which() {
         files.install(&ca.server());
     }
 }
+
+/// Opens a connection that starts a TLS handshake (a record header announcing 512 bytes, then 30 of them)
+/// and stalls: past the HTTP/2 preface's 24 bytes, so only the TLS handshake timeout can close it.
+async fn stalled_handshake(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut hello = vec![0x16, 0x03, 0x01, 0x02, 0x00];
+    hello.extend([0u8; 30]);
+    stream.write_all(&hello).await.expect("write");
+    stream
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_holds_only_its_own_connection_and_is_closed_at_the_handshake_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let ca = Ca::new("test CA");
+    let files = Files::new(&ca.server());
+
+    // Handshakes run side by side: a stalled one does not keep the next client waiting.
+    let patient = spawn_app_tls(
+        |c| {
+            files.configure(c);
+            c.grpc.handshake_timeout = Duration::from_secs(120);
+        },
+        client_tls(&ca, None),
+    )
+    .await;
+    let _stalled = stalled_handshake(patient.addr).await;
+    health_over_new_connection(patient.addr, Some(client_tls(&ca, None)))
+        .await
+        .expect("a TLS client while another handshake stalls");
+
+    // And the stalled one is closed once grpc.handshake_timeout has passed.
+    let strict = spawn_app_tls(
+        |c| {
+            files.configure(c);
+            c.grpc.handshake_timeout = Duration::from_millis(300);
+        },
+        client_tls(&ca, None),
+    )
+    .await;
+    let mut stalled = stalled_handshake(strict.addr).await;
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // an alert, then the close
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a stalled TLS handshake stays open past grpc.handshake_timeout");
+}
