@@ -132,13 +132,11 @@ pub async fn serve(
         g.handshake_timeout,
         max_connections,
     );
-    // Owned by this call: polls the TLS files until the server returns.
-    let reload = async move {
-        match tls {
-            Some(tls) => tls.watch().await,
-            None => std::future::pending().await,
-        }
-    };
+    // Owned by this call (aborted when it returns): polls the TLS files while the server runs.
+    let _reload = tls.map(|tls| {
+        let watch = tracing::Instrument::instrument(tls.watch(), tracing::info_span!("tls_reload"));
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch))
+    });
     // The one writer of health statuses: readiness changes until the drain, then NOT_SERVING for good. It is
     // the server's shutdown future, so the drain starts only after load balancers were told.
     let token = shutdown.clone();
@@ -177,42 +175,37 @@ pub async fn serve(
         .max_concurrent_streams(Some(g.max_concurrent_streams))
         .trace_fn(observe::call_span);
     let browser = browser::BrowserCheckLayer::new(&g.allowed_hosts, &g.cors_origins);
-    let served = async move {
-        if g.grpc_web {
-            builder
-                .layer(browser)
-                .layer(tonic_web::GrpcWebLayer::new())
-                .layer(calls)
-                .layer(connections::CallTrackingLayer)
-                .layer(error_details::ErrorDetailsLayer::new(max))
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(jobs)
-                .add_service(workflows)
-                .add_service(machines)
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await
-        } else {
-            builder
-                .layer(browser)
-                .layer(calls)
-                .layer(connections::CallTrackingLayer)
-                .layer(error_details::ErrorDetailsLayer::new(max))
-                .add_service(health_service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .add_service(jobs)
-                .add_service(workflows)
-                .add_service(machines)
-                .serve_with_incoming_shutdown(incoming, signal)
-                .await
-        }
+    let router = if config.grpc.grpc_web {
+        builder
+            .layer(browser)
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(calls)
+            .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(jobs)
+            .add_service(workflows)
+            .add_service(machines)
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+    } else {
+        builder
+            .layer(browser)
+            .layer(calls)
+            .layer(connections::CallTrackingLayer)
+            .layer(error_details::ErrorDetailsLayer::new(max))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(jobs)
+            .add_service(workflows)
+            .add_service(machines)
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
     };
-    tokio::select! {
-        served = served => served?,
-        () = reload => {}
-    }
+    router?;
     tracing::info!("gRPC server stopped");
     Ok(())
 }

@@ -145,9 +145,9 @@ impl Tls {
         TlsAcceptor::from(self.current.read().unwrap_or_else(PoisonError::into_inner).clone())
     }
 
-    /// Re-reads the files whenever their modification time or size changes, forever; run by `serve`
-    /// next to the server and dropped with it. Exit policy: never ends; a failed reload is logged and
-    /// the previous configuration stays.
+    /// Re-reads the files whenever their modification time or size changes, forever; spawned by `serve`
+    /// and aborted when it returns. Exit policy: never ends by itself; a failed reload is logged and the
+    /// previous configuration stays.
     pub(crate) async fn watch(self) {
         let mut seen = fingerprint(&self.files).await;
         let mut ticks = tokio::time::interval(self.reload_interval);
