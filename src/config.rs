@@ -101,10 +101,44 @@ pub struct GrpcConfig {
     /// A client that does not answer a ping within this is disconnected.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// TLS on the gRPC port (and mTLS); off unless `cert_file` is set.
+    pub tls: TlsConfig,
+    /// Host names (optionally `name:port`) a browser may call gRPC-Web or HTTP/1 under; any other `Host`
+    /// is refused with 421, which closes DNS rebinding. The IP address a connection arrived on is always
+    /// allowed. Native gRPC (HTTP/2, `application/grpc`) is not checked.
+    pub allowed_hosts: Vec<String>,
     /// Web origins (`scheme://host[:port]`, exactly as browsers send them in `Origin`) whose pages may
-    /// call the gRPC-Web API cross-origin (CORS). Empty: none; the console served at `/console` is
-    /// same-origin and needs no entry.
+    /// call the gRPC-Web API cross-origin (CORS); a browser request with another `Origin` is refused
+    /// with 403. Empty: none; the console served at `/console` is same-origin and needs no entry.
     pub cors_origins: Vec<String>,
+}
+
+/// TLS settings of the gRPC port. The files are PEM, re-read when they change (new connections get the
+/// new certificate; a file that does not load keeps the previous one, with a warning saying why).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server's certificate chain (leaf first); setting it (with `key_file`) turns TLS on.
+    pub cert_file: Option<PathBuf>,
+    /// The certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// CA certificates client certificates must be signed by; set, every client must present one (mTLS)
+    /// and its subject (CN, else the first SAN) is the caller's identity.
+    pub client_ca_file: Option<PathBuf>,
+    /// How often the files are checked for changes (modification time and size).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            reload_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 impl Default for GrpcConfig {
@@ -120,6 +154,8 @@ impl Default for GrpcConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            tls: TlsConfig::default(),
+            allowed_hosts: ["localhost", "127.0.0.1", "[::1]"].map(String::from).to_vec(),
             cors_origins: Vec::new(),
         }
     }
@@ -493,8 +529,15 @@ impl Default for RunComfyConfig {
 }
 
 /// `COMFYRELAY_*` variables that are not server settings: the config file's path, and the CLI client's
-/// server address and API key (read by the client's flags, never by the server).
-pub const NOT_SERVER_SETTINGS: &[&str] = &["COMFYRELAY_CONFIG", "COMFYRELAY_SERVER", "COMFYRELAY_API_KEY"];
+/// server address, API key and TLS files (read by the client's flags, never by the server).
+pub const NOT_SERVER_SETTINGS: &[&str] = &[
+    "COMFYRELAY_CONFIG",
+    "COMFYRELAY_SERVER",
+    "COMFYRELAY_API_KEY",
+    "COMFYRELAY_CA_CERT",
+    "COMFYRELAY_CLIENT_CERT",
+    "COMFYRELAY_CLIENT_KEY",
+];
 
 /// A configuration error that names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -574,6 +617,24 @@ impl Config {
         ] {
             if d.is_zero() {
                 return bad(key, "must be positive");
+            }
+        }
+        let tls = &g.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return bad("grpc.tls.cert_file", "and grpc.tls.key_file must be set together");
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            return bad("grpc.tls.client_ca_file", "needs TLS on (grpc.tls.cert_file and grpc.tls.key_file)");
+        }
+        if tls.reload_interval.is_zero() {
+            return bad("grpc.tls.reload_interval", "must be positive");
+        }
+        for (i, h) in g.allowed_hosts.iter().enumerate() {
+            if h.is_empty() || h.contains(['/', ' ', '@', '*']) {
+                return bad(
+                    &format!("grpc.allowed_hosts[{i}]"),
+                    "must be a host name or address, optionally with :port",
+                );
             }
         }
         for (i, origin) in g.cors_origins.iter().enumerate() {
@@ -816,6 +877,40 @@ mod tests {
             let e =
                 Config::load(None, env(&[("COMFYRELAY_GRPC__CORS_ORIGINS", value.as_str())])).unwrap_err();
             assert!(e.to_string().contains("grpc.cors_origins[1]"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn tls_and_browser_settings_load_from_env_and_are_checked() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("COMFYRELAY_GRPC__TLS__CERT_FILE", "/etc/comfyrelay/tls.crt"),
+                ("COMFYRELAY_GRPC__TLS__KEY_FILE", "/etc/comfyrelay/tls.key"),
+                ("COMFYRELAY_GRPC__TLS__RELOAD_INTERVAL", "1m"),
+                ("COMFYRELAY_GRPC__ALLOWED_HOSTS", r#"["relay.example.com", "relay:8443"]"#),
+                ("COMFYRELAY_GRPC__CORS_ORIGINS", r#"["https://console.example.com"]"#),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.grpc.tls.cert_file.as_deref(), Some(std::path::Path::new("/etc/comfyrelay/tls.crt")));
+        assert_eq!(c.grpc.tls.reload_interval, Duration::from_secs(60));
+        assert_eq!(c.grpc.allowed_hosts, ["relay.example.com", "relay:8443"]);
+        assert_eq!(c.grpc.cors_origins, ["https://console.example.com"]);
+
+        for (vars, key) in [
+            (&[("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c")][..], "grpc.tls.cert_file"),
+            (&[("COMFYRELAY_GRPC__TLS__CLIENT_CA_FILE", "/ca")][..], "grpc.tls.client_ca_file"),
+            (&[("COMFYRELAY_GRPC__TLS__RELOAD_INTERVAL", "0s")][..], "grpc.tls.reload_interval"),
+            (&[("COMFYRELAY_GRPC__ALLOWED_HOSTS", r#"["http://x/"]"#)][..], "grpc.allowed_hosts[0]"),
+            (
+                &[("COMFYRELAY_GRPC__CORS_ORIGINS", r#"["https://a.example/app"]"#)][..],
+                "grpc.cors_origins[0]",
+            ),
+            (&[("COMFYRELAY_GRPC__CORS_ORIGINS", r#"["a.example"]"#)][..], "grpc.cors_origins[0]"),
+        ] {
+            let e = Config::load(None, env(vars)).expect_err(key);
+            assert!(e.to_string().contains(key), "{key}: {e}");
         }
     }
 

@@ -101,11 +101,12 @@ pub async fn run(options: DevOptions, mut config: Config, shutdown: Cancellation
     let result = match listen::bind(config.grpc.listen, "grpc.listen (COMFYRELAY_GRPC__LISTEN)").await {
         Ok(listener) => {
             let addr = listener.local_addr()?;
-            println!("comfyrelay dev: gRPC on http://{addr}");
-            let server = if addr == crate::config::GrpcConfig::default().listen {
+            let scheme = if config.grpc.tls.cert_file.is_some() { "https" } else { "http" };
+            println!("comfyrelay dev: gRPC on {scheme}://{addr}");
+            let server = if addr == crate::config::GrpcConfig::default().listen && scheme == "http" {
                 String::new()
             } else {
-                format!(" --server http://{addr}")
+                format!(" --server {scheme}://{addr}")
             };
             println!("comfyrelay dev: try `comfyrelay run invert photo.png --out out/{server}`");
             crate::run_with_metrics(listener, Some(metrics), config, shutdown).await

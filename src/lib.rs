@@ -105,6 +105,8 @@ async fn run_service(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything starts: TLS files that do not load stop the start, naming the setting.
+    let tls = grpc::tls::Tls::load(&config.grpc.tls, config.grpc.grpc_web).await?;
     let durability = config.storage.durability;
     let store = Arc::new(
         store::SqliteStore::open(&config.data_dir, durability)
@@ -191,7 +193,7 @@ async fn run_service(
 
     let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone() };
     let grace = config.grpc.shutdown_grace;
-    let serve = grpc::serve(listener, &config, services, shutdown.clone());
+    let serve = grpc::serve(listener, &config, services, tls, shutdown.clone());
     tokio::pin!(serve);
     // One budget from the signal on, for everything: the server's drain (open calls end at shutdown), the
     // runners (which re-queue or leave re-attachable what they run) and the log writer, then the pool's

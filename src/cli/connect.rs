@@ -1,15 +1,17 @@
 //! The connection to a comfyrelay server: its address and API key (from flags or `COMFYRELAY_SERVER` /
-//! `COMFYRELAY_API_KEY`, parsed by clap in `main`), one channel, and the three service clients.
+//! `COMFYRELAY_API_KEY`, parsed by clap in `main`), one channel, and the three service clients. An
+//! `https://` server is reached over TLS (the public roots, or `--ca-cert`; `--client-cert`/`--client-key`
+//! for mTLS).
 //!
 //! The key is sent as `authorization: Bearer <key>` metadata on every call, marked sensitive, and never
 //! printed (`Debug` redacts it, and clap hides its value in `--help`).
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{Interceptor, interceptor::InterceptedService},
-    transport::{Channel, Endpoint},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
 use super::error::{CliError, chain};
@@ -33,6 +35,31 @@ pub struct ConnectArgs {
     /// How long to wait for the connection.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// For an `https://` server: a PEM CA certificate to trust instead of the public roots.
+    #[arg(long, env = "COMFYRELAY_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// For an `https://` server that asks for client certificates (mTLS): this PEM certificate...
+    #[arg(long, env = "COMFYRELAY_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// ...and its PEM private key.
+    #[arg(long, env = "COMFYRELAY_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+/// The TLS configuration of the flags: the CA (else the public roots) and the client identity.
+fn client_tls(args: &ConnectArgs) -> Result<ClientTlsConfig, CliError> {
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read(path).map_err(|e| CliError::Usage(format!("{flag} {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new();
+    tls = match &args.ca_cert {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read("--ca-cert", path)?)),
+        None => tls.with_webpki_roots(),
+    };
+    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+        tls = tls.identity(Identity::from_pem(read("--client-cert", cert)?, read("--client-key", key)?));
+    }
+    Ok(tls)
 }
 
 fn parse_secret(s: &str) -> Result<Secret, String> {
@@ -87,6 +114,13 @@ impl Clients {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(10));
+        let endpoint = if server.starts_with("https://") {
+            endpoint
+                .tls_config(client_tls(args)?)
+                .map_err(|e| CliError::Usage(format!("TLS: {}", chain(&e))))?
+        } else {
+            endpoint
+        };
         let auth = match &args.api_key {
             Some(key) => {
                 let mut value: MetadataValue<Ascii> = format!("Bearer {}", key.expose())

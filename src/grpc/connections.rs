@@ -17,7 +17,9 @@
 //! connection to send a GOAWAY). A client with a call open is never idle, and the kernel's buffer is read
 //! first, so only a call sent at the very moment its idle connection closes can fail (`UNAVAILABLE`, safe to
 //! retry on a new connection). Keepalive pings and the bound on streams per connection are set on tonic's
-//! builder (see `serve`).
+//! builder (see `serve`). Under TLS, [`super::tls`] wraps each `Conn` after accept: the deadlines see the
+//! encrypted bytes (the TLS ClientHello counts as the preface), so `tls` bounds the TLS handshake by the same
+//! `grpc.handshake_timeout`.
 
 use std::{
     future::Future,
@@ -42,6 +44,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use super::tls::ClientSubject;
 
 /// Bytes of the HTTP/2 connection preface (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`): the handshake timeout
 /// runs until this many bytes have arrived.
@@ -234,11 +238,30 @@ impl Drop for CallGuard {
     }
 }
 
-/// What tonic puts in each request's extensions for a [`Conn`].
+/// What tonic puts in each request's extensions for a [`Conn`] (plain or under TLS).
 #[derive(Debug, Clone)]
 pub(crate) struct ConnInfo {
     tcp: TcpConnectInfo,
     activity: Arc<Activity>,
+    /// The verified client certificate's subject, on an mTLS connection.
+    subject: Option<ClientSubject>,
+}
+
+impl ConnInfo {
+    /// The same connection, authenticated by a client certificate with this subject.
+    pub(crate) fn with_subject(self, subject: Option<ClientSubject>) -> Self {
+        Self { subject, ..self }
+    }
+
+    /// The verified client certificate's subject, on an mTLS connection.
+    pub(crate) fn subject(&self) -> Option<&ClientSubject> {
+        self.subject.as_ref()
+    }
+
+    /// The local address the connection arrived on.
+    pub(crate) fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.local_addr
+    }
 }
 
 /// An accepted connection with its permit and deadlines.
@@ -276,6 +299,11 @@ impl Conn {
             closed: false,
             _permit: permit,
         }
+    }
+
+    /// The peer's address.
+    pub(crate) fn remote(&self) -> SocketAddr {
+        self.remote
     }
 
     /// Why the connection must close now, if a deadline has passed (registers the wake-ups otherwise).
@@ -354,12 +382,14 @@ impl Connected for Conn {
         ConnInfo {
             tcp: TcpConnectInfo { local_addr: self.local, remote_addr: Some(self.remote) },
             activity: self.activity.clone(),
+            subject: None,
         }
     }
 }
 
 /// Counts each call as open on its connection until its response body ends (see the module docs); also
-/// puts tonic's own `TcpConnectInfo` in the request, so `Request::remote_addr` keeps working.
+/// puts tonic's own `TcpConnectInfo` in the request, so `Request::remote_addr` keeps working, and on an
+/// mTLS connection the [`ClientSubject`], for the layers inside this one and the handlers.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CallTrackingLayer;
 
@@ -394,6 +424,9 @@ where
         let info = req.extensions().get::<ConnInfo>().cloned();
         let guard = info.map(|info| {
             req.extensions_mut().insert(info.tcp);
+            if let Some(subject) = info.subject {
+                req.extensions_mut().insert(subject);
+            }
             info.activity.call_started()
         });
         let response = self.inner.call(req);

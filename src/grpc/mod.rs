@@ -13,7 +13,11 @@
 //! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
 //! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
 //! an `ErrorInfo` (`error_details`).
+//!
+//! TLS and mTLS (`tls`, with certificate reload) wrap the bounded connections; browser requests (gRPC-Web,
+//! HTTP/1) must name an allowed `Host` and `Origin` (`browser`).
 
+mod browser;
 mod connections;
 mod console;
 mod convert;
@@ -23,6 +27,7 @@ mod jobs;
 mod machines;
 mod observe;
 pub mod status;
+pub mod tls;
 mod workflows;
 
 use tokio::net::TcpListener;
@@ -47,7 +52,8 @@ pub struct Services {
     pub pool: Option<crate::pool::Pool>,
 }
 
-/// Serves every service on `listener` until `shutdown` is cancelled.
+/// Serves every service on `listener` until `shutdown` is cancelled, over TLS when `tls` is given (from
+/// [`tls::Tls::load`], before anything else starts, so files that do not load stop the start at once).
 ///
 /// # Errors
 /// A transport failure while serving.
@@ -55,6 +61,7 @@ pub async fn serve(
     listener: TcpListener,
     config: &Config,
     services: Services,
+    tls: Option<tls::Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Services { jobs: job_manager, catalog, pool } = services;
@@ -112,14 +119,27 @@ pub async fn serve(
              open-file limit, e.g. LimitNOFILE=, to allow more)"
         );
     }
-    let incoming = connections::incoming(
-        listener,
-        connections::ConnectionLimits {
-            max_connections,
-            handshake_timeout: g.handshake_timeout,
-            idle_timeout: g.idle_timeout,
-        },
+    if let Some(tls) = &tls {
+        tracing::info!(mutual = tls.mutual(), "gRPC over TLS");
+    }
+    let incoming = tls::incoming(
+        connections::incoming(
+            listener,
+            connections::ConnectionLimits {
+                max_connections,
+                handshake_timeout: g.handshake_timeout,
+                idle_timeout: g.idle_timeout,
+            },
+        ),
+        tls.clone(),
+        g.handshake_timeout,
+        max_connections,
     );
+    // Owned by this call (aborted when it returns): polls the TLS files while the server runs.
+    let _reload = tls.map(|tls| {
+        let watch = tracing::Instrument::instrument(tls.watch(), tracing::info_span!("tls_reload"));
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch))
+    });
     // The one writer of health statuses: readiness changes until the drain, then NOT_SERVING for good. It is
     // the server's shutdown future, so the drain starts only after load balancers were told.
     let token = shutdown.clone();
@@ -157,8 +177,12 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(g.keepalive_timeout))
         .max_concurrent_streams(Some(g.max_concurrent_streams))
         .trace_fn(observe::call_span);
+    let browser = browser::BrowserCheckLayer::new(&g.allowed_hosts, &g.cors_origins);
     let router = if config.grpc.grpc_web {
         builder
+            // Outermost: a browser request with a foreign Host or Origin is refused before anything
+            // (even the console's assets) answers it.
+            .layer(browser)
             .layer(console::ConsoleLayer)
             .layer(cors::layer(&config.grpc.cors_origins))
             .layer(tonic_web::GrpcWebLayer::new())
@@ -175,6 +199,7 @@ pub async fn serve(
             .await
     } else {
         builder
+            .layer(browser)
             .layer(calls)
             .layer(connections::CallTrackingLayer)
             .layer(error_details::ErrorDetailsLayer::new(max))

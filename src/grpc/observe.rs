@@ -21,16 +21,19 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::metrics;
 
-/// The per-call span: named after the method, a child of the caller's `traceparent` when there is one.
+/// The per-call span: named after the method, a child of the caller's `traceparent` when there is one, with
+/// the client certificate's subject (`client`) on an mTLS connection.
 pub(super) fn call_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
     let method = path.strip_prefix('/').unwrap_or(path);
+    let client = req.extensions().get::<super::connections::ConnInfo>().and_then(|c| c.subject());
     let span = tracing::info_span!(
         "rpc",
         otel.name = %method,
         otel.kind = "server",
         rpc.system = "grpc",
         method = %path,
+        client = client.map(|s| s.0.as_str()),
     );
     let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
     // A context without a remote span makes this span a root; failing to attach is only a lost parent.

@@ -48,6 +48,23 @@ pub(crate) async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestA
 
 /// Starts comfyrelay against an emulated ComfyUI of `version`, after `customize` adjusts the configuration.
 pub(crate) async fn spawn_app_on(version: ComfyVersion, customize: impl FnOnce(&mut Config)) -> TestApp {
+    spawn_app_full(version, customize, None).await
+}
+
+/// Starts comfyrelay after `customize` adjusts the test configuration (turning TLS on), with clients
+/// connected over TLS with `client_tls` (to `127.0.0.1`; name the server with `domain_name`).
+pub(crate) async fn spawn_app_tls(
+    customize: impl FnOnce(&mut Config),
+    client_tls: tonic::transport::ClientTlsConfig,
+) -> TestApp {
+    spawn_app_full(comfyui_version(), customize, Some(client_tls)).await
+}
+
+async fn spawn_app_full(
+    version: ComfyVersion,
+    customize: impl FnOnce(&mut Config),
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
+) -> TestApp {
     comfyrelay::telemetry::init_for_tests(std::env::var_os("TEST_LOG").is_some());
     let data_dir = tempfile::tempdir().expect("tempdir");
     let comfy = spawn_comfy_version(version).await;
@@ -59,11 +76,13 @@ pub(crate) async fn spawn_app_on(version: ComfyVersion, customize: impl FnOnce(&
     let addr = listener.local_addr().expect("local addr");
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(comfyrelay::run(listener, config, shutdown.clone()));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect to comfyrelay");
+    let endpoint = match client_tls {
+        None => Channel::from_shared(format!("http://{addr}")).expect("uri"),
+        Some(tls) => {
+            Channel::from_shared(format!("https://{addr}")).expect("uri").tls_config(tls).expect("tls")
+        }
+    };
+    let channel = endpoint.connect().await.expect("connect to comfyrelay");
     TestApp {
         addr,
         jobs: pb::job_service_client::JobServiceClient::new(channel.clone())

@@ -16,4 +16,5 @@ mod observability;
 mod policies;
 mod pool;
 mod recovery;
+mod tls;
 mod workflows;

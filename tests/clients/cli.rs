@@ -276,3 +276,70 @@ fn watch_gives_up_when_the_stream_stays_broken_and_exits_2() {
         "{lines:?}"
     );
 }
+
+/// PEM certificate and key of a leaf signed by `issuer` (`server`: for localhost/127.0.0.1, else a client
+/// named `cn`).
+fn leaf(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, server: bool, cn: &str) -> (String, String) {
+    let names = if server { vec!["localhost".to_string(), "127.0.0.1".to_string()] } else { Vec::new() };
+    let mut params = rcgen::CertificateParams::new(names).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.extended_key_usages = vec![if server {
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth
+    }];
+    let key = rcgen::KeyPair::generate().expect("key");
+    (params.signed_by(&key, issuer).expect("sign").pem(), key.serialize_pem())
+}
+
+#[test]
+fn the_cli_reaches_a_tls_server_with_its_ca_and_a_client_certificate() {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key")).expect("CA");
+    let tls = tempfile::tempdir().expect("tempdir");
+    let file = |name: &str, text: &str| {
+        let path = tls.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8").to_string()
+    };
+    let ca_file = file("ca.crt", &ca.pem());
+    let (cert, key) = leaf(&ca, true, "localhost");
+    let (client_cert, client_key) = leaf(&ca, false, "team-a-ci");
+    let (cert, key) = (file("tls.crt", &cert), file("tls.key", &key));
+    let (client_cert, client_key) = (file("client.crt", &client_cert), file("client.key", &client_key));
+    let dev = Dev::start_with(
+        &["--comfy-port", "0"],
+        &[
+            ("COMFYRELAY_GRPC__TLS__CERT_FILE", &cert),
+            ("COMFYRELAY_GRPC__TLS__KEY_FILE", &key),
+            ("COMFYRELAY_GRPC__TLS__CLIENT_CA_FILE", &ca_file),
+        ],
+    );
+    assert!(dev.server.starts_with("https://"), "{}", dev.server);
+
+    let out = run(dev.cli().args(["workflows", "--json", "--ca-cert", &ca_file]).args([
+        "--client-cert",
+        &client_cert,
+        "--client-key",
+        &client_key,
+    ]));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.json().iter().any(|w| w["name"] == "invert"), "{out:?}");
+    // The variables do the same, and the server's own config ignores them.
+    let out = run(dev
+        .cli()
+        .args(["workflows", "--json"])
+        .env("COMFYRELAY_CA_CERT", &ca_file)
+        .env("COMFYRELAY_CLIENT_CERT", &client_cert)
+        .env("COMFYRELAY_CLIENT_KEY", &client_key));
+    assert_eq!(out.code, Some(0), "{out:?}");
+
+    // The public roots do not know the test CA; a plaintext client is not answered.
+    let out = run(dev.cli().args(["workflows", "--json", "--connect-timeout", "5s"]));
+    assert_eq!(out.code, Some(2), "{out:?}");
+    let plain = dev.server.replacen("https://", "http://", 1);
+    let out = run(dev.cli().args(["workflows", "--json", "--connect-timeout", "5s", "--server", &plain]));
+    assert_eq!(out.code, Some(2), "{out:?}");
+}

@@ -96,7 +96,11 @@ impl Dev {
             }
         }
         let server = server.expect("set above");
-        let addr = server.trim_start_matches("http://").parse().expect("socket address");
+        let addr = server
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .parse()
+            .expect("socket address");
         Dev { child, server, addr, comfy_url: comfy_url.expect("printed before gRPC"), dir, lines }
     }
 
