@@ -13,6 +13,7 @@
 //! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
 //! an `ErrorInfo` (`error_details`).
 
+mod auth;
 mod connections;
 mod convert;
 mod error_details;
@@ -20,6 +21,7 @@ mod jobs;
 mod machines;
 mod observe;
 pub mod status;
+pub mod tls;
 mod workflows;
 
 use tokio::net::TcpListener;
@@ -42,6 +44,8 @@ pub struct Services {
     pub catalog: Catalog,
     /// The RunComfy pool, when enabled.
     pub pool: Option<crate::pool::Pool>,
+    /// Who is calling (checked once per call by the auth layer).
+    pub auth: crate::auth::Authenticator,
 }
 
 /// Serves every service on `listener` until `shutdown` is cancelled.
@@ -54,7 +58,8 @@ pub async fn serve(
     services: Services,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Services { jobs: job_manager, catalog, pool } = services;
+    let Services { jobs: job_manager, catalog, pool, auth } = services;
+    let auth = auth::AuthLayer::new(auth);
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     // JobService starts NOT_SERVING: the readiness watch turns it SERVING once a backend can take a job.
@@ -160,6 +165,7 @@ pub async fn serve(
             .layer(calls)
             .layer(connections::CallTrackingLayer)
             .layer(error_details::ErrorDetailsLayer::new(max))
+            .layer(auth.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -173,6 +179,7 @@ pub async fn serve(
             .layer(calls)
             .layer(connections::CallTrackingLayer)
             .layer(error_details::ErrorDetailsLayer::new(max))
+            .layer(auth.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -204,6 +204,11 @@ impl Log {
         self.registry().len()
     }
 
+    /// How many live jobs match `pred` (a scan of the registry).
+    pub(super) fn count_live(&self, pred: impl Fn(&LiveJob) -> bool) -> usize {
+        self.registry().values().filter(|l| pred(l)).count()
+    }
+
     /// Makes a stored, unfinished job live again (recovery at start).
     pub(super) fn register(&self, spec: Arc<JobSpec>, record: JobRecord) -> Arc<LiveJob> {
         // A recovered job starts a new trace.
@@ -479,6 +484,7 @@ fn command_bytes(c: &Command) -> usize {
 pub(super) fn job_row(spec: &JobSpec, record: &JobRecord, now: i64) -> Result<JobRow, serde_json::Error> {
     Ok(JobRow {
         id: spec.id.to_string(),
+        tenant: spec.tenant.clone(),
         state: record.state.status().as_str().to_string(),
         terminal: record.state.is_terminal(),
         workflow: spec.workflow.clone(),

@@ -18,6 +18,7 @@ mod apply;
 mod error;
 mod log;
 pub mod model;
+pub mod quota;
 mod recovery;
 mod runner;
 mod scheduler;
@@ -53,9 +54,31 @@ use log::{Created, Log};
 use model::{DeclaredOutput, StoredImage, now_ms};
 use scheduler::{SchedMsg, Waiting};
 
+/// Which tenants' jobs a call may see: its own, or (an admin's) every tenant's. Another tenant's job is
+/// answered as not found, so its existence is not revealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's jobs.
+    All,
+    /// This tenant's jobs only.
+    Tenant(String),
+}
+
+impl Scope {
+    /// Whether a job of `tenant` is visible.
+    pub fn sees(&self, tenant: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == tenant,
+        }
+    }
+}
+
 /// A request to run a job, already decoded from the wire.
 #[derive(Debug, Clone)]
 pub struct SubmitRequest {
+    /// The tenant submitting it (the job, its request id and labels belong to it).
+    pub tenant: String,
     /// What to run.
     pub source: WorkflowSource,
     /// The inputs.
@@ -130,6 +153,8 @@ struct Inner {
     writer: StdMutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled at shutdown: runners stop where they are (jobs stay resumable in the store).
     shutdown: CancellationToken,
+    /// Per-tenant quotas; `None` with authentication off (one tenant: only `jobs.max_unfinished` applies).
+    quotas: Option<quota::Quotas>,
 }
 
 impl JobManager {
@@ -142,6 +167,10 @@ impl JobManager {
     ///
     /// # Errors
     /// The store cannot be read.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the engine's parts, each built by `run` from its own settings; a struct would only rename them"
+    )]
     pub async fn start(
         config: JobsConfig,
         store: Arc<dyn Store>,
@@ -149,6 +178,7 @@ impl JobManager {
         catalog: Catalog,
         machines: Vec<Arc<Machine>>,
         pool: Option<(Arc<dyn Provisioner>, mpsc::UnboundedReceiver<PoolEvent>)>,
+        quotas: Option<quota::Quotas>,
         shutdown: CancellationToken,
     ) -> Result<Self, JobError> {
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -171,6 +201,7 @@ impl JobManager {
             tracker: TaskTracker::new(),
             writer: StdMutex::new(Some(writer)),
             shutdown,
+            quotas,
         });
         let manager = Self { inner };
         let (recovered, held) = match manager.recover().await {
@@ -242,9 +273,11 @@ impl JobManager {
                 setting: "jobs.max_unfinished",
             });
         }
+        self.check_quotas(&req.tenant)?;
         let mut violations = validate_envelope(&req);
         let request_hash = request_hash(&req);
-        let SubmitRequest { source, inputs, request_id, priority, labels, deadline_ms } = req;
+        let SubmitRequest { tenant, source, inputs, request_id, priority, labels, deadline_ms } = req;
+        let scope = Scope::Tenant(tenant.clone());
         // A job for a RunComfy machine is checked against the manifest only: a configured ComfyUI's nodes
         // say nothing about what that machine has installed.
         let runs_on_pool = self.inner.provisioner.is_some()
@@ -281,6 +314,7 @@ impl JobManager {
             .collect();
         let spec = Arc::new(JobSpec {
             id: JobId::new(),
+            tenant,
             workflow: prepared.workflow,
             workflow_version: prepared.workflow_version,
             inputs: prepared.summary,
@@ -310,7 +344,7 @@ impl JobManager {
                 Ok(live.job())
             }
             Created::Existing(job_id) => match job_id.parse() {
-                Ok(id) => self.get(id).await,
+                Ok(id) => self.get(id, &scope).await,
                 Err(_) => Err(JobError::Log(format!("stored job id {job_id:?} is not an id"))),
             },
             Created::Conflict(job_id) => Err(JobError::AlreadyExists { request_id, job_id }),
@@ -348,15 +382,39 @@ impl JobManager {
         }
     }
 
-    /// Reads one job.
+    /// A submit of `tenant` past one of its quotas is refused (see [`quota`]).
+    fn check_quotas(&self, tenant: &str) -> Result<(), JobError> {
+        let Some(quotas) = &self.inner.quotas else { return Ok(()) };
+        let limit = quotas.of(tenant).max_queued;
+        let waiting = self.inner.log.count_live(|l| {
+            l.spec.tenant == tenant
+                && matches!(l.record().state, JobState::Queued { .. } | JobState::Provisioning { .. })
+        });
+        if waiting >= limit {
+            return Err(JobError::QuotaExceeded(quota::QuotaExceeded {
+                quota: quota::QuotaKind::MaxQueued,
+                limit: limit as u64,
+                retry_after: Duration::from_secs(5),
+            }));
+        }
+        quotas.take_submit(tenant).map_err(JobError::QuotaExceeded)
+    }
+
+    /// Reads one job, if `scope` sees it.
     ///
     /// # Errors
-    /// `NotFound`, storage failures.
-    pub async fn get(&self, id: JobId) -> Result<Job, JobError> {
+    /// `NotFound` (also for a job of a tenant `scope` does not see), storage failures.
+    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, JobError> {
         if let Some(live) = self.inner.log.live(id) {
+            if !scope.sees(&live.spec.tenant) {
+                return Err(not_found(id));
+            }
             return Ok(live.job());
         }
         let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+        if !scope.sees(&row.tenant) {
+            return Err(not_found(id));
+        }
         log::decode_job(&row)
     }
 
@@ -364,7 +422,7 @@ impl JobManager {
     ///
     /// # Errors
     /// `InvalidArgument` for a bad page token or size, storage failures.
-    pub async fn list(&self, req: ListRequest) -> Result<JobPage, JobError> {
+    pub async fn list(&self, req: ListRequest, scope: &Scope) -> Result<JobPage, JobError> {
         let limit = match req.page_size {
             0 => 50,
             n if n > 500 => {
@@ -383,6 +441,10 @@ impl JobManager {
             })?)
         };
         let query = JobQuery {
+            tenant: match scope {
+                Scope::All => None,
+                Scope::Tenant(t) => Some(t.clone()),
+            },
             states: req.states.iter().map(|s| s.as_str().to_string()).collect(),
             workflow: req.workflow,
             labels: req.labels.into_iter().collect(),
@@ -412,9 +474,9 @@ impl JobManager {
     ///
     /// # Errors
     /// `NotFound`, storage failures.
-    pub async fn cancel(&self, id: JobId, reason: String) -> Result<Job, JobError> {
-        let Some(live) = self.inner.log.live(id) else {
-            return self.get(id).await;
+    pub async fn cancel(&self, id: JobId, reason: String, scope: &Scope) -> Result<Job, JobError> {
+        let Some(live) = self.inner.log.live(id).filter(|l| scope.sees(&l.spec.tenant)) else {
+            return self.get(id, scope).await;
         };
         let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
         let mut watch = live.watch();
@@ -436,7 +498,7 @@ impl JobManager {
         }
         let ended = watch.wait_for(|r| r.state.is_terminal());
         let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
-        self.get(id).await
+        self.get(id, scope).await
     }
 
     /// Streams a job's events after `after_sequence`: logged ones, then live ones, ending after the terminal
@@ -452,13 +514,18 @@ impl JobManager {
         id: JobId,
         after_sequence: u64,
         skip_previews: bool,
+        scope: &Scope,
     ) -> Result<EventStream, JobError> {
         // Subscribe to the live feed FIRST, then read the log: an event committed in between is in one or
         // the other, and duplicates are dropped by sequence.
         let live_rx = match self.inner.log.live(id) {
+            Some(live) if !scope.sees(&live.spec.tenant) => return Err(not_found(id)),
             Some(live) => Some(live.subscribe()),
             None => {
-                self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                if !scope.sees(&row.tenant) {
+                    return Err(not_found(id));
+                }
                 None
             }
         };
@@ -492,8 +559,9 @@ impl JobManager {
         &self,
         id: JobId,
         filename: &str,
+        scope: &Scope,
     ) -> Result<(OutputFile, tokio::fs::File), JobError> {
-        let job = self.get(id).await?;
+        let job = self.get(id, scope).await?;
         let output = job
             .record
             .outputs
@@ -521,7 +589,8 @@ impl JobManager {
                         drop(manager.inner.log.append(live.spec.id, done).await);
                     }
                 }
-                let _ = manager.inner.sched.send(SchedMsg::Done { machine });
+                let tenant = live.spec.tenant.clone();
+                let _ = manager.inner.sched.send(SchedMsg::Done { machine, tenant });
             }
             .instrument(span),
         );
@@ -657,6 +726,7 @@ fn request_hash(req: &SubmitRequest) -> String {
     for (k, v) in &req.labels {
         field(&format!("labels[{k}]"), v.as_bytes());
     }
+    field("tenant", req.tenant.as_bytes());
     field("deadline", &req.deadline_ms.unwrap_or_default().to_be_bytes());
     hex::encode(h.finalize())
 }

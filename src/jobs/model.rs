@@ -231,6 +231,10 @@ pub struct Timings {
 pub struct JobSpec {
     /// Id.
     pub id: JobId,
+    /// The tenant it belongs to, with its events, outputs, labels and idempotency key ('' for jobs
+    /// submitted before tenants existed).
+    #[serde(default)]
+    pub tenant: String,
     /// Workflow name (`inline` for inline graphs).
     pub workflow: String,
     /// Workflow version.

@@ -211,6 +211,7 @@ impl LegacyJob {
         };
         let spec = JobSpec {
             id: self.id,
+            tenant: String::new(),
             workflow: self.workflow,
             workflow_version: self.workflow_version,
             inputs: self.inputs,

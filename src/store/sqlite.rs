@@ -14,8 +14,8 @@ use sqlx::{
 };
 
 use super::{
-    Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, LegacyJob, MachineRow, MachineStore, Store,
-    StoreError,
+    Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, KeyRow, KeyStore, LegacyJob, MachineRow,
+    MachineStore, Store, StoreError,
 };
 
 /// Rows per multi-row statement (SQLite allows 32 766 bound values; 4–7 per row).
@@ -76,11 +76,12 @@ impl SqliteStore {
     }
 }
 
-const JOB_COLUMNS: &str = "id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
+const JOB_COLUMNS: &str = "id, tenant, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobRow, sqlx::Error> {
     Ok(JobRow {
         id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
         state: row.try_get("state")?,
         terminal: row.try_get::<i64, _>("terminal")? != 0,
         workflow: row.try_get("workflow")?,
@@ -151,11 +152,13 @@ impl Store for SqliteStore {
         let mut artifacts: Vec<(&str, &str)> = Vec::new();
         for new in &batch.creates {
             if let Some(key) = &new.key {
-                let existing =
-                    sqlx::query("SELECT request_hash, job_id FROM idempotency WHERE request_id = ?")
-                        .bind(&key.request_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                let existing = sqlx::query(
+                    "SELECT request_hash, job_id FROM idempotency WHERE tenant = ? AND request_id = ?",
+                )
+                .bind(&new.row.tenant)
+                .bind(&key.request_id)
+                .fetch_optional(&mut *tx)
+                .await?;
                 if let Some(row) = existing {
                     let hash: String = row.try_get("request_hash")?;
                     let job_id: String = row.try_get("job_id")?;
@@ -170,7 +173,7 @@ impl Store for SqliteStore {
             let job = &new.row;
             sqlx::query(
                 "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
-                 request_id, last_seq, spec, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 request_id, last_seq, spec, record, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )
             .bind(&job.id)
             .bind(&job.state)
@@ -184,15 +187,19 @@ impl Store for SqliteStore {
             .bind(seq_param(job.last_seq))
             .bind(&job.spec)
             .bind(&job.record)
+            .bind(&job.tenant)
             .execute(&mut *tx)
             .await?;
             if let Some(key) = &new.key {
-                sqlx::query("INSERT INTO idempotency (request_id, request_hash, job_id) VALUES (?, ?, ?)")
-                    .bind(&key.request_id)
-                    .bind(&key.request_hash)
-                    .bind(&job.id)
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO idempotency (tenant, request_id, request_hash, job_id) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&job.tenant)
+                .bind(&key.request_id)
+                .bind(&key.request_hash)
+                .bind(&job.id)
+                .execute(&mut *tx)
+                .await?;
             }
             labels.extend(job.labels.iter().map(|(k, v)| (job.id.as_str(), k.as_str(), v.as_str())));
             artifacts.extend(job.artifacts.iter().map(|sha| (job.id.as_str(), sha.as_str())));
@@ -246,6 +253,9 @@ impl Store for SqliteStore {
                 list.push_bind(s);
             }
             sql.push(")");
+        }
+        if let Some(t) = &q.tenant {
+            sql.push(" AND j.tenant = ").push_bind(t);
         }
         if let Some(w) = &q.workflow {
             sql.push(" AND j.workflow = ").push_bind(w);
@@ -410,6 +420,61 @@ impl MachineStore for SqliteStore {
     }
 }
 
+fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<KeyRow, sqlx::Error> {
+    Ok(KeyRow {
+        prefix: r.try_get("prefix")?,
+        secret_sha256: r.try_get("secret_sha256")?,
+        tenant: r.try_get("tenant")?,
+        role: r.try_get("role")?,
+        created_ms: r.try_get("created_ms")?,
+        expires_ms: r.try_get("expires_ms")?,
+        revoked_ms: r.try_get("revoked_ms")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "prefix, secret_sha256, tenant, role, created_ms, expires_ms, revoked_ms";
+
+#[async_trait::async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert_key(&self, k: &KeyRow) -> Result<(), StoreError> {
+        sqlx::query(&format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"))
+            .bind(&k.prefix)
+            .bind(&k.secret_sha256)
+            .bind(&k.tenant)
+            .bind(&k.role)
+            .bind(k.created_ms)
+            .bind(k.expires_ms)
+            .bind(k.revoked_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = ?"))
+            .bind(prefix)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from_row).transpose()?)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_ms, prefix"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE prefix = ? AND revoked_ms IS NULL")
+            .bind(now_ms)
+            .bind(prefix)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,6 +483,7 @@ mod tests {
     fn job(id: &str, created: i64) -> JobRow {
         JobRow {
             id: id.into(),
+            tenant: "t1".into(),
             state: "QUEUED".into(),
             terminal: false,
             workflow: "invert".into(),
