@@ -608,6 +608,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn request_ids_and_lists_are_per_tenant() {
+        let (_dir, store) = store().await;
+        let key = IdempotencyKey { request_id: "r1".into(), request_hash: "h1".into() };
+        let mut other = create("b", 2, Some(&key));
+        other.row.tenant = "t2".into();
+        let batch = Batch { creates: vec![create("a", 1, Some(&key)), other], ..Default::default() };
+        assert_eq!(store.commit(&batch).await.unwrap(), vec![CreateOutcome::Created, CreateOutcome::Created]);
+        let again = Batch { creates: vec![create("c", 3, Some(&key))], ..Default::default() };
+        assert_eq!(store.commit(&again).await.unwrap(), vec![CreateOutcome::Existing { job_id: "a".into() }]);
+        let of = |t: &str| JobQuery { tenant: Some(t.into()), limit: 10, ..Default::default() };
+        let ids = |rows: Vec<JobRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list_jobs(&of("t1")).await.unwrap()), ["a"]);
+        assert_eq!(ids(store.list_jobs(&of("t2")).await.unwrap()), ["b"]);
+        assert_eq!(store.list_jobs(&JobQuery { limit: 10, ..Default::default() }).await.unwrap().len(), 2);
+        assert_eq!(store.get_job("b").await.unwrap().unwrap().tenant, "t2");
+    }
+
+    #[tokio::test]
+    async fn keys_are_stored_listed_and_revoked_once() {
+        let (_dir, store) = store().await;
+        let key = KeyRow {
+            prefix: "0a1b2c3d".into(),
+            secret_sha256: "ab".repeat(32),
+            tenant: "t1".into(),
+            role: "viewer".into(),
+            created_ms: 5,
+            expires_ms: Some(10),
+            revoked_ms: None,
+        };
+        store.insert_key(&key).await.unwrap();
+        assert!(store.insert_key(&key).await.is_err(), "a prefix names one key");
+        assert_eq!(store.get_key("0a1b2c3d").await.unwrap(), Some(key.clone()));
+        assert!(store.revoke_key("0a1b2c3d", 7).await.unwrap());
+        assert!(!store.revoke_key("0a1b2c3d", 8).await.unwrap(), "already revoked");
+        assert!(!store.revoke_key("ffffffff", 8).await.unwrap());
+        assert_eq!(store.list_keys().await.unwrap()[0].revoked_ms, Some(7));
+    }
+
+    #[tokio::test]
     async fn the_data_directory_is_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
