@@ -117,6 +117,12 @@ impl AuthConfig {
         self.mode.unwrap_or(AuthMode::Keys)
     }
 
+    /// Whether any tenant has a `machine_seconds_per_day` quota.
+    pub fn limits_machine_seconds(&self) -> bool {
+        self.tenant_defaults.machine_seconds_per_day.is_some()
+            || self.tenants.values().any(|t| t.machine_seconds_per_day.is_some())
+    }
+
     /// The quotas of `tenant`.
     pub fn quota(&self, tenant: &str) -> TenantQuota {
         match self.tenants.get(tenant) {
@@ -136,11 +142,14 @@ pub struct TenantQuota {
     pub max_running: usize,
     /// Submits per second, sustained (bursts of twice as many pass).
     pub submits_per_second: u32,
+    /// Machine-seconds (RunComfy machine time attributed to the tenant's finished jobs) over the last 24
+    /// hours at most; unset: no limit.
+    pub machine_seconds_per_day: Option<f64>,
 }
 
 impl Default for TenantQuota {
     fn default() -> Self {
-        Self { max_queued: 1000, max_running: 64, submits_per_second: 20 }
+        Self { max_queued: 1000, max_running: 64, submits_per_second: 20, machine_seconds_per_day: None }
     }
 }
 
@@ -154,6 +163,8 @@ pub struct TenantOverride {
     pub max_running: Option<usize>,
     /// Replaces `tenant_defaults.submits_per_second`.
     pub submits_per_second: Option<u32>,
+    /// Replaces `tenant_defaults.machine_seconds_per_day`.
+    pub machine_seconds_per_day: Option<f64>,
 }
 
 impl TenantOverride {
@@ -163,6 +174,7 @@ impl TenantOverride {
             max_queued: self.max_queued.unwrap_or(defaults.max_queued),
             max_running: self.max_running.unwrap_or(defaults.max_running),
             submits_per_second: self.submits_per_second.unwrap_or(defaults.submits_per_second),
+            machine_seconds_per_day: self.machine_seconds_per_day.or(defaults.machine_seconds_per_day),
         }
     }
 }
@@ -777,6 +789,9 @@ impl Config {
             }
             if q.submits_per_second == 0 {
                 return bad(&format!("{key}.submits_per_second"), "must be at least 1");
+            }
+            if q.machine_seconds_per_day.is_some_and(|s| !s.is_finite() || s <= 0.0) {
+                return bad(&format!("{key}.machine_seconds_per_day"), "must be a positive number");
             }
             Ok(())
         };

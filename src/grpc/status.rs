@@ -260,6 +260,7 @@ pub fn job_error(e: JobError) -> Status {
             let reason = match q.quota {
                 QuotaKind::MaxQueued => "QUOTA_MAX_QUEUED",
                 QuotaKind::SubmitsPerSecond => "QUOTA_SUBMITS_PER_SECOND",
+                QuotaKind::MachineSecondsPerDay => "QUOTA_MACHINE_SECONDS_PER_DAY",
             };
             let setting = q.quota.setting();
             details.set_error_info(

@@ -211,6 +211,10 @@ impl JobManager {
                 return Err(e);
             }
         };
+        if let Err(e) = manager.seed_machine_seconds().await {
+            manager.inner.log.close().await;
+            return Err(e);
+        }
         let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered, held);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
@@ -382,6 +386,28 @@ impl JobManager {
         }
     }
 
+    /// Counts the machine-seconds of the jobs that ended in the last 24 hours, when a tenant has that quota.
+    async fn seed_machine_seconds(&self) -> Result<(), JobError> {
+        let Some(quotas) = self.inner.quotas.as_ref().filter(|q| q.counts_machine_seconds()) else {
+            return Ok(());
+        };
+        let mut query =
+            JobQuery { ended_since: Some(now_ms() - 24 * 3600 * 1000), limit: 1000, ..Default::default() };
+        loop {
+            let rows = self.inner.store.list_jobs(&query).await?;
+            for row in &rows {
+                let job = log::decode_job(row)?;
+                quotas.job_ended(&row.tenant, row.ended_ms.unwrap_or_default(), job.record.machine_seconds);
+            }
+            match rows.last() {
+                Some(last) if rows.len() == query.limit as usize => {
+                    query.before = Some((last.created_ms, last.id.clone()));
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// A submit of `tenant` past one of its quotas is refused (see [`quota`]).
     fn check_quotas(&self, tenant: &str) -> Result<(), JobError> {
         let Some(quotas) = &self.inner.quotas else { return Ok(()) };
@@ -397,6 +423,7 @@ impl JobManager {
                 retry_after: Duration::from_secs(5),
             }));
         }
+        quotas.check_machine_seconds(tenant, now_ms()).map_err(JobError::QuotaExceeded)?;
         quotas.take_submit(tenant).map_err(JobError::QuotaExceeded)
     }
 
@@ -449,6 +476,7 @@ impl JobManager {
             workflow: req.workflow,
             labels: req.labels.into_iter().collect(),
             before,
+            ended_since: None,
             limit: limit + 1,
         };
         let mut rows = self.inner.store.list_jobs(&query).await?;
@@ -580,7 +608,12 @@ impl JobManager {
         self.inner.tracker.spawn(
             async move {
                 // Exit policy: a runner never panics the service; an error fails the job with INTERNAL.
-                if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
+                let result = runner::run(&manager, &live, machine.clone(), reattach).await;
+                let record = live.record();
+                if let (Some(quotas), Some(ended)) = (&manager.inner.quotas, record.ended_ms) {
+                    quotas.job_ended(&live.spec.tenant, ended, record.machine_seconds);
+                }
+                if let Err(e) = result {
                     tracing::error!(error = %crate::telemetry::ErrorChain(&e), "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
                         let error =

@@ -197,6 +197,8 @@ pub struct JobQuery {
     pub labels: Vec<(String, String)>,
     /// Only jobs strictly before this `(created_ms, id)` cursor.
     pub before: Option<(i64, String)>,
+    /// Only jobs that ended at or after this time, ms (so finished ones).
+    pub ended_since: Option<i64>,
     /// Maximum rows.
     pub limit: u32,
 }

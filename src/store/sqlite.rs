@@ -257,6 +257,9 @@ impl Store for SqliteStore {
         if let Some(t) = &q.tenant {
             sql.push(" AND j.tenant = ").push_bind(t);
         }
+        if let Some(since) = q.ended_since {
+            sql.push(" AND j.ended_ms >= ").push_bind(since);
+        }
         if let Some(w) = &q.workflow {
             sql.push(" AND j.workflow = ").push_bind(w);
         }

@@ -591,3 +591,103 @@ async fn a_runcomfy_token_and_an_api_key_appear_in_no_log_line_or_error() {
         }
     }
 }
+
+/// A workflows directory holding `invert-rc`: `invert` with RunComfy requirements.
+fn runcomfy_workflows() -> tempfile::TempDir {
+    use comfyrelay::emulator::runcomfy::DEFAULT_WORKFLOW_VERSION_ID;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows").join("invert");
+    let target = dir.path().join("invert-rc");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    std::fs::copy(repo.join("workflow.json"), target.join("workflow.json")).expect("copy graph");
+    let manifest = std::fs::read_to_string(repo.join("manifest.toml")).expect("manifest");
+    let manifest = format!(
+        "{}\n[requirements]\nruncomfy_workflow_version_id = \"{DEFAULT_WORKFLOW_VERSION_ID}\"\nserver_type = \"medium\"\n",
+        manifest.replace("name = \"invert\"", "name = \"invert-rc\"")
+    );
+    std::fs::write(target.join("manifest.toml"), manifest).expect("write manifest");
+    dir
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_machine_seconds_of_the_day_is_resource_exhausted_with_retry_info() {
+    use comfyrelay::emulator::runcomfy::{
+        DEFAULT_TOKEN, DEFAULT_USER_ID, RunComfyEmulator, RunComfyEmulatorConfig,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let emu = RunComfyEmulator::start(
+        listener,
+        RunComfyEmulatorConfig {
+            boot_time: Duration::from_millis(200),
+            deleting_time: Duration::from_millis(50),
+            requests_per_second: 200,
+            burst: 200,
+            comfyui: crate::helpers::emulator_config(),
+            ..RunComfyEmulatorConfig::default()
+        },
+    )
+    .await
+    .expect("start the RunComfy emulator");
+    let workflows = runcomfy_workflows();
+    let mut app = spawn_app_with_auth(|c| {
+        c.workflows_dir = Some(workflows.path().to_path_buf());
+        c.comfyui.servers.clear();
+        let r = &mut c.runcomfy;
+        r.enabled = true;
+        r.base_url = emu.url();
+        r.user_id = DEFAULT_USER_ID.into();
+        r.api_token = comfyrelay::config::Secret::new(DEFAULT_TOKEN);
+        (r.requests_per_second, r.burst) = (100, 100);
+        r.status_poll = Duration::from_millis(50);
+        r.health_interval = Duration::from_millis(200);
+        r.unhealthy_after = Duration::from_millis(600);
+        c.auth.tenants.insert(
+            "metered".into(),
+            TenantOverride { machine_seconds_per_day: Some(0.001), ..Default::default() },
+        );
+    })
+    .await;
+    let mut admin = app.clients(&app.create_key("ops", Role::Admin, false).await);
+    let mut metered = app.clients(&app.create_key("metered", Role::Submitter, false).await);
+    let mut other = app.clients(&app.create_key("other", Role::Submitter, false).await);
+
+    let job = metered.jobs.submit_job(submit_request("invert-rc", png(4, 4))).await.expect("within quota");
+    let done = finished(&mut metered, &job.into_inner().id).await;
+    assert_eq!(done.state(), pb::JobState::Succeeded, "{done:?}");
+    assert!(done.machine_seconds > 0.0, "{done:?}");
+    // The job is counted when its runner is done, which the machine's completed count shows.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let machines = admin
+            .machines
+            .list_machines(pb::ListMachinesRequest::default())
+            .await
+            .expect("list machines")
+            .into_inner()
+            .machines;
+        if machines.iter().any(|m| m.jobs_completed >= 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job is never counted on its machine: {machines:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let status = metered
+        .jobs
+        .submit_job(submit_request("invert-rc", png(4, 4)))
+        .await
+        .expect_err("past machine_seconds_per_day");
+    assert_quota(&status, "QUOTA_MACHINE_SECONDS_PER_DAY");
+    let retry = status.get_details_retry_info().unwrap().retry_delay.unwrap();
+    assert!(retry > Duration::from_secs(23 * 3600), "the usage leaves the window in a day: {retry:?}");
+    other
+        .jobs
+        .submit_job(submit_request("invert-rc", png(4, 4)))
+        .await
+        .expect("another tenant is not metered");
+    app.stop().await.expect("clean stop");
+    emu.shutdown().await;
+}
