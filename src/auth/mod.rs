@@ -107,7 +107,7 @@ pub enum AuthError {
     Store(#[from] StoreError),
 }
 
-/// A key split into its public prefix and the whole key, or `None` when it is not shaped like one.
+/// The public prefix of a key, or `None` when it is not shaped like one (`cr_` + 8 hex + `_` + 64 hex).
 pub fn parse_key(key: &str) -> Option<&str> {
     let mut parts = key.splitn(3, '_');
     let (Some("cr"), Some(prefix), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {

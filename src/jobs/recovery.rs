@@ -211,7 +211,7 @@ impl LegacyJob {
         };
         let spec = JobSpec {
             id: self.id,
-            tenant: String::new(),
+            tenant: crate::auth::DEFAULT_TENANT.to_string(),
             workflow: self.workflow,
             workflow_version: self.workflow_version,
             inputs: self.inputs,

@@ -65,7 +65,7 @@ pub enum StoreError {
 pub struct JobRow {
     /// Job id.
     pub id: String,
-    /// The tenant it belongs to ('' for jobs stored before tenants existed).
+    /// The tenant it belongs to (`default` for jobs stored before tenants existed).
     pub tenant: String,
     /// State name (opaque to the store).
     pub state: String,
