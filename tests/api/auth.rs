@@ -691,3 +691,28 @@ async fn a_tenant_past_its_machine_seconds_of_the_day_is_resource_exhausted_with
     app.stop().await.expect("clean stop");
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_open_services_are_configurable() {
+    let app = spawn_app_with_auth(|c| c.auth.open_services = vec!["grpc.health.v1.Health".into()]).await;
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+    let request = || ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let status = ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(tokio_stream::iter([request()]))
+        .await
+        .expect_err("reflection is no longer open");
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    let key = app.create_key("ops", Role::Viewer, false).await;
+    let bearer = crate::helpers::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+    let keyed = tonic::service::interceptor::InterceptedService::new(app.channel.clone(), bearer);
+    ServerReflectionClient::new(keyed)
+        .server_reflection_info(tokio_stream::iter([request()]))
+        .await
+        .expect("reflection with a key");
+}
