@@ -115,7 +115,11 @@ where
                     with_reason(
                         Code::PermissionDenied,
                         "ROLE_NOT_ALLOWED",
-                        format!("{path} needs role {needed}; this key's role is {}", principal.role),
+                        format!(
+                            "{} needs role {needed}; this key's role is {}",
+                            crate::limits::echo(path),
+                            principal.role
+                        ),
                     )
                 }
                 Err(AuthError::Store(e)) => super::status::internal(&e),

@@ -9,6 +9,10 @@
 //! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
 //! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
 //!
+//! Every call but those of `auth.open_services` (health, reflection) is authenticated once by the `auth`
+//! layer, which leaves the caller's `Principal` in the request for the handlers: they scope every job read
+//! to its tenant.
+//!
 //! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
 //! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
 //! an `ErrorInfo` (`error_details`).
