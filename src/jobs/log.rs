@@ -204,11 +204,6 @@ impl Log {
         self.registry().len()
     }
 
-    /// How many live jobs match `pred` (a scan of the registry).
-    pub(super) fn count_live(&self, pred: impl Fn(&LiveJob) -> bool) -> usize {
-        self.registry().values().filter(|l| pred(l)).count()
-    }
-
     /// Makes a stored, unfinished job live again (recovery at start).
     pub(super) fn register(&self, spec: Arc<JobSpec>, record: JobRecord) -> Arc<LiveJob> {
         // A recovered job starts a new trace.

@@ -155,6 +155,9 @@ struct Inner {
     shutdown: CancellationToken,
     /// Per-tenant quotas; `None` with authentication off (one tenant: only `jobs.max_unfinished` applies).
     quotas: Option<quota::Quotas>,
+    /// With quotas: the ids of each tenant's live jobs (finished ones are dropped when next counted), so a
+    /// submit counts its tenant's waiting jobs without scanning every tenant's.
+    by_tenant: StdMutex<std::collections::HashMap<String, std::collections::HashSet<JobId>>>,
 }
 
 impl JobManager {
@@ -202,6 +205,7 @@ impl JobManager {
             writer: StdMutex::new(Some(writer)),
             shutdown,
             quotas,
+            by_tenant: StdMutex::new(Default::default()),
         });
         let manager = Self { inner };
         let (recovered, held) = match manager.recover().await {
@@ -342,6 +346,7 @@ impl JobManager {
         let telemetry = crate::telemetry::JobTelemetry::new(spec.id, &spec.workflow);
         match self.inner.log.create(spec.clone(), first, key, telemetry).await? {
             Created::New(live) => {
+                self.track_tenant(&spec);
                 live.telemetry.submitted();
                 tracing::info!(job_id = %spec.id, workflow = %spec.workflow, "job accepted");
                 let _ = self.inner.sched.send(SchedMsg::Enqueue(Waiting::of(&spec, self.spec_of(&spec))));
@@ -386,6 +391,15 @@ impl JobManager {
         }
     }
 
+    /// With quotas, remembers a live job under its tenant (for `max_queued`).
+    fn track_tenant(&self, spec: &JobSpec) {
+        if self.inner.quotas.is_some() {
+            let mut by_tenant =
+                self.inner.by_tenant.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            by_tenant.entry(spec.tenant.clone()).or_default().insert(spec.id);
+        }
+    }
+
     /// Counts the machine-seconds of the jobs that ended in the last 24 hours, when a tenant has that quota.
     async fn seed_machine_seconds(&self) -> Result<(), JobError> {
         let Some(quotas) = self.inner.quotas.as_ref().filter(|q| q.counts_machine_seconds()) else {
@@ -412,10 +426,23 @@ impl JobManager {
     fn check_quotas(&self, tenant: &str) -> Result<(), JobError> {
         let Some(quotas) = &self.inner.quotas else { return Ok(()) };
         let limit = quotas.of(tenant).max_queued;
-        let waiting = self.inner.log.count_live(|l| {
-            l.spec.tenant == tenant
-                && matches!(l.record().state, JobState::Queued { .. } | JobState::Provisioning { .. })
-        });
+        let waiting = {
+            let mut by_tenant =
+                self.inner.by_tenant.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ids = by_tenant.entry(tenant.to_string()).or_default();
+            let mut waiting = 0;
+            ids.retain(|id| match self.inner.log.live(*id) {
+                Some(live) => {
+                    waiting += usize::from(matches!(
+                        live.record().state,
+                        JobState::Queued { .. } | JobState::Provisioning { .. }
+                    ));
+                    true
+                }
+                None => false,
+            });
+            waiting
+        };
         if waiting >= limit {
             return Err(JobError::QuotaExceeded(quota::QuotaExceeded {
                 quota: quota::QuotaKind::MaxQueued,

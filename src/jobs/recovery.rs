@@ -37,6 +37,7 @@ impl JobManager {
                 }
             };
             let live = self.inner.log.register(job.spec.clone(), (*job.record).clone());
+            self.track_tenant(&job.spec);
             let id = job.spec.id;
             if job.record.cancel_reason.is_some() {
                 // A cancel asked for before the restart still holds: the re-attached runner interrupts.
