@@ -540,6 +540,20 @@ async fn a_runcomfy_token_and_an_api_key_appear_in_no_log_line_or_error() {
     })
     .await
     .expect("serves within 60 s");
+    // Keep reading both outputs while the calls run, so the child never blocks on a full pipe.
+    let stdout_rest = tokio::spawn(async move {
+        let mut rest = Vec::new();
+        while let Ok(Some(line)) = stdout.next_line().await {
+            rest.push(line);
+        }
+        rest
+    });
+    let mut stderr_pipe = child.stderr.take().unwrap();
+    let stderr_rest = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr_pipe, &mut text).await;
+        text
+    });
     let channel =
         tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
 
@@ -570,21 +584,28 @@ async fn a_runcomfy_token_and_an_api_key_appear_in_no_log_line_or_error() {
         }
     }
     assert!(errors.len() >= 8, "the wrong keys were refused: {errors:#?}");
+    // A flood of refusals is logged at a bounded rate (5 a second, bursts of 10).
+    let mut flood = pb::workflow_service_client::WorkflowServiceClient::new(
+        tonic::service::interceptor::InterceptedService::new(
+            channel.clone(),
+            crate::helpers::Bearer(Some(format!("Bearer cr_{prefix}_{}", "0".repeat(64)).parse().unwrap())),
+        ),
+    );
+    for _ in 0..60 {
+        let status = flood.list_workflows(pb::ListWorkflowsRequest::default()).await.expect_err("wrong key");
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
 
     child.kill().await.expect("stop comfyrelay");
-    while let Ok(Some(line)) = stdout.next_line().await {
-        log.push(line);
-    }
-    let mut stderr_text = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr_text)
-        .await
-        .unwrap();
-    log.extend(stderr_text.lines().map(str::to_string));
+    log.extend(stdout_rest.await.expect("stdout reader"));
+    log.extend(stderr_rest.await.expect("stderr reader").lines().map(str::to_string));
 
     assert!(
         log.iter().any(|l| l.contains("call refused") && l.contains(&prefix) && l.contains("127.0.0.1")),
         "a refused call is logged with the key prefix and the peer: {log:#?}"
     );
+    let refusals = log.iter().filter(|l| l.contains("call refused")).count();
+    assert!(refusals < 40, "68 refusals logged {refusals} lines");
     for text in log.iter().chain(&errors) {
         for secret in [TOKEN, key.as_str(), secret.as_str()] {
             assert!(!text.contains(secret), "a secret leaked: {text}");
