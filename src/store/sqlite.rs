@@ -70,9 +70,47 @@ impl SqliteStore {
             })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        sqlx::migrate!("src/store/migrations").run(&pool).await?;
-        Ok(Self { pool })
+        // Another process may be opening the same new file at the same moment (`comfyrelay keys` while the
+        // server starts): switching it to WAL can then find it busy, and sqlx takes no lock on SQLite for
+        // migrations, so both can find one pending and one fails on what the other created. That one tries
+        // again: it then finds the other's migrations applied (each commits on its own) and waits on SQLite's
+        // write lock for the rest.
+        let mut attempt = 0;
+        loop {
+            let result = match SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await
+            {
+                Ok(pool) => sqlx::migrate!("src/store/migrations")
+                    .run(&pool)
+                    .await
+                    .map(|()| pool)
+                    .map_err(StoreError::from),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(pool) => return Ok(Self { pool }),
+                Err(e) if attempt < 10 && lost_a_race(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Whether opening failed because another process was opening the same database at the same moment.
+fn lost_a_race(e: &StoreError) -> bool {
+    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with or without an extended code.
+    let busy = |e: &sqlx::Error| {
+        matches!(e, sqlx::Error::Database(db)
+            if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6)))
+    };
+    match e {
+        StoreError::Database(e) => busy(e),
+        StoreError::Migrate(
+            sqlx::migrate::MigrateError::Execute(_) | sqlx::migrate::MigrateError::ExecuteMigration(..),
+        ) => true,
+        StoreError::Migrate(_) | StoreError::Io(_) | StoreError::Legacy { .. } => false,
     }
 }
 
@@ -647,6 +685,19 @@ mod tests {
         assert!(!store.revoke_key("0a1b2c3d", 8).await.unwrap(), "already revoked");
         assert!(!store.revoke_key("ffffffff", 8).await.unwrap());
         assert_eq!(store.list_keys().await.unwrap()[0].revoked_ms, Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_opening_a_new_database_at_once_both_migrate_it() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b) = tokio::join!(
+                SqliteStore::open(dir.path(), Durability::Crash),
+                SqliteStore::open(dir.path(), Durability::Crash)
+            );
+            a.expect("first opener");
+            b.expect("second opener");
+        }
     }
 
     #[tokio::test]
