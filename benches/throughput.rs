@@ -47,9 +47,13 @@ fn env_usize(key: &str, default: usize) -> usize {
 
 fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
-        // A cheap hash, so the image does not compress: the PNG is about w*h*3 bytes.
-        let v =
-            (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503) ^ seed.wrapping_mul(97)).to_le_bytes();
+        // splitmix64 of the pixel's position and the seed: noise that does not compress, so the PNG is
+        // about w*h*3 bytes (a weaker hash left patterns that deflate shrank to a quarter).
+        let mut z =
+            (u64::from(seed) << 40 | u64::from(y) << 20 | u64::from(x)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let v = (z ^ (z >> 31)).to_le_bytes();
         image::Rgb([v[0], v[1], v[2]])
     });
     let mut out = std::io::Cursor::new(Vec::new());
@@ -124,6 +128,22 @@ impl Relay {
         let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
         Duration::from_millis(ticks * 1000 / clock_ticks())
+    }
+
+    /// Context switches (voluntary + involuntary) of all the process's threads so far: each is a thread
+    /// that went to sleep or was preempted, so their count per job is the job's thread hops and wake-ups.
+    fn context_switches(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else { return 0 };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .flat_map(|s| {
+                s.lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+                    .collect::<Vec<_>>()
+            })
+            .sum()
     }
 
     fn rss_kib(&self) -> u64 {
@@ -255,6 +275,58 @@ fn report_latency(
     p50
 }
 
+/// fsync/fdatasync calls of the relay process per job over `n` sequential jobs, counted by `strace -c`
+/// attached to it (`None` when strace is not installed). Timing under strace means nothing: only counts.
+async fn count_fsyncs(
+    relay: &Relay,
+    client: &mut JobClient,
+    image: &Bytes,
+    n: usize,
+) -> anyhow::Result<Option<f64>> {
+    let out = tempfile::NamedTempFile::new()?;
+    let strace = tokio::process::Command::new("strace")
+        .args(["-f", "-qq", "-c", "-e", "trace=fsync,fdatasync,sync_file_range,msync", "-o"])
+        .arg(out.path())
+        .args(["-p", &relay.pid.to_string()])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn();
+    let Ok(mut strace) = strace else { return Ok(None) };
+    // Attached once every thread of the process names a tracer.
+    let traced = || {
+        std::fs::read_dir(format!("/proc/{}/task", relay.pid)).is_ok_and(|tasks| {
+            tasks.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                    s.lines().any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+                })
+            })
+        })
+    };
+    let attached = Instant::now();
+    while !traced() {
+        if attached.elapsed() > Duration::from_secs(10) || strace.try_wait()?.is_some() {
+            return Ok(None); // not permitted here (ptrace_scope) or strace failed
+        }
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..n {
+        relay_job(client, invert_request(image)).await?;
+    }
+    if let Some(pid) = strace.id() {
+        // SIGINT: strace detaches and writes its summary.
+        let _ = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status();
+    }
+    let _ = strace.wait().await;
+    let summary = std::fs::read_to_string(out.path())?;
+    // Rows: % time, seconds, usecs/call, calls, [errors], syscall.
+    let calls: u64 = summary
+        .lines()
+        .filter(|l| l.split_whitespace().last().is_some_and(|s| s.contains("sync")))
+        .filter_map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    Ok(Some(calls as f64 / n as f64))
+}
+
 fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
     let rate = jobs as f64 / wall.as_secs_f64();
     let cpu = cpu
@@ -302,7 +374,7 @@ async fn main() -> anyhow::Result<()> {
     }
     done += 20;
     let mut samples = Vec::with_capacity(jobs);
-    let cpu0 = relay.cpu();
+    let (cpu0, switches0) = (relay.cpu(), relay.context_switches());
     let start = Instant::now();
     for _ in 0..jobs {
         let t = Instant::now();
@@ -310,8 +382,21 @@ async fn main() -> anyhow::Result<()> {
         samples.push(t.elapsed());
     }
     done += jobs;
+    let switches = relay.context_switches() - switches0;
     let relay_p50 =
         report_latency("comfyrelay, sequential", samples, start.elapsed(), Some(relay.cpu() - cpu0));
+    println!(
+        "{:<48} {:.1} per job (voluntary + involuntary, all threads)",
+        "  context switches of the comfyrelay process",
+        switches as f64 / jobs as f64
+    );
+    if let Some(fsyncs) = count_fsyncs(&relay, &mut client, &image, 100).await? {
+        println!(
+            "{:<48} {:.2} per job (strace, 100 jobs; storage.durability = crash)",
+            "  fsync calls", fsyncs
+        );
+        done += 100;
+    }
     println!(
         "{:<48} {:+.2} ms per job at p50 ({:.2}x)",
         "  overhead beyond the direct client",
@@ -436,7 +521,7 @@ async fn main() -> anyhow::Result<()> {
     let data2 = tempfile::tempdir()?;
     let relay2 = start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")]).await?;
     let images: Arc<Vec<Bytes>> =
-        Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(150, 150, i + 7))).collect());
+        Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(296, 296, i + 7))).collect());
     let size = images[0].len();
     let next = Arc::new(AtomicUsize::new(0));
     // Warm-up: the first submit waits for the unreachable backend's /object_info once.

@@ -236,6 +236,10 @@ pub struct GrpcConfig {
     /// A client that does not answer a ping within this is disconnected.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Web origins (`scheme://host[:port]`, exactly as browsers send them in `Origin`) whose pages may
+    /// call the gRPC-Web API cross-origin (CORS). Empty: none; the console served at `/console` is
+    /// same-origin and needs no entry.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for GrpcConfig {
@@ -251,6 +255,7 @@ impl Default for GrpcConfig {
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(20),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -365,6 +370,14 @@ pub struct JobsConfig {
     /// Longest output download.
     #[serde(with = "humantime_serde")]
     pub download_timeout: Duration,
+    /// How long each step of a running job's cancel (interrupt; `/free` and interrupt again; replacing a
+    /// RunComfy machine) waits for ComfyUI to confirm that the prompt stopped before the next step.
+    #[serde(with = "humantime_serde")]
+    pub cancel_grace: Duration,
+    /// A cancelled job is `CANCELLED` by this long after its cancel began on the machine, whether ComfyUI
+    /// confirmed it or not.
+    #[serde(with = "humantime_serde")]
+    pub cancel_deadline: Duration,
     /// Jobs not finished (queued and running) at most; a submit beyond is `RESOURCE_EXHAUSTED`.
     pub max_unfinished: usize,
     /// Bytes of an inline graph (`graph_json`); larger ones are refused before they are parsed.
@@ -398,6 +411,8 @@ impl Default for JobsConfig {
             upload_timeout: Duration::from_secs(120),
             execution_timeout: Duration::from_secs(1800),
             download_timeout: Duration::from_secs(300),
+            cancel_grace: Duration::from_secs(10),
+            cancel_deadline: Duration::from_secs(60),
             max_unfinished: 100_000,
             max_graph_bytes: crate::limits::RequestLimits::default().max_graph_bytes,
             max_text_bytes: crate::limits::RequestLimits::default().max_text_bytes,
@@ -683,6 +698,12 @@ impl Config {
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
         }
+        if self.jobs.cancel_grace.is_zero() {
+            return bad("jobs.cancel_grace", "must be positive");
+        }
+        if self.jobs.cancel_deadline < self.jobs.cancel_grace {
+            return bad("jobs.cancel_deadline", "must be at least jobs.cancel_grace");
+        }
         let g = &self.grpc;
         if g.max_connections == 0 {
             return bad("grpc.max_connections", "must be at least 1");
@@ -698,6 +719,15 @@ impl Config {
         ] {
             if d.is_zero() {
                 return bad(key, "must be positive");
+            }
+        }
+        for (i, origin) in g.cors_origins.iter().enumerate() {
+            if !is_origin(origin) {
+                return bad(
+                    &format!("grpc.cors_origins[{i}]"),
+                    "must be a web origin like `https://console.example.com` (http(s) scheme, host and \
+                     optional port; no path, no trailing slash, no wildcard)",
+                );
             }
         }
         if self.jobs.max_graph_bytes < 1024 || self.jobs.max_graph_bytes > g.max_message_bytes {
@@ -916,6 +946,14 @@ fn actual_kind(actual: &figment::error::Actual) -> &'static str {
     }
 }
 
+/// Whether `s` is a serialized web origin as browsers send it in `Origin` (`http(s)://host[:port]`).
+fn is_origin(s: &str) -> bool {
+    match url::Url::parse(s) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => u.origin().ascii_serialization() == s,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -962,6 +1000,31 @@ mod tests {
     }
 
     #[test]
+    fn cors_origins_must_be_exact_origins() {
+        let c = Config::load(
+            None,
+            env(&[(
+                "COMFYRELAY_GRPC__CORS_ORIGINS",
+                r#"["http://127.0.0.1:8080", "https://ops.example.com"]"#,
+            )]),
+        )
+        .unwrap();
+        assert_eq!(c.grpc.cors_origins, ["http://127.0.0.1:8080", "https://ops.example.com"]);
+        for bad in [
+            "*",
+            "https://ops.example.com/",
+            "https://ops.example.com/console",
+            "ops.example.com",
+            "file:///x",
+        ] {
+            let value = format!(r#"["http://127.0.0.1:1", "{bad}"]"#);
+            let e =
+                Config::load(None, env(&[("COMFYRELAY_GRPC__CORS_ORIGINS", value.as_str())])).unwrap_err();
+            assert!(e.to_string().contains("grpc.cors_origins[1]"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn client_variables_are_not_server_settings() {
         let c = Config::load(
             None,
@@ -979,6 +1042,9 @@ mod tests {
         assert!(e.to_string().contains("grpc.max_message_bytes"), "{e}");
         let e = Config::load(None, env(&[("COMFYRELAY_JOBS__MAX_ATTEMPTS", "0")])).unwrap_err();
         assert!(e.to_string().contains("jobs.max_attempts"), "{e}");
+        let short = [("COMFYRELAY_JOBS__CANCEL_GRACE", "10s"), ("COMFYRELAY_JOBS__CANCEL_DEADLINE", "5s")];
+        let e = Config::load(None, env(&short)).unwrap_err();
+        assert!(e.to_string().contains("jobs.cancel_deadline"), "{e}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Readiness that tells the truth: whether any backend can take a job right now.
 //!
-//! A job can be taken when at least one machine's ComfyUI is connected and not draining (a configured
-//! server, or a RunComfy machine already up), or when a RunComfy pool is able to launch one. [`watch`]
+//! A job can be taken when at least one machine's ComfyUI is connected, not draining and not held by a
+//! cancelled prompt that ignored every interrupt (a configured server, or a RunComfy machine already up), or when a RunComfy pool is able to launch one. [`watch`]
 //! re-evaluates this every [`POLL`] and reports each change; the gRPC adapter turns it into the
 //! `grpc.health.v1` status of `comfyrelay.v1.JobService`. Knows machines and the pool, not gRPC.
 
@@ -17,7 +17,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 
 /// Whether a job submitted now has a backend: a connected machine taking jobs, or a pool able to launch.
 pub fn can_take_jobs(machines: &[Arc<Machine>], pool: Option<&Pool>) -> bool {
-    machines.iter().any(|m| !m.is_draining() && m.conn.is_connected()) || pool.is_some_and(pool_can_launch)
+    let takes_jobs = |m: &Arc<Machine>| !m.is_draining() && !m.holds_abandoned() && m.conn.is_connected();
+    machines.iter().any(takes_jobs) || pool.is_some_and(pool_can_launch)
 }
 
 /// Whether the RunComfy pool can launch a machine: every state but a refused token or user id (jobs for

@@ -12,6 +12,7 @@
 //! - [`auth`]: API keys, roles and the principal a call acts as (checked by the layer in `grpc`).
 //! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
 //! - [`dev`]: `comfyrelay dev`, the service on emulators.
+//! - [`console`]: the web console's static assets (served at `/console` by `grpc`; a gRPC-Web client).
 //! - [`cli`]: the command-line gRPC client (a client adapter: tonic and `pb::` like `grpc`).
 //! - [`limits`]: the bounds on what a caller can make the service hold, and [`limits::echo`].
 //! - [`config`], [`telemetry`], [`shutdown`], [`listen`]: process plumbing.
@@ -23,6 +24,7 @@ pub mod catalog;
 pub mod cli;
 pub mod comfy;
 pub mod config;
+pub mod console;
 pub mod dev;
 pub mod emulator;
 pub mod grpc;

@@ -61,6 +61,9 @@ pub struct Machine {
     assigned: AtomicUsize,
     completed: AtomicU64,
     draining: AtomicBool,
+    /// Prompts of cancelled jobs that ComfyUI never confirmed stopped and that still run on it: while any
+    /// does, the machine takes no new jobs (see [`Machine::hold_abandoned`]).
+    abandoned: AtomicUsize,
     /// The last workflow it ran, and since when it has been idle. A std mutex: never held across `.await`.
     /// Changes of `assigned` and `draining` that must not race (assigning a job to a machine the pool is
     /// about to stop) happen under it.
@@ -115,6 +118,7 @@ impl Machine {
             assigned: AtomicUsize::new(0),
             completed: AtomicU64::new(0),
             draining: AtomicBool::new(false),
+            abandoned: AtomicUsize::new(0),
             status: Mutex::new(Status { last_workflow: String::new(), idle_since: Some(Instant::now()) }),
             retired: CancellationToken::new(),
             retire_reason: Mutex::new(String::new()),
@@ -241,14 +245,30 @@ impl Machine {
 
     /// Whether it can take a job now.
     pub fn has_room(&self) -> bool {
-        !self.is_draining() && self.conn.is_connected() && self.assigned() < self.capacity
+        !self.is_draining()
+            && !self.holds_abandoned()
+            && self.conn.is_connected()
+            && self.assigned() < self.capacity
+    }
+
+    /// Marks a prompt of a cancelled job as still running on this machine after its cancel gave up waiting
+    /// for ComfyUI: the machine takes no new jobs until every such guard is dropped (the prompt ended, or
+    /// ComfyUI no longer knows it), so no job is sent into a server a wedged node holds.
+    pub fn hold_abandoned(&self) -> AbandonedGuard<'_> {
+        self.abandoned.fetch_add(1, Ordering::Relaxed);
+        AbandonedGuard(self)
+    }
+
+    /// Whether a prompt whose cancel was abandoned still runs on it (it then takes no new jobs).
+    pub fn holds_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Relaxed) > 0
     }
 
     /// Hands it a job if it still has room and is not draining, atomically with respect to
     /// [`Machine::drain_if_idle`]: a machine the pool decided to stop never gets a job after that decision.
     pub fn try_assign(&self, workflow: &str) -> bool {
         let Ok(mut s) = self.status.lock() else { return false };
-        if self.is_draining() || self.assigned() >= self.capacity {
+        if self.is_draining() || self.holds_abandoned() || self.assigned() >= self.capacity {
             return false;
         }
         self.assigned.fetch_add(1, Ordering::Relaxed);
@@ -323,6 +343,16 @@ impl Machine {
         if before <= 1 {
             s.idle_since = Some(Instant::now());
         }
+    }
+}
+
+/// Held while a prompt whose cancel was abandoned still runs on a machine: see [`Machine::hold_abandoned`].
+#[derive(Debug)]
+pub struct AbandonedGuard<'a>(&'a Machine);
+
+impl Drop for AbandonedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.abandoned.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -414,4 +444,9 @@ pub trait Provisioner: Send + Sync + std::fmt::Debug + 'static {
 
     /// The server type of jobs whose workflow names none.
     fn default_server_type(&self) -> String;
+
+    /// Stops the machine `machine_id` (so it is billed no further) and retires it at once (its jobs stop
+    /// waiting for it); a new machine is launched only if the demand needs one. For a machine whose prompt
+    /// ignores every interrupt. Returns whether the machine is the pool's and is now being stopped.
+    fn replace(&self, machine_id: &str, reason: &str) -> bool;
 }

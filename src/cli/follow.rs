@@ -140,6 +140,7 @@ pub(crate) fn terminal(event: &pb::JobEvent) -> Option<End> {
             | Kind::PromptSubmitted(_)
             | Kind::Warning(_)
             | Kind::CancelRequested(_)
+            | Kind::CancelStep(_)
             | Kind::Requeued(_),
         )
         | None => None,

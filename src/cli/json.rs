@@ -22,6 +22,11 @@ pub(crate) fn phase_name(phase: i32) -> String {
     short(pb::ProvisioningPhase::try_from(phase).unwrap_or_default().as_str_name(), "PROVISIONING_PHASE_")
 }
 
+/// A cancel step's short name (`interrupt`, `free`, `replace_machine`, `abandoned`).
+pub(crate) fn cancel_step_name(step: i32) -> String {
+    short(pb::CancelStepKind::try_from(step).unwrap_or_default().as_str_name(), "CANCEL_STEP_KIND_")
+}
+
 /// RFC 3339, or null.
 pub(crate) fn time(t: Option<&prost_types::Timestamp>) -> Value {
     t.and_then(|t| {
@@ -71,6 +76,10 @@ pub(crate) fn event(e: &pb::JobEvent) -> Value {
         }
         Some(Kind::CancelRequested(c)) => ("cancel_requested", json!({ "reason": c.reason })),
         Some(Kind::Requeued(r)) => ("requeued", json!({ "reason": r.reason })),
+        Some(Kind::CancelStep(c)) => (
+            "cancel_step",
+            json!({ "step": cancel_step_name(c.step), "elapsed_seconds": seconds(c.elapsed.as_ref()) }),
+        ),
         Some(Kind::Provisioning(p)) => (
             "provisioning",
             json!({ "phase": phase_name(p.phase), "machine_id": p.machine_id, "server_type": p.server_type,

@@ -154,6 +154,11 @@ impl JobProgress {
                 self.state = "cancelling".into();
                 self.update_message();
             }
+            Some(Kind::CancelStep(c)) => {
+                let step = json::cancel_step_name(c.step).replace('_', " ");
+                let elapsed = c.elapsed.as_ref().map_or(0, |d| d.seconds);
+                self.line(format!("cancel: {step} after {elapsed}s"));
+            }
             Some(Kind::Requeued(r)) => {
                 self.line(format!("back in the queue: {}", r.reason));
                 self.state = "queued".into();

@@ -34,8 +34,9 @@
 //! 3. Still running: [`ComfyClient::free_and_interrupt`] (`/free` unloading models and memory, then the
 //!    per-job cancel again), and wait a second grace period.
 //! 4. Still running: the machine cannot be trusted with new work. A RunComfy machine is replaced (stopped,
-//!    so it is billed no further); a static server is drained and reported. The job ends `CANCELLED` either
-//!    way, saying which step ended it.
+//!    so it is billed no further); a static server is never stopped, but takes no new jobs until the prompt
+//!    ends. The job ends `CANCELLED` either way (at `jobs.cancel_deadline` at the latest), its events saying
+//!    which step ended it.
 
 mod capabilities;
 mod connection;

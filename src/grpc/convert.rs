@@ -11,7 +11,7 @@ use crate::{
     catalog::{ImageInput, JobInputs, ParamValue, WorkflowSource, read_image_header},
     jobs::{
         Event, EventKind, FailureReason, Job, JobFailure, JobId, JobState, JobStatus, ListRequest,
-        OutputFile, OutputView, SubmitRequest, Violation,
+        OutputFile, OutputView, SubmitRequest, Violation, model::CancelStepKind,
     },
     limits::{self, Exceeded, RequestLimits, Unit, echo},
     proto::pb,
@@ -456,6 +456,15 @@ fn phase_to_pb(phase: &str) -> pb::ProvisioningPhase {
     }
 }
 
+fn cancel_step_to_pb(step: CancelStepKind) -> pb::CancelStepKind {
+    match step {
+        CancelStepKind::Interrupt => pb::CancelStepKind::Interrupt,
+        CancelStepKind::Free => pb::CancelStepKind::Free,
+        CancelStepKind::ReplaceMachine => pb::CancelStepKind::ReplaceMachine,
+        CancelStepKind::Abandoned => pb::CancelStepKind::Abandoned,
+    }
+}
+
 /// An event; `outputs` carries the pb form of outputs the event holds (with inline bytes if any).
 pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEvent {
     use pb::job_event::Kind;
@@ -475,6 +484,10 @@ pub(crate) fn event_to_pb(e: &Event, mut outputs: Vec<pb::Output>) -> pb::JobEve
             Kind::CancelRequested(pb::CancelRequested { reason: reason.clone() })
         }
         EventKind::Requeued { reason } => Kind::Requeued(pb::Requeued { reason: reason.clone() }),
+        EventKind::CancelStep { step, elapsed_ms } => Kind::CancelStep(pb::CancelStep {
+            step: cancel_step_to_pb(*step) as i32,
+            elapsed: dur_ms(Some(*elapsed_ms)),
+        }),
         EventKind::Provisioning { phase, machine_id, server_type, elapsed_ms } => {
             Kind::Provisioning(pb::MachineProvisioning {
                 phase: phase_to_pb(phase) as i32,

@@ -95,10 +95,12 @@ fn jobs_fields(m: Option<&Machine>) -> (u32, u32, String, u64) {
     }
 }
 
+/// A static server is `UNHEALTHY` while unreachable, and while a cancelled prompt that ignored every
+/// interrupt still runs on it (it takes no jobs then either).
 fn static_to_pb(m: &Machine) -> pb::Machine {
     let state = if m.is_draining() {
         pb::MachineState::Draining
-    } else if m.conn.is_connected() {
+    } else if m.conn.is_connected() && !m.holds_abandoned() {
         pb::MachineState::Ready
     } else {
         pb::MachineState::Unhealthy

@@ -3,7 +3,8 @@
 //!
 //! Serves `comfyrelay.v1` (jobs, workflows, machines), `grpc.health.v1`, server reflection (v1 and
 //! v1alpha, with the `google.rpc` error detail types) and gRPC-Web, and stops gracefully when the
-//! shutdown token is cancelled.
+//! shutdown token is cancelled. With gRPC-Web on, it also serves the web console at `/console`
+//! ([`crate::console`]) and answers CORS for the origins in `grpc.cors_origins` (`cors`).
 //!
 //! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
 //! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
@@ -19,7 +20,9 @@
 
 mod auth;
 mod connections;
+mod console;
 mod convert;
+mod cors;
 mod error_details;
 mod jobs;
 mod machines;
@@ -165,6 +168,8 @@ pub async fn serve(
         .trace_fn(observe::call_span);
     let router = if config.grpc.grpc_web {
         builder
+            .layer(console::ConsoleLayer)
+            .layer(cors::layer(&config.grpc.cors_origins))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(calls)
             .layer(connections::CallTrackingLayer)

@@ -133,6 +133,12 @@ pub(crate) fn apply(spec: &JobSpec, record: &JobRecord, event: &Event) -> Result
         }
         EventKind::Warning { .. } => {}
         EventKind::CancelRequested { reason } => next.cancel_reason = Some(reason.clone()),
+        EventKind::CancelStep { .. } => {
+            // Only a runner escalating a cancel emits it: the job is on a machine, and its cancel was asked.
+            if !matches!(record.state, JobState::Running { .. }) || record.cancel_reason.is_none() {
+                return Err(not_in_state());
+            }
+        }
         EventKind::Retrying { attempt, .. } => {
             if *attempt != record.attempt + 1 {
                 return Err(Rejected::WrongAttempt { current: record.attempt, got: *attempt });
@@ -196,7 +202,7 @@ pub(crate) mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::jobs::model::{DeclaredOutput, FailureReason, JobFailure, JobId, OutputFile};
+    use crate::jobs::model::{CancelStepKind, DeclaredOutput, FailureReason, JobFailure, JobId, OutputFile};
 
     pub(crate) fn spec(declared: &[&str]) -> JobSpec {
         JobSpec {
@@ -257,6 +263,16 @@ pub(crate) mod tests {
             (node.clone(), 0u32..100).prop_map(|(n, k)| EventKind::OutputReady { output: output(n, k) }),
             Just(EventKind::Warning { code: "X".into(), message: "x".into(), node_ids: vec![] }),
             Just(EventKind::CancelRequested { reason: "r".into() }),
+            (
+                prop::sample::select(vec![
+                    CancelStepKind::Interrupt,
+                    CancelStepKind::Free,
+                    CancelStepKind::ReplaceMachine,
+                    CancelStepKind::Abandoned,
+                ]),
+                0u64..60_000
+            )
+                .prop_map(|(step, elapsed_ms)| EventKind::CancelStep { step, elapsed_ms }),
             (1u32..4).prop_map(|attempt| EventKind::Retrying { attempt, reason: "lost".into() }),
             Just(EventKind::Requeued { reason: "shutdown".into() }),
             prop::collection::vec((node.clone(), 0u32..100), 0..3).prop_map(|o| EventKind::Succeeded {
@@ -313,6 +329,26 @@ pub(crate) mod tests {
             .unwrap();
         let done = EventKind::Succeeded { outputs: vec![output("3", 1)], usage: Usage::default() };
         assert_eq!(apply(&spec, &r, &ev(2, done)), Err(Rejected::MissingOutputs(vec!["4".into()])));
+    }
+
+    #[test]
+    fn a_cancel_step_applies_only_to_a_running_job_being_cancelled_and_changes_nothing_else() {
+        let spec = spec(&["3"]);
+        let step = || EventKind::CancelStep { step: CancelStepKind::Free, elapsed_ms: 300 };
+        let queued =
+            apply(&spec, &JobRecord::new(), &ev(1, EventKind::Queued { position: 1, reason: String::new() }))
+                .unwrap();
+        assert!(matches!(apply(&spec, &queued, &ev(2, step())), Err(Rejected::NotInState { .. })));
+        let started = EventKind::Started { machine_id: "m".into(), prompt_id: "p".into() };
+        let running = apply(&spec, &queued, &ev(2, started)).unwrap();
+        assert!(
+            matches!(apply(&spec, &running, &ev(3, step())), Err(Rejected::NotInState { .. })),
+            "no cancel was asked"
+        );
+        let asked =
+            apply(&spec, &running, &ev(3, EventKind::CancelRequested { reason: "r".into() })).unwrap();
+        let stepped = apply(&spec, &asked, &ev(4, step())).unwrap();
+        assert_eq!(stepped, JobRecord { last_sequence: 4, ..asked });
     }
 
     proptest! {

@@ -14,7 +14,8 @@
 //!   from the log (see `subscribe`).
 //!
 //! # Task
-//! One task, owned by the job engine's tracker. Exit policy: it runs until [`Log::close`] (queued after
+//! One task on a thread of its own (the store's commit runs synchronously there, without a hop to a
+//! connection thread), awaited by the job engine at drain. Exit policy: it runs until [`Log::close`] (queued after
 //! everything sent before it) or until every sender is gone; a failed commit is logged with its cause
 //! chain and reported to every waiter of that batch, and the writer goes on with the next batch.
 
@@ -53,18 +54,30 @@ pub(super) struct LiveJob {
     pub(super) spec: Arc<JobSpec>,
     record: watch::Sender<Arc<JobRecord>>,
     events: broadcast::Sender<Arc<Event>>,
+    /// The last [`LIVE_CAPACITY`] committed events, so a subscriber catches up without reading the store.
+    recent: StdMutex<Recent>,
     /// Cancelled when the job ended or a caller asked to cancel it: its runner stops waiting.
     pub(super) cancel: CancellationToken,
     /// The job's trace and metrics, fed by the writer with every committed event.
     pub(super) telemetry: JobTelemetry,
 }
 
+/// A live job's most recent events: every committed event from sequence `from` on (those before it are
+/// only in the store).
+#[derive(Debug)]
+struct Recent {
+    from: u64,
+    events: std::collections::VecDeque<Arc<Event>>,
+}
+
 impl LiveJob {
     fn new(spec: Arc<JobSpec>, record: JobRecord, telemetry: JobTelemetry) -> Arc<Self> {
+        let recent = Recent { from: record.last_sequence + 1, events: Default::default() };
         Arc::new(Self {
             spec,
             record: watch::channel(Arc::new(record)).0,
             events: broadcast::channel(LIVE_CAPACITY).0,
+            recent: StdMutex::new(recent),
             cancel: CancellationToken::new(),
             telemetry,
         })
@@ -83,6 +96,35 @@ impl LiveJob {
     /// The live feed of committed events.
     pub(super) fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.events.subscribe()
+    }
+
+    /// The committed events after `after`, when they are all still held in memory (`None`: read the
+    /// store). Subscribe to the live feed first: an event committed after this snapshot is then in the feed.
+    pub(super) fn events_after(&self, after: u64) -> Option<Vec<Arc<Event>>> {
+        let recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if after.saturating_add(1) < recent.from {
+            return None;
+        }
+        Some(recent.events.iter().filter(|e| e.seq > after).cloned().collect())
+    }
+
+    /// Keeps a committed event among the recent ones, then broadcasts it.
+    fn publish(&self, event: Arc<Event>) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent.events.is_empty() {
+                // A new job's record already counts its first event.
+                recent.from = recent.from.min(event.seq);
+            }
+            if recent.events.len() == LIVE_CAPACITY
+                && let Some(old) = recent.events.pop_front()
+            {
+                recent.from = old.seq + 1;
+            }
+            recent.events.push_back(event.clone());
+        }
+        // No receivers is fine: nobody is watching.
+        let _ = self.events.send(event);
     }
 
     /// Changes of the committed record.
@@ -181,12 +223,28 @@ pub(super) struct Log {
 }
 
 impl Log {
-    /// Starts the writer on `store`; the returned future is its task (spawn it into the owner's tracker).
-    pub(super) fn new(store: Arc<dyn Store>) -> (Self, impl std::future::Future<Output = ()> + Send) {
+    /// Starts the writer on `store`, on a thread of its own (a current-thread runtime: the store's commit
+    /// may block it, and nothing else waits on that thread). The returned future resolves when the writer
+    /// has stopped; the owner awaits it at drain.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub(super) fn new(
+        store: Arc<dyn Store>,
+    ) -> std::io::Result<(Self, impl std::future::Future<Output = ()> + Send + 'static)> {
         let (tx, rx) = mpsc::channel(INBOX);
         let live = Arc::new(StdMutex::new(HashMap::new()));
         let writer = Writer { store, live: live.clone(), rx };
-        (Self { tx, live }, writer.run())
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (stopped, on_stop) = oneshot::channel::<()>();
+        let span = tracing::info_span!("job_log");
+        std::thread::Builder::new().name("job-log".into()).spawn(move || {
+            runtime.block_on(tracing::Instrument::instrument(writer.run(), span));
+            drop(stopped);
+        })?;
+        Ok((Self { tx, live }, async move {
+            let _ = on_stop.await;
+        }))
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Arc<LiveJob>>> {
@@ -425,7 +483,7 @@ impl Writer {
             let answer = match outcome {
                 CreateOutcome::Created => {
                     self.registry().insert(c.live.spec.id, c.live.clone());
-                    let _ = c.live.events.send(c.first);
+                    c.live.publish(c.first);
                     Created::New(c.live)
                 }
                 CreateOutcome::Existing { job_id } => Created::Existing(job_id),
@@ -436,12 +494,10 @@ impl Writer {
         for (live, record) in &staged {
             live.record.send_replace(Arc::new(record.clone()));
         }
-        for (slot, event, reply) in accepted {
-            let live = &staged[slot].0;
-            // No receivers is fine: nobody is watching.
-            let _ = live.events.send(event.clone());
-            live.telemetry.observe(&event);
-            let _ = reply.send(Ok(event));
+        for (slot, event, _) in &accepted {
+            let live = &staged[*slot].0;
+            live.publish(event.clone());
+            live.telemetry.observe(event);
         }
         for (live, record) in &staged {
             if record.state.is_terminal() {
@@ -450,6 +506,10 @@ impl Writer {
                 self.registry().remove(&live.spec.id);
                 live.cancel.cancel();
             }
+        }
+        // Answered last: whoever waits on an event sees everything it did (the job retired and cancelled).
+        for (_, event, reply) in accepted {
+            let _ = reply.send(Ok(event));
         }
     }
 }
@@ -555,7 +615,7 @@ mod tests {
 
     async fn writer(dir: &std::path::Path) -> (Log, Arc<SqliteStore>, tokio::task::JoinHandle<()>) {
         let store = Arc::new(SqliteStore::open(dir, Durability::Crash).await.unwrap());
-        let (log, task) = Log::new(store.clone());
+        let (log, task) = Log::new(store.clone()).expect("writer thread");
         (log, store, tokio::spawn(task))
     }
 
@@ -622,6 +682,35 @@ mod tests {
                 task.await.unwrap();
             });
         }
+    }
+
+    #[tokio::test]
+    async fn a_live_job_holds_its_recent_events_and_says_when_the_store_must_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, store, task) = writer(dir.path()).await;
+        let spec = Arc::new(spec(&[]));
+        let first = EventKind::Queued { position: 1, reason: String::new() };
+        let Created::New(live) =
+            log.create(spec.clone(), first, None, JobTelemetry::new(spec.id, "w")).await.unwrap()
+        else {
+            panic!("created")
+        };
+        let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(live.events_after(0).unwrap()), vec![1]);
+        let total = LIVE_CAPACITY as u64 + 10;
+        for i in 2..=total {
+            let kind = EventKind::Queued { position: (i % 7) as u32 + 1, reason: String::new() };
+            log.append(spec.id, kind).await.durable().await.unwrap();
+        }
+        // The oldest ten have left memory: from before them the store is read, and it has them.
+        assert!(live.events_after(0).is_none());
+        assert!(live.events_after(9).is_none());
+        let held = live.events_after(10).unwrap();
+        assert_eq!(seqs(held), (11..=total).collect::<Vec<_>>());
+        assert!(live.events_after(total).unwrap().is_empty());
+        assert_eq!(store.events_after(&spec.id.to_string(), 0, 20).await.unwrap().len(), 20);
+        log.close().await;
+        task.await.unwrap();
     }
 
     #[tokio::test]

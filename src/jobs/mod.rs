@@ -189,8 +189,9 @@ impl JobManager {
             Some((p, rx)) => (Some(p), Some(rx)),
             None => (None, None),
         };
-        let (log, writer) = Log::new(store.clone());
-        let writer = tokio::spawn(writer.instrument(tracing::info_span!("job_log")));
+        let (log, writer) = Log::new(store.clone())
+            .map_err(|e| JobError::Store(Arc::new(crate::store::StoreError::Io(e))))?;
+        let writer = tokio::spawn(writer);
         let inner = Arc::new(Inner {
             config,
             store,

@@ -559,6 +559,14 @@ pub enum EventKind {
         /// The reason given.
         reason: String,
     },
+    /// A step of the escalation that stops a cancelled job's prompt (the last one before `cancelled` is the
+    /// step that ended it). Changes nothing but the log.
+    CancelStep {
+        /// The step taken.
+        step: CancelStepKind,
+        /// Since the cancel began on the machine (the first step), ms.
+        elapsed_ms: u64,
+    },
     /// Retried after the attempt was lost.
     Retrying {
         /// The next attempt.
@@ -631,12 +639,40 @@ impl EventKind {
             EventKind::ProgressText { .. } => "progress_text",
             EventKind::Warning { .. } => "warning",
             EventKind::CancelRequested { .. } => "cancel_requested",
+            EventKind::CancelStep { .. } => "cancel_step",
             EventKind::Retrying { .. } => "retrying",
             EventKind::Requeued { .. } => "requeued",
             EventKind::Comfy { .. } => "comfy",
             EventKind::Succeeded { .. } => "succeeded",
             EventKind::Failed { .. } => "failed",
             EventKind::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
+/// The steps of a cancel on a running job, in the order they are tried: each waits `jobs.cancel_grace` for
+/// ComfyUI to confirm before the next, and at `jobs.cancel_deadline` the job is cancelled regardless.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelStepKind {
+    /// The per-job cancel (`POST /api/jobs/{id}/cancel` where the server has it), else `/interrupt`.
+    Interrupt,
+    /// `POST /free` (unload models, free memory), then the interrupt again.
+    Free,
+    /// The RunComfy machine is stopped (billed no further) and replaced if demand needs one.
+    ReplaceMachine,
+    /// The deadline passed: the job is cancelled without ComfyUI's confirmation.
+    Abandoned,
+}
+
+impl CancelStepKind {
+    /// The step's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CancelStepKind::Interrupt => "interrupt",
+            CancelStepKind::Free => "free",
+            CancelStepKind::ReplaceMachine => "replace_machine",
+            CancelStepKind::Abandoned => "abandoned",
         }
     }
 }

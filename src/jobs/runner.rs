@@ -10,6 +10,16 @@
 //! What ComfyUI's messages mean is the `comfy` module's business, the graph the catalog's: the runner
 //! asks them (`FileRef::from_output`, `catalog::inject_uploaded`) and knows jobs only.
 //!
+//! # Cancelling a running job
+//! ComfyUI honours an interrupt only between steps, so a wedged node ignores it. A cancel therefore
+//! escalates, each step logged as a `cancel_step` event and given `jobs.cancel_grace` for ComfyUI to
+//! confirm (the prompt's terminal event) before the next: `interrupt` (the per-job cancel where the server
+//! has it), `free` (`/free`, then the interrupt again), and on a RunComfy machine `replace_machine` (the pool
+//! stops it, so it is billed no further, and the job ends at once). At `jobs.cancel_deadline` after the
+//! first step the job ends `CANCELLED` regardless (`abandoned`). A static server is never stopped: after an
+//! abandoned cancel the runner keeps the job's slot and the server takes no new jobs until ComfyUI reports
+//! the prompt ended (or no longer knows it, after a restart of ComfyUI).
+//!
 //! At shutdown a runner stops where it is: before the prompt was sent the job goes back to the queue
 //! (`requeued`, no attempt counted); after, the job stays `RUNNING` and the next start re-attaches to
 //! its prompt and reconciles it from ComfyUI.
@@ -21,18 +31,43 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use super::{
-    EventKind, FailureReason, JobError, JobFailure, JobManager, Machine, OutputFile,
+    EventKind, FailureReason, JobError, JobFailure, JobManager, Machine, MachineKind, OutputFile,
     log::{AppendError, LiveJob},
-    model::{NodeErrorInfo, Usage, now_ms},
+    model::{CancelStepKind, NodeErrorInfo, Usage, now_ms},
     scheduler::{SchedMsg, Waiting},
 };
 use crate::{
     catalog::InputTarget,
-    comfy::{ComfyError, FileRef, PromptEvent, PromptEvents},
+    comfy::{CancelOutcome, ComfyError, FileRef, PromptEvent, PromptEvents},
 };
 
-/// How long a cancelled prompt may take to acknowledge the interrupt before the job is cancelled anyway.
-const CANCEL_GRACE: Duration = Duration::from_secs(30);
+/// After ComfyUI said the prompt is not (or no longer) running, how long a terminal event already on its
+/// way may take before the job is cancelled without it.
+const NOT_RUNNING_GRACE: Duration = Duration::from_millis(500);
+
+/// A cancel being escalated on the machine.
+#[derive(Debug)]
+struct Escalation {
+    /// When the first step was taken.
+    began: Instant,
+    /// The last step taken.
+    step: CancelStepKind,
+    /// When the next step is due (or, once ComfyUI said the prompt does not run, when the job is cancelled).
+    next_at: Instant,
+    /// ComfyUI said the prompt is not running (dequeued, or already ended): no further step, the job is
+    /// cancelled at `next_at` if its terminal event has not come by then.
+    settled: bool,
+}
+
+/// What the runner does when an escalation's timer fires.
+enum Escalated {
+    /// Wait for ComfyUI until the next timer.
+    Wait,
+    /// End the job `CANCELLED` now.
+    Cancel,
+    /// The deadline passed: end the job `CANCELLED`, then keep the slot until the prompt ends.
+    Abandon,
+}
 
 /// One attempt: the job, its machine, and what the attempt has stored so far.
 struct Attempt<'a> {
@@ -111,12 +146,10 @@ impl Attempt<'_> {
         let shutdown = self.manager.inner.shutdown.clone();
         let started =
             EventKind::Started { machine_id: self.machine.id.clone(), prompt_id: self.prompt_id.clone() };
-        match self.emit_durable(started).await {
-            Ok(()) => {}
-            // Cancelled or expired between the dispatch and now.
-            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
+        // Not awaited here: the upload needs nothing from it, and the log keeps order, so `PromptSubmitted`
+        // below, awaited before anything is queued on ComfyUI, is durable only after it. Its answer is read
+        // before then (a job cancelled or expired since the dispatch refuses it).
+        let started = self.manager.inner.log.append(self.id(), started).await;
         if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
             return self.stopped_before_submit().await.map(|()| None);
         }
@@ -140,6 +173,12 @@ impl Attempt<'_> {
         };
         if self.live.cancel.is_cancelled() || shutdown.is_cancelled() {
             return self.stopped_before_submit().await.map(|()| None);
+        }
+        match started.durable().await {
+            Ok(_) => {}
+            // Cancelled or expired between the dispatch and now.
+            Err(AppendError::NotLive | AppendError::Rejected(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
         }
         let upload_ms = upload_started.elapsed().as_millis() as u64;
         match self.emit_durable(EventKind::PromptSubmitted { upload_ms }).await {
@@ -210,26 +249,32 @@ impl Attempt<'_> {
                 deadline_reason = FailureReason::DeadlineExceeded;
             }
         }
-        let mut interrupting: Option<Instant> = None;
-        let mut cancel_grace = CANCEL_GRACE;
+        let mut escalation: Option<Escalation> = None;
         let cancel = self.live.cancel.clone();
         let machine = self.machine.clone();
 
         loop {
-            let cancel_deadline = interrupting.map(|t| t + cancel_grace);
+            let interrupting = escalation.is_some();
+            let next_step = escalation.as_ref().map(|e| e.next_at);
             let event = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
-                () = cancel.cancelled(), if interrupting.is_none() => {
-                    interrupting = Some(Instant::now());
-                    if !interrupt(&machine, &self.prompt_id).await {
-                        // It was only queued on ComfyUI (now removed) or already done: no interrupt message
-                        // will come, so a terminal event already on its way gets a short grace and no more.
-                        cancel_grace = Duration::from_millis(500);
-                    }
+                () = cancel.cancelled(), if !interrupting => {
+                    escalation = Some(self.begin_cancel().await);
                     continue;
                 }
-                () = sleep_until_opt(cancel_deadline) => return self.cancelled().await,
+                () = sleep_until_opt(next_step) => {
+                    let Some(esc) = escalation.as_mut() else { continue };
+                    match self.escalate(esc).await {
+                        Escalated::Wait => continue,
+                        Escalated::Cancel => return self.cancelled().await,
+                        Escalated::Abandon => {
+                            self.cancelled().await?;
+                            self.hold_until_ended(events).await;
+                            return Ok(());
+                        }
+                    }
+                }
                 () = tokio::time::sleep_until(deadline) => {
                     interrupt(&machine, &self.prompt_id).await;
                     let message = match deadline_reason {
@@ -239,7 +284,7 @@ impl Attempt<'_> {
                     return self.fail(deadline_reason, message).await;
                 }
                 () = machine.retired() => {
-                    if interrupting.is_some() {
+                    if interrupting {
                         return self.cancelled().await;
                     }
                     let reason = format!("machine {} is gone: {}", machine.id, machine.retire_reason());
@@ -341,7 +386,7 @@ impl Attempt<'_> {
                     return self.end_failed(failure).await;
                 }
                 PromptEvent::Interrupted { node_id, node_type } => {
-                    if interrupting.is_some() || self.live.record().cancel_reason.is_some() {
+                    if interrupting || self.live.record().cancel_reason.is_some() {
                         return self.cancelled().await;
                     }
                     let at = match (node_type, node_id) {
@@ -354,11 +399,124 @@ impl Attempt<'_> {
                         .await;
                 }
                 PromptEvent::Lost { reason } => {
-                    if interrupting.is_some() {
+                    if interrupting {
                         return self.cancelled().await;
                     }
                     return self.retry_or(reason, FailureReason::Lost).await;
                 }
+            }
+        }
+    }
+
+    /// The first step of a cancel: the per-job cancel (or interrupt) on ComfyUI.
+    async fn begin_cancel(&self) -> Escalation {
+        let began = Instant::now();
+        self.emit(EventKind::CancelStep { step: CancelStepKind::Interrupt, elapsed_ms: 0 }).await;
+        let outcome = self.machine.cancel_prompt(&self.prompt_id).await;
+        let mut esc = Escalation { began, step: CancelStepKind::Interrupt, next_at: began, settled: false };
+        self.after_step(&mut esc, outcome);
+        esc
+    }
+
+    /// Sets when the next step is due after a step whose call to ComfyUI answered `outcome`.
+    fn after_step(&self, esc: &mut Escalation, outcome: Result<CancelOutcome, ComfyError>) {
+        let cfg = &self.manager.inner.config;
+        let deadline = esc.began + cfg.cancel_deadline;
+        match outcome {
+            Ok(CancelOutcome::Dequeued | CancelOutcome::NotActive) => {
+                // Only queued on ComfyUI (now removed) or already ended: no interrupt message will come, so a
+                // terminal event already on its way gets a short grace and no more.
+                esc.settled = true;
+                esc.next_at = (Instant::now() + NOT_RUNNING_GRACE).min(deadline);
+            }
+            Ok(CancelOutcome::Interrupted) | Err(_) => {
+                if let Err(e) = &outcome {
+                    tracing::warn!(error = %e, step = esc.step.as_str(), "a cancel step failed; escalating");
+                }
+                let next = match (esc.step, self.machine.kind) {
+                    (CancelStepKind::Interrupt, _) => Instant::now() + cfg.cancel_grace,
+                    (CancelStepKind::Free, MachineKind::RunComfy) => Instant::now() + cfg.cancel_grace,
+                    // A static server is never stopped: wait for ComfyUI until the deadline.
+                    _ => deadline,
+                };
+                esc.next_at = next.min(deadline);
+            }
+        }
+    }
+
+    /// The escalation's timer fired: takes the next step.
+    async fn escalate(&self, esc: &mut Escalation) -> Escalated {
+        let cfg = &self.manager.inner.config;
+        let elapsed = esc.began.elapsed();
+        let step_event =
+            |step: CancelStepKind| EventKind::CancelStep { step, elapsed_ms: elapsed.as_millis() as u64 };
+        if esc.settled {
+            return Escalated::Cancel;
+        }
+        let runcomfy = self.machine.kind == MachineKind::RunComfy;
+        let past_deadline = elapsed >= cfg.cancel_deadline;
+        match esc.step {
+            CancelStepKind::Interrupt if !past_deadline => {
+                self.emit(step_event(CancelStepKind::Free)).await;
+                esc.step = CancelStepKind::Free;
+                let outcome = self.machine.free_and_interrupt(&self.prompt_id).await;
+                self.after_step(esc, outcome);
+                return Escalated::Wait;
+            }
+            // Due after the free's grace, or at the deadline if that came first (a deadline shorter than two
+            // grace periods): a wedged RunComfy machine is never left running and billed.
+            CancelStepKind::Interrupt | CancelStepKind::Free if runcomfy => {
+                esc.step = CancelStepKind::ReplaceMachine;
+                if self.replace_machine(elapsed) {
+                    self.emit(step_event(CancelStepKind::ReplaceMachine)).await;
+                    return Escalated::Cancel;
+                }
+                // Not the pool's to stop (already being stopped): wait for the deadline.
+            }
+            _ => {}
+        }
+        if past_deadline {
+            tracing::warn!(
+                machine = %self.machine.id,
+                "the cancelled prompt did not stop by jobs.cancel_deadline; the job is cancelled without ComfyUI"
+            );
+            self.emit(step_event(CancelStepKind::Abandoned)).await;
+            return Escalated::Abandon;
+        }
+        esc.next_at = esc.began + cfg.cancel_deadline;
+        Escalated::Wait
+    }
+
+    /// Asks the pool to stop and replace this RunComfy machine; whether it will.
+    fn replace_machine(&self, elapsed: Duration) -> bool {
+        let reason = format!(
+            "a cancelled prompt ignored interrupts (and /free) for {}",
+            humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64))
+        );
+        self.manager.inner.provisioner.as_ref().is_some_and(|p| p.replace(&self.machine.id, &reason))
+    }
+
+    /// After an abandoned cancel: the job has ended, but its prompt still runs on the machine. Keeps the
+    /// job's slot (the scheduler hears it is free when this returns) and keeps the machine from taking new
+    /// jobs until ComfyUI reports the prompt ended or no longer knows it, the machine is retired, or
+    /// comfyrelay shuts down.
+    async fn hold_until_ended(&self, events: &mut PromptEvents) {
+        let machine = self.machine.clone();
+        let _held = machine.hold_abandoned();
+        let shutdown = self.manager.inner.shutdown.clone();
+        tracing::warn!(machine = %machine.id, "the machine takes no new jobs until the abandoned prompt ends");
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = machine.retired() => return,
+                event = events.recv() => match event {
+                    None => return,
+                    Some(e) if e.is_terminal() => {
+                        tracing::info!(machine = %machine.id, "the abandoned prompt ended; the machine takes jobs again");
+                        return;
+                    }
+                    Some(_) => {}
+                },
             }
         }
     }

@@ -279,6 +279,11 @@ impl Scheduler {
         if statics.iter().all(|m| m.is_draining() || !m.conn.is_connected()) {
             return "no ComfyUI server is reachable".into();
         }
+        if statics.iter().all(|m| m.is_draining() || !m.conn.is_connected() || m.holds_abandoned()) {
+            return "every ComfyUI server still runs a cancelled prompt that ignored interrupts (it takes jobs \
+                    again once that prompt ends)"
+                .into();
+        }
         String::new()
     }
 

@@ -78,6 +78,16 @@ impl EventStream {
                 return Some(Ok(e));
             }
             if !self.caught_up {
+                // A live job holds its recent events: most subscribers catch up without reading the store.
+                if self.live.is_some()
+                    && let Some(recent) =
+                        self.manager.inner.log.live(self.id).and_then(|l| l.events_after(self.last))
+                {
+                    self.backlog.extend(recent);
+                    self.caught_up = true;
+                    self.coalesce = false;
+                    continue;
+                }
                 let page = match self.manager.events_after(self.id, self.last, PAGE).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -107,7 +117,6 @@ impl EventStream {
                     tracing::debug!(job_id = %self.id, skipped = n, "subscriber lagged; catching up from the log");
                     self.caught_up = false;
                     self.coalesce = true;
-                    crate::metrics::subscriber_coalesced();
                     crate::metrics::subscriber_coalesced();
                 }
                 Err(broadcast::error::RecvError::Closed) => {

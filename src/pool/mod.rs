@@ -832,6 +832,19 @@ impl Provisioner for Pool {
     fn default_server_type(&self) -> String {
         self.inner.config.default_server_type.clone()
     }
+
+    fn replace(&self, machine_id: &str, reason: &str) -> bool {
+        let stoppable = self.state().machines.get(machine_id).is_some_and(|e| {
+            !matches!(e.phase, MachinePhase::Stopping | MachinePhase::Stopped | MachinePhase::Unmanaged)
+        });
+        if !stoppable {
+            return false;
+        }
+        warn!(machine = %machine_id, %reason, "replacing a RunComfy machine");
+        // Unhealthy: the planner stops it on its next round, and launches for the demand as it stands.
+        self.mark_for_stop(machine_id, MachinePhase::Unhealthy, reason.to_string());
+        true
+    }
 }
 
 /// Whether the machine's ComfyUI answers within `timeout`: `/system_stats`, or `/queue` for a server

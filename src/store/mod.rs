@@ -44,6 +44,9 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// The job log's write connection failed.
+    #[error("database error")]
+    Write(#[from] rusqlite::Error),
     /// A migration failed.
     #[error("migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),

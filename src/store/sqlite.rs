@@ -3,10 +3,19 @@
 //!
 //! Every write transaction starts with `BEGIN IMMEDIATE`: it takes SQLite's write lock up front (waiting up
 //! to the busy timeout), so a transaction that reads and then writes can never fail with `SQLITE_BUSY`
-//! when another connection committed in between. Multi-row statements keep a batch to a handful of round
-//! trips to sqlx's connection thread, whatever its size.
+//! when another connection committed in between.
+//!
+//! Two kinds of connection share the file: an sqlx pool for reads, migrations and machine rows (async, each
+//! statement a round trip to sqlx's connection thread), and one rusqlite connection for the job log's group
+//! commit, called synchronously from the log writer's own thread with cached prepared statements: a batch
+//! of any size costs one lock and no thread hop.
 
-use std::{path::Path, str::FromStr, time::Duration};
+use std::{
+    path::Path,
+    str::FromStr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use sqlx::{
     QueryBuilder, Row, Sqlite,
@@ -18,13 +27,14 @@ use super::{
     MachineStore, Store, StoreError,
 };
 
-/// Rows per multi-row statement (SQLite allows 32 766 bound values; 4–7 per row).
-const ROWS_PER_STATEMENT: usize = 500;
-
 /// SQLite-backed store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Reads, migrations and the machine rows (sqlx, async).
     pool: SqlitePool,
+    /// The job log's group commit: one rusqlite connection, used synchronously by its caller (the log
+    /// writer, on its own thread), so a batch costs no hop to a connection thread per statement.
+    writer: Arc<Mutex<rusqlite::Connection>>,
 }
 
 /// Creates `dir` (and parents) readable by this user only.
@@ -76,7 +86,7 @@ impl SqliteStore {
         // again: it then finds the other's migrations applied (each commits on its own) and waits on SQLite's
         // write lock for the rest.
         let mut attempt = 0;
-        loop {
+        let pool = loop {
             let result = match SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await
             {
                 Ok(pool) => sqlx::migrate!("src/store/migrations")
@@ -87,15 +97,135 @@ impl SqliteStore {
                 Err(e) => Err(e.into()),
             };
             match result {
-                Ok(pool) => return Ok(Self { pool }),
+                Ok(pool) => break pool,
                 Err(e) if attempt < 10 && lost_a_race(&e) => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
                 }
                 Err(e) => return Err(e),
             }
+        };
+        let writer = tokio::task::spawn_blocking(move || open_writer(&path, durability))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(Self { pool, writer: Arc::new(Mutex::new(writer)) })
+    }
+}
+
+/// Opens the job log's write connection with the pool's settings.
+fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connection, rusqlite::Error> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::Crash => "NORMAL",
+            Durability::Power => "FULL",
+        },
+    )?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// One group commit in one `BEGIN IMMEDIATE` transaction, with cached prepared statements.
+fn commit_batch(
+    conn: &mut rusqlite::Connection,
+    batch: &Batch,
+) -> Result<Vec<CreateOutcome>, rusqlite::Error> {
+    use rusqlite::{OptionalExtension, TransactionBehavior, params};
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.creates.len());
+    {
+        let mut find_key = tx.prepare_cached(
+            "SELECT request_hash, job_id FROM idempotency WHERE tenant = ?1 AND request_id = ?2",
+        )?;
+        let mut insert_job = tx.prepare_cached(
+            "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
+             request_id, last_seq, spec, record, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        )?;
+        let mut insert_key = tx.prepare_cached(
+            "INSERT INTO idempotency (tenant, request_id, request_hash, job_id) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut insert_label =
+            tx.prepare_cached("INSERT INTO job_labels (job_id, key, value) VALUES (?1, ?2, ?3)")?;
+        let mut insert_event =
+            tx.prepare_cached("INSERT INTO job_events (job_id, seq, time_ms, body) VALUES (?1, ?2, ?3, ?4)")?;
+        let mut insert_artifact = tx.prepare_cached(
+            "INSERT INTO job_artifacts (job_id, sha256) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?;
+        let mut update_job = tx.prepare_cached(
+            "UPDATE jobs SET state = ?1, terminal = ?2, updated_ms = ?3, ended_ms = ?4, last_seq = ?5, record = ?6 \
+             WHERE id = ?7",
+        )?;
+        let event = |stmt: &mut rusqlite::CachedStatement<'_>, e: &EventRow| {
+            stmt.execute(params![e.job_id, seq_param(e.seq), e.time_ms, e.body]).map(drop)
+        };
+        for new in &batch.creates {
+            if let Some(key) = &new.key {
+                let existing = find_key
+                    .query_row(params![new.row.tenant, key.request_id], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                    })
+                    .optional()?;
+                if let Some((hash, job_id)) = existing {
+                    outcomes.push(if hash == key.request_hash {
+                        CreateOutcome::Existing { job_id }
+                    } else {
+                        CreateOutcome::Conflict { job_id }
+                    });
+                    continue;
+                }
+            }
+            let job = &new.row;
+            insert_job.execute(params![
+                job.id,
+                job.state,
+                job.terminal as i64,
+                job.workflow,
+                job.priority as i64,
+                job.created_ms,
+                job.updated_ms,
+                job.ended_ms,
+                job.request_id,
+                seq_param(job.last_seq),
+                job.spec,
+                job.record,
+                job.tenant,
+            ])?;
+            if let Some(key) = &new.key {
+                insert_key.execute(params![job.tenant, key.request_id, key.request_hash, job.id])?;
+            }
+            for (k, v) in &job.labels {
+                insert_label.execute(params![job.id, k, v])?;
+            }
+            for sha in &job.artifacts {
+                insert_artifact.execute(params![job.id, sha])?;
+            }
+            event(&mut insert_event, &new.first_event)?;
+            outcomes.push(CreateOutcome::Created);
+        }
+        for e in &batch.events {
+            event(&mut insert_event, e)?;
+        }
+        for u in &batch.updates {
+            update_job.execute(params![
+                u.state,
+                u.terminal as i64,
+                u.updated_ms,
+                u.ended_ms,
+                seq_param(u.last_seq),
+                u.record,
+                u.id,
+            ])?;
+        }
+        for (job, sha) in &batch.artifacts {
+            insert_artifact.execute(params![job, sha])?;
         }
     }
+    tx.commit()?;
+    Ok(outcomes)
 }
 
 /// Whether opening failed because another process was opening the same database at the same moment.
@@ -110,7 +240,9 @@ fn lost_a_race(e: &StoreError) -> bool {
         StoreError::Migrate(
             sqlx::migrate::MigrateError::Execute(_) | sqlx::migrate::MigrateError::ExecuteMigration(..),
         ) => true,
-        StoreError::Migrate(_) | StoreError::Io(_) | StoreError::Legacy { .. } => false,
+        StoreError::Migrate(_) | StoreError::Write(_) | StoreError::Io(_) | StoreError::Legacy { .. } => {
+            false
+        }
     }
 }
 
@@ -151,127 +283,13 @@ fn seq_param(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
-async fn insert_events(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    events: &[EventRow],
-) -> Result<(), sqlx::Error> {
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_events (job_id, seq, time_ms, body) ");
-        q.push_values(chunk, |mut b, e| {
-            b.push_bind(&e.job_id).push_bind(seq_param(e.seq)).push_bind(e.time_ms).push_bind(&e.body);
-        });
-        q.build().persistent(false).execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
-async fn insert_artifacts(
-    tx: &mut sqlx::Transaction<'_, Sqlite>,
-    refs: &[(&str, &str)],
-) -> Result<(), sqlx::Error> {
-    for chunk in refs.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_artifacts (job_id, sha256) ");
-        q.push_values(chunk, |mut b, (job, sha)| {
-            b.push_bind(*job).push_bind(*sha);
-        });
-        q.push(" ON CONFLICT DO NOTHING");
-        q.build().persistent(false).execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     async fn commit(&self, batch: &Batch) -> Result<Vec<CreateOutcome>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut outcomes = Vec::with_capacity(batch.creates.len());
-        let mut created_events = Vec::new();
-        let mut labels: Vec<(&str, &str, &str)> = Vec::new();
-        let mut artifacts: Vec<(&str, &str)> = Vec::new();
-        for new in &batch.creates {
-            if let Some(key) = &new.key {
-                let existing = sqlx::query(
-                    "SELECT request_hash, job_id FROM idempotency WHERE tenant = ? AND request_id = ?",
-                )
-                .bind(&new.row.tenant)
-                .bind(&key.request_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-                if let Some(row) = existing {
-                    let hash: String = row.try_get("request_hash")?;
-                    let job_id: String = row.try_get("job_id")?;
-                    outcomes.push(if hash == key.request_hash {
-                        CreateOutcome::Existing { job_id }
-                    } else {
-                        CreateOutcome::Conflict { job_id }
-                    });
-                    continue;
-                }
-            }
-            let job = &new.row;
-            sqlx::query(
-                "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
-                 request_id, last_seq, spec, record, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(&job.id)
-            .bind(&job.state)
-            .bind(job.terminal as i64)
-            .bind(&job.workflow)
-            .bind(job.priority as i64)
-            .bind(job.created_ms)
-            .bind(job.updated_ms)
-            .bind(job.ended_ms)
-            .bind(&job.request_id)
-            .bind(seq_param(job.last_seq))
-            .bind(&job.spec)
-            .bind(&job.record)
-            .bind(&job.tenant)
-            .execute(&mut *tx)
-            .await?;
-            if let Some(key) = &new.key {
-                sqlx::query(
-                    "INSERT INTO idempotency (tenant, request_id, request_hash, job_id) VALUES (?, ?, ?, ?)",
-                )
-                .bind(&job.tenant)
-                .bind(&key.request_id)
-                .bind(&key.request_hash)
-                .bind(&job.id)
-                .execute(&mut *tx)
-                .await?;
-            }
-            labels.extend(job.labels.iter().map(|(k, v)| (job.id.as_str(), k.as_str(), v.as_str())));
-            artifacts.extend(job.artifacts.iter().map(|sha| (job.id.as_str(), sha.as_str())));
-            created_events.push(new.first_event.clone());
-            outcomes.push(CreateOutcome::Created);
-        }
-        for chunk in labels.chunks(ROWS_PER_STATEMENT) {
-            let mut q = QueryBuilder::<Sqlite>::new("INSERT INTO job_labels (job_id, key, value) ");
-            q.push_values(chunk, |mut b, (job, k, v)| {
-                b.push_bind(*job).push_bind(*k).push_bind(*v);
-            });
-            q.build().persistent(false).execute(&mut *tx).await?;
-        }
-        insert_events(&mut tx, &created_events).await?;
-        insert_events(&mut tx, &batch.events).await?;
-        for u in &batch.updates {
-            sqlx::query(
-                "UPDATE jobs SET state = ?, terminal = ?, updated_ms = ?, ended_ms = ?, last_seq = ?, record = ? \
-                 WHERE id = ?",
-            )
-            .bind(&u.state)
-            .bind(u.terminal as i64)
-            .bind(u.updated_ms)
-            .bind(u.ended_ms)
-            .bind(seq_param(u.last_seq))
-            .bind(&u.record)
-            .bind(&u.id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        artifacts.extend(batch.artifacts.iter().map(|(j, s)| (j.as_str(), s.as_str())));
-        insert_artifacts(&mut tx, &artifacts).await?;
-        tx.commit().await?;
-        Ok(outcomes)
+        // Synchronous on the caller's thread: the job log's writer runs on a thread of its own (see
+        // `jobs::log`), where a transaction blocking it blocks nothing else.
+        let mut conn = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(commit_batch(&mut conn, batch)?)
     }
 
     async fn get_job(&self, id: &str) -> Result<Option<JobRow>, StoreError> {

@@ -23,7 +23,7 @@ use crate::helpers::{collect_events, png, submit_request, terminal};
 mod pool_day;
 
 /// The test workflow: `invert` with RunComfy requirements.
-const WORKFLOW: &str = "invert-rc";
+pub(crate) const WORKFLOW: &str = "invert-rc";
 
 /// A RunComfy emulator on 127.0.0.1:0.
 async fn runcomfy(config: RunComfyEmulatorConfig) -> RunComfyEmulator {
@@ -32,7 +32,7 @@ async fn runcomfy(config: RunComfyEmulatorConfig) -> RunComfyEmulator {
 }
 
 /// A quick emulator: boots in 200 ms, generous rate limit, jobs take `node_delay` per node.
-fn fast_emulator(node_delay: Duration) -> RunComfyEmulatorConfig {
+pub(crate) fn fast_emulator(node_delay: Duration) -> RunComfyEmulatorConfig {
     RunComfyEmulatorConfig {
         boot_time: Duration::from_millis(200),
         deleting_time: Duration::from_millis(50),
@@ -84,14 +84,14 @@ fn pool_config(data_dir: &Path, workflows: &Path, emu: &RunComfyEmulator) -> Con
 
 /// An emulated RunComfy account with comfyrelay's test configuration for it (private data and workflow
 /// directories): each test adjusts `config`, starts comfyrelay, and ends with [`Account::finish`].
-struct Account {
-    emu: RunComfyEmulator,
-    config: Config,
+pub(crate) struct Account {
+    pub(crate) emu: RunComfyEmulator,
+    pub(crate) config: Config,
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
 impl Account {
-    async fn new(emu: RunComfyEmulatorConfig) -> Self {
+    pub(crate) async fn new(emu: RunComfyEmulatorConfig) -> Self {
         let emu = runcomfy(emu).await;
         let (data, workflows) = (tempfile::tempdir().expect("tempdir"), workflows_dir());
         let config = pool_config(data.path(), workflows.path(), &emu);
@@ -99,14 +99,14 @@ impl Account {
     }
 
     /// Starts comfyrelay (again, after a stop or a kill: same data directory) and connects to it.
-    async fn start(&self) -> (Process, Channel) {
+    pub(crate) async fn start(&self) -> (Process, Channel) {
         let p = Process::start(self.config.clone()).await;
         let channel = p.channel().await;
         (p, channel)
     }
 
     /// Stops comfyrelay gracefully; no machine may be left running at the provider.
-    async fn finish(self, p: Process) {
+    pub(crate) async fn finish(self, p: Process) {
         p.stop().await;
         let running = self.emu.running_machines();
         assert!(running.is_empty(), "a machine was left running: {running:?}");
@@ -116,7 +116,7 @@ impl Account {
 
 /// comfyrelay on its own runtime (a separate thread), so a test can kill it the way a crash would: every
 /// task stops at once, nothing shuts down gracefully.
-struct Process {
+pub(crate) struct Process {
     addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -155,7 +155,7 @@ impl Process {
         Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect")
     }
 
-    async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Channel> {
+    pub(crate) async fn jobs(&self) -> pb::job_service_client::JobServiceClient<Channel> {
         pb::job_service_client::JobServiceClient::new(self.channel().await)
     }
 
@@ -222,7 +222,7 @@ impl Drop for Process {
 
 /// Waits (bounded) until `cond` holds, checking every 20 ms: a readiness probe on state the test cannot be
 /// notified of (the emulator's machine table).
-async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !cond() {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
@@ -230,7 +230,7 @@ async fn eventually(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-async fn submit(p: &Process) -> String {
+pub(crate) async fn submit(p: &Process) -> String {
     let mut jobs = p.jobs().await;
     jobs.submit_job(submit_request(WORKFLOW, png(8, 8))).await.expect("submit").into_inner().id
 }

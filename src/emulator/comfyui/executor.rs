@@ -6,7 +6,7 @@
 //! with `ExecutionBlocked`), the 0.38 `activity` field of `progress_state`, and the wedged-node fault.
 //! Knows nothing about HTTP.
 
-use super::faults::Faults;
+use super::faults::{Faults, Wedge};
 use super::frames;
 use super::nodes::{self, Dirs, NodeContext, NodeFailure, NodeValue};
 use super::pyjson::{self, py_str};
@@ -475,13 +475,14 @@ impl Exec<'_> {
         Ok(())
     }
 
-    /// The wedged-node fault: runs for `bound`, ignoring the interrupt flag until a `/free` releases it.
-    fn wedged(&self, bound: Duration) -> Result<(), NodeFailure> {
+    /// The wedged-node fault: runs for `bound`, ignoring the interrupt flag until a `/free` releases it (if
+    /// the wedge is one that `/free` releases).
+    fn wedged(&self, wedge: Wedge) -> Result<(), NodeFailure> {
         let frees_at_start = self.shared.frees.load(Ordering::SeqCst);
-        let end = Instant::now() + bound;
+        let end = Instant::now() + wedge.bound;
         tracing::debug!(prompt_id = %self.prompt_id, node = %self.current_node, "fault: node wedged");
         while Instant::now() < end {
-            if self.shared.frees.load(Ordering::SeqCst) != frees_at_start {
+            if wedge.freed_by_free && self.shared.frees.load(Ordering::SeqCst) != frees_at_start {
                 self.check_interrupt()?;
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -512,8 +513,8 @@ impl Exec<'_> {
                 self.send_progress_state()?;
             }
         }
-        if let Some(bound) = self.shared.faults.wedge_bound(class) {
-            self.wedged(bound)?;
+        if let Some(wedge) = self.shared.faults.wedge(class) {
+            self.wedged(wedge)?;
         }
         let (delay, steps) = self.shared.faults.node_delay();
         if !delay.is_zero() {

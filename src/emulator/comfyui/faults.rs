@@ -20,10 +20,19 @@ struct Settings {
     fail_http: Vec<(String, usize)>,
     node_delay: Duration,
     node_progress_steps: u64,
-    wedged: HashMap<String, Duration>,
+    wedged: HashMap<String, Wedge>,
     blockers: HashMap<String, String>,
     loading: Duration,
     lost_answers: Vec<LostAnswer>,
+}
+
+/// A wedged node class (see [`Faults::wedge_node`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wedge {
+    /// How long such a node runs.
+    pub(crate) bound: Duration,
+    /// Whether a `/free` makes it honour interrupts again.
+    pub(crate) freed_by_free: bool,
 }
 
 /// How the answer to a `POST /prompt` is lost *after* the prompt was queued (see
@@ -140,7 +149,13 @@ impl Faults {
     /// `free_memory`) is posted; from then on it honours interrupts again. After `bound` it finishes normally,
     /// so a test that never frees it still ends. A restart or shutdown of the emulator abandons it.
     pub fn wedge_node(&self, class_type: &str, bound: Duration) {
-        self.settings().wedged.insert(class_type.to_string(), bound);
+        self.settings().wedged.insert(class_type.to_string(), Wedge { bound, freed_by_free: true });
+    }
+
+    /// Like [`Faults::wedge_node`], but `/free` does not release it either (a driver call that only a restart
+    /// of the machine ends): the node ignores every interrupt for `bound`, then finishes normally.
+    pub fn wedge_node_past_free(&self, class_type: &str, bound: Duration) {
+        self.settings().wedged.insert(class_type.to_string(), Wedge { bound, freed_by_free: false });
     }
 
     /// Nodes of `class_type` output an `ExecutionBlocker(message)` instead of their results (as a switch
@@ -238,8 +253,8 @@ impl Faults {
         (s.node_delay, s.node_progress_steps)
     }
 
-    /// How long a wedged node of `class_type` runs, if it is wedged.
-    pub(crate) fn wedge_bound(&self, class_type: &str) -> Option<Duration> {
+    /// How a node of `class_type` is wedged, if it is.
+    pub(crate) fn wedge(&self, class_type: &str) -> Option<Wedge> {
         self.settings().wedged.get(class_type).copied()
     }
 

@@ -462,6 +462,29 @@ async fn a_wedged_node_ignores_interrupts_until_free() {
 }
 
 #[tokio::test]
+async fn a_node_wedged_past_free_ignores_interrupts_until_its_bound() {
+    for version in ComfyVersion::ALL {
+        let emu = start_version(version).await;
+        emu.faults().wedge_node_past_free("ImageInvert", Duration::from_millis(800));
+        let mut ws = Ws::connect(&emu, Some("p")).await;
+        ws.next().await;
+        let id = submit(&emu, json!({"prompt": save(16, "p"), "client_id": "p"})).await;
+        ws.until(|f| f.kind() == "executing" && f.data()["node"] == "2").await;
+        let free = json!({"unload_models": true, "free_memory": true});
+        assert_eq!(send_json(&emu, "POST", "/free", Some(&free)).await.0, 200);
+        assert_eq!(send_json(&emu, "POST", "/interrupt", Some(&json!({"prompt_id": id}))).await.0, 200);
+        // Neither released it (silence over a short window is the proof, not a synchronisation)...
+        ws.assert_quiet(Duration::from_millis(200)).await;
+        assert_eq!(emu.running_prompt().await.as_deref(), Some(id.as_str()), "{version}");
+        // ...and after its bound the node finishes; the next node honours the interrupt it ignored.
+        let frames = ws.until_done(&id).await;
+        let int = frames.iter().find(|f| f.kind() == "execution_interrupted").expect("interrupted");
+        assert_eq!(int.data()["node_id"], "3", "{version}: {frames:?}");
+        assert_eq!(emu.free_calls(), 1);
+    }
+}
+
+#[tokio::test]
 async fn lost_prompt_answers_leave_the_prompt_queued() {
     for version in ComfyVersion::ALL {
         let emu = start_version(version).await;

@@ -65,26 +65,20 @@ async fn c2_sequence_then_fully_cached_rerun() {
 }
 
 #[tokio::test]
-async fn back_to_back_trivial_prompts_finish_in_milliseconds() {
+async fn back_to_back_trivial_prompts_each_finish_before_the_next_is_sent() {
     let emu = start().await;
     let mut ws = Ws::connect(&emu, Some("fast")).await;
     ws.next().await;
-    let mut took = Vec::new();
     for i in 0..200 {
         let prompt = json!({
             "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": i % 7}},
             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}
         });
-        let t = std::time::Instant::now();
         let (status, body) = post_prompt(&emu, &json!({"prompt": prompt, "client_id": "fast"})).await;
         assert_eq!(status, 200);
         ws.until_done(body["prompt_id"].as_str().expect("id")).await;
-        took.push(t.elapsed());
     }
-    took.sort();
-    let median = took[took.len() / 2];
-    // The real server's median is 2.5 ms; debug builds on a shared 2-core machine get some slack.
-    assert!(median < std::time::Duration::from_millis(50), "median {median:?}");
+    // How fast is for the bench to say (benches/throughput.rs, the direct client), never a test.
     assert_eq!(emu.history_ids().await.len(), 200);
 }
 
