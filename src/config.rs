@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// What the database and artifacts survive.
     pub storage: StorageConfig,
+    /// Who may call, as which tenant, and how much each tenant may use.
+    pub auth: AuthConfig,
 }
 
 /// Storage settings.
@@ -57,8 +59,141 @@ impl Default for Config {
             runcomfy: RunComfyConfig::default(),
             storage: StorageConfig::default(),
             metrics: MetricsConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Every call but those of `auth.open_services` carries `authorization: Bearer <API key>` (or a client
+    /// certificate mapped by `auth.client_certificates`).
+    Keys,
+    /// No authentication: every call is tenant `default`, role admin. Loopback only, unless
+    /// `auth.allow_none_on_network`.
+    None,
+}
+
+/// Authentication, tenants and their quotas.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `keys` or `none`; unset: `keys` for `serve`, `none` for `dev`.
+    pub mode: Option<AuthMode>,
+    /// Accept `mode = "none"` on an address other than loopback (a warning at start says so).
+    pub allow_none_on_network: bool,
+    /// gRPC services answered without a key (full names, e.g. `grpc.health.v1.Health`).
+    pub open_services: Vec<String>,
+    /// The quotas of every tenant not named in `tenants`, and the defaults of those named.
+    pub tenant_defaults: TenantQuota,
+    /// Per-tenant quotas (only the keys given replace the defaults), by tenant name.
+    pub tenants: std::collections::BTreeMap<String, TenantOverride>,
+    /// Verified client-certificate subjects (mTLS) that act as a tenant without a key.
+    pub client_certificates: Vec<ClientCertificate>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: None,
+            allow_none_on_network: false,
+            open_services: vec![
+                "grpc.health.v1.Health".into(),
+                "grpc.reflection.v1.ServerReflection".into(),
+                "grpc.reflection.v1alpha.ServerReflection".into(),
+            ],
+            tenant_defaults: TenantQuota::default(),
+            tenants: Default::default(),
+            client_certificates: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The mode in effect: `mode`, or `keys` when unset.
+    pub fn effective_mode(&self) -> AuthMode {
+        self.mode.unwrap_or(AuthMode::Keys)
+    }
+
+    /// Whether any tenant has a `machine_seconds_per_day` quota.
+    pub fn limits_machine_seconds(&self) -> bool {
+        self.tenant_defaults.machine_seconds_per_day.is_some()
+            || self.tenants.values().any(|t| t.machine_seconds_per_day.is_some())
+    }
+
+    /// The quotas of `tenant`.
+    pub fn quota(&self, tenant: &str) -> TenantQuota {
+        match self.tenants.get(tenant) {
+            Some(o) => o.apply(&self.tenant_defaults),
+            None => self.tenant_defaults.clone(),
+        }
+    }
+}
+
+/// What one tenant may use (with `auth.mode = "keys"`; with `none` only `jobs.max_unfinished` applies).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantQuota {
+    /// Jobs waiting (queued or provisioning) at most; a submit beyond is `RESOURCE_EXHAUSTED`.
+    pub max_queued: usize,
+    /// Jobs running at once at most; more wait in the queue (other tenants' jobs go first).
+    pub max_running: usize,
+    /// Submits per second, sustained (bursts of twice as many pass).
+    pub submits_per_second: u32,
+    /// Machine-seconds (RunComfy machine time attributed to the tenant's finished jobs) over the last 24
+    /// hours at most; unset: no limit.
+    pub machine_seconds_per_day: Option<f64>,
+}
+
+impl Default for TenantQuota {
+    fn default() -> Self {
+        Self { max_queued: 1000, max_running: 64, submits_per_second: 20, machine_seconds_per_day: None }
+    }
+}
+
+/// One tenant's quotas that differ from `auth.tenant_defaults`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantOverride {
+    /// Replaces `tenant_defaults.max_queued`.
+    pub max_queued: Option<usize>,
+    /// Replaces `tenant_defaults.max_running`.
+    pub max_running: Option<usize>,
+    /// Replaces `tenant_defaults.submits_per_second`.
+    pub submits_per_second: Option<u32>,
+    /// Replaces `tenant_defaults.machine_seconds_per_day`.
+    pub machine_seconds_per_day: Option<f64>,
+}
+
+impl TenantOverride {
+    /// These values over `defaults`.
+    pub fn apply(&self, defaults: &TenantQuota) -> TenantQuota {
+        TenantQuota {
+            max_queued: self.max_queued.unwrap_or(defaults.max_queued),
+            max_running: self.max_running.unwrap_or(defaults.max_running),
+            submits_per_second: self.submits_per_second.unwrap_or(defaults.submits_per_second),
+            machine_seconds_per_day: self.machine_seconds_per_day.or(defaults.machine_seconds_per_day),
+        }
+    }
+}
+
+/// A client certificate subject (as verified by the TLS layer) and whom it acts as.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificate {
+    /// The certificate's subject, exactly as the TLS layer reports it.
+    pub subject: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// `admin`, `submitter` or `viewer` (default `submitter`).
+    #[serde(default = "default_certificate_role")]
+    pub role: String,
+}
+
+fn default_certificate_role() -> String {
+    "submitter".into()
 }
 
 /// Prometheus metrics settings.
@@ -322,29 +457,39 @@ impl Default for JobsConfig {
     }
 }
 
-/// A secret string: never shown by `Debug`, `Display` or serialization.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+/// A secret string (an API key, the RunComfy token): a `secrecy::SecretString`, so it is never shown by
+/// `Debug`, `Display` or serialization and is zeroed when dropped.
+#[derive(Clone, Default, Deserialize)]
 #[serde(transparent)]
-pub struct Secret(String);
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     /// Wraps a secret.
     pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
+        Self(secrecy::SecretString::from(s.into()))
     }
     /// The secret itself, for the one place that must send it.
     pub fn expose(&self) -> &str {
-        &self.0
+        use secrecy::ExposeSecret as _;
+        self.0.expose_secret()
     }
     /// Whether it is empty.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.expose().is_empty()
     }
 }
 
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+        f.write_str(if self.is_empty() { "\"\"" } else { "\"***\"" })
     }
 }
 
@@ -655,6 +800,7 @@ impl Config {
         if self.jobs.max_image_pixels == 0 {
             return bad("jobs.max_image_pixels", "must be at least 1");
         }
+        self.validate_auth()?;
         if self.comfyui.prequeue > 16 {
             return bad("comfyui.prequeue", "must be at most 16");
         }
@@ -717,6 +863,65 @@ impl Config {
                     return bad(&format!("runcomfy.prices.{server_type}"), "must be a non-negative number");
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: &str| Err(ConfigError(format!("key `{key}`: {why}")));
+        let check = |key: &str, q: &TenantQuota| {
+            if q.max_queued == 0 {
+                return bad(&format!("{key}.max_queued"), "must be at least 1");
+            }
+            if q.max_running == 0 {
+                return bad(&format!("{key}.max_running"), "must be at least 1");
+            }
+            if q.submits_per_second == 0 {
+                return bad(&format!("{key}.submits_per_second"), "must be at least 1");
+            }
+            if q.machine_seconds_per_day.is_some_and(|s| !s.is_finite() || s <= 0.0) {
+                return bad(&format!("{key}.machine_seconds_per_day"), "must be a positive number");
+            }
+            Ok(())
+        };
+        let a = &self.auth;
+        check("auth.tenant_defaults", &a.tenant_defaults)?;
+        for (name, o) in &a.tenants {
+            check(&format!("auth.tenants.{}", crate::limits::echo(name)), &o.apply(&a.tenant_defaults))?;
+        }
+        for (i, c) in a.client_certificates.iter().enumerate() {
+            if c.subject.is_empty() || c.tenant.is_empty() {
+                return bad(
+                    &format!("auth.client_certificates[{i}]"),
+                    "subject and tenant must not be empty",
+                );
+            }
+            if !matches!(c.role.as_str(), "admin" | "submitter" | "viewer") {
+                return bad(
+                    &format!("auth.client_certificates[{i}].role"),
+                    "must be admin, submitter or viewer",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses `auth.mode = "none"` on `addr` unless it is loopback or `auth.allow_none_on_network` is set.
+    ///
+    /// # Errors
+    /// A message naming both settings.
+    pub fn check_auth_for(&self, addr: SocketAddr) -> Result<(), ConfigError> {
+        if self.auth.effective_mode() == AuthMode::None
+            && !addr.ip().is_loopback()
+            && !self.auth.allow_none_on_network
+        {
+            return Err(ConfigError(format!(
+                "key `auth.mode`: \"none\" (no authentication) is refused on {addr}, which is not loopback: \
+                 use auth.mode = \"keys\" (COMFYRELAY_AUTH__MODE), or set auth.allow_none_on_network = true \
+                 to serve without authentication anyway"
+            )));
         }
         Ok(())
     }

@@ -50,6 +50,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// # Errors
 /// A port that cannot be bound (naming it and its flag or key), and whatever [`crate::run`] returns.
 pub async fn run(options: DevOptions, mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // `dev` is a local playground: no keys unless asked for (and `none` is still refused off loopback).
+    config.auth.mode.get_or_insert(crate::config::AuthMode::None);
     let comfy_listener = bind("emulated ComfyUI", options.comfy_port, COMFY_PORT, "--comfy-port").await?;
     let emulated = EmulatorConfig {
         node_delay: options.node_delay,

@@ -9,6 +9,7 @@
 //! - [`store`]: durable storage (SQLite) and the artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
 //! - [`metrics`]: every Prometheus metric, its labels and its `/metrics` listener.
+//! - [`auth`]: API keys, roles and the principal a call acts as (checked by the layer in `grpc`).
 //! - [`health`]: whether any backend can take a job (the readiness behind `grpc.health.v1`).
 //! - [`dev`]: `comfyrelay dev`, the service on emulators.
 //! - [`console`]: the web console's static assets (served at `/console` by `grpc`; a gRPC-Web client).
@@ -18,6 +19,7 @@
 //!
 //! Dependencies point one way: `grpc → jobs → {catalog, comfy, runcomfy, store}`.
 
+pub mod auth;
 pub mod catalog;
 pub mod cli;
 pub mod comfy;
@@ -105,6 +107,12 @@ async fn run_service(
     config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("reading the listener's address")?;
+    config.check_auth_for(addr)?;
+    if config.auth.effective_mode() == config::AuthMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "auth.mode = \"none\" on a network address (auth.allow_none_on_network = true): \
+            anyone who reaches this port can read, cancel and run every job");
+    }
     // Before anything starts: TLS files that do not load stop the start, naming the setting.
     let tls = grpc::tls::Tls::load(&config.grpc.tls, config.grpc.grpc_web).await?;
     let durability = config.storage.durability;
@@ -172,11 +180,13 @@ async fn run_service(
     }
     let started = jobs::JobManager::start(
         config.jobs.clone(),
-        store,
+        store.clone(),
         artifacts,
         catalog.clone(),
         machines,
         engine_pool,
+        (config.auth.effective_mode() == config::AuthMode::Keys)
+            .then(|| jobs::quota::Quotas::new(&config.auth)),
         shutdown.child_token(),
     )
     .await
@@ -191,7 +201,8 @@ async fn run_service(
         }
     };
 
-    let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone() };
+    let authenticator = auth::Authenticator::new(&config.auth, store.clone());
+    let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone(), auth: authenticator };
     let grace = config.grpc.shutdown_grace;
     let serve = grpc::serve(listener, &config, services, tls, shutdown.clone());
     tokio::pin!(serve);

@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         target: EmulateTarget,
     },
+    /// Manage API keys in the server's database (the same configuration and data_dir as serve).
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
     /// Print the version.
     Version,
     #[command(flatten)]
@@ -113,7 +118,7 @@ fn main() -> ExitCode {
         }
         // Client commands never load the server's configuration.
         Command::Client(command) => return ExitCode::from(cli::main(*command).code()),
-        Command::Serve | Command::Dev { .. } | Command::Emulate { .. } => {}
+        Command::Serve | Command::Dev { .. } | Command::Emulate { .. } | Command::Keys { .. } => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars()) {
         Ok(c) => c,
@@ -122,6 +127,28 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    // `serve` without authentication beyond loopback is a configuration error, refused before binding.
+    if let Command::Serve = cli.command
+        && let Err(e) = config.check_auth_for(config.grpc.listen)
+    {
+        eprintln!("comfyrelay: {e}");
+        return ExitCode::from(EX_USAGE);
+    }
+    if let Command::Keys { command } = cli.command {
+        // No telemetry: stdout carries the created key alone.
+        let result = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(cli::keys::run(command, &config)));
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("comfyrelay: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.filter.clone());
     let otlp = telemetry::OtlpSettings::from_vars(std::env::vars());
     let runtime = match tokio::runtime::Runtime::new() {
@@ -190,6 +217,6 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("emulated RunComfy API on {host}:{port} (set by --host, --port)"))
         }
-        Command::Version | Command::Client(_) => Ok(()),
+        Command::Version | Command::Client(_) | Command::Keys { .. } => Ok(()),
     }
 }

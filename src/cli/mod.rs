@@ -10,12 +10,14 @@
 //! Layout: `connect` (channel, API key), `params` (typed `--param`), `follow` (an event stream that
 //! resumes after a disconnect), `render` (progress bars, human lines), `json` (`--json` lines),
 //! `commands` (one function per subcommand), [`error`] (exit codes, decoded `google.rpc` details).
+//! [`keys`] is the exception: the operator's API key commands, which open the server's database.
 
 mod commands;
 mod connect;
 pub mod error;
 mod follow;
 mod json;
+pub mod keys;
 mod params;
 mod render;
 

@@ -265,6 +265,7 @@ pub(crate) fn submit_request(
         return Err(violations);
     }
     Ok(SubmitRequest {
+        tenant: String::new(),
         source,
         inputs: JobInputs { image, prompt: (!prompt.is_empty()).then_some(prompt), parameters: params },
         request_id: (!request_id.is_empty()).then_some(request_id),

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use super::{
-    convert,
+    auth, convert,
     status::{BadField, bad_request, job_error},
 };
 use crate::{
@@ -115,7 +115,9 @@ fn too_long(field: &str, value: &str, limit: usize) -> Status {
 #[tonic::async_trait]
 impl pb::job_service_server::JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::Job>, Status> {
-        let req = convert::submit_request(req.into_inner(), &self.limits).map_err(bad_request)?;
+        let principal = auth::principal(&req)?;
+        let mut req = convert::submit_request(req.into_inner(), &self.limits).map_err(bad_request)?;
+        req.tenant = principal.tenant;
         let job = self.jobs.submit(req).await.map_err(job_error)?;
         Ok(Response::new(convert::job_to_pb(&job, Vec::new())))
     }
@@ -126,9 +128,11 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::StreamJobRequest>,
     ) -> Result<Response<Self::StreamJobStream>, Status> {
+        let scope = auth::scope(&auth::principal(&req)?);
         let pb::StreamJobRequest { job_id, after_sequence, skip_previews } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
-        let events = self.jobs.subscribe(id, after_sequence, skip_previews).await.map_err(job_error)?;
+        let events =
+            self.jobs.subscribe(id, after_sequence, skip_previews, &scope).await.map_err(job_error)?;
         let subscription = Subscription {
             _counted: crate::metrics::subscriber(),
             jobs: self.jobs.clone(),
@@ -146,9 +150,10 @@ impl pb::job_service_server::JobService for JobApi {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let scope = auth::scope(&auth::principal(&req)?);
         let pb::GetJobRequest { job_id } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
-        let job = self.jobs.get(id).await.map_err(job_error)?;
+        let job = self.jobs.get(id, &scope).await.map_err(job_error)?;
         Ok(Response::new(self.job_with_outputs(&job).await?))
     }
 
@@ -156,8 +161,9 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let scope = auth::scope(&auth::principal(&req)?);
         let req = convert::list_request(req.into_inner()).map_err(bad_request)?;
-        let page = self.jobs.list(req).await.map_err(job_error)?;
+        let page = self.jobs.list(req, &scope).await.map_err(job_error)?;
         let jobs = page
             .jobs
             .iter()
@@ -170,12 +176,13 @@ impl pb::job_service_server::JobService for JobApi {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let scope = auth::scope(&auth::principal(&req)?);
         let pb::CancelJobRequest { job_id, reason } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
         if reason.len() > limits::MAX_REASON_BYTES {
             return Err(too_long("reason", &reason, limits::MAX_REASON_BYTES));
         }
-        let job = self.jobs.cancel(id, reason).await.map_err(job_error)?;
+        let job = self.jobs.cancel(id, reason, &scope).await.map_err(job_error)?;
         Ok(Response::new(self.job_with_outputs(&job).await?))
     }
 
@@ -185,6 +192,7 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::DownloadOutputRequest>,
     ) -> Result<Response<Self::DownloadOutputStream>, Status> {
+        let scope = auth::scope(&auth::principal(&req)?);
         let pb::DownloadOutputRequest { job_id, filename, chunk_size } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
         if filename.is_empty() {
@@ -197,7 +205,7 @@ impl pb::job_service_server::JobService for JobApi {
             0 => 256 * 1024,
             n => n.clamp(1024, 4 * 1024 * 1024) as usize,
         };
-        let (output, mut file) = self.jobs.open_output(id, &filename).await.map_err(job_error)?;
+        let (output, mut file) = self.jobs.open_output(id, &filename, &scope).await.map_err(job_error)?;
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
         // A per-call producer that ends at EOF, when the client goes away, or at shutdown (telling the

@@ -10,6 +10,10 @@
 //! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
 //! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
 //!
+//! Every call but those of `auth.open_services` (health, reflection) is authenticated once by the `auth`
+//! layer, which leaves the caller's `Principal` in the request for the handlers: they scope every job read
+//! to its tenant.
+//!
 //! Bounded by default (README "Limits"): connections, handshake and idle time (`connections`), HTTP/2
 //! keepalive and streams per connection (tonic's builder, below), message size, and every error carries
 //! an `ErrorInfo` (`error_details`).
@@ -17,6 +21,7 @@
 //! TLS and mTLS (`tls`, with certificate reload) wrap the bounded connections; browser requests (gRPC-Web,
 //! HTTP/1) must name an allowed `Host` and `Origin` (`browser`).
 
+mod auth;
 mod browser;
 mod connections;
 mod console;
@@ -50,6 +55,8 @@ pub struct Services {
     pub catalog: Catalog,
     /// The RunComfy pool, when enabled.
     pub pool: Option<crate::pool::Pool>,
+    /// Who is calling (checked once per call by the auth layer).
+    pub auth: crate::auth::Authenticator,
 }
 
 /// Serves every service on `listener` until `shutdown` is cancelled, over TLS when `tls` is given (from
@@ -64,7 +71,8 @@ pub async fn serve(
     tls: Option<tls::Tls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let Services { jobs: job_manager, catalog, pool } = services;
+    let Services { jobs: job_manager, catalog, pool, auth } = services;
+    let auth = auth::AuthLayer::new(auth);
     let max = config.grpc.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     // JobService starts NOT_SERVING: the readiness watch turns it SERVING once a backend can take a job.
@@ -189,6 +197,7 @@ pub async fn serve(
             .layer(calls)
             .layer(connections::CallTrackingLayer)
             .layer(error_details::ErrorDetailsLayer::new(max))
+            .layer(auth.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -203,6 +212,7 @@ pub async fn serve(
             .layer(calls)
             .layer(connections::CallTrackingLayer)
             .layer(error_details::ErrorDetailsLayer::new(max))
+            .layer(auth.clone())
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -13,7 +13,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
-    jobs::{JobError, Violation},
+    jobs::{JobError, Violation, quota::QuotaKind},
     limits::{Exceeded, SETTING_MAX_MESSAGE_BYTES, clip, echo},
     pool::PoolError,
 };
@@ -254,6 +254,33 @@ pub fn job_error(e: JobError) -> Status {
             )
         }
         JobError::ShuttingDown => shutting_down("comfyrelay is shutting down; retry".into()),
+        JobError::QuotaExceeded(q) => {
+            let mut details = ErrorDetails::new();
+            details.set_retry_info(Some(q.retry_after));
+            let reason = match q.quota {
+                QuotaKind::MaxQueued => "QUOTA_MAX_QUEUED",
+                QuotaKind::SubmitsPerSecond => "QUOTA_SUBMITS_PER_SECOND",
+                QuotaKind::MachineSecondsPerDay => "QUOTA_MACHINE_SECONDS_PER_DAY",
+            };
+            let setting = q.quota.setting();
+            details.set_error_info(
+                reason,
+                ERROR_DOMAIN,
+                HashMap::from([
+                    ("quota".to_string(), setting.to_string()),
+                    ("limit".to_string(), q.limit.to_string()),
+                ]),
+            );
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "the tenant's quota {setting} of {} is reached (setting auth.tenants.<tenant>.{setting}); \
+                     retry later",
+                    q.limit
+                ),
+                details,
+            )
+        }
         JobError::ResourceExhausted { what, limit, setting } => {
             let mut details = ErrorDetails::new();
             details.set_retry_info(Some(std::time::Duration::from_secs(5)));

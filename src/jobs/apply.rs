@@ -207,6 +207,7 @@ pub(crate) mod tests {
     pub(crate) fn spec(declared: &[&str]) -> JobSpec {
         JobSpec {
             id: JobId::new(),
+            tenant: String::new(),
             workflow: "w".into(),
             workflow_version: "1".into(),
             inputs: BTreeMap::new(),

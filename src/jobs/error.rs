@@ -47,6 +47,9 @@ pub enum JobError {
         /// The setting that raises it.
         setting: &'static str,
     },
+    /// A tenant's quota would be exceeded: the caller should retry later.
+    #[error("quota {} of {} reached", .0.quota.setting(), .0.limit)]
+    QuotaExceeded(super::quota::QuotaExceeded),
     /// The service is shutting down.
     #[error("comfyrelay is shutting down")]
     ShuttingDown,

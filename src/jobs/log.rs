@@ -539,6 +539,7 @@ fn command_bytes(c: &Command) -> usize {
 pub(super) fn job_row(spec: &JobSpec, record: &JobRecord, now: i64) -> Result<JobRow, serde_json::Error> {
     Ok(JobRow {
         id: spec.id.to_string(),
+        tenant: spec.tenant.clone(),
         state: record.state.status().as_str().to_string(),
         terminal: record.state.is_terminal(),
         workflow: spec.workflow.clone(),

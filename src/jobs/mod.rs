@@ -18,6 +18,7 @@ mod apply;
 mod error;
 mod log;
 pub mod model;
+pub mod quota;
 mod recovery;
 mod runner;
 mod scheduler;
@@ -53,9 +54,31 @@ use log::{Created, Log};
 use model::{DeclaredOutput, StoredImage, now_ms};
 use scheduler::{SchedMsg, Waiting};
 
+/// Which tenants' jobs a call may see: its own, or (an admin's) every tenant's. Another tenant's job is
+/// answered as not found, so its existence is not revealed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every tenant's jobs.
+    All,
+    /// This tenant's jobs only.
+    Tenant(String),
+}
+
+impl Scope {
+    /// Whether a job of `tenant` is visible.
+    pub fn sees(&self, tenant: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Tenant(t) => t == tenant,
+        }
+    }
+}
+
 /// A request to run a job, already decoded from the wire.
 #[derive(Debug, Clone)]
 pub struct SubmitRequest {
+    /// The tenant submitting it (the job, its request id and labels belong to it).
+    pub tenant: String,
     /// What to run.
     pub source: WorkflowSource,
     /// The inputs.
@@ -130,6 +153,11 @@ struct Inner {
     writer: StdMutex<Option<tokio::task::JoinHandle<()>>>,
     /// Cancelled at shutdown: runners stop where they are (jobs stay resumable in the store).
     shutdown: CancellationToken,
+    /// Per-tenant quotas; `None` with authentication off (one tenant: only `jobs.max_unfinished` applies).
+    quotas: Option<quota::Quotas>,
+    /// With quotas: the ids of each tenant's live jobs (finished ones are dropped when next counted), so a
+    /// submit counts its tenant's waiting jobs without scanning every tenant's.
+    by_tenant: StdMutex<std::collections::HashMap<String, std::collections::HashSet<JobId>>>,
 }
 
 impl JobManager {
@@ -142,6 +170,10 @@ impl JobManager {
     ///
     /// # Errors
     /// The store cannot be read.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the engine's parts, each built by `run` from its own settings; a struct would only rename them"
+    )]
     pub async fn start(
         config: JobsConfig,
         store: Arc<dyn Store>,
@@ -149,6 +181,7 @@ impl JobManager {
         catalog: Catalog,
         machines: Vec<Arc<Machine>>,
         pool: Option<(Arc<dyn Provisioner>, mpsc::UnboundedReceiver<PoolEvent>)>,
+        quotas: Option<quota::Quotas>,
         shutdown: CancellationToken,
     ) -> Result<Self, JobError> {
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -172,6 +205,8 @@ impl JobManager {
             tracker: TaskTracker::new(),
             writer: StdMutex::new(Some(writer)),
             shutdown,
+            quotas,
+            by_tenant: StdMutex::new(Default::default()),
         });
         let manager = Self { inner };
         let (recovered, held) = match manager.recover().await {
@@ -181,6 +216,10 @@ impl JobManager {
                 return Err(e);
             }
         };
+        if let Err(e) = manager.seed_machine_seconds().await {
+            manager.inner.log.close().await;
+            return Err(e);
+        }
         let scheduler = scheduler::Scheduler::new(manager.clone(), sched_rx, pool_rx, recovered, held);
         manager.inner.tracker.spawn(scheduler.run().instrument(tracing::info_span!("scheduler")));
         let retention = manager.clone();
@@ -243,9 +282,11 @@ impl JobManager {
                 setting: "jobs.max_unfinished",
             });
         }
+        self.check_quotas(&req.tenant)?;
         let mut violations = validate_envelope(&req);
         let request_hash = request_hash(&req);
-        let SubmitRequest { source, inputs, request_id, priority, labels, deadline_ms } = req;
+        let SubmitRequest { tenant, source, inputs, request_id, priority, labels, deadline_ms } = req;
+        let scope = Scope::Tenant(tenant.clone());
         // A job for a RunComfy machine is checked against the manifest only: a configured ComfyUI's nodes
         // say nothing about what that machine has installed.
         let runs_on_pool = self.inner.provisioner.is_some()
@@ -282,6 +323,7 @@ impl JobManager {
             .collect();
         let spec = Arc::new(JobSpec {
             id: JobId::new(),
+            tenant,
             workflow: prepared.workflow,
             workflow_version: prepared.workflow_version,
             inputs: prepared.summary,
@@ -305,13 +347,14 @@ impl JobManager {
         let telemetry = crate::telemetry::JobTelemetry::new(spec.id, &spec.workflow);
         match self.inner.log.create(spec.clone(), first, key, telemetry).await? {
             Created::New(live) => {
+                self.track_tenant(&spec);
                 live.telemetry.submitted();
                 tracing::info!(job_id = %spec.id, workflow = %spec.workflow, "job accepted");
                 let _ = self.inner.sched.send(SchedMsg::Enqueue(Waiting::of(&spec, self.spec_of(&spec))));
                 Ok(live.job())
             }
             Created::Existing(job_id) => match job_id.parse() {
-                Ok(id) => self.get(id).await,
+                Ok(id) => self.get(id, &scope).await,
                 Err(_) => Err(JobError::Log(format!("stored job id {job_id:?} is not an id"))),
             },
             Created::Conflict(job_id) => Err(JobError::AlreadyExists { request_id, job_id }),
@@ -349,15 +392,84 @@ impl JobManager {
         }
     }
 
-    /// Reads one job.
+    /// With quotas, remembers a live job under its tenant (for `max_queued`).
+    fn track_tenant(&self, spec: &JobSpec) {
+        if self.inner.quotas.is_some() {
+            let mut by_tenant =
+                self.inner.by_tenant.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            by_tenant.entry(spec.tenant.clone()).or_default().insert(spec.id);
+        }
+    }
+
+    /// Counts the machine-seconds of the jobs that ended in the last 24 hours, when a tenant has that quota.
+    async fn seed_machine_seconds(&self) -> Result<(), JobError> {
+        let Some(quotas) = self.inner.quotas.as_ref().filter(|q| q.counts_machine_seconds()) else {
+            return Ok(());
+        };
+        let mut query =
+            JobQuery { ended_since: Some(now_ms() - 24 * 3600 * 1000), limit: 1000, ..Default::default() };
+        loop {
+            let rows = self.inner.store.list_jobs(&query).await?;
+            for row in &rows {
+                let job = log::decode_job(row)?;
+                quotas.job_ended(&row.tenant, row.ended_ms.unwrap_or_default(), job.record.machine_seconds);
+            }
+            match rows.last() {
+                Some(last) if rows.len() == query.limit as usize => {
+                    query.before = Some((last.created_ms, last.id.clone()));
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    /// A submit of `tenant` past one of its quotas is refused (see [`quota`]).
+    fn check_quotas(&self, tenant: &str) -> Result<(), JobError> {
+        let Some(quotas) = &self.inner.quotas else { return Ok(()) };
+        let limit = quotas.of(tenant).max_queued;
+        let waiting = {
+            let mut by_tenant =
+                self.inner.by_tenant.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let ids = by_tenant.entry(tenant.to_string()).or_default();
+            let mut waiting = 0;
+            ids.retain(|id| match self.inner.log.live(*id) {
+                Some(live) => {
+                    waiting += usize::from(matches!(
+                        live.record().state,
+                        JobState::Queued { .. } | JobState::Provisioning { .. }
+                    ));
+                    true
+                }
+                None => false,
+            });
+            waiting
+        };
+        if waiting >= limit {
+            return Err(JobError::QuotaExceeded(quota::QuotaExceeded {
+                quota: quota::QuotaKind::MaxQueued,
+                limit: limit as u64,
+                retry_after: Duration::from_secs(5),
+            }));
+        }
+        quotas.check_machine_seconds(tenant, now_ms()).map_err(JobError::QuotaExceeded)?;
+        quotas.take_submit(tenant).map_err(JobError::QuotaExceeded)
+    }
+
+    /// Reads one job, if `scope` sees it.
     ///
     /// # Errors
-    /// `NotFound`, storage failures.
-    pub async fn get(&self, id: JobId) -> Result<Job, JobError> {
+    /// `NotFound` (also for a job of a tenant `scope` does not see), storage failures.
+    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, JobError> {
         if let Some(live) = self.inner.log.live(id) {
+            if !scope.sees(&live.spec.tenant) {
+                return Err(not_found(id));
+            }
             return Ok(live.job());
         }
         let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+        if !scope.sees(&row.tenant) {
+            return Err(not_found(id));
+        }
         log::decode_job(&row)
     }
 
@@ -365,7 +477,7 @@ impl JobManager {
     ///
     /// # Errors
     /// `InvalidArgument` for a bad page token or size, storage failures.
-    pub async fn list(&self, req: ListRequest) -> Result<JobPage, JobError> {
+    pub async fn list(&self, req: ListRequest, scope: &Scope) -> Result<JobPage, JobError> {
         let limit = match req.page_size {
             0 => 50,
             n if n > 500 => {
@@ -384,10 +496,15 @@ impl JobManager {
             })?)
         };
         let query = JobQuery {
+            tenant: match scope {
+                Scope::All => None,
+                Scope::Tenant(t) => Some(t.clone()),
+            },
             states: req.states.iter().map(|s| s.as_str().to_string()).collect(),
             workflow: req.workflow,
             labels: req.labels.into_iter().collect(),
             before,
+            ended_since: None,
             limit: limit + 1,
         };
         let mut rows = self.inner.store.list_jobs(&query).await?;
@@ -413,9 +530,9 @@ impl JobManager {
     ///
     /// # Errors
     /// `NotFound`, storage failures.
-    pub async fn cancel(&self, id: JobId, reason: String) -> Result<Job, JobError> {
-        let Some(live) = self.inner.log.live(id) else {
-            return self.get(id).await;
+    pub async fn cancel(&self, id: JobId, reason: String, scope: &Scope) -> Result<Job, JobError> {
+        let Some(live) = self.inner.log.live(id).filter(|l| scope.sees(&l.spec.tenant)) else {
+            return self.get(id, scope).await;
         };
         let reason = if reason.is_empty() { "cancelled by caller".to_string() } else { reason };
         let mut watch = live.watch();
@@ -437,7 +554,7 @@ impl JobManager {
         }
         let ended = watch.wait_for(|r| r.state.is_terminal());
         let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
-        self.get(id).await
+        self.get(id, scope).await
     }
 
     /// Streams a job's events after `after_sequence`: logged ones, then live ones, ending after the terminal
@@ -453,13 +570,18 @@ impl JobManager {
         id: JobId,
         after_sequence: u64,
         skip_previews: bool,
+        scope: &Scope,
     ) -> Result<EventStream, JobError> {
         // Subscribe to the live feed FIRST, then read the log: an event committed in between is in one or
         // the other, and duplicates are dropped by sequence.
         let live_rx = match self.inner.log.live(id) {
+            Some(live) if !scope.sees(&live.spec.tenant) => return Err(not_found(id)),
             Some(live) => Some(live.subscribe()),
             None => {
-                self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                if !scope.sees(&row.tenant) {
+                    return Err(not_found(id));
+                }
                 None
             }
         };
@@ -493,8 +615,9 @@ impl JobManager {
         &self,
         id: JobId,
         filename: &str,
+        scope: &Scope,
     ) -> Result<(OutputFile, tokio::fs::File), JobError> {
-        let job = self.get(id).await?;
+        let job = self.get(id, scope).await?;
         let output = job
             .record
             .outputs
@@ -513,7 +636,12 @@ impl JobManager {
         self.inner.tracker.spawn(
             async move {
                 // Exit policy: a runner never panics the service; an error fails the job with INTERNAL.
-                if let Err(e) = runner::run(&manager, &live, machine.clone(), reattach).await {
+                let result = runner::run(&manager, &live, machine.clone(), reattach).await;
+                let record = live.record();
+                if let (Some(quotas), Some(ended)) = (&manager.inner.quotas, record.ended_ms) {
+                    quotas.job_ended(&live.spec.tenant, ended, record.machine_seconds);
+                }
+                if let Err(e) = result {
                     tracing::error!(error = %crate::telemetry::ErrorChain(&e), "job runner failed");
                     if !manager.inner.shutdown.is_cancelled() {
                         let error =
@@ -522,7 +650,8 @@ impl JobManager {
                         drop(manager.inner.log.append(live.spec.id, done).await);
                     }
                 }
-                let _ = manager.inner.sched.send(SchedMsg::Done { machine });
+                let tenant = live.spec.tenant.clone();
+                let _ = manager.inner.sched.send(SchedMsg::Done { machine, tenant });
             }
             .instrument(span),
         );
@@ -658,6 +787,7 @@ fn request_hash(req: &SubmitRequest) -> String {
     for (k, v) in &req.labels {
         field(&format!("labels[{k}]"), v.as_bytes());
     }
+    field("tenant", req.tenant.as_bytes());
     field("deadline", &req.deadline_ms.unwrap_or_default().to_be_bytes());
     hex::encode(h.finalize())
 }

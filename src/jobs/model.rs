@@ -231,6 +231,10 @@ pub struct Timings {
 pub struct JobSpec {
     /// Id.
     pub id: JobId,
+    /// The tenant it belongs to, with its events, outputs, labels and idempotency key (`default` for jobs
+    /// submitted before tenants existed, the tenant of `auth.mode = "none"`).
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
     /// Workflow name (`inline` for inline graphs).
     pub workflow: String,
     /// Workflow version.
@@ -260,6 +264,10 @@ pub struct JobSpec {
     pub created_ms: i64,
     /// Caller's deadline, ms since the epoch.
     pub deadline_ms: Option<i64>,
+}
+
+fn default_tenant() -> String {
+    crate::auth::DEFAULT_TENANT.to_string()
 }
 
 impl JobSpec {

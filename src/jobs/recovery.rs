@@ -37,6 +37,7 @@ impl JobManager {
                 }
             };
             let live = self.inner.log.register(job.spec.clone(), (*job.record).clone());
+            self.track_tenant(&job.spec);
             let id = job.spec.id;
             if job.record.cancel_reason.is_some() {
                 // A cancel asked for before the restart still holds: the re-attached runner interrupts.
@@ -211,6 +212,7 @@ impl LegacyJob {
         };
         let spec = JobSpec {
             id: self.id,
+            tenant: crate::auth::DEFAULT_TENANT.to_string(),
             workflow: self.workflow,
             workflow_version: self.workflow_version,
             inputs: self.inputs,

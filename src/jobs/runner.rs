@@ -764,6 +764,7 @@ impl Waiting {
     pub(super) fn of(spec: &super::JobSpec, machine: Option<crate::machine::MachineSpec>) -> Self {
         Self {
             id: spec.id,
+            tenant: spec.tenant.clone(),
             priority: spec.priority,
             created_ms: spec.created_ms,
             deadline_ms: spec.deadline_ms,

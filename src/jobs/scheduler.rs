@@ -1,4 +1,5 @@
-//! The scheduler: one task that owns the queue (priority, then FIFO) and hands jobs to machines with room,
+//! The scheduler: one task that owns the queue (priority, then a fair share between tenants, then FIFO)
+//! and hands jobs to machines with room,
 //! publishes queue positions (and why the head of the queue waits), enforces queue deadlines, reports the
 //! demand per machine spec to the RunComfy pool and applies the pool's events (machines ready or removed,
 //! provisioning progress).
@@ -8,6 +9,13 @@
 //! is full and published again on the next tick); events that must not be lost (a job expired, a
 //! provisioning phase, a pool that gave up) are queued without waiting, or, when the inbox is full, by a
 //! short task of the engine's tracker.
+//!
+//! # Fair share
+//! Among jobs of equal priority, tenants take turns (start-time fair queuing): each queued job gets a
+//! round, one more than its tenant's previous job at that priority but never below the round last
+//! dispatched. A tenant with 500 jobs queued holds rounds far ahead; another tenant's single job gets the
+//! current round, so it is dispatched next (within one dispatch). With quotas on, a tenant's jobs running
+//! at once are capped by its `max_running`; the rest wait while other tenants' jobs pass them.
 //!
 //! Exit policy: runs until shutdown.
 
@@ -43,6 +51,8 @@ const DISPATCH_SCAN: usize = 1024;
 pub(super) struct Waiting {
     /// The job.
     pub(super) id: JobId,
+    /// Its tenant (for the fair share and `max_running`).
+    pub(super) tenant: String,
     /// Its priority.
     pub(super) priority: i32,
     /// Its creation time.
@@ -73,11 +83,13 @@ pub(super) enum SchedMsg {
     Done {
         /// The machine.
         machine: Arc<Machine>,
+        /// The tenant of the job it ran.
+        tenant: String,
     },
 }
 
-/// Queue order: higher priority first, then older first, then id.
-type Key = (Reverse<i32>, i64, JobId);
+/// Queue order: higher priority first, then the tenant's fair-share round, then older first, then id.
+type Key = (Reverse<i32>, u64, i64, JobId);
 
 pub(super) struct Scheduler {
     manager: JobManager,
@@ -94,6 +106,12 @@ pub(super) struct Scheduler {
     provisioning: HashMap<JobId, (String, &'static str)>,
     /// Running jobs recovered on a RunComfy machine not known yet, until `PoolEvent::Reconciled`.
     held: Vec<JobId>,
+    /// The last fair-share round given to each (tenant, priority).
+    rounds: HashMap<(String, i32), u64>,
+    /// The round of the last job dispatched at each priority.
+    served: HashMap<i32, u64>,
+    /// Jobs running per tenant (for `max_running`).
+    running: HashMap<String, usize>,
 }
 
 impl Scheduler {
@@ -104,8 +122,12 @@ impl Scheduler {
         running: Vec<(JobId, Arc<Machine>)>,
         held: Vec<JobId>,
     ) -> Self {
-        for (_, machine) in &running {
+        let mut per_tenant: HashMap<String, usize> = HashMap::new();
+        for (id, machine) in &running {
             machine.job_assigned("");
+            if let Some(live) = manager.inner.log.live(*id) {
+                *per_tenant.entry(live.spec.tenant.clone()).or_default() += 1;
+            }
         }
         Self {
             manager,
@@ -118,6 +140,9 @@ impl Scheduler {
             last_demand: BTreeMap::new(),
             provisioning: HashMap::new(),
             held,
+            rounds: HashMap::new(),
+            served: HashMap::new(),
+            running: per_tenant,
         }
     }
 
@@ -153,7 +178,11 @@ impl Scheduler {
     fn handle(&mut self, msg: SchedMsg) {
         match msg {
             SchedMsg::Enqueue(w) => {
-                let key = (Reverse(w.priority), w.created_ms, w.id);
+                let served = self.served.get(&w.priority).copied().unwrap_or(0);
+                let last = self.rounds.entry((w.tenant.clone(), w.priority)).or_insert(0);
+                let round = (*last + 1).max(served);
+                *last = round;
+                let key = (Reverse(w.priority), round, w.created_ms, w.id);
                 self.queue.insert(key);
                 self.waiting.insert(w.id, (key, w));
             }
@@ -161,7 +190,12 @@ impl Scheduler {
                 let removed = self.forget(id);
                 let _ = reply.send(removed);
             }
-            SchedMsg::Done { machine } => machine.job_done(),
+            SchedMsg::Done { machine, tenant } => {
+                machine.job_done();
+                if let Some(n) = self.running.get_mut(&tenant) {
+                    *n = n.saturating_sub(1);
+                }
+            }
         }
     }
 
@@ -190,8 +224,13 @@ impl Scheduler {
         let mut taken = Vec::new();
         let mut full_specs: BTreeSet<Option<MachineSpec>> = BTreeSet::new();
         for key in self.queue.iter().take(DISPATCH_SCAN) {
-            let Some((_, w)) = self.waiting.get(&key.2) else { continue };
+            let Some((_, w)) = self.waiting.get(&key.3) else { continue };
             if full_specs.contains(&w.spec) {
+                continue;
+            }
+            if let Some(quotas) = &self.manager.inner.quotas
+                && self.running.get(&w.tenant).copied().unwrap_or(0) >= quotas.of(&w.tenant).max_running
+            {
                 continue;
             }
             let Some(live) = self.manager.inner.log.live(w.id) else {
@@ -217,6 +256,9 @@ impl Scheduler {
                 continue;
             }
             taken.push(w.id);
+            *self.running.entry(w.tenant.clone()).or_default() += 1;
+            let served = self.served.entry(w.priority).or_insert(0);
+            *served = (*served).max(key.1);
             self.manager.spawn_runner(live, machine, false);
         }
         for id in taken {
@@ -255,14 +297,14 @@ impl Scheduler {
         let mut reason_static: Option<String> = None;
         let mut changes = Vec::new();
         for (i, key) in self.queue.iter().take(POSITION_WINDOW as usize).enumerate() {
-            let Some((_, w)) = self.waiting.get(&key.2) else { continue };
+            let Some((_, w)) = self.waiting.get(&key.3) else { continue };
             let reason = match &w.spec {
                 None => reason_static.get_or_insert_with(|| self.static_wait_reason()).clone(),
                 Some(_) => String::new(),
             };
             let told = (i as u32 + 1, reason);
-            if self.published.get(&key.2) != Some(&told) {
-                changes.push((key.2, told));
+            if self.published.get(&key.3) != Some(&told) {
+                changes.push((key.3, told));
             }
         }
         for (id, told) in changes {
@@ -311,6 +353,7 @@ impl Scheduler {
                     match self.manager.machines().into_iter().find(|m| on.as_ref() == Some(&m.id)) {
                         Some(machine) => {
                             machine.job_assigned("");
+                            *self.running.entry(live.spec.tenant.clone()).or_default() += 1;
                             self.manager.spawn_runner(live, machine, true);
                         }
                         None => {
@@ -381,9 +424,9 @@ impl Scheduler {
     fn waiting_for(&self, spec: &MachineSpec) -> Vec<JobId> {
         self.queue
             .iter()
-            .filter(|k| self.waiting.get(&k.2).and_then(|(_, w)| w.spec.as_ref()) == Some(spec))
+            .filter(|k| self.waiting.get(&k.3).and_then(|(_, w)| w.spec.as_ref()) == Some(spec))
             .take(POSITION_WINDOW as usize)
-            .map(|k| k.2)
+            .map(|k| k.3)
             .collect()
     }
 

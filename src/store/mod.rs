@@ -68,6 +68,8 @@ pub enum StoreError {
 pub struct JobRow {
     /// Job id.
     pub id: String,
+    /// The tenant it belongs to (`default` for jobs stored before tenants existed).
+    pub tenant: String,
     /// State name (opaque to the store).
     pub state: String,
     /// Whether the state is terminal.
@@ -188,6 +190,8 @@ pub enum CreateOutcome {
 /// A page query over jobs, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct JobQuery {
+    /// Only this tenant's jobs (`None`: every tenant's).
+    pub tenant: Option<String>,
     /// Only these states (empty = all).
     pub states: Vec<String>,
     /// Only this workflow.
@@ -196,6 +200,8 @@ pub struct JobQuery {
     pub labels: Vec<(String, String)>,
     /// Only jobs strictly before this `(created_ms, id)` cursor.
     pub before: Option<(i64, String)>,
+    /// Only jobs that ended at or after this time, ms (so finished ones).
+    pub ended_since: Option<i64>,
     /// Maximum rows.
     pub limit: u32,
 }
@@ -313,4 +319,52 @@ pub trait MachineStore: Send + Sync + std::fmt::Debug + 'static {
     /// # Errors
     /// The database failed.
     async fn delete_machine(&self, id: &str) -> Result<(), StoreError>;
+}
+
+/// One API key: its public prefix, the SHA-256 of its secret (the key itself is never stored), whose it is
+/// and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// The public prefix that names the key (in logs, `keys list`, `keys revoke`).
+    pub prefix: String,
+    /// Hex SHA-256 of the whole key.
+    pub secret_sha256: String,
+    /// The tenant it acts for.
+    pub tenant: String,
+    /// Its role (opaque to the store).
+    pub role: String,
+    /// Creation, ms since the epoch.
+    pub created_ms: i64,
+    /// Expiry, ms since the epoch.
+    pub expires_ms: Option<i64>,
+    /// Revocation, ms since the epoch.
+    pub revoked_ms: Option<i64>,
+}
+
+/// The API keys: the authenticator's and the operator CLI's only storage dependency.
+#[async_trait::async_trait]
+pub trait KeyStore: Send + Sync + std::fmt::Debug + 'static {
+    /// Stores a new key.
+    ///
+    /// # Errors
+    /// Database failures (a prefix already used included).
+    async fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError>;
+
+    /// The key with this prefix.
+    ///
+    /// # Errors
+    /// Database failures.
+    async fn get_key(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError>;
+
+    /// Every key, oldest first.
+    ///
+    /// # Errors
+    /// Database failures.
+    async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError>;
+
+    /// Marks the key revoked at `now_ms`; returns whether a key not yet revoked had this prefix.
+    ///
+    /// # Errors
+    /// Database failures.
+    async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError>;
 }

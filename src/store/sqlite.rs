@@ -23,8 +23,8 @@ use sqlx::{
 };
 
 use super::{
-    Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, LegacyJob, MachineRow, MachineStore, Store,
-    StoreError,
+    Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, KeyRow, KeyStore, LegacyJob, MachineRow,
+    MachineStore, Store, StoreError,
 };
 
 /// SQLite-backed store.
@@ -80,8 +80,31 @@ impl SqliteStore {
             })
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
-        sqlx::migrate!("src/store/migrations").run(&pool).await?;
+        // Another process may be opening the same new file at the same moment (`comfyrelay keys` while the
+        // server starts): switching it to WAL can then find it busy, and sqlx takes no lock on SQLite for
+        // migrations, so both can find one pending and one fails on what the other created. That one tries
+        // again: it then finds the other's migrations applied (each commits on its own) and waits on SQLite's
+        // write lock for the rest.
+        let mut attempt = 0;
+        let pool = loop {
+            let result = match SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await
+            {
+                Ok(pool) => sqlx::migrate!("src/store/migrations")
+                    .run(&pool)
+                    .await
+                    .map(|()| pool)
+                    .map_err(StoreError::from),
+                Err(e) => Err(e.into()),
+            };
+            match result {
+                Ok(pool) => break pool,
+                Err(e) if attempt < 10 && lost_a_race(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let writer = tokio::task::spawn_blocking(move || open_writer(&path, durability))
             .await
             .map_err(std::io::Error::other)??;
@@ -115,14 +138,15 @@ fn commit_batch(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.creates.len());
     {
-        let mut find_key =
-            tx.prepare_cached("SELECT request_hash, job_id FROM idempotency WHERE request_id = ?1")?;
+        let mut find_key = tx.prepare_cached(
+            "SELECT request_hash, job_id FROM idempotency WHERE tenant = ?1 AND request_id = ?2",
+        )?;
         let mut insert_job = tx.prepare_cached(
             "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, \
-             request_id, last_seq, spec, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             request_id, last_seq, spec, record, tenant) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         let mut insert_key = tx.prepare_cached(
-            "INSERT INTO idempotency (request_id, request_hash, job_id) VALUES (?1, ?2, ?3)",
+            "INSERT INTO idempotency (tenant, request_id, request_hash, job_id) VALUES (?1, ?2, ?3, ?4)",
         )?;
         let mut insert_label =
             tx.prepare_cached("INSERT INTO job_labels (job_id, key, value) VALUES (?1, ?2, ?3)")?;
@@ -141,7 +165,7 @@ fn commit_batch(
         for new in &batch.creates {
             if let Some(key) = &new.key {
                 let existing = find_key
-                    .query_row(params![key.request_id], |r| {
+                    .query_row(params![new.row.tenant, key.request_id], |r| {
                         Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
                     })
                     .optional()?;
@@ -168,9 +192,10 @@ fn commit_batch(
                 seq_param(job.last_seq),
                 job.spec,
                 job.record,
+                job.tenant,
             ])?;
             if let Some(key) = &new.key {
-                insert_key.execute(params![key.request_id, key.request_hash, job.id])?;
+                insert_key.execute(params![job.tenant, key.request_id, key.request_hash, job.id])?;
             }
             for (k, v) in &job.labels {
                 insert_label.execute(params![job.id, k, v])?;
@@ -203,11 +228,30 @@ fn commit_batch(
     Ok(outcomes)
 }
 
-const JOB_COLUMNS: &str = "id, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
+/// Whether opening failed because another process was opening the same database at the same moment.
+fn lost_a_race(e: &StoreError) -> bool {
+    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with or without an extended code.
+    let busy = |e: &sqlx::Error| {
+        matches!(e, sqlx::Error::Database(db)
+            if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6)))
+    };
+    match e {
+        StoreError::Database(e) => busy(e),
+        StoreError::Migrate(
+            sqlx::migrate::MigrateError::Execute(_) | sqlx::migrate::MigrateError::ExecuteMigration(..),
+        ) => true,
+        StoreError::Migrate(_) | StoreError::Write(_) | StoreError::Io(_) | StoreError::Legacy { .. } => {
+            false
+        }
+    }
+}
+
+const JOB_COLUMNS: &str = "id, tenant, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
 
 fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobRow, sqlx::Error> {
     Ok(JobRow {
         id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
         state: row.try_get("state")?,
         terminal: row.try_get::<i64, _>("terminal")? != 0,
         workflow: row.try_get("workflow")?,
@@ -265,6 +309,12 @@ impl Store for SqliteStore {
                 list.push_bind(s);
             }
             sql.push(")");
+        }
+        if let Some(t) = &q.tenant {
+            sql.push(" AND j.tenant = ").push_bind(t);
+        }
+        if let Some(since) = q.ended_since {
+            sql.push(" AND j.ended_ms >= ").push_bind(since);
         }
         if let Some(w) = &q.workflow {
             sql.push(" AND j.workflow = ").push_bind(w);
@@ -429,6 +479,61 @@ impl MachineStore for SqliteStore {
     }
 }
 
+fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<KeyRow, sqlx::Error> {
+    Ok(KeyRow {
+        prefix: r.try_get("prefix")?,
+        secret_sha256: r.try_get("secret_sha256")?,
+        tenant: r.try_get("tenant")?,
+        role: r.try_get("role")?,
+        created_ms: r.try_get("created_ms")?,
+        expires_ms: r.try_get("expires_ms")?,
+        revoked_ms: r.try_get("revoked_ms")?,
+    })
+}
+
+const KEY_COLUMNS: &str = "prefix, secret_sha256, tenant, role, created_ms, expires_ms, revoked_ms";
+
+#[async_trait::async_trait]
+impl KeyStore for SqliteStore {
+    async fn insert_key(&self, k: &KeyRow) -> Result<(), StoreError> {
+        sqlx::query(&format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"))
+            .bind(&k.prefix)
+            .bind(&k.secret_sha256)
+            .bind(&k.tenant)
+            .bind(&k.role)
+            .bind(k.created_ms)
+            .bind(k.expires_ms)
+            .bind(k.revoked_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_key(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = ?"))
+            .bind(prefix)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(key_from_row).transpose()?)
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_ms, prefix"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+    }
+
+    async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_ms = ? WHERE prefix = ? AND revoked_ms IS NULL")
+            .bind(now_ms)
+            .bind(prefix)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +542,7 @@ mod tests {
     fn job(id: &str, created: i64) -> JobRow {
         JobRow {
             id: id.into(),
+            tenant: "t1".into(),
             state: "QUEUED".into(),
             terminal: false,
             workflow: "invert".into(),
@@ -558,6 +664,58 @@ mod tests {
             .await
             .unwrap();
         assert!(none.is_empty());
+    }
+
+    #[tokio::test]
+    async fn request_ids_and_lists_are_per_tenant() {
+        let (_dir, store) = store().await;
+        let key = IdempotencyKey { request_id: "r1".into(), request_hash: "h1".into() };
+        let mut other = create("b", 2, Some(&key));
+        other.row.tenant = "t2".into();
+        let batch = Batch { creates: vec![create("a", 1, Some(&key)), other], ..Default::default() };
+        assert_eq!(store.commit(&batch).await.unwrap(), vec![CreateOutcome::Created, CreateOutcome::Created]);
+        let again = Batch { creates: vec![create("c", 3, Some(&key))], ..Default::default() };
+        assert_eq!(store.commit(&again).await.unwrap(), vec![CreateOutcome::Existing { job_id: "a".into() }]);
+        let of = |t: &str| JobQuery { tenant: Some(t.into()), limit: 10, ..Default::default() };
+        let ids = |rows: Vec<JobRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.list_jobs(&of("t1")).await.unwrap()), ["a"]);
+        assert_eq!(ids(store.list_jobs(&of("t2")).await.unwrap()), ["b"]);
+        assert_eq!(store.list_jobs(&JobQuery { limit: 10, ..Default::default() }).await.unwrap().len(), 2);
+        assert_eq!(store.get_job("b").await.unwrap().unwrap().tenant, "t2");
+    }
+
+    #[tokio::test]
+    async fn keys_are_stored_listed_and_revoked_once() {
+        let (_dir, store) = store().await;
+        let key = KeyRow {
+            prefix: "0a1b2c3d".into(),
+            secret_sha256: "ab".repeat(32),
+            tenant: "t1".into(),
+            role: "viewer".into(),
+            created_ms: 5,
+            expires_ms: Some(10),
+            revoked_ms: None,
+        };
+        store.insert_key(&key).await.unwrap();
+        assert!(store.insert_key(&key).await.is_err(), "a prefix names one key");
+        assert_eq!(store.get_key("0a1b2c3d").await.unwrap(), Some(key.clone()));
+        assert!(store.revoke_key("0a1b2c3d", 7).await.unwrap());
+        assert!(!store.revoke_key("0a1b2c3d", 8).await.unwrap(), "already revoked");
+        assert!(!store.revoke_key("ffffffff", 8).await.unwrap());
+        assert_eq!(store.list_keys().await.unwrap()[0].revoked_ms, Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_processes_opening_a_new_database_at_once_both_migrate_it() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, b) = tokio::join!(
+                SqliteStore::open(dir.path(), Durability::Crash),
+                SqliteStore::open(dir.path(), Durability::Crash)
+            );
+            a.expect("first opener");
+            b.expect("second opener");
+        }
     }
 
     #[tokio::test]

@@ -247,6 +247,7 @@ impl ChildRelay {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+            .env("COMFYRELAY_AUTH__MODE", "none")
             .env("COMFYRELAY_DATA_DIR", data.path())
             .env("COMFYRELAY_WORKFLOWS_DIR", workflows)
             .env("COMFYRELAY_COMFYUI__SERVERS", format!(r#"[{{name = "emu", url = "{comfy_url}"}}]"#))

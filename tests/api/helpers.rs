@@ -33,6 +33,8 @@ pub(crate) fn test_config(data_dir: &std::path::Path) -> Config {
     config.data_dir = data_dir.to_path_buf();
     config.workflows_dir = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("workflows"));
     config.grpc.shutdown_grace = Duration::from_secs(5);
+    // The suite's default: no authentication (on loopback); `spawn_app_with_auth` turns keys on.
+    config.auth.mode = Some(comfyrelay::config::AuthMode::None);
     config
 }
 
@@ -238,4 +240,93 @@ pub(crate) async fn wait_for_event(channel: &Channel, job_id: &str, pred: impl F
         panic!("the stream of {job_id} ended before the awaited event");
     };
     tokio::time::timeout(Duration::from_secs(30), found).await.expect("event within 30 s");
+}
+
+/// Starts comfyrelay with API keys required (`auth.mode = "keys"`), after `customize` adjusts the
+/// configuration. Create keys with [`TestApp::create_key`]; call with [`TestApp::clients`].
+pub(crate) async fn spawn_app_with_auth(customize: impl FnOnce(&mut Config)) -> TestApp {
+    let app = spawn_app_with(|c| {
+        c.auth.mode = Some(comfyrelay::config::AuthMode::Keys);
+        customize(c);
+    })
+    .await;
+    // Health (open without a key) answers once the server serves, so its database is migrated before a
+    // test opens it to create keys.
+    tonic_health::pb::health_client::HealthClient::new(app.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health answers");
+    app
+}
+
+/// Sends `authorization: Bearer <key>` on every call (nothing when there is no key).
+#[derive(Clone)]
+pub(crate) struct Bearer(pub(crate) Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A channel that sends a key.
+pub(crate) type Keyed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// The three service clients, calling with one key.
+pub(crate) struct Clients {
+    pub(crate) jobs: pb::job_service_client::JobServiceClient<Keyed>,
+    pub(crate) workflows: pb::workflow_service_client::WorkflowServiceClient<Keyed>,
+    pub(crate) machines: pb::machine_service_client::MachineServiceClient<Keyed>,
+}
+
+impl TestApp {
+    /// Creates an API key in the app's database, as `comfyrelay keys create` does; `expired` makes one
+    /// that expired a second ago.
+    pub(crate) async fn create_key(
+        &self,
+        tenant: &str,
+        role: comfyrelay::auth::Role,
+        expired: bool,
+    ) -> String {
+        let store = comfyrelay::store::SqliteStore::open(self.data_dir.path(), Default::default())
+            .await
+            .expect("open the app's database");
+        let now = comfyrelay::jobs::model::now_ms();
+        let (expires, at) = if expired { (Some(Duration::from_secs(1)), now - 2_000) } else { (None, now) };
+        let created =
+            comfyrelay::auth::create_key(&store, tenant, role, expires, at).await.expect("create a key");
+        created.key.expose().to_string()
+    }
+
+    /// Revokes a key in the app's database, as `comfyrelay keys revoke` does.
+    pub(crate) async fn revoke_key(&self, key: &str) {
+        use comfyrelay::store::KeyStore;
+        let store = comfyrelay::store::SqliteStore::open(self.data_dir.path(), Default::default())
+            .await
+            .expect("open the app's database");
+        let prefix = comfyrelay::auth::parse_key(key).expect("a key");
+        assert!(store.revoke_key(prefix, comfyrelay::jobs::model::now_ms()).await.expect("revoke"));
+    }
+
+    /// Clients that send `authorization` with this raw value (`Bearer <key>`), or none.
+    pub(crate) fn clients_with_header(&self, authorization: Option<&str>) -> Clients {
+        let bearer = Bearer(authorization.map(|v| v.parse().expect("ascii metadata")));
+        let keyed =
+            || tonic::service::interceptor::InterceptedService::new(self.channel.clone(), bearer.clone());
+        Clients {
+            jobs: pb::job_service_client::JobServiceClient::new(keyed())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+            workflows: pb::workflow_service_client::WorkflowServiceClient::new(keyed()),
+            machines: pb::machine_service_client::MachineServiceClient::new(keyed()),
+        }
+    }
+
+    /// Clients that call with `key`.
+    pub(crate) fn clients(&self, key: &str) -> Clients {
+        self.clients_with_header(Some(&format!("Bearer {key}")))
+    }
 }

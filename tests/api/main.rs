@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod auth;
 mod cancel;
 mod config_errors;
 mod faults;

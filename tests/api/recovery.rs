@@ -23,6 +23,7 @@ async fn start_relay(data_dir: &Path, comfy_url: &str, extra: &[(&str, &str)]) -
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+        .env("COMFYRELAY_AUTH__MODE", "none")
         .env("COMFYRELAY_LOG__FORMAT", "json")
         .env(
             "COMFYRELAY_LOG__FILTER",

@@ -10,7 +10,7 @@ import struct
 import subprocess
 import threading
 import zlib
-from typing import Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -27,11 +27,12 @@ def binary() -> str:
 class Dev:
     """``comfyrelay dev`` in ``directory``; ``target`` is its gRPC ``host:port``."""
 
-    def __init__(self, directory: pathlib.Path, *args: str) -> None:
+    def __init__(self, directory: pathlib.Path, *args: str, env: Optional[Dict[str, str]] = None) -> None:
         env = {
             "PATH": os.environ.get("PATH", ""),
             "COMFYRELAY_GRPC__LISTEN": "127.0.0.1:0",
             "COMFYRELAY_LOG__FILTER": "warn",
+            **(env or {}),
         }
         self.directory = directory
         self.process = subprocess.Popen(
