@@ -257,6 +257,64 @@ async fn with_mtls_a_client_needs_a_certificate_of_the_client_ca_and_its_subject
 }
 
 #[tokio::test]
+async fn a_mapped_client_certificate_acts_as_its_tenant_without_a_key_and_an_unmapped_one_needs_a_key() {
+    use comfyrelay::proto::pb::{self, job_service_client::JobServiceClient};
+    let (ca, client_ca) = (Ca::new("server CA"), Ca::new("client CA"));
+    let files = Files::new(&ca.server());
+    replace(&files.client_ca, &client_ca.pem());
+    let (team_a, team_b) = (client_ca.client("team-a-ci"), client_ca.client("team-b-ci"));
+    let app = spawn_app_tls(
+        |c| {
+            files.configure(c);
+            c.grpc.tls.client_ca_file = Some(files.client_ca.clone());
+            c.auth.mode = Some(comfyrelay::config::AuthMode::Keys);
+            c.auth.client_certificates = vec![comfyrelay::config::ClientCertificate {
+                subject: "team-a-ci".into(),
+                tenant: "team-a".into(),
+                role: "submitter".into(),
+            }];
+        },
+        client_tls(&ca, Some(&team_a)),
+    )
+    .await;
+
+    // team-a-ci is mapped: it submits and reads its job with no key at all.
+    let mut a = app.jobs.clone();
+    let job = a.submit_job(submit_request("invert", png(8, 8))).await.expect("a mapped certificate submits");
+    let job = job.into_inner();
+    assert_eq!(terminal(&collect_events(&app.channel, &job.id, 0).await), "succeeded");
+    a.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect("its own job");
+
+    // team-b-ci is verified but not mapped: without a key it is nobody; health still answers.
+    let b_channel = Channel::from_shared(format!("https://{}", app.addr))
+        .expect("uri")
+        .tls_config(client_tls(&ca, Some(&team_b)))
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect with team-b-ci");
+    let refused = JobServiceClient::new(b_channel.clone())
+        .submit_job(submit_request("invert", png(8, 8)))
+        .await
+        .expect_err("an unmapped certificate without a key submits");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    HealthClient::new(b_channel.clone())
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health needs no key");
+
+    // With team-b's key it is team-b, which cannot see team-a's job.
+    let key = app.create_key("team-b", comfyrelay::auth::Role::Submitter, false).await;
+    let bearer = crate::helpers::Bearer(Some(format!("Bearer {key}").parse().expect("ascii")));
+    let mut b =
+        JobServiceClient::new(tonic::service::interceptor::InterceptedService::new(b_channel, bearer));
+    let hidden = b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect_err("team-a's job");
+    assert_eq!(hidden.code(), tonic::Code::NotFound, "{hidden:?}");
+    let listed = b.list_jobs(pb::ListJobsRequest::default()).await.expect("list").into_inner();
+    assert!(listed.jobs.iter().all(|j| j.id != job.id), "team-b lists team-a's job: {listed:?}");
+}
+
+#[tokio::test]
 async fn a_certificate_replaced_on_disk_is_served_to_the_next_connection_and_a_broken_one_keeps_the_old() {
     let logs = Logs::default();
     let _guard = logs.install();
