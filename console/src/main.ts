@@ -5,6 +5,7 @@ import { timestampDate, type Duration } from "@bufbuild/protobuf/wkt";
 import { apiKey, setApiKey, serverUrl, jobs, workflows, machines, describeError, ConnectError, Code } from "./api.js";
 import { h, fill, text, formatBytes, formatSeconds, formatTime } from "./dom.js";
 import {
+  CancelStepKind,
   InputType,
   JobState,
   FailureReason,
@@ -599,6 +600,9 @@ function jobView(id: string, signal: AbortSignal): void {
         break;
       case "failed":
         details = k.value.error ? `${enumName(FailureReason, k.value.error.reason)}: ${k.value.error.message}` : "";
+        break;
+      case "cancelStep":
+        details = `${enumName(CancelStepKind, k.value.step)} after ${formatSeconds(seconds(k.value.elapsed))}`;
         break;
       case "cancelled":
         details = k.value.reason;
