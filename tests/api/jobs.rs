@@ -218,3 +218,30 @@ async fn a_huge_after_sequence_ends_the_stream_of_a_finished_job() {
         assert!(collect_events(&app.channel, &job.id, after).await.is_empty(), "after {after}");
     }
 }
+
+#[tokio::test]
+async fn the_data_directory_and_everything_in_it_are_readable_by_the_service_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    // A data directory comfyrelay creates itself (the test's temporary directory is private already).
+    let mut app = crate::helpers::spawn_app_with(|c| c.data_dir = c.data_dir.join("fresh")).await;
+    let job = app.jobs.submit_job(submit_request("invert", png(8, 8))).await.unwrap().into_inner();
+    assert_eq!(terminal(&collect_events(&app.channel, &job.id, 0).await), "succeeded");
+
+    let root = app.data_dir.path().join("fresh");
+    let mut seen = (0, 0);
+    let mut stack = vec![root.clone()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::metadata(&path).unwrap();
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{} is {mode:o}", path.display());
+            seen.0 += 1;
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+            seen.1 += 1;
+        }
+    }
+    // The database with its WAL, and the input and output artifacts, in their directories.
+    assert!(seen.0 >= 3 && seen.1 >= 4, "directories and files seen: {seen:?}");
+}
