@@ -684,17 +684,21 @@ mod tests {
         }
     }
 
+    /// A new job created through the writer, queued, and its live entry.
+    async fn queued_job(log: &Log) -> (Arc<JobSpec>, Arc<LiveJob>) {
+        let spec = Arc::new(spec(&[]));
+        let first = EventKind::Queued { position: 1, reason: String::new() };
+        match log.create(spec.clone(), first, None, JobTelemetry::new(spec.id, "w")).await.unwrap() {
+            Created::New(live) => (spec, live),
+            other => panic!("not created: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_live_job_holds_its_recent_events_and_says_when_the_store_must_be_read() {
         let dir = tempfile::tempdir().unwrap();
         let (log, store, task) = writer(dir.path()).await;
-        let spec = Arc::new(spec(&[]));
-        let first = EventKind::Queued { position: 1, reason: String::new() };
-        let Created::New(live) =
-            log.create(spec.clone(), first, None, JobTelemetry::new(spec.id, "w")).await.unwrap()
-        else {
-            panic!("created")
-        };
+        let (spec, live) = queued_job(&log).await;
         let seqs = |v: Vec<Arc<Event>>| v.iter().map(|e| e.seq).collect::<Vec<_>>();
         assert_eq!(seqs(live.events_after(0).unwrap()), vec![1]);
         let total = LIVE_CAPACITY as u64 + 10;
@@ -717,13 +721,7 @@ mod tests {
     async fn a_refused_event_is_not_stored_and_a_terminal_retires_the_job() {
         let dir = tempfile::tempdir().unwrap();
         let (log, store, task) = writer(dir.path()).await;
-        let spec = Arc::new(spec(&[]));
-        let first = EventKind::Queued { position: 1, reason: String::new() };
-        let Created::New(live) =
-            log.create(spec.clone(), first, None, JobTelemetry::new(spec.id, "w")).await.unwrap()
-        else {
-            panic!("created")
-        };
+        let (spec, live) = queued_job(&log).await;
         let refused = log.append(spec.id, EventKind::PromptSubmitted { upload_ms: 1 }).await.durable().await;
         assert!(matches!(refused, Err(AppendError::Rejected(Rejected::NotInState { .. }))));
         let done = log
