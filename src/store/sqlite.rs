@@ -35,38 +35,6 @@ pub struct SqliteStore {
     /// The job log's group commit: one rusqlite connection, used synchronously by its caller (the log
     /// writer, on its own thread), so a batch costs no hop to a connection thread per statement.
     writer: Arc<Mutex<rusqlite::Connection>>,
-    /// Moves the WAL into the database file off the writer's thread (see [`Checkpointer`]).
-    _checkpointer: Arc<Checkpointer>,
-}
-
-/// How often the checkpointer copies committed WAL frames into the database file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
-
-/// The WAL checkpoints, on a thread of their own with their own connection. SQLite would otherwise run them
-/// inside the commit that crosses 1,000 WAL pages, on the job log's writer, which then waits for the
-/// checkpoint's fsync of the database file (tens of milliseconds here) while every job's events queue up
-/// behind it. `PASSIVE` never blocks the writer; the WAL stays bounded by what commits in one interval.
-/// The thread stops when the store's last clone is dropped (its channel closes).
-#[derive(Debug)]
-struct Checkpointer {
-    _stop: std::sync::mpsc::Sender<()>,
-}
-
-impl Checkpointer {
-    fn start(path: &Path) -> Result<Self, StoreError> {
-        let conn = rusqlite::Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
-            {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; retried at the next interval");
-                }
-            }
-        })?;
-        Ok(Self { _stop: stop })
-    }
 }
 
 /// Creates `dir` (and parents) readable by this user only.
@@ -137,12 +105,10 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         };
-        let (writer, checkpointer) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((open_writer(&path, durability)?, Checkpointer::start(&path)?))
-        })
-        .await
-        .map_err(std::io::Error::other)??;
-        Ok(Self { pool, writer: Arc::new(Mutex::new(writer)), _checkpointer: Arc::new(checkpointer) })
+        let writer = tokio::task::spawn_blocking(move || open_writer(&path, durability))
+            .await
+            .map_err(std::io::Error::other)??;
+        Ok(Self { pool, writer: Arc::new(Mutex::new(writer)) })
     }
 }
 
@@ -159,8 +125,6 @@ fn open_writer(path: &Path, durability: Durability) -> Result<rusqlite::Connecti
             Durability::Power => "FULL",
         },
     )?;
-    // Checkpoints are the checkpointer's, never inside a commit of the writer.
-    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
@@ -607,31 +571,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Durability::Crash).await.unwrap();
         (dir, store)
-    }
-
-    #[tokio::test]
-    async fn committed_events_reach_the_database_file_by_the_checkpointer_not_the_writer() {
-        let (dir, store) = store().await;
-        store.commit(&Batch { creates: vec![create("a", 1, None)], ..Default::default() }).await.unwrap();
-        let db = dir.path().join("comfyrelay.db");
-        let before = std::fs::metadata(&db).unwrap().len();
-        // About 4 MiB of events in 1,000 commits: the writer never checkpoints (wal_autocheckpoint = 0).
-        let body = "x".repeat(4096);
-        for seq in 2..1002 {
-            let event = EventRow { job_id: "a".into(), seq, time_ms: 1, body: body.clone() };
-            store.commit(&Batch { events: vec![event], ..Default::default() }).await.unwrap();
-        }
-        // Only a checkpoint writes pages into the database file; the checkpointer's thread does.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::fs::metadata(&db).unwrap().len() < before + (4 << 20) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the WAL was never checkpointed into {}",
-                db.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(store.events_after("a", 0, 2000).await.unwrap().len(), 1001);
     }
 
     #[tokio::test]
