@@ -121,6 +121,7 @@ async fn run_service(
             .await
             .with_context(|| format!("opening the database in {}", config.data_dir.display()))?,
     );
+    store.checkpoint_in_background().context("starting the database's checkpointer")?;
     let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"), durability)
         .await
         .context("opening the artifact directory")?;

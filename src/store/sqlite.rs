@@ -35,6 +35,42 @@ pub struct SqliteStore {
     /// The job log's group commit: one rusqlite connection, used synchronously by its caller (the log
     /// writer, on its own thread), so a batch costs no hop to a connection thread per statement.
     writer: Arc<Mutex<rusqlite::Connection>>,
+    /// The database file, for the checkpointer's connection.
+    path: std::path::PathBuf,
+    /// Moves the WAL into the database file off the writer's thread, once started by
+    /// [`SqliteStore::checkpoint_in_background`] (see [`Checkpointer`]).
+    checkpointer: Arc<std::sync::OnceLock<Checkpointer>>,
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// The WAL checkpoints, on a thread of their own with their own connection. SQLite would otherwise run them
+/// inside the commit that crosses 1,000 WAL pages, on the job log's writer, which then waits for the
+/// checkpoint's fsync of the database file (tens of milliseconds here) while every job's events queue up
+/// behind it. `PASSIVE` never blocks the writer; the WAL stays bounded by what commits in one interval.
+/// The thread stops when the store's last clone is dropped (its channel closes). Only the serving process
+/// starts one; a short-lived one (`comfyrelay keys`) keeps SQLite's own checkpoints.
+#[derive(Debug)]
+struct Checkpointer {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = rusqlite::Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new().name("sqlite-checkpoint".into()).spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; retried at the next interval");
+                }
+            }
+        })?;
+        Ok(Self { _stop: stop })
+    }
 }
 
 /// Creates `dir` (and parents) readable by this user only.
@@ -105,10 +141,32 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         };
-        let writer = tokio::task::spawn_blocking(move || open_writer(&path, durability))
-            .await
-            .map_err(std::io::Error::other)??;
-        Ok(Self { pool, writer: Arc::new(Mutex::new(writer)) })
+        let writer = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || open_writer(&path, durability))
+                .await
+                .map_err(std::io::Error::other)??
+        };
+        Ok(Self { pool, writer: Arc::new(Mutex::new(writer)), path, checkpointer: Default::default() })
+    }
+
+    /// Moves WAL checkpoints off the job log's writer onto a thread of their own (see [`Checkpointer`]): for
+    /// the process that runs the job engine. Idempotent.
+    ///
+    /// # Errors
+    /// The checkpointer's connection or thread cannot be made.
+    pub fn checkpoint_in_background(&self) -> Result<(), StoreError> {
+        if self.checkpointer.get().is_some() {
+            return Ok(());
+        }
+        let checkpointer = Checkpointer::start(&self.path)?;
+        // Checkpoints are the checkpointer's from now on, never inside a commit of the writer.
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pragma_update(None, "wal_autocheckpoint", 0)?;
+        drop(self.checkpointer.set(checkpointer));
+        Ok(())
     }
 }
 
@@ -571,6 +629,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), Durability::Crash).await.unwrap();
         (dir, store)
+    }
+
+    #[tokio::test]
+    async fn committed_events_reach_the_database_file_by_the_checkpointer_not_the_writer() {
+        let (dir, store) = store().await;
+        store.checkpoint_in_background().unwrap();
+        let autocheckpoint: i64 =
+            store.writer.lock().unwrap().query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap();
+        assert_eq!(autocheckpoint, 0, "the writer never checkpoints inside a commit");
+        store.commit(&Batch { creates: vec![create("a", 1, None)], ..Default::default() }).await.unwrap();
+        let db = dir.path().join("comfyrelay.db");
+        let before = std::fs::metadata(&db).unwrap().len();
+        // About 4 MiB of events in 1,000 commits: the writer never checkpoints (wal_autocheckpoint = 0).
+        let body = "x".repeat(4096);
+        for seq in 2..1002 {
+            let event = EventRow { job_id: "a".into(), seq, time_ms: 1, body: body.clone() };
+            store.commit(&Batch { events: vec![event], ..Default::default() }).await.unwrap();
+        }
+        // Only a checkpoint writes pages into the database file; the checkpointer's thread does.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&db).unwrap().len() < before + (4 << 20) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never checkpointed into {}",
+                db.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(store.events_after("a", 0, 2000).await.unwrap().len(), 1001);
     }
 
     #[tokio::test]

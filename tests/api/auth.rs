@@ -450,8 +450,11 @@ fn serve_without_authentication_on_a_network_address_exits_naming_the_setting() 
 }
 
 /// Runs `comfyrelay keys ARGS` on `data_dir`; returns (success, stdout, stderr).
-fn keys(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = comfyrelay(data_dir).arg("keys").args(args).output().expect("run comfyrelay keys");
+/// Runs `comfyrelay keys` without blocking the test's runtime, which also runs the server under test.
+async fn keys(data_dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = comfyrelay(data_dir);
+    cmd.arg("keys").args(args);
+    let out = tokio::process::Command::from(cmd).output().await.expect("run comfyrelay keys");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -464,13 +467,13 @@ async fn keys_are_created_listed_and_revoked_with_the_binary_on_the_servers_data
     let app: TestApp = spawn_app_with_auth(|_| {}).await;
     let dir = app.data_dir.path().to_path_buf();
     let (ok, stdout, stderr) =
-        keys(&dir, &["create", "--tenant", "team-cli", "--role", "viewer", "--expires", "30d"]);
+        keys(&dir, &["create", "--tenant", "team-cli", "--role", "viewer", "--expires", "30d"]).await;
     assert!(ok, "{stderr}");
     let key = stdout.trim().to_string();
     let prefix = comfyrelay::auth::parse_key(&key).unwrap_or_else(|| panic!("stdout is the key: {stdout:?}"));
     assert!(stderr.contains(prefix) && stderr.contains("team-cli") && stderr.contains("viewer"), "{stderr}");
 
-    let (ok, list, _) = keys(&dir, &["list"]);
+    let (ok, list, _) = keys(&dir, &["list"]).await;
     assert!(ok);
     let line = list.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{list}"));
     assert!(line.contains("team-cli") && line.contains("viewer") && line.ends_with("active"), "{line}");
@@ -482,15 +485,15 @@ async fn keys_are_created_listed_and_revoked_with_the_binary_on_the_servers_data
     let status = c.jobs.submit_job(submit_request("invert", png(4, 4))).await.expect_err("a viewer");
     assert_eq!(status.code(), Code::PermissionDenied);
 
-    let (ok, _, stderr) = keys(&dir, &["revoke", prefix]);
+    let (ok, _, stderr) = keys(&dir, &["revoke", prefix]).await;
     assert!(ok, "{stderr}");
     let status = c.jobs.list_jobs(pb::ListJobsRequest::default()).await.expect_err("revoked");
     assert_eq!(status.code(), Code::Unauthenticated);
-    let (_, list, _) = keys(&dir, &["list"]);
+    let (_, list, _) = keys(&dir, &["list"]).await;
     assert!(list.lines().any(|l| l.starts_with(prefix) && l.ends_with("revoked")), "{list}");
-    let (ok, _, stderr) = keys(&dir, &["revoke", prefix]);
+    let (ok, _, stderr) = keys(&dir, &["revoke", prefix]).await;
     assert!(!ok && stderr.contains(prefix), "revoking twice: {stderr}");
-    let (ok, _, stderr) = keys(&dir, &["create", "--tenant", "Not A Tenant"]);
+    let (ok, _, stderr) = keys(&dir, &["create", "--tenant", "Not A Tenant"]).await;
     assert!(!ok && stderr.contains("--tenant"), "{stderr}");
 }
 
@@ -499,7 +502,7 @@ async fn a_runcomfy_token_and_an_api_key_appear_in_no_log_line_or_error() {
     const TOKEN: &str = "rc-tok-5f1e9b7c-distinctive-token";
     let comfy = crate::helpers::spawn_comfy().await;
     let data = tempfile::tempdir().unwrap();
-    let (ok, stdout, stderr) = keys(data.path(), &["create", "--tenant", "team-a", "--role", "admin"]);
+    let (ok, stdout, stderr) = keys(data.path(), &["create", "--tenant", "team-a", "--role", "admin"]).await;
     assert!(ok, "{stderr}");
     let key = stdout.trim().to_string();
     let prefix = comfyrelay::auth::parse_key(&key).unwrap().to_string();
