@@ -18,6 +18,8 @@
 //!   per job and one per group commit.
 
 mod artifacts;
+#[cfg(test)]
+mod contract;
 mod sqlite;
 
 use std::collections::BTreeMap;
