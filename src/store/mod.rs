@@ -1,6 +1,6 @@
 //! Durable storage of jobs, their event logs, idempotency keys, artifact references and machines, behind
-//! the narrow [`Store`] trait (SQLite by default; the SQL is portable so PostgreSQL can implement the same
-//! trait), and the content-addressed [`ArtifactStore`] directory for input images and outputs.
+//! the narrow [`Store`] trait (SQLite by default, [`SqliteStore`]; or PostgreSQL, [`PgStore`], for several
+//! replicas sharing one database), and the content-addressed [`ArtifactStore`] directory for input images and outputs.
 //!
 //! The store knows rows, not domain types: a job is an immutable spec written once at submit plus a small
 //! record of its current state, both opaque JSON owned by `jobs`; events are small rows appended to a
@@ -20,6 +20,7 @@
 mod artifacts;
 #[cfg(test)]
 mod contract;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use artifacts::{ArtifactError, ArtifactStore, ArtifactWriter, StoredArtifact};
+pub use postgres::{DEFAULT_MAX_CONNECTIONS, EVENTS_CHANNEL, EventNotice, EventNotifications, PgStore};
 pub use sqlite::SqliteStore;
 
 /// What survives what; see the module docs.
