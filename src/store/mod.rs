@@ -16,6 +16,9 @@
 //! - `power`: `synchronous = FULL` and every artifact fsynced (file and directory) before the event that
 //!   references it commits: what was acknowledged also survives a power loss, for about two more fsyncs
 //!   per job and one per group commit.
+//!
+//! On PostgreSQL ([`PgStore`]) what survives is the server's configuration (`synchronous_commit`, `fsync`,
+//! replication); [`Durability`] then governs the artifacts only.
 
 mod artifacts;
 #[cfg(test)]
