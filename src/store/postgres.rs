@@ -737,8 +737,13 @@ impl KeyStore for PgStore {
 
 #[cfg(test)]
 mod tests {
+    use sqlx::{Connection as _, postgres::PgConnection};
+
     use super::{pg_server::PgServer, *};
-    use crate::store::contract::{self, create, event};
+    use crate::store::{
+        IdempotencyKey,
+        contract::{self, create, event},
+    };
 
     /// A server and a store on a fresh database of it; `None` (the test returns) without PostgreSQL.
     async fn store() -> Option<(PgServer, PgStore)> {
@@ -822,6 +827,50 @@ mod tests {
         store.commit(&Batch { events: vec![event("a", 4)], ..Default::default() }).await.unwrap();
         assert_eq!(events.next().await.unwrap(), appended("a", 4));
         assert!(store.get_job("c").await.unwrap().is_none(), "the failed batch wrote nothing");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_key_another_replica_stores_first_is_found_not_refused() {
+        let Some(server) = PgServer::start().await else { return };
+        let url = server.database("race_key").await;
+        let store = PgStore::connect(&url).await.unwrap();
+        let key = IdempotencyKey { request_id: "r1".into(), request_hash: "h1".into() };
+        // "Another replica": a transaction of its own that stores job `a` with the key and has not committed.
+        let mut other = PgConnection::connect(&url).await.unwrap();
+        let mut tx = other.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO jobs (id, state, terminal, workflow, priority, created_ms, updated_ms, spec, record, tenant) \
+             VALUES ('a', 'QUEUED', 0, 'invert', 0, 1, 1, '{}', '{}', 't1')",
+        )
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        sqlx::query("INSERT INTO idempotency (tenant, request_id, request_hash, job_id) VALUES ('t1', 'r1', 'h1', 'a')")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        // This batch finds no key, then waits on the other's row in the key's index ...
+        let batch = Batch { creates: vec![create("b", 2, Some(&key))], ..Default::default() };
+        let writer = store.clone();
+        let commit = tokio::spawn(async move { writer.commit(&batch).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'race_key' AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the batch never waited on the key");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // ... and once the other commits, is tried again and finds the key.
+        tx.commit().await.unwrap();
+        assert_eq!(commit.await.unwrap().unwrap(), vec![CreateOutcome::Existing { job_id: "a".into() }]);
+        assert!(store.get_job("b").await.unwrap().is_none());
     }
 
     #[tokio::test]
