@@ -874,6 +874,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn postgres_a_listener_whose_connection_is_killed_says_resync_and_hears_again() {
+        let Some((_server, store)) = store().await else { return };
+        let mut events = store.listen_events().await.unwrap();
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(killed, [true], "one listening connection");
+        // sqlx sees the connection end and reconnects (`Resync`); were the server's goodbye to surface as an
+        // error instead, the call after it reconnects and says `Resync`.
+        let notice = match events.next().await {
+            Err(_) => events.next().await.unwrap(),
+            Ok(notice) => notice,
+        };
+        assert_eq!(notice, EventNotice::Resync);
+        store.commit(&Batch { creates: vec![create("a", 1, None)], ..Default::default() }).await.unwrap();
+        assert_eq!(events.next().await.unwrap(), EventNotice::Appended { job_id: "a".into(), last_seq: 1 });
+    }
+
+    #[tokio::test]
     async fn postgres_the_store_never_shows_its_password() {
         let Some(server) = PgServer::start().await else { return };
         let url = server.database("secret").await;
