@@ -1,6 +1,6 @@
 //! Durable storage of jobs, their event logs, idempotency keys, artifact references and machines, behind
-//! the narrow [`Store`] trait (SQLite by default; the SQL is portable so PostgreSQL can implement the same
-//! trait), and the content-addressed [`ArtifactStore`] directory for input images and outputs.
+//! the narrow [`Store`] trait (SQLite by default, [`SqliteStore`]; or PostgreSQL, [`PgStore`], for several
+//! replicas sharing one database), and the content-addressed [`ArtifactStore`] directory for input images and outputs.
 //!
 //! The store knows rows, not domain types: a job is an immutable spec written once at submit plus a small
 //! record of its current state, both opaque JSON owned by `jobs`; events are small rows appended to a
@@ -16,8 +16,14 @@
 //! - `power`: `synchronous = FULL` and every artifact fsynced (file and directory) before the event that
 //!   references it commits: what was acknowledged also survives a power loss, for about two more fsyncs
 //!   per job and one per group commit.
+//!
+//! On PostgreSQL ([`PgStore`]) what survives is the server's configuration (`synchronous_commit`, `fsync`,
+//! replication); [`Durability`] then governs the artifacts only.
 
 mod artifacts;
+#[cfg(test)]
+mod contract;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -25,6 +31,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use artifacts::{ArtifactError, ArtifactStore, ArtifactWriter, StoredArtifact};
+pub use postgres::{DEFAULT_MAX_CONNECTIONS, EVENTS_CHANNEL, EventNotice, EventNotifications, PgStore};
 pub use sqlite::SqliteStore;
 
 /// What survives what; see the module docs.
