@@ -12,7 +12,18 @@ async fn lists_gets_and_drains_the_configured_servers() {
     let job = app.jobs.submit_job(submit_request("invert", png(4, 4))).await.unwrap().into_inner();
     assert_eq!(terminal(&collect_events(&app.channel, &job.id, 0).await), "succeeded");
 
-    let list = app.machines.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+    // The machine counts the job when its runner hands the slot back to the scheduler, just after the
+    // terminal event: a list at once can come before that.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let list = loop {
+        let list = app.machines.list_machines(pb::ListMachinesRequest::default()).await.unwrap().into_inner();
+        if list.machines.first().is_some_and(|m| m.jobs_completed == 1)
+            || tokio::time::Instant::now() > deadline
+        {
+            break list;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
     assert_eq!(list.machines.len(), 1);
     let m = &list.machines[0];
     assert_eq!(m.id, "local");
