@@ -88,14 +88,26 @@ pub(crate) fn open_file_limit() -> Option<u64> {
 /// The accepted connections of `listener`, bounded by `limits`, for `serve_with_incoming_shutdown`. The
 /// stream never yields an error (accept errors are handled here) and never ends.
 pub(crate) fn incoming(
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     limits: ConnectionLimits,
+) -> impl Stream<Item = Result<Conn, io::Error>> {
+    incoming_until_cut(listener, limits, None)
+}
+
+/// [`incoming`] whose connections all close when `cut` is cancelled, calls open or not: a standby's
+/// server (`super::serve_standby`) ends its health watches when the replica starts leading, so clients
+/// reconnect to the leader's server on the same listener.
+pub(crate) fn incoming_until_cut(
+    listener: Arc<TcpListener>,
+    limits: ConnectionLimits,
+    cut: Option<tokio_util::sync::CancellationToken>,
 ) -> impl Stream<Item = Result<Conn, io::Error>> {
     let acceptor = Acceptor {
         listener,
         permits: Arc::new(Semaphore::new(limits.max_connections)),
         limits,
         backoff: AcceptBackoff::new(),
+        cut,
     };
     futures::stream::unfold(acceptor, |mut acceptor| async move {
         let conn = acceptor.next().await;
@@ -104,10 +116,11 @@ pub(crate) fn incoming(
 }
 
 struct Acceptor {
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     permits: Arc<Semaphore>,
     limits: ConnectionLimits,
     backoff: AcceptBackoff,
+    cut: Option<tokio_util::sync::CancellationToken>,
 }
 
 impl Acceptor {
@@ -126,7 +139,8 @@ impl Acceptor {
                     if let Err(e) = stream.set_nodelay(true) {
                         tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                     }
-                    return Conn::new(stream, remote, permit, self.limits);
+                    let cut = self.cut.clone().map(|t| Box::pin(t.cancelled_owned()));
+                    return Conn::new(stream, remote, permit, self.limits, cut);
                 }
                 // The peer gave up between SYN and accept: nothing to wait for.
                 Err(e) if is_peer_error(&e) => continue,
@@ -275,6 +289,8 @@ pub(crate) struct Conn {
     handshake: Pin<Box<Sleep>>,
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    /// When this resolves the connection closes, calls open or not (see [`incoming_until_cut`]).
+    cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     closed: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -285,6 +301,7 @@ impl Conn {
         remote: SocketAddr,
         permit: OwnedSemaphorePermit,
         limits: ConnectionLimits,
+        cut: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     ) -> Self {
         let now = Instant::now();
         Self {
@@ -296,6 +313,7 @@ impl Conn {
             handshake: Box::pin(tokio::time::sleep_until(now + limits.handshake_timeout)),
             idle: Box::pin(tokio::time::sleep_until(now + limits.idle_timeout)),
             idle_timeout: limits.idle_timeout,
+            cut,
             closed: false,
             _permit: permit,
         }
@@ -308,6 +326,9 @@ impl Conn {
 
     /// Why the connection must close now, if a deadline has passed (registers the wake-ups otherwise).
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        if self.cut.as_mut().is_some_and(|cut| cut.as_mut().poll(cx).is_ready()) {
+            return Some("the standby replica started leading");
+        }
         if self.preface_left > 0 && self.handshake.as_mut().poll(cx).is_ready() {
             return Some("no HTTP/2 preface within grpc.handshake_timeout");
         }
