@@ -45,6 +45,15 @@ pub struct StorageConfig {
     /// `crash` (default): what was acknowledged survives a crash of the process, with no fsync on the job
     /// path; `power`: it also survives a power loss, for an fsync per commit and per artifact.
     pub durability: crate::store::Durability,
+    /// A PostgreSQL database shared by several replicas (`postgres://user:password@host:5432/comfyrelay`),
+    /// instead of the SQLite file in `data_dir`. One replica at a time leads (runs jobs, holds the ComfyUI
+    /// sockets and the RunComfy pool); the others wait as standbys and take over when it stops. A secret:
+    /// never logged (it may hold a password).
+    pub database_url: Option<Secret>,
+    /// Where input images and outputs are stored (default `<data_dir>/artifacts`). With `database_url`,
+    /// a directory every replica mounts (a ReadWriteMany volume), so the replica that takes over finds the
+    /// artifacts of the one that stopped.
+    pub artifacts_dir: Option<PathBuf>,
 }
 
 impl Default for Config {

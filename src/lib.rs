@@ -116,15 +116,17 @@ async fn run_service(
     // Before anything starts: TLS files that do not load stop the start, naming the setting.
     let tls = grpc::tls::Tls::load(&config.grpc.tls, config.grpc.grpc_web).await?;
     let durability = config.storage.durability;
-    let store = Arc::new(
-        store::SqliteStore::open(&config.data_dir, durability)
-            .await
-            .with_context(|| format!("opening the database in {}", config.data_dir.display()))?,
-    );
-    store.checkpoint_in_background().context("starting the database's checkpointer")?;
-    let artifacts = store::ArtifactStore::open(config.data_dir.join("artifacts"), durability)
+    let listener = Arc::new(listener);
+    // With PostgreSQL this waits, as a standby, until this replica leads.
+    let Some(storage) = Storage::open(&config, &listener, tls.clone(), &shutdown).await? else {
+        return Ok(());
+    };
+    let store = storage.jobs.clone();
+    let artifacts_dir =
+        config.storage.artifacts_dir.clone().unwrap_or_else(|| config.data_dir.join("artifacts"));
+    let artifacts = store::ArtifactStore::open(&artifacts_dir, durability)
         .await
-        .context("opening the artifact directory")?;
+        .with_context(|| format!("opening the artifact directory {}", artifacts_dir.display()))?;
     let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
         match &config.workflows_dir {
             Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),
@@ -139,7 +141,14 @@ async fn run_service(
         silence_reconcile: config.comfyui.silence_reconcile,
         ..comfy::ClientOptions::default()
     };
-    let instance = instance_id(&config.data_dir).await.context("reading the instance id")?;
+    let instance = match &storage.shared {
+        // One id for every replica: the leader that takes over opens the sockets ComfyUI routes the
+        // events of the old leader's prompts to.
+        Some(pg) => {
+            pg.shared_instance_id(&new_instance_id()).await.context("reading the shared instance id")?
+        }
+        None => instance_id(&config.data_dir).await.context("reading the instance id")?,
+    };
     let mut machines = Vec::new();
     for server in &config.comfyui.servers {
         let machine = machine::Machine::connect_static(
@@ -163,12 +172,21 @@ async fn run_service(
     if config.runcomfy.enabled {
         let client = runcomfy::RunComfyClient::new(runcomfy::ClientOptions::from_config(&config.runcomfy))
             .context("RunComfy client")?;
+        let mut pool_config = config.runcomfy.clone();
+        if storage.shared.is_some() && pool_config.stop_on_shutdown {
+            // The next leader adopts the machines and renews their leases; stopping them at a handover
+            // would cut every job running on them. Without a next leader they stop at their lease.
+            tracing::info!(
+                "replicas: this leader leaves its RunComfy machines to the next one when it stops"
+            );
+            pool_config.stop_on_shutdown = false;
+        }
         let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let p = pool::Pool::start(
             pool::PoolParts {
-                config: config.runcomfy.clone(),
+                config: pool_config,
                 client,
-                store: store.clone(),
+                store: storage.machines.clone(),
                 comfy: options.clone(),
                 prequeue: config.comfyui.prequeue,
                 instance: instance.clone(),
@@ -202,7 +220,16 @@ async fn run_service(
         }
     };
 
-    let authenticator = auth::Authenticator::new(&config.auth, store.clone());
+    let authenticator = auth::Authenticator::new(&config.auth, storage.keys.clone());
+    // Exit policy: owned by this call (aborted when it returns); a lost lease shuts this replica down.
+    let _lease_watch = storage.lease.as_ref().map(|lease| {
+        let (lost, shutdown) = (lease.lost().clone(), shutdown.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            lost.cancelled().await;
+            tracing::error!("lost the leader lease: stopping at once so that another replica can lead");
+            shutdown.cancel();
+        }))
+    });
     let services = grpc::Services { jobs: jobs.clone(), catalog, pool: pool.clone(), auth: authenticator };
     let grace = config.grpc.shutdown_grace;
     let serve = grpc::serve(listener, &config, services, tls, shutdown.clone());
@@ -235,7 +262,84 @@ async fn run_service(
         pool.close(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
     }
     catalog_watch.abort();
+    if let Some(lease) = storage.lease {
+        if lease.lost().is_cancelled() {
+            anyhow::bail!("this replica lost the leader lease (its database connection failed) and stopped");
+        }
+        // Dropped last, after the drain: a standby takes over now.
+        drop(lease);
+        tracing::info!("gave the leader lease up");
+    }
     served
+}
+
+/// Where a replica keeps its jobs: the SQLite file in `data_dir` (one replica), or a PostgreSQL database
+/// shared by replicas of which the one holding the leader lease runs (README "Replicas on PostgreSQL").
+struct Storage {
+    jobs: Arc<dyn store::Store>,
+    machines: Arc<dyn store::MachineStore>,
+    keys: Arc<dyn store::KeyStore>,
+    /// The shared database, with PostgreSQL.
+    shared: Option<Arc<store::PgStore>>,
+    /// With PostgreSQL, this replica's lease; dropped after the drain, when a standby may take over.
+    lease: Option<store::LeaderLease>,
+}
+
+impl Storage {
+    /// Opens the configured store. With `storage.database_url`, serves health as a standby on `listener`
+    /// until this replica holds the leader lease; `None` when `shutdown` came first.
+    async fn open(
+        config: &Config,
+        listener: &Arc<TcpListener>,
+        tls: Option<grpc::tls::Tls>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(url) = &config.storage.database_url else {
+            let sqlite = Arc::new(
+                store::SqliteStore::open(&config.data_dir, config.storage.durability)
+                    .await
+                    .with_context(|| format!("opening the database in {}", config.data_dir.display()))?,
+            );
+            sqlite.checkpoint_in_background().context("starting the database's checkpointer")?;
+            return Ok(Some(Self {
+                jobs: sqlite.clone(),
+                machines: sqlite.clone(),
+                keys: sqlite,
+                shared: None,
+                lease: None,
+            }));
+        };
+        let pg = Arc::new(
+            store::PgStore::connect(url.expose())
+                .await
+                .context("connecting to the PostgreSQL database (storage.database_url)")?,
+        );
+        let standby_stop = CancellationToken::new();
+        let standby = grpc::serve_standby(listener.clone(), config, tls, standby_stop.clone());
+        let lease = async {
+            let lease = store::LeaderLease::acquire(url.expose(), shutdown).await;
+            standby_stop.cancel();
+            lease
+        };
+        let (served, lease) = tokio::join!(standby, lease);
+        served.context("serving health as a standby")?;
+        let Some(lease) = lease.context("the leader lease (storage.database_url)")? else {
+            return Ok(None);
+        };
+        tracing::info!("leading: this replica runs the jobs");
+        Ok(Some(Self {
+            jobs: pg.clone(),
+            machines: pg.clone(),
+            keys: pg.clone(),
+            shared: Some(pg),
+            lease: Some(lease),
+        }))
+    }
+}
+
+/// A fresh instance id (12 hex digits): the stem of this instance's WebSocket clientIds.
+fn new_instance_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
 /// This instance's id, created once in the data directory: it keeps WebSocket clientIds stable across
@@ -245,7 +349,7 @@ async fn instance_id(data_dir: &std::path::Path) -> std::io::Result<String> {
     match tokio::fs::read_to_string(&path).await {
         Ok(id) if !id.trim().is_empty() => Ok(id.trim().to_string()),
         _ => {
-            let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+            let id = new_instance_id();
             let (tmp, data) = (data_dir.join("instance_id.tmp"), id.clone());
             tokio::task::spawn_blocking(move || {
                 use std::{io::Write as _, os::unix::fs::OpenOptionsExt};

@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 use crate::{
     auth::{self, Role},
     config::Config,
-    store::{KeyStore, SqliteStore},
+    store::{KeyStore, PgStore, SqliteStore},
 };
 
 /// The key management subcommands.
@@ -47,17 +47,25 @@ impl clap::ValueEnum for Role {
     }
 }
 
-/// Runs a keys subcommand against the database of `config.data_dir`.
+/// Runs a keys subcommand against the server's database: `storage.database_url`, else the SQLite file of
+/// `config.data_dir`.
 ///
 /// # Errors
 /// The database cannot be opened, a bad tenant name, an unknown prefix (for `revoke`).
 pub async fn run(command: KeysCommand, config: &Config) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let store: Arc<dyn KeyStore> = Arc::new(
-        SqliteStore::open(&config.data_dir, config.storage.durability)
-            .await
-            .with_context(|| format!("opening the database in {} (data_dir)", config.data_dir.display()))?,
-    );
+    let store: Arc<dyn KeyStore> = match &config.storage.database_url {
+        Some(url) => Arc::new(
+            PgStore::connect(url.expose())
+                .await
+                .context("connecting to the PostgreSQL database (storage.database_url)")?,
+        ),
+        None => {
+            Arc::new(SqliteStore::open(&config.data_dir, config.storage.durability).await.with_context(
+                || format!("opening the database in {} (data_dir)", config.data_dir.display()),
+            )?)
+        }
+    };
     let now = crate::jobs::model::now_ms();
     match command {
         KeysCommand::Create { tenant, role, expires } => {

@@ -23,6 +23,7 @@
 mod artifacts;
 #[cfg(test)]
 mod contract;
+mod lease;
 mod postgres;
 mod sqlite;
 
@@ -31,6 +32,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use artifacts::{ArtifactError, ArtifactStore, ArtifactWriter, StoredArtifact};
+pub use lease::LeaderLease;
 pub use postgres::{DEFAULT_MAX_CONNECTIONS, EVENTS_CHANNEL, EventNotice, EventNotifications, PgStore};
 pub use sqlite::SqliteStore;
 

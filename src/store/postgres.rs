@@ -87,6 +87,23 @@ impl PgStore {
         Ok(Self { pool, options })
     }
 
+    /// The instance id every replica of this database shares: the one stored, or `candidate` when this is
+    /// the first replica to ask (two asking at once get the same one).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn shared_instance_id(&self, candidate: &str) -> Result<String, StoreError> {
+        sqlx::query(
+            "INSERT INTO replica_settings (key, value) VALUES ('instance_id', $1) ON CONFLICT DO NOTHING",
+        )
+        .bind(candidate)
+        .execute(&self.pool)
+        .await?;
+        Ok(sqlx::query_scalar("SELECT value FROM replica_settings WHERE key = 'instance_id'")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Starts listening for the notifications of committed events, on a connection of its own (not one of
     /// the pool's). Notifications of commits before this returns are not heard: a caller reads the logs
     /// after listening, not before.

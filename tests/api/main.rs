@@ -17,5 +17,6 @@ mod observability;
 mod policies;
 mod pool;
 mod recovery;
+mod replicas;
 mod tls;
 mod workflows;

@@ -124,7 +124,7 @@ pub(crate) struct Process {
 }
 
 impl Process {
-    async fn start(config: Config) -> Self {
+    pub(crate) async fn start(config: Config) -> Self {
         comfyrelay::telemetry::init_for_tests(std::env::var_os("TEST_LOG").is_some());
         let std_listener = std::net::TcpListener::bind(config.grpc.listen).expect("bind");
         std_listener.set_nonblocking(true).expect("nonblocking");
@@ -151,7 +151,7 @@ impl Process {
         Self { addr, shutdown, thread: Some(thread), kill: Some(kill) }
     }
 
-    async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr)).expect("uri").connect().await.expect("connect")
     }
 
@@ -200,14 +200,14 @@ impl Process {
     }
 
     /// Graceful stop (SIGTERM).
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         let thread = self.thread.take().expect("running");
         tokio::task::spawn_blocking(move || thread.join().expect("comfyrelay thread")).await.expect("join");
     }
 
     /// Crash: every task dies where it is.
-    async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         let _ = self.kill.take().expect("running").send(());
         let thread = self.thread.take().expect("running");
         tokio::task::spawn_blocking(move || thread.join().expect("comfyrelay thread")).await.expect("join");

@@ -1,0 +1,309 @@
+//! Several replicas on one real PostgreSQL database (`storage.database_url`), each the built binary in a
+//! process of its own: one leads, the others wait as standbys that answer health only, and a standby takes
+//! over when the leader is killed, re-attaching its prompts the way a restart does.
+
+use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+
+use comfyrelay::{emulator::comfyui::ComfyEmulator, proto::pb};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    sync::mpsc,
+};
+use tonic::transport::Channel;
+
+use crate::helpers::{assert_gap_free, collect_events, png, submit_request, terminal};
+
+#[path = "../support/postgres.rs"]
+mod pg_server;
+
+/// One `comfyrelay serve` process; its JSON log lines arrive on `log`.
+struct Replica {
+    child: tokio::process::Child,
+    log: mpsc::UnboundedReceiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+    _data: tempfile::TempDir,
+}
+
+impl Replica {
+    fn spawn(database_url: &str, artifacts: &Path, comfy: &ComfyEmulator) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+            .env("COMFYRELAY_LOG__FORMAT", "json")
+            .env("COMFYRELAY_LOG__FILTER", "info")
+            .env("COMFYRELAY_AUTH__MODE", "none")
+            .env("COMFYRELAY_DATA_DIR", data.path())
+            .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
+            .env("COMFYRELAY_STORAGE__DATABASE_URL", database_url)
+            .env("COMFYRELAY_STORAGE__ARTIFACTS_DIR", artifacts)
+            .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{}\"}}]", comfy.url()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn comfyrelay serve");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let (tx, log) = mpsc::unbounded_channel();
+        // Reads the log until the process ends, so it never blocks on a full pipe.
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stdout.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self { child, log, seen: Vec::new(), _data: data }
+    }
+
+    /// Waits (bounded) for a log line whose message is `message`; returns its `addr` field.
+    async fn wait_for(&mut self, message: &str) -> SocketAddr {
+        let found = async {
+            if let Some(v) = self.seen.iter().find(|v| v["fields"]["message"] == message) {
+                return v.clone();
+            }
+            while let Some(v) = self.log.recv().await {
+                self.seen.push(v.clone());
+                if v["fields"]["message"] == message {
+                    return v;
+                }
+            }
+            panic!("comfyrelay exited before logging {message:?}: {:#?}", self.seen);
+        };
+        let v = tokio::time::timeout(Duration::from_secs(60), found)
+            .await
+            .unwrap_or_else(|_| panic!("no {message:?} within 60 s"));
+        v["fields"]["addr"].as_str().expect("addr").parse().expect("socket addr")
+    }
+
+    fn messages(&mut self) -> Vec<String> {
+        while let Ok(v) = self.log.try_recv() {
+            self.seen.push(v);
+        }
+        self.seen.iter().filter_map(|v| v["fields"]["message"].as_str().map(str::to_string)).collect()
+    }
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect")
+}
+
+async fn health(channel: &Channel, service: &str) -> i32 {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    h.check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+#[tokio::test]
+async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("takeover").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    // Each node takes a while, so jobs are queued and running on ComfyUI when the leader dies.
+    comfy.faults().set_node_delay(Duration::from_millis(40));
+    let artifacts = tempfile::tempdir().unwrap();
+
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    let a_addr = a.wait_for("serving gRPC").await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let b_channel = channel(b_addr).await;
+    assert_eq!(health(&b_channel, "").await, SERVING, "a standby is alive");
+    assert_eq!(health(&b_channel, "comfyrelay.v1.JobService").await, NOT_SERVING, "and not ready");
+    let status = pb::job_service_client::JobServiceClient::new(b_channel.clone())
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("a standby answers no job call");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "which clients retry: {status:?}");
+
+    let a_channel = channel(a_addr).await;
+    let mut jobs = pb::job_service_client::JobServiceClient::new(a_channel.clone());
+    let mut ids = Vec::new();
+    for i in 0..12u32 {
+        let job =
+            jobs.submit_job(submit_request("invert", png(8 + i, 8))).await.expect("submit").into_inner();
+        ids.push(job.id);
+    }
+    // What a subscriber of the leader saw of each job before it died (at least the first event).
+    let mut seen_before = Vec::new();
+    for id in &ids {
+        let mut stream = jobs
+            .stream_job(pb::StreamJobRequest { job_id: id.clone(), ..Default::default() })
+            .await
+            .expect("stream")
+            .into_inner();
+        let first = stream.message().await.expect("event").expect("an event");
+        seen_before.push(first.sequence);
+    }
+    // Kill the leader once ComfyUI has some of its prompts (one running, others queued).
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while comfy.queued_total() < 3 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("prompts reach ComfyUI");
+    let queued_at_kill = comfy.queued_total();
+    a.child.start_kill().expect("SIGKILL the leader");
+    a.child.wait().await.expect("the leader exits");
+
+    // The standby leads on the same address, and finishes every job, each prompt queued once.
+    b.wait_for("serving gRPC").await;
+    let b_channel = channel(b_addr).await;
+    let mut b_jobs = pb::job_service_client::JobServiceClient::new(b_channel.clone());
+    for (id, after) in ids.iter().zip(seen_before) {
+        let events = collect_events(&b_channel, id, after).await;
+        assert_gap_free(&events, after);
+        assert_eq!(terminal(&events), "succeeded", "{id}: {events:?}");
+        let outputs = b_jobs
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .expect("get_job")
+            .into_inner()
+            .outputs;
+        assert!(!outputs.is_empty(), "{id} has its outputs");
+    }
+    assert_eq!(comfy.queued_total(), ids.len(), "one prompt queued per job, none twice");
+    for prompt in comfy.posted_ids() {
+        assert_eq!(comfy.queued_times(&prompt), 1, "prompt {prompt} was queued once");
+    }
+    assert!(
+        queued_at_kill < ids.len(),
+        "the leader died with jobs left: {queued_at_kill} of {} queued",
+        ids.len()
+    );
+    let messages = b.messages();
+    assert!(
+        messages.iter().any(|m| m.starts_with("re-attaching to a prompt")),
+        "the new leader re-attached the prompts the old one had running: {messages:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
+    use sqlx::Connection as _;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("fencing").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    a.wait_for("serving gRPC").await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+
+    // The database ends the session that holds the lease (as it does when the leader is cut off).
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect as admin");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the lease's session");
+    assert_eq!(ended, vec![true], "one session held the lease");
+
+    // The leader notices at its next check, stops, and says so with its exit status.
+    let status = tokio::time::timeout(Duration::from_secs(30), a.child.wait())
+        .await
+        .expect("the old leader stops within 30 s")
+        .expect("wait");
+    assert!(!status.success(), "a lost lease is an error exit: {status:?}");
+    assert!(a.messages().iter().any(|m| m.contains("giving the lead up")), "{:?}", a.messages());
+
+    b.wait_for("serving gRPC").await;
+    let channel = channel(b_addr).await;
+    let mut jobs = pb::job_service_client::JobServiceClient::new(channel.clone());
+    let job = jobs.submit_job(submit_request("invert", png(8, 8))).await.expect("the new leader takes jobs");
+    let events = collect_events(&channel, &job.into_inner().id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    // And it is ready (the readiness watch turns it SERVING once its ComfyUI socket is up).
+    until_serving(&channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+}
+
+/// Waits (bounded) until `service` on `channel` reports SERVING, watching again when the watch breaks (as
+/// it does when a standby starts leading: its connections close and the channel reconnects).
+async fn until_serving(channel: &Channel, service: &str, limit: Duration) {
+    let mut h = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    tokio::time::timeout(limit, async {
+        loop {
+            let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+            let Ok(watch) = h.watch(request).await else {
+                // Retry interval while the channel reconnects.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let mut watch = watch.into_inner();
+            while let Ok(Some(status)) = watch.message().await {
+                if status.status == SERVING {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{service} SERVING within {limit:?}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_leader_killed_a_standby_adopts_its_machine_and_leaks_none() {
+    use crate::pool::{Account, Process, eventually, fast_emulator, submit};
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("pool").await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut acc = Account::new(fast_emulator(Duration::from_millis(30))).await;
+    acc.config.storage.database_url = Some(comfyrelay::config::Secret::new(url));
+    acc.config.storage.artifacts_dir = Some(artifacts.path().to_path_buf());
+    acc.config.runcomfy.lease = Duration::from_secs(5);
+    let (a, a_channel) = acc.start().await;
+    until_serving(&a_channel, "comfyrelay.v1.JobService", Duration::from_secs(30)).await;
+    let b_data = tempfile::tempdir().unwrap();
+    let mut b_config = acc.config.clone();
+    b_config.data_dir = b_data.path().to_path_buf();
+    let b = Process::start(b_config).await;
+    let b_channel = b.channel().await;
+    assert_eq!(health(&b_channel, "comfyrelay.v1.JobService").await, NOT_SERVING, "B is a standby");
+
+    // The leader launches a machine and runs the first job on it; the others wait in its queue.
+    let ids = [submit(&a).await, submit(&a).await, submit(&a).await];
+    eventually("a machine runs a job", Duration::from_secs(30), || {
+        acc.emu
+            .running_machines()
+            .iter()
+            .any(|m| acc.emu.comfyui(&m.server_id).is_some_and(|c| c.queued_total() > 0))
+    })
+    .await;
+    a.kill().await;
+
+    // B leads, adopts the machine from its row, and finishes every job on it.
+    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(30)).await;
+    for id in &ids {
+        let events = collect_events(&b_channel, id, 0).await;
+        assert_gap_free(&events, 0);
+        assert_eq!(terminal(&events), "succeeded", "{id}: {events:?}");
+    }
+    assert_eq!(acc.emu.machines_launched(), 1, "the machine was adopted, not launched again");
+    let machine = acc.emu.running_machines()[0].server_id.clone();
+    let comfy = acc.emu.comfyui(&machine).expect("the machine's ComfyUI");
+    assert_eq!(comfy.queued_total(), ids.len(), "one prompt per job, none twice");
+
+    // The last leader stops: it leaves the machine to its lease (a next leader would adopt it), which
+    // stops it; nothing went over the account's rate.
+    b.stop().await;
+    assert_eq!(acc.emu.running_machines().len(), 1, "left for a next leader");
+    eventually("the lease stops the machine", Duration::from_secs(15), || {
+        acc.emu.running_machines().is_empty()
+    })
+    .await;
+    assert_eq!(acc.emu.rate_limited_responses(), 0, "no 429 across the two leaders");
+}
