@@ -161,10 +161,11 @@ impl SqliteStore {
         }
         let checkpointer = Checkpointer::start(&self.path)?;
         // Checkpoints are the checkpointer's from now on, never inside a commit of the writer.
-        self.writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .pragma_update(None, "wal_autocheckpoint", 0)?;
+        self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pragma_update(
+            None,
+            "wal_autocheckpoint",
+            0,
+        )?;
         drop(self.checkpointer.set(checkpointer));
         Ok(())
     }
@@ -610,7 +611,10 @@ mod tests {
         let autocheckpoint: i64 =
             store.writer.lock().unwrap().query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0)).unwrap();
         assert_eq!(autocheckpoint, 0, "the writer never checkpoints inside a commit");
-        store.commit(&Batch { creates: vec![create("a", 1, None)], ..Default::default() }).await.unwrap();
+        store
+            .commit(&Batch { creates: vec![contract::create("a", 1, None)], ..Default::default() })
+            .await
+            .unwrap();
         let db = dir.path().join("comfyrelay.db");
         let before = std::fs::metadata(&db).unwrap().len();
         // About 4 MiB of events in 1,000 commits: the writer never checkpoints (wal_autocheckpoint = 0).
