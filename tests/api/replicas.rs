@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
 
 use comfyrelay::{emulator::comfyui::ComfyEmulator, proto::pb};
+use futures::StreamExt as _;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     sync::mpsc,
@@ -26,6 +27,16 @@ struct Replica {
 
 impl Replica {
     fn spawn(database_url: &str, artifacts: &Path, comfy: &ComfyEmulator) -> Self {
+        Self::spawn_on(database_url, artifacts, &[comfy])
+    }
+
+    /// A replica whose configured ComfyUI servers are `comfys` (named `gpu0`, `gpu1`, …).
+    fn spawn_on(database_url: &str, artifacts: &Path, comfys: &[&ComfyEmulator]) -> Self {
+        let servers: Vec<String> = comfys
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{{name = \"gpu{i}\", url = \"{}\"}}", c.url()))
+            .collect();
         let data = tempfile::tempdir().unwrap();
         let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
@@ -40,7 +51,7 @@ impl Replica {
             .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
             .env("COMFYRELAY_STORAGE__DATABASE_URL", database_url)
             .env("COMFYRELAY_STORAGE__ARTIFACTS_DIR", artifacts)
-            .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{}\"}}]", comfy.url()))
+            .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{}]", servers.join(", ")))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -306,4 +317,122 @@ async fn the_pool_leader_killed_a_standby_adopts_its_machine_and_leaks_none() {
     })
     .await;
     assert_eq!(acc.emu.rate_limited_responses(), 0, "no 429 across the two leaders");
+}
+
+/// The index of the replica among `alive` whose JobService is SERVING (the leader), waiting for one.
+async fn leader(channels: &[Channel], alive: &[usize]) -> usize {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            for &i in alive {
+                let mut h = tonic_health::pb::health_client::HealthClient::new(channels[i].clone());
+                let request =
+                    tonic_health::pb::HealthCheckRequest { service: "comfyrelay.v1.JobService".into() };
+                if h.check(request).await.is_ok_and(|r| r.into_inner().status == SERVING) {
+                    return i;
+                }
+            }
+            // Retry interval while a standby takes over.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("a replica leads within 60 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_through_two_leader_kills() {
+    const JOBS: usize = 1000;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("thousand").await;
+    let comfys = [crate::helpers::spawn_comfy().await, crate::helpers::spawn_comfy().await];
+    for c in &comfys {
+        c.faults().set_node_delay(Duration::from_millis(1));
+    }
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    let mut channels = Vec::new();
+    for i in 0..3 {
+        let mut r = Replica::spawn_on(&url, artifacts.path(), &[&comfys[0], &comfys[1]]);
+        let message =
+            if i == 0 { "serving gRPC" } else { "standby: serving health only until this replica leads" };
+        let addr = r.wait_for(message).await;
+        // Lazy: reconnects by itself after the switch from standby to leader.
+        channels.push(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
+        replicas.push(r);
+    }
+    let queued = || comfys.iter().map(ComfyEmulator::queued_total).sum::<usize>();
+
+    // 8 clients submit, each job with its own request id, to whichever replica leads; a submit whose
+    // answer was lost with a killed leader is sent again with the same id, and finds the job.
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let submitters: Vec<_> = (0..8)
+        .map(|_| {
+            let (channels, next) = (channels.clone(), next.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if n >= JOBS {
+                        return ids;
+                    }
+                    let mut request = submit_request("invert", png(4, 4));
+                    request.request_id = format!("job-{n}");
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    let id = 'submitted: loop {
+                        for channel in &channels {
+                            let mut jobs = pb::job_service_client::JobServiceClient::new(channel.clone());
+                            if let Ok(job) = jobs.submit_job(request.clone()).await {
+                                break 'submitted job.into_inner().id;
+                            }
+                        }
+                        assert!(tokio::time::Instant::now() < deadline, "job-{n} was never accepted");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    };
+                    ids.push((n, id));
+                }
+            })
+        })
+        .collect();
+
+    // Kill the leader twice, each time once ComfyUI has another third of the jobs.
+    let mut alive = vec![0, 1, 2];
+    for third in 1..=2 {
+        tokio::time::timeout(Duration::from_secs(120), async {
+            while queued() < third * JOBS / 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("prompts reach ComfyUI");
+        let leader = leader(&channels, &alive).await;
+        replicas[leader].child.start_kill().expect("SIGKILL the leader");
+        replicas[leader].child.wait().await.expect("the leader exits");
+        alive.retain(|&i| i != leader);
+    }
+
+    let mut ids = Vec::new();
+    for s in submitters {
+        ids.extend(s.await.expect("submitter"));
+    }
+    let distinct: std::collections::HashSet<_> = ids.iter().map(|(_, id)| id.clone()).collect();
+    assert_eq!((ids.len(), distinct.len()), (JOBS, JOBS), "one job per request id");
+
+    let last = leader(&channels, &alive).await;
+    let finished = futures::stream::iter(ids.iter().map(|(_, id)| {
+        let channel = channels[last].clone();
+        async move { (id.clone(), collect_events(&channel, id, 0).await) }
+    }))
+    .buffer_unordered(16)
+    .collect::<Vec<_>>()
+    .await;
+    for (id, events) in &finished {
+        assert_gap_free(events, 0);
+        assert_eq!(terminal(events), "succeeded", "{id}: {:?}", events.last());
+    }
+    assert_eq!(queued(), JOBS, "one prompt queued per job across both ComfyUIs, none twice");
+    for c in &comfys {
+        for prompt in c.posted_ids() {
+            assert_eq!(c.queued_times(&prompt), 1, "prompt {prompt} queued once");
+        }
+    }
 }
