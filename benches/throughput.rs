@@ -17,6 +17,9 @@
 //!
 //! Run: `cargo bench --bench throughput`. `BENCH_JOBS=N` sets the sequential count (500), `BENCH_TOTAL=N`
 //! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000).
+//! `BENCH_DATABASE=postgres` runs every comfyrelay on a throwaway PostgreSQL server on loopback (durable
+//! settings: `fsync` and `synchronous_commit` on) instead of its SQLite file, and `BENCH_STANDBYS=N` starts
+//! N standby replicas beside each one (they wait for the leader lease; the figures are the leader's).
 
 use std::{
     net::SocketAddr,
@@ -65,14 +68,116 @@ fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
 // The comfyrelay process
 // ---------------------------------------------------------------------------------------------------
 
+#[path = "../tests/support/postgres.rs"]
+mod pg_server;
+
+/// Where each comfyrelay stores its jobs: its SQLite file, or a fresh database of one PostgreSQL server.
+struct Storage {
+    pg: Option<pg_server::PgServer>,
+    standbys: usize,
+    databases: AtomicUsize,
+    artifacts: tempfile::TempDir,
+}
+
+impl Storage {
+    async fn from_env() -> anyhow::Result<Self> {
+        let pg = match std::env::var("BENCH_DATABASE").as_deref() {
+            Ok("postgres") => Some(
+                pg_server::PgServer::start_durable()
+                    .await
+                    .ok_or_else(|| anyhow::anyhow!("BENCH_DATABASE=postgres needs PostgreSQL's binaries"))?,
+            ),
+            Ok("sqlite") | Err(_) => None,
+            Ok(other) => anyhow::bail!("BENCH_DATABASE={other}: expected sqlite or postgres"),
+        };
+        let standbys = if pg.is_some() { env_usize("BENCH_STANDBYS", 0) } else { 0 };
+        Ok(Self { pg, standbys, databases: AtomicUsize::new(0), artifacts: tempfile::tempdir()? })
+    }
+
+    fn describe(&self) -> String {
+        match &self.pg {
+            None => "storage: SQLite in the data directory (storage.durability = crash)".into(),
+            Some(_) => format!(
+                "storage: PostgreSQL on loopback (fsync, synchronous_commit on), artifacts in a shared \
+                 directory, {} standby replica(s) beside each comfyrelay",
+                self.standbys
+            ),
+        }
+    }
+
+    /// The settings of the next comfyrelay (with PostgreSQL: a database of its own).
+    async fn env(&self) -> Vec<(String, String)> {
+        let Some(pg) = &self.pg else { return Vec::new() };
+        let n = self.databases.fetch_add(1, Ordering::Relaxed);
+        let dir = self.artifacts.path().join(n.to_string());
+        vec![
+            ("COMFYRELAY_STORAGE__DATABASE_URL".into(), pg.database(&format!("bench{n}")).await),
+            ("COMFYRELAY_STORAGE__ARTIFACTS_DIR".into(), dir.display().to_string()),
+        ]
+    }
+}
+
 struct Relay {
     child: tokio::process::Child,
     pid: u32,
     channels: Vec<Channel>,
+    /// Standby replicas on the same database, and their data directories.
+    standbys: Vec<(tokio::process::Child, tempfile::TempDir)>,
 }
 
 /// Starts `comfyrelay serve` on an ephemeral port and reads the bound address from its JSON log.
-async fn start_relay(data_dir: &Path, comfy_url: &str, extra: &[(&str, &str)]) -> anyhow::Result<Relay> {
+async fn start_relay(
+    data_dir: &Path,
+    comfy_url: &str,
+    extra: &[(&str, &str)],
+    storage: &Storage,
+) -> anyhow::Result<Relay> {
+    let env = storage.env().await;
+    let mut child = relay_command(data_dir, comfy_url, extra, &env).spawn()?;
+    let pid = child.id().unwrap_or_default();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let addr = await_log(&mut lines, "serving gRPC").await?;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let mut standbys = Vec::new();
+    for _ in 0..storage.standbys {
+        let dir = tempfile::tempdir()?;
+        let mut standby = relay_command(dir.path(), comfy_url, extra, &env).spawn()?;
+        let mut lines = BufReader::new(standby.stdout.take().expect("stdout")).lines();
+        await_log(&mut lines, "standby: serving health only until this replica leads").await?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        standbys.push((standby, dir));
+    }
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    }
+    Ok(Relay { child, pid, channels, standbys })
+}
+
+/// Reads a comfyrelay's JSON log until `message`; returns its `addr` field.
+async fn await_log(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    message: &str,
+) -> anyhow::Result<SocketAddr> {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await? {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if v["fields"]["message"] == message {
+                return Ok(v["fields"]["addr"].as_str().unwrap_or_default().parse()?);
+            }
+        }
+        anyhow::bail!("comfyrelay exited before logging {message:?}")
+    })
+    .await?
+}
+
+/// `comfyrelay serve` with the bench's settings, `extra` and the storage's `env`.
+fn relay_command(
+    data_dir: &Path,
+    comfy_url: &str,
+    extra: &[(&str, &str)],
+    env: &[(String, String)],
+) -> tokio::process::Command {
     let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"));
     cmd.arg("serve")
@@ -91,25 +196,10 @@ async fn start_relay(data_dir: &Path, comfy_url: &str, extra: &[(&str, &str)]) -
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn()?;
-    let pid = child.id().unwrap_or_default();
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let addr: SocketAddr = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            if v["fields"]["message"] == "serving gRPC" {
-                return Ok(v["fields"]["addr"].as_str().unwrap_or_default().parse()?);
-            }
-        }
-        anyhow::bail!("comfyrelay exited before serving")
-    })
-    .await??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let mut channels = Vec::new();
-    for _ in 0..8 {
-        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+    for (k, v) in env {
+        cmd.env(k, v);
     }
-    Ok(Relay { child, pid, channels })
+    cmd
 }
 
 impl Relay {
@@ -156,6 +246,9 @@ impl Relay {
 
     async fn stop(mut self) {
         let _ = self.child.kill().await;
+        for (mut standby, _dir) in self.standbys {
+            let _ = standby.kill().await;
+        }
     }
 }
 
@@ -349,7 +442,9 @@ async fn main() -> anyhow::Result<()> {
     let emulator =
         ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
     let data = tempfile::tempdir()?;
-    let relay = start_relay(data.path(), &emulator.url(), &[]).await?;
+    let storage = Storage::from_env().await?;
+    println!("{}", storage.describe());
+    let relay = start_relay(data.path(), &emulator.url(), &[], &storage).await?;
     let rss_start = relay.rss_kib();
     let mut done = 0usize;
     println!("comfyrelay pid {} (release binary), emulated ComfyUI in the bench process", relay.pid);
@@ -519,7 +614,8 @@ async fn main() -> anyhow::Result<()> {
     let dead_url = format!("http://{}", unreachable.local_addr()?);
     drop(unreachable);
     let data2 = tempfile::tempdir()?;
-    let relay2 = start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")]).await?;
+    let relay2 =
+        start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")], &storage).await?;
     let images: Arc<Vec<Bytes>> =
         Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(296, 296, i + 7))).collect());
     let size = images[0].len();
@@ -561,7 +657,7 @@ async fn main() -> anyhow::Result<()> {
     let emulator3 =
         ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
     let data3 = tempfile::tempdir()?;
-    let relay3 = start_relay(data3.path(), &emulator3.url(), &[]).await?;
+    let relay3 = start_relay(data3.path(), &emulator3.url(), &[], &storage).await?;
     // The first job holds the only ComfyUI while everyone subscribes; the others wait in the queue.
     emulator3.faults().set_node_delay(Duration::from_secs(3));
     let live_jobs = 100usize;

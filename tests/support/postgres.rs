@@ -51,6 +51,19 @@ impl PgServer {
     /// Under `CI` without the binaries; when `initdb` fails or the server does not come up (with the tail of
     /// its log).
     pub async fn start() -> Option<PgServer> {
+        Self::start_with(false).await
+    }
+
+    /// [`PgServer::start`] with PostgreSQL's durable defaults (`fsync`, `synchronous_commit` and
+    /// `full_page_writes` on), for benchmarks: every commit waits for its WAL flush.
+    ///
+    /// # Panics
+    /// As [`PgServer::start`].
+    pub async fn start_durable() -> Option<PgServer> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(durable: bool) -> Option<PgServer> {
         let Some(bin) = find_binaries() else {
             if std::env::var_os("CI").is_some() {
                 panic!("PostgreSQL binaries not found; .ci/run installs the Debian package postgresql");
@@ -61,8 +74,9 @@ impl PgServer {
             );
             return None;
         };
-        let (dir, port, child) =
-            tokio::task::spawn_blocking(move || init_and_spawn(&bin)).await.expect("starting PostgreSQL");
+        let (dir, port, child) = tokio::task::spawn_blocking(move || init_and_spawn(&bin, durable))
+            .await
+            .expect("starting PostgreSQL");
         let mut server = PgServer { dir, port, child: Some(child) };
         server.wait_ready().await;
         Some(server)
@@ -192,7 +206,7 @@ fn unprivileged_user() -> Option<(u32, u32)> {
 }
 
 /// `initdb`, then the server as a child process; blocking.
-fn init_and_spawn(bin: &Path) -> (tempfile::TempDir, u16, Child) {
+fn init_and_spawn(bin: &Path, durable: bool) -> (tempfile::TempDir, u16, Child) {
     let dir = tempfile::Builder::new().prefix("comfyrelay-pg-").tempdir().expect("temporary directory");
     let user = unprivileged_user();
     if let Some((uid, gid)) = user {
@@ -234,18 +248,13 @@ fn init_and_spawn(bin: &Path) -> (tempfile::TempDir, u16, Child) {
         .arg(port.to_string())
         .arg("-k")
         .arg(dir.path())
-        .args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "fsync=off",
-            "-c",
-            "synchronous_commit=off",
-            "-c",
-            "full_page_writes=off",
-            "-c",
-            "max_connections=200",
-        ])
+        .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+        // Tests trade durability for speed; a benchmark keeps PostgreSQL's defaults.
+        .args(if durable {
+            &[][..]
+        } else {
+            &["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"][..]
+        })
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("the server's log"))
         .stderr(log)
