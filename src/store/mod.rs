@@ -25,6 +25,7 @@ mod artifacts;
 mod contract;
 mod lease;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use std::collections::BTreeMap;

@@ -19,12 +19,13 @@ use std::{collections::HashMap, str::FromStr, time::Duration};
 
 use sqlx::{
     Postgres, QueryBuilder, Row,
-    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow},
+    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions},
 };
 
 use super::{
     Batch, CreateOutcome, EventRow, JobQuery, JobRow, KeyRow, KeyStore, LegacyJob, MachineRow, MachineStore,
     Store, StoreError,
+    rows::{self, JOB_COLUMNS, KEY_COLUMNS, MACHINE_COLUMNS},
 };
 
 #[cfg(test)]
@@ -456,37 +457,6 @@ fn parse_notice(payload: &str) -> Option<EventNotice> {
     Some(EventNotice::Appended { job_id: job_id.to_owned(), last_seq: seq.parse().ok()? })
 }
 
-const JOB_COLUMNS: &str = "id, tenant, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
-
-fn job_from_row(row: &PgRow) -> Result<JobRow, sqlx::Error> {
-    Ok(JobRow {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        state: row.try_get("state")?,
-        terminal: row.try_get::<i32, _>("terminal")? != 0,
-        workflow: row.try_get("workflow")?,
-        priority: row.try_get("priority")?,
-        created_ms: row.try_get("created_ms")?,
-        updated_ms: row.try_get("updated_ms")?,
-        ended_ms: row.try_get("ended_ms")?,
-        request_id: row.try_get("request_id")?,
-        last_seq: row.try_get::<i64, _>("last_seq")? as u64,
-        labels: Default::default(),
-        artifacts: Vec::new(),
-        spec: row.try_get("spec")?,
-        record: row.try_get::<Option<String>, _>("record")?.unwrap_or_default(),
-    })
-}
-
-fn event_from_row(r: &PgRow) -> Result<EventRow, sqlx::Error> {
-    Ok(EventRow {
-        job_id: r.try_get("job_id")?,
-        seq: r.try_get::<i64, _>("seq")? as u64,
-        time_ms: r.try_get("time_ms")?,
-        body: r.try_get("body")?,
-    })
-}
-
 /// A sequence as SQL's BIGINT: sequences are far below 2⁶³; a caller's larger number clamps (it matches no
 /// event) instead of wrapping to a negative one (which would match them all).
 fn seq_param(seq: u64) -> i64 {
@@ -510,7 +480,7 @@ impl Store for PgStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(job_from_row).transpose()?)
+        Ok(row.as_ref().map(rows::job).transpose()?)
     }
 
     async fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRow>, StoreError> {
@@ -545,7 +515,7 @@ impl Store for PgStore {
         }
         sql.push(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ").push_bind(i64::from(q.limit));
         let rows = sql.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::job).collect::<Result<_, _>>()?)
     }
 
     async fn events_after(&self, job_id: &str, after: u64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
@@ -557,7 +527,7 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::event).collect::<Result<_, _>>()?)
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
@@ -566,7 +536,7 @@ impl Store for PgStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::job).collect::<Result<_, _>>()?)
     }
 
     async fn delete_finished_before(
@@ -675,40 +645,12 @@ impl MachineStore for PgStore {
     }
 
     async fn list_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, kind, state, created_ms, updated_ms, body FROM machines ORDER BY created_ms, id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(MachineRow {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    state: r.try_get("state")?,
-                    created_ms: r.try_get("created_ms")?,
-                    updated_ms: r.try_get("updated_ms")?,
-                    body: r.try_get("body")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        let rows = sqlx::query(&format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY created_ms, id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(rows::machine).collect::<Result<_, _>>()?)
     }
 }
-
-fn key_from_row(r: &PgRow) -> Result<KeyRow, sqlx::Error> {
-    Ok(KeyRow {
-        prefix: r.try_get("prefix")?,
-        secret_sha256: r.try_get("secret_sha256")?,
-        tenant: r.try_get("tenant")?,
-        role: r.try_get("role")?,
-        created_ms: r.try_get("created_ms")?,
-        expires_ms: r.try_get("expires_ms")?,
-        revoked_ms: r.try_get("revoked_ms")?,
-    })
-}
-
-const KEY_COLUMNS: &str = "prefix, secret_sha256, tenant, role, created_ms, expires_ms, revoked_ms";
 
 #[async_trait::async_trait]
 impl KeyStore for PgStore {
@@ -731,14 +673,14 @@ impl KeyStore for PgStore {
             .bind(prefix)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(key_from_row).transpose()?)
+        Ok(row.as_ref().map(rows::key).transpose()?)
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_ms, prefix"))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::key).collect::<Result<_, _>>()?)
     }
 
     async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError> {

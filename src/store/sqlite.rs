@@ -25,6 +25,7 @@ use sqlx::{
 use super::{
     Batch, CreateOutcome, Durability, EventRow, JobQuery, JobRow, KeyRow, KeyStore, LegacyJob, MachineRow,
     MachineStore, Store, StoreError,
+    rows::{self, JOB_COLUMNS, KEY_COLUMNS, MACHINE_COLUMNS},
 };
 
 /// SQLite-backed store.
@@ -305,37 +306,6 @@ fn lost_a_race(e: &StoreError) -> bool {
     }
 }
 
-const JOB_COLUMNS: &str = "id, tenant, state, terminal, workflow, priority, created_ms, updated_ms, ended_ms, request_id, last_seq, spec, record";
-
-fn job_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JobRow, sqlx::Error> {
-    Ok(JobRow {
-        id: row.try_get("id")?,
-        tenant: row.try_get("tenant")?,
-        state: row.try_get("state")?,
-        terminal: row.try_get::<i64, _>("terminal")? != 0,
-        workflow: row.try_get("workflow")?,
-        priority: row.try_get::<i64, _>("priority")? as i32,
-        created_ms: row.try_get("created_ms")?,
-        updated_ms: row.try_get("updated_ms")?,
-        ended_ms: row.try_get("ended_ms")?,
-        request_id: row.try_get("request_id")?,
-        last_seq: row.try_get::<i64, _>("last_seq")? as u64,
-        labels: Default::default(),
-        artifacts: Vec::new(),
-        spec: row.try_get("spec")?,
-        record: row.try_get::<Option<String>, _>("record")?.unwrap_or_default(),
-    })
-}
-
-fn event_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<EventRow, sqlx::Error> {
-    Ok(EventRow {
-        job_id: r.try_get("job_id")?,
-        seq: r.try_get::<i64, _>("seq")? as u64,
-        time_ms: r.try_get("time_ms")?,
-        body: r.try_get("body")?,
-    })
-}
-
 /// A sequence as SQL's BIGINT: sequences are far below 2⁶³; a caller's larger number clamps (it matches no
 /// event) instead of wrapping to a negative one (which would match them all).
 fn seq_param(seq: u64) -> i64 {
@@ -356,7 +326,7 @@ impl Store for SqliteStore {
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(job_from_row).transpose()?)
+        Ok(row.as_ref().map(rows::job).transpose()?)
     }
 
     async fn list_jobs(&self, q: &JobQuery) -> Result<Vec<JobRow>, StoreError> {
@@ -396,7 +366,7 @@ impl Store for SqliteStore {
         }
         sql.push(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ").push_bind(q.limit as i64);
         let rows = sql.build().fetch_all(&self.pool).await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::job).collect::<Result<_, _>>()?)
     }
 
     async fn events_after(&self, job_id: &str, after: u64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
@@ -408,7 +378,7 @@ impl Store for SqliteStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(event_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::event).collect::<Result<_, _>>()?)
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
@@ -417,7 +387,7 @@ impl Store for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.iter().map(job_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::job).collect::<Result<_, _>>()?)
     }
 
     async fn delete_finished_before(
@@ -521,36 +491,12 @@ impl MachineStore for SqliteStore {
     }
 
     async fn list_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM machines ORDER BY created_ms").fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                Ok(MachineRow {
-                    id: r.try_get("id")?,
-                    kind: r.try_get("kind")?,
-                    state: r.try_get("state")?,
-                    created_ms: r.try_get("created_ms")?,
-                    updated_ms: r.try_get("updated_ms")?,
-                    body: r.try_get("body")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(Into::into)
+        let rows = sqlx::query(&format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY created_ms, id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(rows::machine).collect::<Result<_, _>>()?)
     }
 }
-
-fn key_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<KeyRow, sqlx::Error> {
-    Ok(KeyRow {
-        prefix: r.try_get("prefix")?,
-        secret_sha256: r.try_get("secret_sha256")?,
-        tenant: r.try_get("tenant")?,
-        role: r.try_get("role")?,
-        created_ms: r.try_get("created_ms")?,
-        expires_ms: r.try_get("expires_ms")?,
-        revoked_ms: r.try_get("revoked_ms")?,
-    })
-}
-
-const KEY_COLUMNS: &str = "prefix, secret_sha256, tenant, role, created_ms, expires_ms, revoked_ms";
 
 #[async_trait::async_trait]
 impl KeyStore for SqliteStore {
@@ -573,14 +519,14 @@ impl KeyStore for SqliteStore {
             .bind(prefix)
             .fetch_optional(&self.pool)
             .await?;
-        Ok(row.as_ref().map(key_from_row).transpose()?)
+        Ok(row.as_ref().map(rows::key).transpose()?)
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_ms, prefix"))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(key_from_row).collect::<Result<_, _>>()?)
+        Ok(rows.iter().map(rows::key).collect::<Result<_, _>>()?)
     }
 
     async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError> {
