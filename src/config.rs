@@ -255,6 +255,10 @@ pub struct GrpcConfig {
     /// call the gRPC-Web API cross-origin (CORS); a browser request with another `Origin` is refused
     /// with 403. Empty: none; the console served at `/console` is same-origin and needs no entry.
     pub cors_origins: Vec<String>,
+    /// With replicas (`storage.database_url`): the URL the other replicas forward calls to while this one
+    /// leads (`http://10.0.0.5:50051`). Unset: `http://<grpc.listen>` when that is a specific address; with
+    /// `0.0.0.0` standbys cannot reach this leader and answer `UNAVAILABLE` instead of forwarding.
+    pub advertise_url: Option<String>,
 }
 
 /// TLS settings of the gRPC port. The files are PEM, re-read when they change (new connections get the
@@ -301,6 +305,7 @@ impl Default for GrpcConfig {
             tls: TlsConfig::default(),
             allowed_hosts: ["localhost", "127.0.0.1", "[::1]"].map(String::from).to_vec(),
             cors_origins: Vec::new(),
+            advertise_url: None,
         }
     }
 }

@@ -6,7 +6,8 @@
 //! - [`catalog`]: workflows and their typed inputs; validation and injection.
 //! - [`comfy`]: the ComfyUI protocol (HTTP and WebSocket).
 //! - [`runcomfy`]: the RunComfy Server API client.
-//! - [`store`]: durable storage (SQLite) and the artifact directory.
+//! - [`store`]: durable storage (SQLite; PostgreSQL shared by replicas, with the leader lease) and the
+//!   artifact directory.
 //! - [`emulator`]: faithful emulators of ComfyUI and RunComfy for tests and `dev` mode.
 //! - [`metrics`]: every Prometheus metric, its labels and its `/metrics` listener.
 //! - [`auth`]: API keys, roles and the principal a call acts as (checked by the layer in `grpc`).
@@ -315,7 +316,8 @@ impl Storage {
                 .context("connecting to the PostgreSQL database (storage.database_url)")?,
         );
         let standby_stop = CancellationToken::new();
-        let standby = grpc::serve_standby(listener.clone(), config, tls, standby_stop.clone());
+        let standby =
+            grpc::serve_standby(listener.clone(), config, tls, Some(pg.clone()), standby_stop.clone());
         let lease = async {
             let lease = store::LeaderLease::acquire(url.expose(), shutdown).await;
             standby_stop.cancel();
@@ -327,6 +329,19 @@ impl Storage {
             return Ok(None);
         };
         tracing::info!("leading: this replica runs the jobs");
+        // Where the standbys forward calls while this replica leads.
+        let local = listener.local_addr().context("reading the listener's address")?;
+        let advertised = config
+            .grpc
+            .advertise_url
+            .clone()
+            .or_else(|| (!local.ip().is_unspecified()).then(|| format!("http://{local}")));
+        if advertised.is_none() {
+            tracing::warn!(%local, "standbys cannot forward calls to this leader: set grpc.advertise_url");
+        }
+        pg.set_setting(grpc::LEADER_URL, advertised.as_deref())
+            .await
+            .context("advertising this leader's URL to the standbys")?;
         Ok(Some(Self {
             jobs: pg.clone(),
             machines: pg.clone(),

@@ -31,9 +31,12 @@ mod error_details;
 mod jobs;
 mod machines;
 mod observe;
+mod standby;
 pub mod status;
 pub mod tls;
 mod workflows;
+
+pub use standby::{LEADER_URL, serve_standby};
 
 use std::sync::Arc;
 
@@ -228,72 +231,3 @@ pub async fn serve(
     tracing::info!("gRPC server stopped");
     Ok(())
 }
-
-/// What a standby replica serves on `listener` until `until` is cancelled (it leads, or shuts down): the
-/// health service only, over the same bounded connections and TLS as [`serve`]. The server as a whole
-/// (`""`, the liveness probe) is SERVING and every comfyrelay service NOT_SERVING (the readiness probe), so
-/// a load balancer sends no call here; a call that comes anyway is UNAVAILABLE (clients retry). The listener stays open
-/// in between: a client's connection attempt during the switch waits in its backlog.
-///
-/// # Errors
-/// A transport failure while serving.
-pub async fn serve_standby(
-    listener: Arc<TcpListener>,
-    config: &Config,
-    tls: Option<tls::Tls>,
-    until: CancellationToken,
-) -> anyhow::Result<()> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
-        health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
-    }
-    let g = &config.grpc;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "standby: serving health only until this replica leads");
-    let max_connections =
-        connections::effective_max_connections(g.max_connections, connections::open_file_limit());
-    let incoming = tls::incoming(
-        connections::incoming_until_cut(
-            listener,
-            connections::ConnectionLimits {
-                max_connections,
-                handshake_timeout: g.handshake_timeout,
-                idle_timeout: g.idle_timeout,
-            },
-            Some(until.clone()),
-        ),
-        tls,
-        g.handshake_timeout,
-        max_connections,
-    );
-    // Every other call is UNAVAILABLE (which clients retry), not UNIMPLEMENTED.
-    let routes = tonic::service::Routes::new(health_service).into_axum_router().fallback(standby_unavailable);
-    let mut builder = Server::builder()
-        .http2_keepalive_interval(Some(g.keepalive_interval))
-        .http2_keepalive_timeout(Some(g.keepalive_timeout));
-    let served = builder
-        .add_routes(tonic::service::Routes::from(routes))
-        .serve_with_incoming_shutdown(incoming, until.clone().cancelled_owned());
-    tokio::pin!(served);
-    tokio::select! {
-        result = &mut served => result?,
-        () = until.cancelled() => {
-            // Every connection closes now (health watches included), so clients reconnect to the leader.
-            match tokio::time::timeout(STANDBY_STOP, &mut served).await {
-                Ok(result) => result?,
-                Err(_) => tracing::debug!("standby: connections still open at the switch; cut"),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// A standby's answer to every call but health.
-async fn standby_unavailable() -> http::Response<axum::body::Body> {
-    let status = tonic::Status::unavailable("this replica is a standby: another replica leads; retry");
-    let (parts, ()) = status.into_http::<()>().into_parts();
-    http::Response::from_parts(parts, axum::body::Body::empty())
-}
-
-/// How long a standby's health server waits for its connections to close when the replica starts leading.
-const STANDBY_STOP: std::time::Duration = std::time::Duration::from_secs(2);

@@ -100,9 +100,37 @@ impl PgStore {
         .bind(candidate)
         .execute(&self.pool)
         .await?;
-        Ok(sqlx::query_scalar("SELECT value FROM replica_settings WHERE key = 'instance_id'")
-            .fetch_one(&self.pool)
+        Ok(self.setting("instance_id").await?.unwrap_or_default())
+    }
+
+    /// A value the replicas share (`replica_settings`).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT value FROM replica_settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
             .await?)
+    }
+
+    /// Sets a shared value (`None` removes it).
+    ///
+    /// # Errors
+    /// Database failures.
+    pub async fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        match value {
+            Some(value) => sqlx::query(
+                "INSERT INTO replica_settings (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            )
+            .bind(key)
+            .bind(value),
+            None => sqlx::query("DELETE FROM replica_settings WHERE key = $1").bind(key),
+        }
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// Starts listening for the notifications of committed events, on a connection of its own (not one of

@@ -114,7 +114,6 @@ async fn health(channel: &Channel, service: &str) -> i32 {
 }
 
 const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
 #[tokio::test]
 async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice() {
@@ -131,21 +130,19 @@ async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice
     let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
     let b_channel = channel(b_addr).await;
     assert_eq!(health(&b_channel, "").await, SERVING, "a standby is alive");
-    assert_eq!(health(&b_channel, "comfyrelay.v1.JobService").await, NOT_SERVING, "and not ready");
-    let status = pb::job_service_client::JobServiceClient::new(b_channel.clone())
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .expect_err("a standby answers no job call");
-    assert_eq!(status.code(), tonic::Code::Unavailable, "which clients retry: {status:?}");
+    // and ready once it follows the leader.
+    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
 
-    let a_channel = channel(a_addr).await;
-    let mut jobs = pb::job_service_client::JobServiceClient::new(a_channel.clone());
+    // Jobs go in through the standby (it forwards them to the leader); the leader streams them.
+    let mut jobs = pb::job_service_client::JobServiceClient::new(b_channel.clone());
     let mut ids = Vec::new();
     for i in 0..12u32 {
         let job =
             jobs.submit_job(submit_request("invert", png(8 + i, 8))).await.expect("submit").into_inner();
         ids.push(job.id);
     }
+    let a_channel = channel(a_addr).await;
+    let mut jobs = pb::job_service_client::JobServiceClient::new(a_channel.clone());
     // What a subscriber of the leader saw of each job before it died (at least the first event).
     let mut seen_before = Vec::new();
     for id in &ids {
@@ -283,7 +280,6 @@ async fn the_pool_leader_killed_a_standby_adopts_its_machine_and_leaks_none() {
     b_config.data_dir = b_data.path().to_path_buf();
     let b = Process::start(b_config).await;
     let b_channel = b.channel().await;
-    assert_eq!(health(&b_channel, "comfyrelay.v1.JobService").await, NOT_SERVING, "B is a standby");
 
     // The leader launches a machine and runs the first job on it; the others wait in its queue.
     let ids = [submit(&a).await, submit(&a).await, submit(&a).await];
@@ -296,10 +292,10 @@ async fn the_pool_leader_killed_a_standby_adopts_its_machine_and_leaks_none() {
     .await;
     a.kill().await;
 
-    // B leads, adopts the machine from its row, and finishes every job on it.
-    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(30)).await;
+    // B leads, adopts the machine from its row, and finishes every job on it (its streams answer
+    // UNAVAILABLE until it leads, and are resumed).
     for id in &ids {
-        let events = collect_events(&b_channel, id, 0).await;
+        let events = follow_to_end(&b_channel, id).await;
         assert_gap_free(&events, 0);
         assert_eq!(terminal(&events), "succeeded", "{id}: {events:?}");
     }
@@ -319,15 +315,13 @@ async fn the_pool_leader_killed_a_standby_adopts_its_machine_and_leaks_none() {
     assert_eq!(acc.emu.rate_limited_responses(), 0, "no 429 across the two leaders");
 }
 
-/// The index of the replica among `alive` whose JobService is SERVING (the leader), waiting for one.
-async fn leader(channels: &[Channel], alive: &[usize]) -> usize {
+/// The index of the replica among `alive` that leads (its log says it serves), waiting for one. (Health
+/// does not tell: a standby mirrors its leader's.)
+async fn leader(replicas: &mut [Replica], alive: &[usize]) -> usize {
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             for &i in alive {
-                let mut h = tonic_health::pb::health_client::HealthClient::new(channels[i].clone());
-                let request =
-                    tonic_health::pb::HealthCheckRequest { service: "comfyrelay.v1.JobService".into() };
-                if h.check(request).await.is_ok_and(|r| r.into_inner().status == SERVING) {
+                if replicas[i].messages().iter().any(|m| m == "serving gRPC") {
                     return i;
                 }
             }
@@ -337,6 +331,38 @@ async fn leader(channels: &[Channel], alive: &[usize]) -> usize {
     })
     .await
     .expect("a replica leads within 60 s")
+}
+
+/// A job's whole stream through `channel`, resumed after the last sequence received when a call fails
+/// with UNAVAILABLE (as the CLI and the Python client do: a standby answers so while its leader is gone).
+async fn follow_to_end(channel: &Channel, job_id: &str) -> Vec<pb::JobEvent> {
+    let mut client = pb::job_service_client::JobServiceClient::new(channel.clone());
+    let mut events: Vec<pb::JobEvent> = Vec::new();
+    let read = async {
+        loop {
+            let after = events.last().map_or(0, |e| e.sequence);
+            let request =
+                pb::StreamJobRequest { job_id: job_id.into(), after_sequence: after, skip_previews: false };
+            let broke = match client.stream_job(request).await {
+                Ok(stream) => {
+                    let mut stream = stream.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(e)) => events.push(e),
+                            Ok(None) => return,
+                            Err(status) => break status,
+                        }
+                    }
+                }
+                Err(status) => status,
+            };
+            assert_eq!(broke.code(), tonic::Code::Unavailable, "{broke:?}");
+            // Retry interval while a standby takes over.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read).await.expect("the stream ends within 60 s");
+    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,7 +430,7 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
         })
         .await
         .expect("prompts reach ComfyUI");
-        let leader = leader(&channels, &alive).await;
+        let leader = leader(&mut replicas, &alive).await;
         replicas[leader].child.start_kill().expect("SIGKILL the leader");
         replicas[leader].child.wait().await.expect("the leader exits");
         alive.retain(|&i| i != leader);
@@ -417,7 +443,7 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
     let distinct: std::collections::HashSet<_> = ids.iter().map(|(_, id)| id.clone()).collect();
     assert_eq!((ids.len(), distinct.len()), (JOBS, JOBS), "one job per request id");
 
-    let last = leader(&channels, &alive).await;
+    let last = leader(&mut replicas, &alive).await;
     let finished = futures::stream::iter(ids.iter().map(|(_, id)| {
         let channel = channels[last].clone();
         async move { (id.clone(), collect_events(&channel, id, 0).await) }
@@ -435,4 +461,85 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
             assert_eq!(c.queued_times(&prompt), 1, "prompt {prompt} queued once");
         }
     }
+}
+
+#[tokio::test]
+async fn any_replica_serves_any_call_by_forwarding_it_to_the_leader() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("forwarding").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut replicas = Vec::new();
+    let mut channels = Vec::new();
+    for i in 0..3 {
+        let mut r = Replica::spawn(&url, artifacts.path(), &comfy);
+        let message =
+            if i == 0 { "serving gRPC" } else { "standby: serving health only until this replica leads" };
+        channels.push(channel(r.wait_for(message).await).await);
+        replicas.push(r);
+    }
+    let [a, b, c] = [&channels[0], &channels[1], &channels[2]];
+    // A standby is ready while its leader is: it serves every call through it.
+    until_serving(b, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+    until_serving(c, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+
+    // Submitted on B, the same request again on C (one job), streamed on C and on A, downloaded on A and B.
+    let mut request = submit_request("invert", png(16, 16));
+    request.request_id = "once".into();
+    let job = pb::job_service_client::JobServiceClient::new(b.clone())
+        .submit_job(request.clone())
+        .await
+        .expect("submit on a standby")
+        .into_inner();
+    let again = pb::job_service_client::JobServiceClient::new(c.clone())
+        .submit_job(request)
+        .await
+        .expect("the same request on another standby")
+        .into_inner();
+    assert_eq!(again.id, job.id, "one job per request id, whichever replica is asked");
+    let on_c = collect_events(c, &job.id, 0).await;
+    let on_a = collect_events(a, &job.id, 0).await;
+    assert_gap_free(&on_c, 0);
+    assert_eq!(terminal(&on_c), "succeeded", "{on_c:?}");
+    assert_eq!(on_c, on_a, "the same stream through a standby as from the leader");
+    let output = pb::job_service_client::JobServiceClient::new(a.clone())
+        .get_job(pb::GetJobRequest { job_id: job.id.clone() })
+        .await
+        .expect("get_job")
+        .into_inner()
+        .outputs
+        .into_iter()
+        .next()
+        .expect("an output");
+    let mut downloads = Vec::new();
+    for channel in [a, b] {
+        let mut stream = pb::job_service_client::JobServiceClient::new(channel.clone())
+            .download_output(pb::DownloadOutputRequest {
+                job_id: job.id.clone(),
+                filename: output.filename.clone(),
+                chunk_size: 1024,
+            })
+            .await
+            .expect("download")
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await.expect("chunk") {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        downloads.push(bytes);
+    }
+    assert_eq!(downloads[0].len() as u64, output.size_bytes);
+    assert_eq!(downloads[0], downloads[1], "the same bytes through a standby");
+
+    // Errors come back as the leader gave them.
+    let status = pb::job_service_client::JobServiceClient::new(c.clone())
+        .submit_job(submit_request("no-such-workflow", png(4, 4)))
+        .await
+        .expect_err("an unknown workflow");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = pb::job_service_client::JobServiceClient::new(b.clone())
+        .get_job(pb::GetJobRequest { job_id: uuid::Uuid::new_v4().to_string() })
+        .await
+        .expect_err("an unknown job");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }

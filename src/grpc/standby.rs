@@ -1,0 +1,180 @@
+//! What a standby replica serves while another replica leads (README "Replicas on PostgreSQL"): health,
+//! and every other call forwarded as it is to the leader, whose URL the leader writes into the shared
+//! database (`replica_settings.leader_url`). A client may so call any replica.
+//!
+//! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
+//! and body go to the leader on one connection per standby, and the leader's response, trailers and
+//! stream come back; the leader authenticates, validates and bounds every call as if it came directly
+//! (a client certificate cannot be forwarded, so with `grpc.tls` a standby does not forward and answers
+//! `UNAVAILABLE`). The standby's health follows the leader's: each service is what the leader says it is,
+//! and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Server};
+use tonic_health::ServingStatus;
+
+use super::{JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, connections, tls};
+use crate::{config::Config, store::PgStore};
+
+/// How long a standby's server waits for its connections to close when the replica starts leading.
+const STANDBY_STOP: Duration = Duration::from_secs(2);
+/// How often a standby reads the leader's URL and asks the leader's health.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// The shared setting holding the leading replica's URL.
+pub const LEADER_URL: &str = "leader_url";
+
+/// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
+/// and, with `store` (the shared database) and no TLS, every other call forwarded to the leader; without,
+/// every other call is UNAVAILABLE, which clients retry. The listener stays open in between: a client's
+/// connection attempt during the switch waits in its backlog, and every standby connection is closed at
+/// the switch (health watches included) so clients reconnect to the leader's server.
+///
+/// # Errors
+/// A transport failure while serving.
+pub async fn serve_standby(
+    listener: Arc<TcpListener>,
+    config: &Config,
+    tls: Option<tls::Tls>,
+    store: Option<Arc<PgStore>>,
+    until: CancellationToken,
+) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
+        health.set_service_status(service, ServingStatus::NotServing).await;
+    }
+    let g = &config.grpc;
+    let addr = listener.local_addr()?;
+    let forward = store.filter(|_| tls.is_none());
+    tracing::info!(%addr, forwards = forward.is_some(), "standby: serving health only until this replica leads");
+    let leader = tokio::sync::watch::channel::<Option<Channel>>(None);
+    // Owned by this call (aborted when it returns): follows the leader's URL and health.
+    let _follow = forward.map(|store| {
+        let (tx, health) = (leader.0, health.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_leader(store, tx, health)))
+    });
+    let leader = leader.1;
+    let fallback = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+        let channel = leader.borrow().clone();
+        async move { Ok::<_, std::convert::Infallible>(forward_call(channel, req).await) }
+    });
+    let routes = tonic::service::Routes::new(health_service).into_axum_router().fallback_service(fallback);
+    let max_connections =
+        connections::effective_max_connections(g.max_connections, connections::open_file_limit());
+    let incoming = tls::incoming(
+        connections::incoming_until_cut(
+            listener,
+            connections::ConnectionLimits {
+                max_connections,
+                handshake_timeout: g.handshake_timeout,
+                idle_timeout: g.idle_timeout,
+            },
+            Some(until.clone()),
+        ),
+        tls,
+        g.handshake_timeout,
+        max_connections,
+    );
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(g.keepalive_interval))
+        .http2_keepalive_timeout(Some(g.keepalive_timeout))
+        .max_concurrent_streams(Some(g.max_concurrent_streams));
+    let served = builder
+        .add_routes(tonic::service::Routes::from(routes))
+        .serve_with_incoming_shutdown(incoming, until.clone().cancelled_owned());
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => result?,
+        () = until.cancelled() => {
+            // Every connection closes now (health watches included), so clients reconnect to the leader.
+            match tokio::time::timeout(STANDBY_STOP, &mut served).await {
+                Ok(result) => result?,
+                Err(_) => tracing::debug!("standby: connections still open at the switch; cut"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed) and mirrors the leader's
+/// health into this standby's.
+async fn follow_leader(
+    store: Arc<PgStore>,
+    leader: tokio::sync::watch::Sender<Option<Channel>>,
+    health: tonic_health::server::HealthReporter,
+) {
+    let mut current: Option<String> = None;
+    loop {
+        match store.setting(LEADER_URL).await {
+            Ok(url) if url != current => {
+                let channel = url.as_deref().and_then(|u| match Channel::from_shared(u.to_string()) {
+                    Ok(endpoint) => Some(endpoint.connect_timeout(FOLLOW_EVERY * 2).connect_lazy()),
+                    Err(e) => {
+                        tracing::warn!(url = u, error = %e, "standby: the leader's URL does not parse");
+                        None
+                    }
+                });
+                if let Some(u) = &url {
+                    tracing::info!(leader = u, "standby: forwarding calls to the leader");
+                }
+                current = url;
+                leader.send_replace(channel);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "standby: reading the leader's URL failed")
+            }
+        }
+        let channel = leader.borrow().clone();
+        for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
+            let status = match &channel {
+                Some(channel) => leader_status(channel, service).await,
+                None => ServingStatus::NotServing,
+            };
+            health.set_service_status(service, status).await;
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// What the leader's health says of `service` (`NOT_SERVING` when it does not answer in time).
+async fn leader_status(channel: &Channel, service: &str) -> ServingStatus {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let request = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+    match tokio::time::timeout(FOLLOW_EVERY, client.check(request)).await {
+        Ok(Ok(r))
+            if r.get_ref().status
+                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
+        {
+            ServingStatus::Serving
+        }
+        _ => ServingStatus::NotServing,
+    }
+}
+
+/// Sends `req` to the leader as it is and returns its answer; `UNAVAILABLE` without a leader or when it
+/// cannot be reached (clients retry).
+async fn forward_call(
+    channel: Option<Channel>,
+    req: http::Request<axum::body::Body>,
+) -> http::Response<axum::body::Body> {
+    use tower::ServiceExt as _;
+    let Some(channel) = channel else {
+        return unavailable("this replica is a standby and knows no leader yet; retry");
+    };
+    match channel.oneshot(req.map(tonic::body::Body::new)).await {
+        Ok(response) => response.map(axum::body::Body::new),
+        Err(e) => {
+            tracing::debug!(error = %crate::telemetry::ErrorChain(&e), "standby: the leader did not take a forwarded call");
+            unavailable("this replica is a standby and cannot reach the leader; retry")
+        }
+    }
+}
+
+/// A gRPC `UNAVAILABLE` answer.
+fn unavailable(message: &str) -> http::Response<axum::body::Body> {
+    let (parts, ()) = tonic::Status::unavailable(message).into_http::<()>().into_parts();
+    http::Response::from_parts(parts, axum::body::Body::empty())
+}
