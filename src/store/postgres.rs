@@ -23,9 +23,8 @@ use sqlx::{
 };
 
 use super::{
-    Batch, CreateOutcome, EventRow, JobQuery, JobRow, KeyRow, KeyStore, LegacyJob, MachineRow, MachineStore,
-    Store, StoreError,
-    rows::{self, JOB_COLUMNS, KEY_COLUMNS, MACHINE_COLUMNS},
+    Batch, CreateOutcome, EventRow, JobQuery, JobRow, LegacyJob, Store, StoreError,
+    rows::{self, JOB_COLUMNS},
 };
 
 #[cfg(test)]
@@ -648,79 +647,13 @@ impl Store for PgStore {
     }
 }
 
-#[async_trait::async_trait]
-impl MachineStore for PgStore {
-    async fn put_machine(&self, m: &MachineRow) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO machines (id, kind, state, created_ms, updated_ms, body) VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, state = excluded.state, \
-             updated_ms = excluded.updated_ms, body = excluded.body",
-        )
-        .bind(&m.id)
-        .bind(&m.kind)
-        .bind(&m.state)
-        .bind(m.created_ms)
-        .bind(m.updated_ms)
-        .bind(&m.body)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn delete_machine(&self, id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM machines WHERE id = $1").bind(id).execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn list_machines(&self) -> Result<Vec<MachineRow>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {MACHINE_COLUMNS} FROM machines ORDER BY created_ms, id"))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(rows::machine).collect::<Result<_, _>>()?)
+impl rows::Dialect for PgStore {
+    fn sql(sql: &str) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Borrowed(sql)
     }
 }
 
-#[async_trait::async_trait]
-impl KeyStore for PgStore {
-    async fn insert_key(&self, k: &KeyRow) -> Result<(), StoreError> {
-        sqlx::query(&format!("INSERT INTO api_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"))
-            .bind(&k.prefix)
-            .bind(&k.secret_sha256)
-            .bind(&k.tenant)
-            .bind(&k.role)
-            .bind(k.created_ms)
-            .bind(k.expires_ms)
-            .bind(k.revoked_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn get_key(&self, prefix: &str) -> Result<Option<KeyRow>, StoreError> {
-        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE prefix = $1"))
-            .bind(prefix)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.as_ref().map(rows::key).transpose()?)
-    }
-
-    async fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY created_ms, prefix"))
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.iter().map(rows::key).collect::<Result<_, _>>()?)
-    }
-
-    async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_ms = $1 WHERE prefix = $2 AND revoked_ms IS NULL")
-                .bind(now_ms)
-                .bind(prefix)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() > 0)
-    }
-}
+rows::machine_and_key_stores!(PgStore);
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,7 @@
-//! Rows of both SQL stores read into the store's types: the tables and their SQL types are the same in
-//! SQLite and PostgreSQL, so one mapping serves both drivers through [`StoreRow`].
+//! What the two SQL stores share: the tables and their SQL types are the same in SQLite and PostgreSQL,
+//! so one mapping of rows serves both drivers ([`StoreRow`]), and the machine and API key stores, whose
+//! statements are the same but for the placeholders, are written once ([`machine_and_key_stores!`], with
+//! PostgreSQL's `$n`, which [`sqlite_placeholders`] turns into SQLite's `?n`).
 
 use super::{EventRow, JobRow, KeyRow, MachineRow};
 
@@ -106,3 +108,101 @@ pub(super) fn machine(row: &impl StoreRow) -> Result<MachineRow, sqlx::Error> {
         body: row.text("body")?,
     })
 }
+
+/// SQLite's `?n` for PostgreSQL's `$n` in `sql` (whose strings hold no `$`).
+pub(super) fn sqlite_placeholders(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
+/// The statement text for a driver: as written (PostgreSQL) or through [`sqlite_placeholders`].
+pub(super) trait Dialect {
+    /// `sql` (written with `$n` placeholders) in this driver's dialect.
+    fn sql(sql: &str) -> std::borrow::Cow<'_, str>;
+}
+
+/// Implements `MachineStore` and `KeyStore` for a store with a `pool` field of its driver, with the
+/// store's [`Dialect`].
+macro_rules! machine_and_key_stores {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl super::MachineStore for $store {
+            async fn put_machine(&self, m: &super::MachineRow) -> Result<(), super::StoreError> {
+                let sql = <$store as super::rows::Dialect>::sql(
+                    "INSERT INTO machines (id, kind, state, created_ms, updated_ms, body) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, state = excluded.state, \
+                     updated_ms = excluded.updated_ms, body = excluded.body",
+                );
+                sqlx::query(&sql)
+                    .bind(&m.id)
+                    .bind(&m.kind)
+                    .bind(&m.state)
+                    .bind(m.created_ms)
+                    .bind(m.updated_ms)
+                    .bind(&m.body)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn delete_machine(&self, id: &str) -> Result<(), super::StoreError> {
+                let sql = <$store as super::rows::Dialect>::sql("DELETE FROM machines WHERE id = $1");
+                sqlx::query(&sql).bind(id).execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn list_machines(&self) -> Result<Vec<super::MachineRow>, super::StoreError> {
+                let sql =
+                    format!("SELECT {} FROM machines ORDER BY created_ms, id", super::rows::MACHINE_COLUMNS);
+                let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+                Ok(rows.iter().map(super::rows::machine).collect::<Result<_, _>>()?)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl super::KeyStore for $store {
+            async fn insert_key(&self, k: &super::KeyRow) -> Result<(), super::StoreError> {
+                let sql = format!(
+                    "INSERT INTO api_keys ({}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    super::rows::KEY_COLUMNS
+                );
+                sqlx::query(&<$store as super::rows::Dialect>::sql(&sql))
+                    .bind(&k.prefix)
+                    .bind(&k.secret_sha256)
+                    .bind(&k.tenant)
+                    .bind(&k.role)
+                    .bind(k.created_ms)
+                    .bind(k.expires_ms)
+                    .bind(k.revoked_ms)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn get_key(&self, prefix: &str) -> Result<Option<super::KeyRow>, super::StoreError> {
+                let sql = format!("SELECT {} FROM api_keys WHERE prefix = $1", super::rows::KEY_COLUMNS);
+                let row = sqlx::query(&<$store as super::rows::Dialect>::sql(&sql))
+                    .bind(prefix)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.as_ref().map(super::rows::key).transpose()?)
+            }
+
+            async fn list_keys(&self) -> Result<Vec<super::KeyRow>, super::StoreError> {
+                let sql =
+                    format!("SELECT {} FROM api_keys ORDER BY created_ms, prefix", super::rows::KEY_COLUMNS);
+                let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+                Ok(rows.iter().map(super::rows::key).collect::<Result<_, _>>()?)
+            }
+
+            async fn revoke_key(&self, prefix: &str, now_ms: i64) -> Result<bool, super::StoreError> {
+                let sql = <$store as super::rows::Dialect>::sql(
+                    "UPDATE api_keys SET revoked_ms = $1 WHERE prefix = $2 AND revoked_ms IS NULL",
+                );
+                let done = sqlx::query(&sql).bind(now_ms).bind(prefix).execute(&self.pool).await?;
+                Ok(done.rows_affected() > 0)
+            }
+        }
+    };
+}
+pub(super) use machine_and_key_stores;
