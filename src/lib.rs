@@ -265,10 +265,12 @@ async fn run_service(
     catalog_watch.abort();
     if let Some(lease) = storage.lease {
         if lease.lost().is_cancelled() {
+            metrics::replica_leading(false);
             anyhow::bail!("this replica lost the leader lease (its database connection failed) and stopped");
         }
         // Dropped last, after the drain: a standby takes over now.
         drop(lease);
+        metrics::replica_leading(false);
         tracing::info!("gave the leader lease up");
     }
     served
@@ -315,6 +317,7 @@ impl Storage {
                 .await
                 .context("connecting to the PostgreSQL database (storage.database_url)")?,
         );
+        metrics::replica_leading(false);
         let standby_stop = CancellationToken::new();
         let standby =
             grpc::serve_standby(listener.clone(), config, tls, Some(pg.clone()), standby_stop.clone());
@@ -329,6 +332,7 @@ impl Storage {
             return Ok(None);
         };
         tracing::info!("leading: this replica runs the jobs");
+        metrics::replica_leading(true);
         // Where the standbys forward calls while this replica leads.
         let local = listener.local_addr().context("reading the listener's address")?;
         let advertised = config

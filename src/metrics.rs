@@ -55,6 +55,7 @@ const RUNCOMFY_LIMITER_WAIT: &str = "comfyrelay_runcomfy_limiter_wait_seconds";
 const STORE_COMMIT: &str = "comfyrelay_store_commit_seconds";
 const STORE_BATCH: &str = "comfyrelay_store_commit_batch_size";
 const BUILD_INFO: &str = "comfyrelay_build_info";
+const REPLICA_LEADING: &str = "comfyrelay_replica_leading";
 
 /// Histogram buckets for durations, in seconds: a 5 ms job to an hour in the queue.
 const SECONDS_BUCKETS: &[f64] = &[
@@ -186,7 +187,19 @@ fn describe() {
     describe_histogram!(STORE_COMMIT, Unit::Seconds, "Duration of one store commit.");
     describe_histogram!(STORE_BATCH, "Events written by one store commit.");
     describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_gauge!(
+        REPLICA_LEADING,
+        "With replicas on PostgreSQL: 1 while this replica holds the leader lease (runs the jobs), 0 while it \
+         is a standby."
+    );
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+// ---- replicas ----
+
+/// This replica leads (holds the leader lease) or waits as a standby.
+pub fn replica_leading(leading: bool) {
+    gauge!(REPLICA_LEADING).set(if leading { 1.0 } else { 0.0 });
 }
 
 // ---- jobs ----
@@ -460,6 +473,7 @@ const ALL: &[&str] = &[
     STORE_COMMIT,
     STORE_BATCH,
     BUILD_INFO,
+    REPLICA_LEADING,
 ];
 
 // ---- labels of domain values (exhaustive: a new variant must be named here) ----

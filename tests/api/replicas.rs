@@ -44,6 +44,7 @@ impl Replica {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
+            .env("COMFYRELAY_METRICS__LISTEN", "127.0.0.1:0")
             .env("COMFYRELAY_LOG__FORMAT", "json")
             .env("COMFYRELAY_LOG__FILTER", "info")
             .env("COMFYRELAY_AUTH__MODE", "none")
@@ -98,6 +99,18 @@ impl Replica {
         }
         self.seen.iter().filter_map(|v| v["fields"]["message"].as_str().map(str::to_string)).collect()
     }
+}
+
+/// The value of `comfyrelay_replica_leading` on a replica's `/metrics`.
+async fn leading(replica: &mut Replica) -> String {
+    let addr = replica.wait_for("serving metrics").await;
+    let scrape =
+        reqwest::get(format!("http://{addr}/metrics")).await.expect("scrape").text().await.expect("body");
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("comfyrelay_replica_leading "))
+        .unwrap_or_else(|| panic!("no comfyrelay_replica_leading in {scrape}"))
+        .to_string()
 }
 
 async fn channel(addr: SocketAddr) -> Channel {
@@ -210,6 +223,11 @@ async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
     a.wait_for("serving gRPC").await;
     let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
     let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    assert_eq!(
+        (leading(&mut a).await, leading(&mut b).await),
+        ("1".into(), "0".into()),
+        "who leads, by metrics"
+    );
 
     // The database ends the session that holds the lease (as it does when the leader is cut off).
     let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect as admin");
@@ -230,6 +248,7 @@ async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
     assert!(a.messages().iter().any(|m| m.contains("giving the lead up")), "{:?}", a.messages());
 
     b.wait_for("serving gRPC").await;
+    assert_eq!(leading(&mut b).await, "1");
     let channel = channel(b_addr).await;
     let mut jobs = pb::job_service_client::JobServiceClient::new(channel.clone());
     let job = jobs.submit_job(submit_request("invert", png(8, 8))).await.expect("the new leader takes jobs");
