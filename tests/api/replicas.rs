@@ -32,6 +32,16 @@ impl Replica {
 
     /// A replica whose configured ComfyUI servers are `comfys` (named `gpu0`, `gpu1`, …).
     fn spawn_on(database_url: &str, artifacts: &Path, comfys: &[&ComfyEmulator]) -> Self {
+        Self::spawn_with(database_url, artifacts, comfys, &[("COMFYRELAY_AUTH__MODE", "none")])
+    }
+
+    /// A replica with `env` added to the test's settings.
+    fn spawn_with(
+        database_url: &str,
+        artifacts: &Path,
+        comfys: &[&ComfyEmulator],
+        env: &[(&str, &str)],
+    ) -> Self {
         let servers: Vec<String> = comfys
             .iter()
             .enumerate()
@@ -47,12 +57,12 @@ impl Replica {
             .env("COMFYRELAY_METRICS__LISTEN", "127.0.0.1:0")
             .env("COMFYRELAY_LOG__FORMAT", "json")
             .env("COMFYRELAY_LOG__FILTER", "info")
-            .env("COMFYRELAY_AUTH__MODE", "none")
             .env("COMFYRELAY_DATA_DIR", data.path())
             .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
             .env("COMFYRELAY_STORAGE__DATABASE_URL", database_url)
             .env("COMFYRELAY_STORAGE__ARTIFACTS_DIR", artifacts)
             .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{}]", servers.join(", ")))
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -561,4 +571,52 @@ async fn any_replica_serves_any_call_by_forwarding_it_to_the_leader() {
         .await
         .expect_err("an unknown job");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+}
+
+#[tokio::test]
+async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_replica() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("keys").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let keys_env = [("COMFYRELAY_AUTH__MODE", "keys")];
+    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &keys_env);
+    let a_addr = a.wait_for("serving gRPC").await;
+    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &keys_env);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+
+    // `comfyrelay keys create` with the replicas' database URL, from a data directory of its own.
+    let cli_data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
+        .args(["keys", "create", "--tenant", "team-r", "--role", "submitter"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("COMFYRELAY_DATA_DIR", cli_data.path())
+        .env("COMFYRELAY_STORAGE__DATABASE_URL", &url)
+        .output()
+        .await
+        .expect("run comfyrelay keys create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(!cli_data.path().join("comfyrelay.db").exists(), "the CLI wrote to the shared database only");
+
+    let b_channel = channel(b_addr).await;
+    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+    for (name, addr) in [("the leader", a_addr), ("a standby", b_addr)] {
+        let bearer = crate::helpers::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+        let svc = tonic::service::interceptor::InterceptedService::new(channel(addr).await, bearer);
+        let mut jobs = pb::job_service_client::JobServiceClient::new(svc);
+        let job = jobs
+            .submit_job(submit_request("invert", png(8, 8)))
+            .await
+            .unwrap_or_else(|s| panic!("{name}: {s:?}"));
+        let id = job.into_inner().id;
+        let got = jobs.get_job(pb::GetJobRequest { job_id: id.clone() }).await.expect("its own job");
+        assert_eq!(got.into_inner().id, id, "{name}");
+        let status = pb::job_service_client::JobServiceClient::new(channel(addr).await)
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect_err("no key");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{name}: {status:?}");
+    }
 }
