@@ -321,13 +321,17 @@ impl Storage {
         let standby_stop = CancellationToken::new();
         let standby =
             grpc::serve_standby(listener.clone(), config, tls, Some(pg.clone()), standby_stop.clone());
-        let lease = async {
-            let lease = store::LeaderLease::acquire(url.expose(), shutdown).await;
-            standby_stop.cancel();
-            lease
+        tokio::pin!(standby);
+        let lease = tokio::select! {
+            lease = store::LeaderLease::acquire(url.expose(), shutdown) => lease,
+            served = &mut standby => {
+                served.context("serving as a standby")?;
+                anyhow::bail!("the standby's server stopped before this replica led");
+            }
         };
-        let (served, lease) = tokio::join!(standby, lease);
-        served.context("serving health as a standby")?;
+        // The standby's connections close; the leader's server takes the listener over.
+        standby_stop.cancel();
+        standby.await.context("serving as a standby")?;
         let Some(lease) = lease.context("the leader lease (storage.database_url)")? else {
             return Ok(None);
         };
