@@ -752,6 +752,20 @@ impl Config {
         if self.jobs.max_unfinished == 0 {
             return bad("jobs.max_unfinished", "must be at least 1");
         }
+        if let Some(url) = &self.storage.database_url
+            && !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://"))
+        {
+            // Never the value: it may hold a password.
+            return bad(
+                "storage.database_url",
+                "must be a PostgreSQL URL (postgres://user:password@host:5432/db)",
+            );
+        }
+        if let Some(url) = &self.grpc.advertise_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return bad("grpc.advertise_url", "must be an http:// URL (http://10.0.0.5:50051)");
+        }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
         }

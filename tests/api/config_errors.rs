@@ -60,3 +60,18 @@ fn version_prints_the_version() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn a_database_url_that_is_not_postgresql_exits_64_naming_the_key_and_never_its_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = comfyrelay()
+        .arg("serve")
+        .env("COMFYRELAY_DATA_DIR", dir.path())
+        .env("COMFYRELAY_STORAGE__DATABASE_URL", "mysql://app:pw-should-not-appear@db/comfyrelay")
+        .output()
+        .expect("run comfyrelay");
+    assert_eq!(out.status.code(), Some(64), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("storage.database_url") && stderr.contains("postgres://"), "{stderr}");
+    assert!(!stderr.contains("pw-should-not-appear"), "{stderr}");
+}
