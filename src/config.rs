@@ -54,6 +54,11 @@ pub struct StorageConfig {
     /// a directory every replica mounts (a ReadWriteMany volume), so the replica that takes over finds the
     /// artifacts of the one that stopped.
     pub artifacts_dir: Option<PathBuf>,
+    /// An object store for input images and outputs instead of `artifacts_dir`, shared by every replica:
+    /// `s3://bucket/prefix` (credentials, region and endpoint from the standard AWS environment variables:
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL` for S3-compatible
+    /// stores such as MinIO; never in the URL) or `file:///absolute/path`.
+    pub artifacts_url: Option<String>,
 }
 
 impl Default for Config {
@@ -761,6 +766,12 @@ impl Config {
                 "must be a PostgreSQL URL (postgres://user:password@host:5432/db)",
             );
         }
+        if let Some(url) = &self.storage.artifacts_url
+            && let Err(why) = crate::store::check_artifacts_url(url)
+        {
+            // Never the value.
+            return bad("storage.artifacts_url", why);
+        }
         if let Some(url) = &self.grpc.advertise_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
@@ -1168,6 +1179,24 @@ mod tests {
         let short = [("COMFYRELAY_JOBS__CANCEL_GRACE", "10s"), ("COMFYRELAY_JOBS__CANCEL_DEADLINE", "5s")];
         let e = Config::load(None, env(&short)).unwrap_err();
         assert!(e.to_string().contains("jobs.cancel_deadline"), "{e}");
+        for url in [
+            "gs://private-bucket/x",
+            "s3://",
+            "s3://key:secret@bucket/x",
+            "file://relative/dir",
+            "file:///",
+            "/plain/path",
+            "s3://b/p?x=1",
+        ] {
+            let e = Config::load(None, env(&[("COMFYRELAY_STORAGE__ARTIFACTS_URL", url)])).unwrap_err();
+            assert!(e.to_string().contains("storage.artifacts_url"), "{url}: {e}");
+            // Never the value (the short ones are part of the hint).
+            assert!(url.len() < 10 || !e.to_string().contains(url), "{url}: {e}");
+        }
+        for url in ["s3://bucket", "s3://bucket/some/prefix", "file:///var/lib/comfyrelay/objects"] {
+            let c = Config::load(None, env(&[("COMFYRELAY_STORAGE__ARTIFACTS_URL", url)])).unwrap();
+            assert_eq!(c.storage.artifacts_url.as_deref(), Some(url));
+        }
     }
 
     #[test]

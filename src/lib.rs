@@ -123,11 +123,19 @@ async fn run_service(
         return Ok(());
     };
     let store = storage.jobs.clone();
-    let artifacts_dir =
-        config.storage.artifacts_dir.clone().unwrap_or_else(|| config.data_dir.join("artifacts"));
-    let artifacts = store::ArtifactStore::open(&artifacts_dir, durability)
-        .await
-        .with_context(|| format!("opening the artifact directory {}", artifacts_dir.display()))?;
+    let artifacts = match &config.storage.artifacts_url {
+        // Not the URL in the message: validated already, and the error names the setting.
+        Some(url) => store::ArtifactStore::open_url(url)
+            .await
+            .context("opening the artifact object store (storage.artifacts_url)")?,
+        None => {
+            let artifacts_dir =
+                config.storage.artifacts_dir.clone().unwrap_or_else(|| config.data_dir.join("artifacts"));
+            store::ArtifactStore::open(&artifacts_dir, durability)
+                .await
+                .with_context(|| format!("opening the artifact directory {}", artifacts_dir.display()))?
+        }
+    };
     let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
         match &config.workflows_dir {
             Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),

@@ -616,7 +616,7 @@ impl JobManager {
         id: JobId,
         filename: &str,
         scope: &Scope,
-    ) -> Result<(OutputFile, tokio::fs::File), JobError> {
+    ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
         let job = self.get(id, scope).await?;
         let output = job
             .record

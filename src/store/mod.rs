@@ -32,7 +32,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use artifacts::{ArtifactError, ArtifactStore, ArtifactWriter, StoredArtifact};
+pub use artifacts::{
+    ArtifactError, ArtifactReader, ArtifactStore, ArtifactWriter, StoredArtifact, check_artifacts_url,
+};
 pub use lease::LeaderLease;
 pub use postgres::{DEFAULT_MAX_CONNECTIONS, EVENTS_CHANNEL, EventNotice, EventNotifications, PgStore};
 pub use sqlite::SqliteStore;

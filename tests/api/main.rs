@@ -13,6 +13,7 @@ mod jobs;
 mod load;
 mod machines;
 mod migration;
+mod objects;
 mod observability;
 mod policies;
 mod pool;
