@@ -116,26 +116,13 @@ async fn run_service(
     }
     // Before anything starts: TLS files that do not load stop the start, naming the setting.
     let tls = grpc::tls::Tls::load(&config.grpc.tls, config.grpc.grpc_web).await?;
-    let durability = config.storage.durability;
     let listener = Arc::new(listener);
+    let artifacts = open_artifacts(&config).await?;
     // With PostgreSQL this waits, as a standby, until this replica leads.
-    let Some(storage) = Storage::open(&config, &listener, tls.clone(), &shutdown).await? else {
+    let Some(storage) = Storage::open(&config, &listener, tls.clone(), &artifacts, &shutdown).await? else {
         return Ok(());
     };
     let store = storage.jobs.clone();
-    let artifacts = match &config.storage.artifacts_url {
-        // Not the URL in the message: validated already, and the error names the setting.
-        Some(url) => store::ArtifactStore::open_url(url)
-            .await
-            .context("opening the artifact object store (storage.artifacts_url)")?,
-        None => {
-            let artifacts_dir =
-                config.storage.artifacts_dir.clone().unwrap_or_else(|| config.data_dir.join("artifacts"));
-            store::ArtifactStore::open(&artifacts_dir, durability)
-                .await
-                .with_context(|| format!("opening the artifact directory {}", artifacts_dir.display()))?
-        }
-    };
     let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
         match &config.workflows_dir {
             Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),
@@ -284,6 +271,24 @@ async fn run_service(
     served
 }
 
+/// The artifact store: `storage.artifacts_url`, else `storage.artifacts_dir`, else `artifacts` in
+/// `data_dir`.
+async fn open_artifacts(config: &Config) -> anyhow::Result<store::ArtifactStore> {
+    Ok(match &config.storage.artifacts_url {
+        // Not the URL in the message: validated already, and the error names the setting.
+        Some(url) => store::ArtifactStore::open_url(url)
+            .await
+            .context("opening the artifact object store (storage.artifacts_url)")?,
+        None => {
+            let artifacts_dir =
+                config.storage.artifacts_dir.clone().unwrap_or_else(|| config.data_dir.join("artifacts"));
+            store::ArtifactStore::open(&artifacts_dir, config.storage.durability)
+                .await
+                .with_context(|| format!("opening the artifact directory {}", artifacts_dir.display()))?
+        }
+    })
+}
+
 /// Where a replica keeps its jobs: the SQLite file in `data_dir` (one replica), or a PostgreSQL database
 /// shared by replicas of which the one holding the leader lease runs (README "Replicas on PostgreSQL").
 struct Storage {
@@ -297,12 +302,14 @@ struct Storage {
 }
 
 impl Storage {
-    /// Opens the configured store. With `storage.database_url`, serves health as a standby on `listener`
-    /// until this replica holds the leader lease; `None` when `shutdown` came first.
+    /// Opens the configured store. With `storage.database_url`, serves as a standby on `listener` (health,
+    /// streams from the shared log and `artifacts`, the rest forwarded) until this replica holds the
+    /// leader lease; `None` when `shutdown` came first.
     async fn open(
         config: &Config,
         listener: &Arc<TcpListener>,
         tls: Option<grpc::tls::Tls>,
+        artifacts: &store::ArtifactStore,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Self>> {
         let Some(url) = &config.storage.database_url else {
@@ -327,8 +334,16 @@ impl Storage {
         );
         metrics::replica_leading(false);
         let standby_stop = CancellationToken::new();
-        let standby =
-            grpc::serve_standby(listener.clone(), config, tls, Some(pg.clone()), standby_stop.clone());
+        let parts = grpc::StandbyParts {
+            store: pg.clone(),
+            jobs: jobs::JobFollower::start(
+                pg.clone(),
+                artifacts.clone(),
+                config.jobs.inline_output_max_bytes,
+            ),
+            auth: auth::Authenticator::new(&config.auth, pg.clone()),
+        };
+        let standby = grpc::serve_standby(listener.clone(), config, tls, parts, standby_stop.clone());
         tokio::pin!(standby);
         let lease = tokio::select! {
             lease = store::LeaderLease::acquire(url.expose(), shutdown) => lease,

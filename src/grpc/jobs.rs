@@ -41,7 +41,7 @@ impl JobApi {
     }
 }
 
-type JobEventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
+pub(super) type JobEventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
 type ChunkStream = ReceiverStream<Result<pb::DownloadOutputResponse, Status>>;
 
 fn bad(v: Violation) -> Status {
@@ -54,7 +54,6 @@ fn bad(v: Violation) -> Status {
 struct Subscription {
     /// Counted as a live subscriber while the call is open.
     _counted: crate::metrics::SubscriberGuard,
-    jobs: JobManager,
     events: EventStream,
     shutdown: CancellationToken,
     last: u64,
@@ -96,7 +95,7 @@ impl Subscription {
         };
         let mut outputs = Vec::with_capacity(files.len());
         for f in files {
-            match self.jobs.output_view(f).await {
+            match self.events.output_view(f).await {
                 Ok(v) => outputs.push(convert::output_view_to_pb(v)),
                 Err(e) => {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "output not readable for inline delivery");
@@ -106,6 +105,34 @@ impl Subscription {
         }
         convert::event_to_pb(event, outputs)
     }
+}
+
+/// A `StreamJob` request's job, sequence, previews choice and the caller's scope.
+pub(super) fn stream_request(
+    req: Request<pb::StreamJobRequest>,
+) -> Result<(crate::jobs::JobId, u64, bool, crate::jobs::Scope), Status> {
+    let scope = auth::scope(&auth::principal(&req)?);
+    let pb::StreamJobRequest { job_id, after_sequence, skip_previews } = req.into_inner();
+    let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+    Ok((id, after_sequence, skip_previews, scope))
+}
+
+/// The `StreamJob` answer: `events` (of `id`, after `after`) as the client reads them, ended at `shutdown`
+/// by an `UNAVAILABLE` that says where to resume.
+pub(super) fn event_stream(
+    id: crate::jobs::JobId,
+    after: u64,
+    events: EventStream,
+    shutdown: CancellationToken,
+) -> JobEventStream {
+    let subscription =
+        Subscription { _counted: crate::metrics::subscriber(), events, shutdown, last: after, done: false };
+    let span = tracing::debug_span!("stream_job", job_id = %id);
+    let stream = futures::stream::unfold(subscription, move |mut s| {
+        let span = span.clone();
+        async move { s.next().await.map(|item| (item, s)) }.instrument(span)
+    });
+    Box::pin(stream)
 }
 
 fn too_long(field: &str, value: &str, limit: usize) -> Status {
@@ -128,25 +155,10 @@ impl pb::job_service_server::JobService for JobApi {
         &self,
         req: Request<pb::StreamJobRequest>,
     ) -> Result<Response<Self::StreamJobStream>, Status> {
-        let scope = auth::scope(&auth::principal(&req)?);
-        let pb::StreamJobRequest { job_id, after_sequence, skip_previews } = req.into_inner();
-        let id = convert::job_id("job_id", &job_id).map_err(bad)?;
+        let (id, after_sequence, skip_previews, scope) = stream_request(req)?;
         let events =
             self.jobs.subscribe(id, after_sequence, skip_previews, &scope).await.map_err(job_error)?;
-        let subscription = Subscription {
-            _counted: crate::metrics::subscriber(),
-            jobs: self.jobs.clone(),
-            events,
-            shutdown: self.shutdown.clone(),
-            last: after_sequence,
-            done: false,
-        };
-        let span = tracing::debug_span!("stream_job", job_id = %id);
-        let stream = futures::stream::unfold(subscription, move |mut s| {
-            let span = span.clone();
-            async move { s.next().await.map(|item| (item, s)) }.instrument(span)
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(event_stream(id, after_sequence, events, self.shutdown.clone())))
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {

@@ -36,7 +36,7 @@ pub mod status;
 pub mod tls;
 mod workflows;
 
-pub use standby::{LEADER_URL, serve_standby};
+pub use standby::{LEADER_URL, StandbyParts, serve_standby};
 
 use std::sync::Arc;
 

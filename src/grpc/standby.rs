@@ -1,6 +1,11 @@
 //! What a standby replica serves while another replica leads (README "Replicas on PostgreSQL"): health,
-//! and every other call forwarded as it is to the leader, whose URL the leader writes into the shared
-//! database (`replica_settings.leader_url`). A client may so call any replica.
+//! `StreamJob` itself, and every other call forwarded as it is to the leader, whose URL the leader writes
+//! into the shared database (`replica_settings.leader_url`). A client may so call any replica.
+//!
+//! `StreamJob` is served from the shared log ([`crate::jobs::JobFollower`]): replayed from the database,
+//! then each commit announced by PostgreSQL's `NOTIFY` read from the log, so a standby's streams need
+//! no leader connection and cost the leader nothing. The caller is authenticated here, against the keys
+//! in the shared database, as the leader would (`auth` layer).
 //!
 //! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
 //! and body go to the leader on one connection per standby, and the leader's response, trailers and
@@ -16,21 +21,37 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 
-use super::{JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, connections, tls};
-use crate::{config::Config, store::PgStore};
+use super::{JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, connections, error_details, jobs, tls};
+use crate::{config::Config, jobs::JobFollower, proto::pb, store::PgStore};
 
 /// How long a standby's server waits for its connections to close when the replica starts leading.
 const STANDBY_STOP: Duration = Duration::from_secs(2);
+/// How long a standby's connections stay open after the replica starts leading (or stops), so that its
+/// `StreamJob` calls end with `UNAVAILABLE` naming the sequence to resume after, rather than a cut
+/// connection; then every connection (health watches included) is closed.
+const STREAMS_END: Duration = Duration::from_millis(250);
 /// How often a standby reads the leader's URL and asks the leader's health.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// The shared setting holding the leading replica's URL.
 pub const LEADER_URL: &str = "leader_url";
 
+/// What a standby serves from: the shared database.
+#[derive(Debug, Clone)]
+pub struct StandbyParts {
+    /// The shared database (the leader's URL and health are read from it).
+    pub store: Arc<PgStore>,
+    /// Streams of the jobs the leader runs, from the shared log.
+    pub jobs: JobFollower,
+    /// Who is calling (the keys in the shared database).
+    pub auth: crate::auth::Authenticator,
+}
+
 /// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
-/// and, with `store` (the shared database) and no TLS, every other call forwarded to the leader; without,
+/// `StreamJob` from the shared log, and without TLS every other call forwarded to the leader; with TLS,
 /// every other call is UNAVAILABLE, which clients retry. The listener stays open in between: a client's
 /// connection attempt during the switch waits in its backlog, and every standby connection is closed at
-/// the switch (health watches included) so clients reconnect to the leader's server.
+/// the switch (health watches and streams included; a stream ends with `UNAVAILABLE` naming the sequence
+/// to resume after) so clients reconnect to the leader's server.
 ///
 /// # Errors
 /// A transport failure while serving.
@@ -38,16 +59,29 @@ pub async fn serve_standby(
     listener: Arc<TcpListener>,
     config: &Config,
     tls: Option<tls::Tls>,
-    store: Option<Arc<PgStore>>,
+    parts: StandbyParts,
     until: CancellationToken,
 ) -> anyhow::Result<()> {
+    let StandbyParts { store, jobs: follower, auth } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
     let g = &config.grpc;
+    let until_for_streams = until.clone();
+    // Cancelled [`STREAMS_END`] after `until`: streams have ended with their resume status by then.
+    let cut = CancellationToken::new();
+    let _cut_after = {
+        let (until, cut) = (until.clone(), cut.clone());
+        // Owned by this call (aborted when it returns).
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            until.cancelled().await;
+            tokio::time::sleep(STREAMS_END).await;
+            cut.cancel();
+        }))
+    };
     let addr = listener.local_addr()?;
-    let forward = store.filter(|_| tls.is_none());
+    let forward = tls.is_none().then_some(store);
     tracing::info!(%addr, forwards = forward.is_some(), "standby: serving health only until this replica leads");
     let leader = tokio::sync::watch::channel::<Option<Channel>>(None);
     // Owned by this call (aborted when it returns): follows the leader's URL and health.
@@ -60,7 +94,22 @@ pub async fn serve_standby(
         let channel = leader.borrow().clone();
         async move { Ok::<_, std::convert::Infallible>(forward_call(channel, req).await) }
     });
-    let routes = tonic::service::Routes::new(health_service).into_axum_router().fallback_service(fallback);
+    let max = g.max_message_bytes;
+    let stream_job = tower::ServiceBuilder::new()
+        .layer(error_details::ErrorDetailsLayer::new(max))
+        .layer(auth::AuthLayer::new(auth))
+        .service(tower::service_fn(move |req: http::Request<axum::body::Body>| {
+            let service = StreamFromLog { follower: follower.clone(), until: until_for_streams.clone() };
+            async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                    .apply_max_message_size_config(Some(max), Some(max));
+                Ok::<_, std::convert::Infallible>(grpc.server_streaming(service, req).await)
+            }
+        }));
+    let routes = tonic::service::Routes::new(health_service)
+        .into_axum_router()
+        .route_service(STREAM_JOB_PATH, stream_job)
+        .fallback_service(fallback);
     let max_connections =
         connections::effective_max_connections(g.max_connections, connections::open_file_limit());
     let incoming = tls::incoming(
@@ -71,7 +120,7 @@ pub async fn serve_standby(
                 handshake_timeout: g.handshake_timeout,
                 idle_timeout: g.idle_timeout,
             },
-            Some(until.clone()),
+            Some(cut.clone()),
         ),
         tls,
         g.handshake_timeout,
@@ -96,6 +145,42 @@ pub async fn serve_standby(
         }
     }
     Ok(())
+}
+
+/// The one method a standby serves itself.
+const STREAM_JOB_PATH: &str = "/comfyrelay.v1.JobService/StreamJob";
+
+/// `StreamJob` on a standby: the job's events from the shared log, as the leader streams them.
+#[derive(Debug, Clone)]
+struct StreamFromLog {
+    follower: JobFollower,
+    /// Cancelled when this replica leads or stops: open streams end, naming where to resume.
+    until: CancellationToken,
+}
+
+impl tonic::server::ServerStreamingService<pb::StreamJobRequest> for StreamFromLog {
+    type Response = pb::JobEvent;
+    type ResponseStream = jobs::JobEventStream;
+    type Future = std::pin::Pin<
+        Box<
+            dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>>
+                + Send
+                + 'static,
+        >,
+    >;
+
+    fn call(&mut self, req: tonic::Request<pb::StreamJobRequest>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let (id, after, skip_previews, scope) = jobs::stream_request(req)?;
+            let events = this
+                .follower
+                .subscribe(id, after, skip_previews, &scope)
+                .await
+                .map_err(super::status::job_error)?;
+            Ok(tonic::Response::new(jobs::event_stream(id, after, events, this.until)))
+        })
+    }
 }
 
 /// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed) and mirrors the leader's

@@ -13,9 +13,11 @@
 //! - `runner`: one attempt on one machine.
 //! - `recovery`: start-up (conversion of the previous schema, re-attach, re-queue).
 //! - `subscribe`: one subscriber's gap-free stream (log, then live).
+//! - `follow`: the same streams on a standby, from the shared log, woken by PostgreSQL notifications.
 
 mod apply;
 mod error;
+mod follow;
 mod log;
 pub mod model;
 pub mod quota;
@@ -38,6 +40,7 @@ use tracing::Instrument;
 
 pub use crate::machine::{Machine, MachineKind};
 pub use error::{JobError, Violation};
+pub use follow::JobFollower;
 pub use model::{
     Event, EventKind, FailureReason, Job, JobFailure, JobId, JobRecord, JobSpec, JobState, JobStatus,
     OutputFile,
@@ -599,12 +602,7 @@ impl JobManager {
     /// # Errors
     /// Artifact failures.
     pub async fn output_view(&self, output: &OutputFile) -> Result<OutputView, JobError> {
-        let inline = if output.size <= self.inner.config.inline_output_max_bytes {
-            Some(Bytes::from(self.inner.artifacts.read(&output.sha256).await?))
-        } else {
-            None
-        };
-        Ok(OutputView { output: output.clone(), inline })
+        output_view(&self.inner.artifacts, self.inner.config.inline_output_max_bytes, output).await
     }
 
     /// Opens an output of a job for streaming.
@@ -694,6 +692,20 @@ impl JobManager {
             }
         }
     }
+}
+
+/// `output` with its bytes read from `artifacts` when it is at most `inline_max` bytes.
+async fn output_view(
+    artifacts: &ArtifactStore,
+    inline_max: u64,
+    output: &OutputFile,
+) -> Result<OutputView, JobError> {
+    let inline = if output.size <= inline_max {
+        Some(Bytes::from(artifacts.read(&output.sha256).await?))
+    } else {
+        None
+    };
+    Ok(OutputView { output: output.clone(), inline })
 }
 
 fn not_found(id: JobId) -> JobError {

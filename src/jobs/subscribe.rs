@@ -5,12 +5,15 @@
 //! that commit in between: pitfall "snapshot, then subscribe"). Events are de-duplicated by sequence. A
 //! subscriber that falls behind the live buffer catches up from the log, where progress and previews
 //! superseded by later ones may be coalesced; lifecycle and terminal events are never dropped.
+//!
+//! On a standby the same stream follows the shared log instead ([`super::follow`]): woken by the
+//! notification of each commit, it reads what was committed after its last sequence.
 
 use std::{collections::VecDeque, sync::Arc};
 
 use tokio::sync::broadcast;
 
-use super::{Event, EventKind, JobError, JobId, JobManager};
+use super::{Event, EventKind, JobError, JobId, JobManager, OutputFile, OutputView, follow};
 
 // Per subscriber this holds a broadcast receiver, a cursor and at most one page of the log: a slow
 // subscriber costs a few hundred bytes plus what it has not read of one page, however far behind it is.
@@ -18,14 +21,34 @@ use super::{Event, EventKind, JobError, JobId, JobManager};
 /// Events read from the log at a time.
 const PAGE: u32 = 64;
 
+/// Where a stream reads a job's events.
+#[derive(Debug)]
+enum Source {
+    /// This replica runs the job.
+    Engine(JobManager),
+    /// Another replica runs it; its events are read from the shared log.
+    Shared(follow::JobFollower),
+}
+
+/// How a stream learns of new events once it has read the log.
+#[derive(Debug)]
+enum Live {
+    /// The engine's broadcast of each committed event.
+    Broadcast(broadcast::Receiver<Arc<Event>>),
+    /// A wake-up after each commit on another replica; the events are read from the log.
+    Woken(follow::Wake),
+}
+
 /// A subscriber's stream of one job's events.
 #[derive(Debug)]
 pub struct EventStream {
-    manager: JobManager,
+    source: Source,
     id: JobId,
     last: u64,
     skip_previews: bool,
-    live: Option<broadcast::Receiver<Arc<Event>>>,
+    live: Option<Live>,
+    /// (Shared log) The last page was read after a wake-up: an empty one means the job may have ended.
+    woken: bool,
     backlog: VecDeque<Arc<Event>>,
     /// Whether the log has been read up to the live feed.
     caught_up: bool,
@@ -42,12 +65,27 @@ impl EventStream {
         skip_previews: bool,
         live: Option<broadcast::Receiver<Arc<Event>>>,
     ) -> Self {
+        Self::with(Source::Engine(manager), id, after, skip_previews, live.map(Live::Broadcast))
+    }
+
+    pub(super) fn following(
+        follower: follow::JobFollower,
+        id: JobId,
+        after: u64,
+        skip_previews: bool,
+        wake: Option<follow::Wake>,
+    ) -> Self {
+        Self::with(Source::Shared(follower), id, after, skip_previews, wake.map(Live::Woken))
+    }
+
+    fn with(source: Source, id: JobId, after: u64, skip_previews: bool, live: Option<Live>) -> Self {
         Self {
-            manager,
+            source,
             id,
             last: after,
             skip_previews,
             live,
+            woken: false,
             backlog: VecDeque::new(),
             caught_up: false,
             coalesce: false,
@@ -79,16 +117,20 @@ impl EventStream {
             }
             if !self.caught_up {
                 // A live job holds its recent events: most subscribers catch up without reading the store.
-                if self.live.is_some()
+                if let (Source::Engine(manager), Some(Live::Broadcast(_))) = (&self.source, &self.live)
                     && let Some(recent) =
-                        self.manager.inner.log.live(self.id).and_then(|l| l.events_after(self.last))
+                        manager.inner.log.live(self.id).and_then(|l| l.events_after(self.last))
                 {
                     self.backlog.extend(recent);
                     self.caught_up = true;
                     self.coalesce = false;
                     continue;
                 }
-                let page = match self.manager.events_after(self.id, self.last, PAGE).await {
+                let page = match &self.source {
+                    Source::Engine(manager) => manager.events_after(self.id, self.last, PAGE).await,
+                    Source::Shared(follower) => follower.events_after(self.id, self.last, PAGE).await,
+                };
+                let page = match page {
                     Ok(p) => p,
                     Err(e) => {
                         self.done = true;
@@ -98,16 +140,39 @@ impl EventStream {
                 if page.is_empty() {
                     self.caught_up = true;
                     self.coalesce = false;
+                    // Woken with nothing after our sequence: merged notices, or a job that ended before it
+                    // (a caller's sequence beyond the terminal event). Only the second one ends the stream.
+                    if let Source::Shared(follower) = &self.source
+                        && std::mem::take(&mut self.woken)
+                    {
+                        match follower.has_ended(self.id).await {
+                            Ok(true) => self.live = None,
+                            Ok(false) => {}
+                            Err(e) => {
+                                self.done = true;
+                                return Some(Err(e));
+                            }
+                        }
+                    }
                 } else {
                     let page: Vec<Arc<Event>> = page.into_iter().map(Arc::new).collect();
                     self.backlog.extend(if self.coalesce { coalesce(page) } else { page });
                 }
                 continue;
             }
-            let Some(rx) = self.live.as_mut() else {
+            let rx = match self.live.as_mut() {
                 // The job is finished and its whole log was read.
-                self.done = true;
-                return None;
+                None => {
+                    self.done = true;
+                    return None;
+                }
+                Some(Live::Woken(wake)) => {
+                    wake.woken().await;
+                    self.caught_up = false;
+                    self.woken = true;
+                    continue;
+                }
+                Some(Live::Broadcast(rx)) => rx,
             };
             match rx.recv().await {
                 Ok(e) if e.seq <= self.last => {}
@@ -124,6 +189,19 @@ impl EventStream {
                     self.caught_up = false;
                 }
             }
+        }
+    }
+}
+
+impl EventStream {
+    /// An output's metadata, with its bytes when small enough to send inline.
+    ///
+    /// # Errors
+    /// Artifact failures.
+    pub async fn output_view(&self, output: &OutputFile) -> Result<OutputView, JobError> {
+        match &self.source {
+            Source::Engine(manager) => manager.output_view(output).await,
+            Source::Shared(follower) => follower.output_view(output).await,
         }
     }
 }

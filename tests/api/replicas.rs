@@ -620,3 +620,86 @@ async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_re
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{name}: {status:?}");
     }
 }
+
+#[tokio::test]
+async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader() {
+    use sqlx::Connection as _;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("following").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    // Several progress events per node, so the stream has more than a handful of live events.
+    comfy.faults().set_node_delay(Duration::from_millis(20));
+    comfy.faults().set_node_progress_steps(4);
+    let artifacts = tempfile::tempdir().unwrap();
+    // The leader advertises an address nobody answers: its standby cannot forward one call to it.
+    let unreachable =
+        [("COMFYRELAY_AUTH__MODE", "none"), ("COMFYRELAY_GRPC__ADVERTISE_URL", "http://127.0.0.1:9")];
+    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &unreachable);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+    let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel.clone());
+
+    // The job cannot get past ComfyUI's queue until the stream on the standby is open and delivering.
+    comfy.hold_queue(true);
+    let job = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .submit_job(submit_request("invert", png(16, 16)))
+        .await
+        .expect("submit on the leader")
+        .into_inner();
+    let request =
+        |after| pb::StreamJobRequest { job_id: job.id.clone(), after_sequence: after, skip_previews: false };
+    let mut live = on_b.stream_job(request(0)).await.expect("StreamJob on the standby").into_inner();
+    let mut streamed = vec![live.message().await.expect("an event").expect("a first event")];
+    assert_eq!(streamed[0].sequence, 1, "{streamed:?}");
+
+    // PostgreSQL ends the standby's LISTEN session: it listens again and re-reads the log, losing nothing.
+    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect as admin");
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .expect("terminate the listener's session");
+    assert_eq!(ended, vec![true], "the standby listens on one session");
+    comfy.hold_queue(false);
+
+    let rest = async {
+        while let Some(e) = live.message().await.expect("the standby's stream") {
+            streamed.push(e);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), rest).await.expect("the stream ends within 30 s");
+    assert_gap_free(&streamed, 0);
+    assert_eq!(terminal(&streamed), "succeeded", "{streamed:?}");
+    let progress =
+        streamed.iter().filter(|e| matches!(e.kind, Some(pb::job_event::Kind::Progress(_)))).count();
+    assert!(progress >= 4, "progress events reach the standby's subscriber live: {streamed:?}");
+    let from_leader = collect_events(&a_channel, &job.id, 0).await;
+    assert_eq!(streamed, from_leader, "the same events, inline outputs included, as from the leader");
+
+    // Resumed mid-way on the standby: exactly the rest.
+    let middle = streamed[streamed.len() / 2].sequence;
+    let tail = collect_events(&b_channel, &job.id, middle).await;
+    assert_gap_free(&tail, middle);
+    assert_eq!(tail.as_slice(), &streamed[middle as usize..]);
+    // Past the terminal event, a finished job streams nothing.
+    assert!(collect_events(&b_channel, &job.id, u64::MAX).await.is_empty());
+
+    // Bad requests get the leader's answers, from the standby itself.
+    let status = on_b
+        .stream_job(pb::StreamJobRequest { job_id: uuid::Uuid::new_v4().to_string(), ..request(0) })
+        .await
+        .expect_err("an unknown job");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let status = on_b
+        .stream_job(pb::StreamJobRequest { job_id: "not-a-job-id".into(), ..request(0) })
+        .await
+        .expect_err("a malformed id");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("job_id"), "{status:?}");
+    // Everything else is forwarded, and this leader cannot be reached: the stream above was the standby's.
+    let status =
+        on_b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect_err("no leader to ask");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

@@ -71,6 +71,9 @@ pub(crate) fn spawn_worker(shared: Arc<Shared>, cancel: CancellationToken) -> to
 
 /// `PromptQueue.get`: pops the heap into the running slot and broadcasts the queue size.
 fn take_next(shared: &Shared) -> Option<(QueueItem, u64)> {
+    if shared.faults.is_queue_held() {
+        return None;
+    }
     let mut st = shared.lock();
     loop {
         let item = heap::pop(&mut st.queue)?;

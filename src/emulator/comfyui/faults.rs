@@ -58,6 +58,8 @@ pub struct Faults {
     kill: Mutex<CancellationToken>,
     /// Send times of binary frames while recording (benchmarks measure how far a relay lags behind).
     frame_times: Mutex<Option<Vec<std::time::Instant>>>,
+    /// Queued prompts wait in the queue (see [`super::ComfyEmulator::hold_queue`]).
+    queue_held: AtomicBool,
 }
 
 impl Faults {
@@ -70,6 +72,7 @@ impl Faults {
             drop_after: AtomicUsize::new(NO_DROP),
             kill: Mutex::new(CancellationToken::new()),
             frame_times: Mutex::new(None),
+            queue_held: AtomicBool::new(false),
         }
     }
 
@@ -183,6 +186,14 @@ impl Faults {
         *self.settings() = Settings::default();
         self.drop_after.store(NO_DROP, Ordering::SeqCst);
         self.set_silent(false);
+    }
+
+    pub(crate) fn set_queue_held(&self, held: bool) {
+        self.queue_held.store(held, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_queue_held(&self) -> bool {
+        self.queue_held.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_silent(&self) -> bool {

@@ -227,6 +227,15 @@ impl ComfyEmulator {
         &self.inner.shared.faults
     }
 
+    /// With `true`, queued prompts stay in the queue, pending (as behind another client's long prompt on a
+    /// busy GPU), and the running one goes on; with `false`, the queue runs again. `Faults::clear` leaves it.
+    pub fn hold_queue(&self, held: bool) {
+        self.inner.shared.faults.set_queue_held(held);
+        if !held {
+            self.inner.shared.work.notify_one();
+        }
+    }
+
     /// Simulates a crash + restart on the same port: every WebSocket dropped WITHOUT a close frame,
     /// queue and history wiped, `number` counter reset to 0, running prompt abandoned (no more messages).
     /// Output caches, feature flags and log subscriptions are lost too; files on disk stay.
