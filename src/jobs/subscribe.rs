@@ -140,13 +140,17 @@ impl EventStream {
                 if page.is_empty() {
                     self.caught_up = true;
                     self.coalesce = false;
-                    // Woken with nothing after our sequence: merged notices, or a job that ended before it
-                    // (a caller's sequence beyond the terminal event). Only the second one ends the stream.
+                    // Woken with nothing after our sequence: merged notices, or a job that has ended (maybe
+                    // just after that read, or before our sequence). An ended job's log is read once more,
+                    // since its terminal event may have committed after the page: then the stream ends.
                     if let Source::Shared(follower) = &self.source
                         && std::mem::take(&mut self.woken)
                     {
                         match follower.has_ended(self.id).await {
-                            Ok(true) => self.live = None,
+                            Ok(true) => {
+                                self.live = None;
+                                self.caught_up = false;
+                            }
                             Ok(false) => {}
                             Err(e) => {
                                 self.done = true;
