@@ -358,7 +358,10 @@ impl Storage {
         let Some(lease) = lease.context("the leader lease (storage.database_url)")? else {
             return Ok(None);
         };
-        tracing::info!("leading: this replica runs the jobs");
+        tracing::info!(term = lease.term(), "leading: this replica runs the jobs");
+        // Every write from here on checks the lease's term: once another replica took the lease, this
+        // one's late writes are refused (and cancel `lease.lost()`, which stops it).
+        let pg = Arc::new(pg.fenced(&lease));
         metrics::replica_leading(true);
         // Where the standbys forward calls while this replica leads.
         let local = listener.local_addr().context("reading the listener's address")?;

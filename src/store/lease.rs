@@ -8,6 +8,11 @@
 //! database can drop its session and hand the lock to another replica: two replicas never lead at once.
 //! A standby asks for the lock every `ASK_EVERY` (0.5 s) with `pg_try_advisory_lock` (never a blocking
 //! `pg_advisory_lock`, whose waiting backend would outlive a standby that stops).
+//!
+//! A lease also has a fencing **term** (`leader_term`, migration 0003): the holder adds one to it as it
+//! takes the lock, after the transactions that still hold the previous term ended, and the store's writes
+//! under [`super::PgStore::fenced`] check it. A deposed leader whose writes arrive late (its partition
+//! healed, it was paused past its checks) is refused by the database and learns it lost the lease.
 
 use std::{str::FromStr, time::Duration};
 
@@ -31,6 +36,8 @@ const ASK_EVERY: Duration = Duration::from_millis(500);
 /// This replica's lease on leadership. Dropping it ends the session, which releases the lock at once.
 #[derive(Debug)]
 pub struct LeaderLease {
+    /// The fencing term this lease took.
+    term: i64,
     lost: CancellationToken,
     /// Owned: the checker, aborted when the lease is dropped (closing the connection it holds).
     checker: tokio::task::JoinHandle<()>,
@@ -44,11 +51,8 @@ impl LeaderLease {
     /// The URL does not parse.
     pub async fn acquire(url: &str, stop: &CancellationToken) -> Result<Option<Self>, StoreError> {
         // The database drops a silent session after 5 + 3 × 2 s of unanswered keepalives.
-        let options = PgConnectOptions::from_str(url)?.application_name("comfyrelay-leader-lease").options([
-            ("tcp_keepalives_idle", "5"),
-            ("tcp_keepalives_interval", "2"),
-            ("tcp_keepalives_count", "3"),
-        ]);
+        let options = super::postgres::keepalives(PgConnectOptions::from_str(url)?)
+            .application_name("comfyrelay-leader-lease");
         let mut waiting_logged = false;
         loop {
             let attempt = async {
@@ -59,7 +63,13 @@ impl LeaderLease {
                         .fetch_one(&mut conn)
                         .await?;
                     if held {
-                        return Ok::<_, sqlx::Error>(conn);
+                        // Waits for the previous leader's transactions that still hold its term.
+                        let term: i64 = sqlx::query_scalar(
+                            "UPDATE leader_term SET term = term + 1 WHERE id = 1 RETURNING term",
+                        )
+                        .fetch_one(&mut conn)
+                        .await?;
+                        return Ok::<_, sqlx::Error>((conn, term));
                     }
                     if !waiting_logged {
                         tracing::info!("standby: another replica leads; waiting for its lease");
@@ -73,7 +83,7 @@ impl LeaderLease {
                 result = attempt => result,
             };
             match result {
-                Ok(conn) => return Ok(Some(Self::hold(conn))),
+                Ok((conn, term)) => return Ok(Some(Self::hold(conn, term))),
                 Err(e) => {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "asking for the leader lease failed; retrying");
                     tokio::select! {
@@ -85,7 +95,7 @@ impl LeaderLease {
         }
     }
 
-    fn hold(mut conn: PgConnection) -> Self {
+    fn hold(mut conn: PgConnection, term: i64) -> Self {
         let lost = CancellationToken::new();
         let token = lost.clone();
         // Exit policy: runs until a check fails (then cancels `lost` and ends) or the lease is dropped
@@ -107,7 +117,12 @@ impl LeaderLease {
             }
             token.cancel();
         });
-        Self { lost, checker }
+        Self { term, lost, checker }
+    }
+
+    /// The fencing term this lease took: one more than the previous leader's.
+    pub fn term(&self) -> i64 {
+        self.term
     }
 
     /// Cancelled when this replica lost the lease: it must stop leading at once.

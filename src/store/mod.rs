@@ -65,6 +65,15 @@ pub enum StoreError {
     /// The data directory could not be prepared.
     #[error("data directory")]
     Io(#[from] std::io::Error),
+    /// Another replica took the leader lease since this one's (term `term`; the database holds `current`):
+    /// this replica no longer leads and must not write.
+    #[error("this replica's leader term {term} was superseded by term {current}")]
+    Fenced {
+        /// This replica's term.
+        term: i64,
+        /// The term the database holds.
+        current: i64,
+    },
     /// A row written by an earlier version could not be converted.
     #[error("cannot migrate stored job {id}: {reason}")]
     Legacy {

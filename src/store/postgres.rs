@@ -12,15 +12,24 @@
 //! `NOTIFY comfyrelay_events` per such job (payload `"{job_id} {last_seq}"`), which PostgreSQL delivers at
 //! commit: [`PgStore::listen_events`] hears of committed events only.
 //!
+//! The leader's writes are fenced ([`PgStore::fenced`]): each write transaction first reads the lease's
+//! term (`leader_term`) `FOR SHARE` and is refused with [`StoreError::Fenced`] when another replica has
+//! taken the lease since, so a deposed leader never writes after its successor started.
+//!
+//! Every connection asks the server for TCP keepalives (a silent client is dropped after about 11 s), so an
+//! open transaction of a replica cut off from the database does not hold its row locks (the term's among
+//! them) for the operating system's default of two hours.
+//!
 //! The connection URL (which may hold a password) is never logged or displayed: [`PgStore`]'s `Debug`
 //! leaves the connect options out, and sqlx's errors do not include it.
 
 use std::{collections::HashMap, str::FromStr, time::Duration};
 
 use sqlx::{
-    Postgres, QueryBuilder, Row,
+    Postgres, QueryBuilder, Row, Transaction,
     postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions},
 };
+use tokio_util::sync::CancellationToken;
 
 use super::{
     Batch, CreateOutcome, EventRow, JobQuery, JobRow, LegacyJob, Store, StoreError,
@@ -51,12 +60,24 @@ pub struct PgStore {
     pool: PgPool,
     /// For the listener's own connection ([`PgStore::listen_events`]); holds the password, never printed.
     options: PgConnectOptions,
+    /// With [`PgStore::fenced`], the leader's term every write checks.
+    fence: Option<Fence>,
+}
+
+/// The term a leader's writes must still find, and its lease's `lost` token, cancelled when they do not.
+#[derive(Debug, Clone)]
+struct Fence {
+    term: i64,
+    lost: CancellationToken,
 }
 
 impl std::fmt::Debug for PgStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Not the connect options: they hold the password.
-        f.debug_struct("PgStore").field("pool", &self.pool).finish_non_exhaustive()
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool)
+            .field("term", &self.fence.as_ref().map(|f| f.term))
+            .finish_non_exhaustive()
     }
 }
 
@@ -75,7 +96,7 @@ impl PgStore {
     /// # Errors
     /// The URL is invalid, the database cannot be reached or a migration fails.
     pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)?;
+        let options = keepalives(PgConnectOptions::from_str(url)?);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -84,7 +105,35 @@ impl PgStore {
         // Takes a session advisory lock on the database: a replica starting at the same moment waits, then
         // finds the migrations applied.
         sqlx::migrate!("src/store/migrations_postgres").run(&pool).await?;
-        Ok(Self { pool, options })
+        Ok(Self { pool, options, fence: None })
+    }
+
+    /// This store with every write fenced by `lease`'s term: a write that finds another term (a replica
+    /// took the lease since) is refused with [`StoreError::Fenced`] and cancels `lease.lost()`.
+    #[must_use]
+    pub fn fenced(&self, lease: &super::LeaderLease) -> Self {
+        Self { fence: Some(Fence { term: lease.term(), lost: lease.lost().clone() }), ..self.clone() }
+    }
+
+    /// A write transaction: with a fence, one that holds the term (`FOR SHARE`, so that a replica taking
+    /// the lease waits for it) after checking it is still this store's.
+    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(fence) = &self.fence {
+            let current: i64 = sqlx::query_scalar("SELECT term FROM leader_term WHERE id = 1 FOR SHARE")
+                .fetch_one(&mut *tx)
+                .await?;
+            if current != fence.term {
+                tracing::error!(
+                    term = fence.term,
+                    current,
+                    "another replica took the leader lease: refusing to write"
+                );
+                fence.lost.cancel();
+                return Err(StoreError::Fenced { term: fence.term, current });
+            }
+        }
+        Ok(tx)
     }
 
     /// The instance id every replica of this database shares: the one stored, or `candidate` when this is
@@ -116,8 +165,9 @@ impl PgStore {
     /// Sets a shared value (`None` removes it).
     ///
     /// # Errors
-    /// Database failures.
+    /// Database failures; [`StoreError::Fenced`].
     pub async fn set_setting(&self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
         match value {
             Some(value) => sqlx::query(
                 "INSERT INTO replica_settings (key, value) VALUES ($1, $2) \
@@ -127,8 +177,9 @@ impl PgStore {
             .bind(value),
             None => sqlx::query("DELETE FROM replica_settings WHERE key = $1").bind(key),
         }
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -155,8 +206,8 @@ impl PgStore {
     }
 
     /// One attempt at a batch, in one transaction.
-    async fn try_commit(&self, batch: &Batch) -> Result<Vec<CreateOutcome>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    async fn try_commit(&self, batch: &Batch) -> Result<Vec<CreateOutcome>, StoreError> {
+        let mut tx = self.begin_write().await?;
 
         // The keys already stored, in one query; then the batch's creates in order, each key it stores
         // found by the creates after it.
@@ -403,8 +454,17 @@ impl<'a> EventColumns<'a> {
 }
 
 /// Whether a batch failed because a concurrent transaction stored one of its idempotency keys first.
-fn lost_key_race(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.constraint() == Some("idempotency_pkey"))
+fn lost_key_race(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(sqlx::Error::Database(db)) if db.constraint() == Some("idempotency_pkey"))
+}
+
+/// `options` with the server asked to drop the session after 5 + 3 × 2 s of unanswered keepalives.
+pub(super) fn keepalives(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([
+        ("tcp_keepalives_idle", "5"),
+        ("tcp_keepalives_interval", "2"),
+        ("tcp_keepalives_count", "3"),
+    ])
 }
 
 /// What [`EventNotifications::next`] heard.
@@ -497,7 +557,7 @@ impl Store for PgStore {
         loop {
             match self.try_commit(batch).await {
                 Err(e) if attempt < KEY_RACE_ATTEMPTS && lost_key_race(&e) => attempt += 1,
-                result => return Ok(result?),
+                result => return result,
             }
         }
     }
@@ -571,7 +631,7 @@ impl Store for PgStore {
         before_ms: i64,
         limit: u32,
     ) -> Result<(Vec<String>, Vec<String>), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_write().await?;
         // Rows another replica is deleting at the same moment are skipped, not waited for.
         let ids: Vec<String> = sqlx::query(
             "SELECT id FROM jobs WHERE terminal = 1 AND ended_ms < $1 ORDER BY ended_ms LIMIT $2 \
@@ -636,13 +696,15 @@ impl Store for PgStore {
         record: &str,
         last_seq: u64,
     ) -> Result<(), StoreError> {
+        let mut tx = self.begin_write().await?;
         sqlx::query("UPDATE jobs SET spec = $1, record = $2, last_seq = $3 WHERE id = $4 AND record IS NULL")
             .bind(spec)
             .bind(record)
             .bind(seq_param(last_seq))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
@@ -791,6 +853,116 @@ mod tests {
         tx.commit().await.unwrap();
         assert_eq!(commit.await.unwrap().unwrap(), vec![CreateOutcome::Existing { job_id: "a".into() }]);
         assert!(store.get_job("b").await.unwrap().is_none());
+    }
+
+    /// Ends the session holding the leader lease in database `db` without its holder noticing yet: the
+    /// database releases the lock, as when the holder is cut off from it.
+    async fn cut_lease(store: &PgStore, db: &str) {
+        let cut: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'comfyrelay-leader-lease'",
+        )
+        .bind(db)
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(cut, [true], "one lease session");
+    }
+
+    /// Waits until a session of `db` waits on a lock (a probe with a deadline, not a fixed sleep).
+    async fn until_waiting_on_a_lock(store: &PgStore, db: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+            )
+            .bind(db)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "no session ever waited on a lock");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_deposed_leaders_writes_are_refused_once_another_replica_leads() {
+        use crate::store::{LeaderLease, MachineStore as _};
+        let Some(server) = PgServer::start().await else { return };
+        let url = server.database("fence").await;
+        let store = PgStore::connect(&url).await.unwrap();
+        let stop = CancellationToken::new();
+        let machine = |id: &str| crate::store::MachineRow {
+            id: id.into(),
+            kind: "runcomfy".into(),
+            state: "ready".into(),
+            created_ms: 1,
+            updated_ms: 1,
+            body: "{}".into(),
+        };
+
+        // The first leader writes under its term.
+        let first = LeaderLease::acquire(&url, &stop).await.unwrap().expect("the first lease");
+        let a = store.fenced(&first);
+        a.commit(&Batch { creates: vec![create("j", 1, None)], ..Default::default() }).await.unwrap();
+        a.put_machine(&machine("m1")).await.unwrap();
+
+        // It is cut off and a second replica leads, with the next term, before the first notices.
+        cut_lease(&store, "fence").await;
+        let second = LeaderLease::acquire(&url, &stop).await.unwrap().expect("the second lease");
+        assert_eq!(second.term(), first.term() + 1);
+
+        // The first's late writes are refused, and it learns it lost the lease.
+        let late = a.commit(&Batch { events: vec![event("j", 2)], ..Default::default() }).await;
+        assert!(
+            matches!(late, Err(StoreError::Fenced { term, current }) if term == first.term() && current == second.term()),
+            "{late:?}"
+        );
+        assert!(first.lost().is_cancelled());
+        assert!(matches!(a.put_machine(&machine("m2")).await, Err(StoreError::Fenced { .. })));
+        assert!(matches!(a.delete_machine("m1").await, Err(StoreError::Fenced { .. })));
+        assert!(matches!(
+            a.set_setting("leader_url", Some("http://a")).await,
+            Err(StoreError::Fenced { .. })
+        ));
+        assert_eq!(store.get_job("j").await.unwrap().map(|j| j.last_seq), Some(1), "nothing of it landed");
+        assert_eq!(
+            store.list_machines().await.unwrap().iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["m1"]
+        );
+
+        // The second writes; a transaction of it still open when a third replica takes the lease holds the
+        // third back until it ends, and lands before the third's term begins ...
+        let b = store.fenced(&second);
+        b.commit(&Batch { events: vec![event("j", 2)], ..Default::default() }).await.unwrap();
+        let mut open = b.begin_write().await.unwrap();
+        sqlx::query("INSERT INTO replica_settings (key, value) VALUES ('probe', 'second')")
+            .execute(&mut *open)
+            .await
+            .unwrap();
+        cut_lease(&store, "fence").await;
+        let third = tokio::spawn({
+            let (url, stop) = (url.clone(), stop.clone());
+            async move { LeaderLease::acquire(&url, &stop).await }
+        });
+        until_waiting_on_a_lock(&store, "fence").await;
+        assert!(!third.is_finished(), "the third lease waits for the second's open transaction");
+        open.commit().await.unwrap();
+        let third = third.await.unwrap().unwrap().expect("the third lease");
+        assert_eq!(third.term(), second.term() + 1);
+        assert_eq!(store.setting("probe").await.unwrap().as_deref(), Some("second"));
+        // ... and nothing after it.
+        assert!(matches!(
+            b.commit(&Batch { events: vec![event("j", 3)], ..Default::default() }).await,
+            Err(StoreError::Fenced { .. })
+        ));
+        let c = store.fenced(&third);
+        c.commit(&Batch { events: vec![event("j", 3)], ..Default::default() }).await.unwrap();
+        let seqs: Vec<u64> = store.events_after("j", 0, 10).await.unwrap().iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [1, 2, 3]);
     }
 
     #[tokio::test]

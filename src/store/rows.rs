@@ -121,7 +121,8 @@ pub(super) trait Dialect {
 }
 
 /// Implements `MachineStore` and `KeyStore` for a store with a `pool` field of its driver, with the
-/// store's [`Dialect`].
+/// store's [`Dialect`], and machine writes in the store's `begin_write` transactions (fenced by the leader's
+/// term on PostgreSQL).
 macro_rules! machine_and_key_stores {
     ($store:ty) => {
         #[async_trait::async_trait]
@@ -133,6 +134,7 @@ macro_rules! machine_and_key_stores {
                      ON CONFLICT (id) DO UPDATE SET kind = excluded.kind, state = excluded.state, \
                      updated_ms = excluded.updated_ms, body = excluded.body",
                 );
+                let mut tx = self.begin_write().await?;
                 sqlx::query(&sql)
                     .bind(&m.id)
                     .bind(&m.kind)
@@ -140,14 +142,17 @@ macro_rules! machine_and_key_stores {
                     .bind(m.created_ms)
                     .bind(m.updated_ms)
                     .bind(&m.body)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await?;
+                tx.commit().await?;
                 Ok(())
             }
 
             async fn delete_machine(&self, id: &str) -> Result<(), super::StoreError> {
                 let sql = <$store as super::rows::Dialect>::sql("DELETE FROM machines WHERE id = $1");
-                sqlx::query(&sql).bind(id).execute(&self.pool).await?;
+                let mut tx = self.begin_write().await?;
+                sqlx::query(&sql).bind(id).execute(&mut *tx).await?;
+                tx.commit().await?;
                 Ok(())
             }
 

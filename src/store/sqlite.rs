@@ -86,6 +86,11 @@ pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 impl SqliteStore {
+    /// A write transaction on the sqlx pool (machine rows; one replica, so nothing to fence).
+    pub(super) async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
     /// Opens (creating if needed, readable by this user only) `comfyrelay.db` in `data_dir` and runs
     /// pending migrations.
     ///
@@ -299,9 +304,11 @@ fn lost_a_race(e: &StoreError) -> bool {
         StoreError::Migrate(
             sqlx::migrate::MigrateError::Execute(_) | sqlx::migrate::MigrateError::ExecuteMigration(..),
         ) => true,
-        StoreError::Migrate(_) | StoreError::Write(_) | StoreError::Io(_) | StoreError::Legacy { .. } => {
-            false
-        }
+        StoreError::Migrate(_)
+        | StoreError::Write(_)
+        | StoreError::Io(_)
+        | StoreError::Fenced { .. }
+        | StoreError::Legacy { .. } => false,
     }
 }
 
