@@ -24,12 +24,9 @@ use tonic_health::ServingStatus;
 use super::{JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, connections, error_details, jobs, tls};
 use crate::{config::Config, jobs::JobFollower, proto::pb, store::PgStore};
 
-/// How long a standby's server waits for its connections to close when the replica starts leading.
+/// How long a standby's server waits, when the replica starts leading (or stops), for its calls to end and
+/// its connections to close by themselves before it cuts the ones left.
 const STANDBY_STOP: Duration = Duration::from_secs(2);
-/// How long a standby's connections stay open after the replica starts leading (or stops), so that its
-/// `StreamJob` calls end with `UNAVAILABLE` naming the sequence to resume after, rather than a cut
-/// connection; then every connection (health watches included) is closed.
-const STREAMS_END: Duration = Duration::from_millis(250);
 /// How often a standby reads the leader's URL and asks the leader's health.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 /// The shared setting holding the leading replica's URL.
@@ -63,29 +60,20 @@ pub async fn serve_standby(
     until: CancellationToken,
 ) -> anyhow::Result<()> {
     let StandbyParts { store, jobs: follower, auth } = parts;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
     let g = &config.grpc;
     let until_for_streams = until.clone();
-    // Cancelled [`STREAMS_END`] after `until`: streams have ended with their resume status by then.
+    // Cancelled when the connections did not close by themselves within [`STANDBY_STOP`] of `until`.
     let cut = CancellationToken::new();
-    let _cut_after = {
-        let (until, cut) = (until.clone(), cut.clone());
-        // Owned by this call (aborted when it returns).
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-            until.cancelled().await;
-            tokio::time::sleep(STREAMS_END).await;
-            cut.cancel();
-        }))
-    };
     let addr = listener.local_addr()?;
     let forward = tls.is_none().then_some(store);
     tracing::info!(%addr, forwards = forward.is_some(), "standby: serving health only until this replica leads");
     let leader = tokio::sync::watch::channel::<Option<Channel>>(None);
     // Owned by this call (aborted when it returns): follows the leader's URL and health.
-    let _follow = forward.map(|store| {
+    let follow = forward.map(|store| {
         let (tx, health) = (leader.0, health.clone());
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_leader(store, tx, health)))
     });
@@ -137,10 +125,24 @@ pub async fn serve_standby(
     tokio::select! {
         result = &mut served => result?,
         () = until.cancelled() => {
-            // Every connection closes now (health watches included), so clients reconnect to the leader.
+            // The graceful shutdown waits for the calls open on each connection, then closes it (its last
+            // frames sent), so clients reconnect to the leader. `until` has ended every `StreamJob` with
+            // `UNAVAILABLE` naming where to resume; the health watches, which never end by themselves, end
+            // (OK) when their statuses go. Calls still open at the deadline have their connections cut.
+            drop(follow);
+            for service in ["", JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
+                health.clear_service_status(service).await;
+            }
             match tokio::time::timeout(STANDBY_STOP, &mut served).await {
                 Ok(result) => result?,
-                Err(_) => tracing::debug!("standby: connections still open at the switch; cut"),
+                Err(_) => {
+                    tracing::debug!("standby: calls still open at the switch; cutting their connections");
+                    cut.cancel();
+                    match tokio::time::timeout(STANDBY_STOP, &mut served).await {
+                        Ok(result) => result?,
+                        Err(_) => tracing::warn!("standby: its server did not stop after its connections were cut"),
+                    }
+                }
             }
         }
     }

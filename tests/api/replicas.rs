@@ -703,3 +703,83 @@ async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader
         on_b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect_err("no leader to ask");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test]
+async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_resume() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("switch").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let b_channel = channel(b_addr).await;
+
+    // A job held in ComfyUI's queue, streamed from the standby, and a health watch on the standby.
+    comfy.hold_queue(true);
+    let job = pb::job_service_client::JobServiceClient::new(a_channel)
+        .submit_job(submit_request("invert", png(16, 16)))
+        .await
+        .expect("submit on the leader")
+        .into_inner();
+    let mut live = pb::job_service_client::JobServiceClient::new(b_channel.clone())
+        .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), ..Default::default() })
+        .await
+        .expect("StreamJob on the standby")
+        .into_inner();
+    let mut streamed = vec![live.message().await.expect("an event").expect("a first event")];
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(b_channel)
+        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .expect("Watch on the standby")
+        .into_inner();
+    assert_eq!(watch.message().await.expect("a status").map(|s| s.status), Some(SERVING));
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while comfy.queued_total() < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the prompt reaches ComfyUI");
+
+    // The leader dies; the standby starts leading.
+    a.child.start_kill().expect("SIGKILL the leader");
+    a.child.wait().await.expect("the leader exits");
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match live.message().await {
+                Ok(Some(e)) => streamed.push(e),
+                Ok(None) => panic!("the stream ended without a terminal event or a status: {streamed:?}"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the standby's stream ends when it leads");
+    // The stream ends with a status (not a cut connection) that says where to resume ...
+    let last = streamed.last().expect("events").sequence;
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains(&format!("after_sequence={last}")), "{ended:?}");
+    // ... and the health watch ends as a call that completed, not as a transport error.
+    let watched = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => {}
+                other => return other.map(|_| ()),
+            }
+        }
+    })
+    .await
+    .expect("the watch ends when the standby leads");
+    assert!(watched.is_ok(), "the watch ended with {watched:?}");
+
+    // Resumed where it said, on the replica now leading: the rest, no gap, to the end.
+    b.wait_for("serving gRPC").await;
+    comfy.hold_queue(false);
+    let b_channel = channel(b_addr).await;
+    let rest = collect_events(&b_channel, &job.id, last).await;
+    assert_gap_free(&rest, last);
+    assert_eq!(terminal(&rest), "succeeded", "{rest:?}");
+    assert_eq!(comfy.queued_total(), 1, "the prompt was queued once");
+}
