@@ -8,18 +8,20 @@
 //!    then comfyrelay (`SubmitJob` → `StreamJob` to the terminal event, output inline), p50/p99 and CPU;
 //! 2. the same with 8 concurrent clients (8 connections each), throughput and CPU;
 //! 3. the lag of each frame of a 50-frame SaveImageWebsocket job at a subscriber, behind the emulator's
-//!    send time;
+//!    send time (with standbys, also at a subscriber of a standby, which reads the shared log);
 //! 4. jobs until 10,000 have run, then comfyrelay's resident memory;
 //! 5. durable `SubmitJob`/s with distinct 256 KiB images from 8 clients (a second comfyrelay whose only
 //!    ComfyUI is unreachable, so jobs stay queued and only submission is measured);
 //! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
-//!    gap-free, and the memory each costs.
+//!    gap-free, the memory each costs and how long after ComfyUI is released the last one ends (with
+//!    standbys, then the same on a standby).
 //!
 //! Run: `cargo bench --bench throughput`. `BENCH_JOBS=N` sets the sequential count (500), `BENCH_TOTAL=N`
 //! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000).
 //! `BENCH_DATABASE=postgres` runs every comfyrelay on a throwaway PostgreSQL server on loopback (durable
 //! settings: `fsync` and `synchronous_commit` on) instead of its SQLite file, and `BENCH_STANDBYS=N` starts
-//! N standby replicas beside each one (they wait for the leader lease; the figures are the leader's).
+//! N standby replicas beside each one (they wait for the leader lease; the figures are the leader's, but
+//! for phases 3 and 6, which also stream from the first standby).
 
 use std::{
     net::SocketAddr,
@@ -123,6 +125,11 @@ struct Relay {
     channels: Vec<Channel>,
     /// Standby replicas on the same database, and their data directories.
     standbys: Vec<(tokio::process::Child, tempfile::TempDir)>,
+    /// 8 connections to each standby.
+    standby_channels: Vec<Vec<Channel>>,
+    /// Where the leader and the standbys listen.
+    addr: SocketAddr,
+    standby_addrs: Vec<SocketAddr>,
 }
 
 /// Starts `comfyrelay serve` on an ephemeral port and reads the bound address from its JSON log.
@@ -139,19 +146,29 @@ async fn start_relay(
     let addr = await_log(&mut lines, "serving gRPC").await?;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let mut standbys = Vec::new();
+    let mut standby_channels = Vec::new();
+    let mut standby_addrs = Vec::new();
     for _ in 0..storage.standbys {
         let dir = tempfile::tempdir()?;
         let mut standby = relay_command(dir.path(), comfy_url, extra, &env).spawn()?;
         let mut lines = BufReader::new(standby.stdout.take().expect("stdout")).lines();
-        await_log(&mut lines, "standby: serving health only until this replica leads").await?;
+        let addr = await_log(&mut lines, "standby: serving health only until this replica leads").await?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         standbys.push((standby, dir));
+        standby_channels.push(connect(addr, 8).await?);
+        standby_addrs.push(addr);
     }
+    let channels = connect(addr, 8).await?;
+    Ok(Relay { child, pid, channels, standbys, standby_channels, addr, standby_addrs })
+}
+
+/// `n` connections to `addr`.
+async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..n {
         channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
     }
-    Ok(Relay { child, pid, channels, standbys })
+    Ok(channels)
 }
 
 /// Reads a comfyrelay's JSON log until `message`; returns its `addr` field.
@@ -204,9 +221,17 @@ fn relay_command(
 
 impl Relay {
     fn client(&self, i: usize) -> JobClient {
-        JobClient::new(self.channels[i % self.channels.len()].clone())
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20)
+        job_client(&self.channels, i)
+    }
+
+    /// A client of the first standby, when there is one.
+    fn standby_client(&self, i: usize) -> Option<JobClient> {
+        self.standby_channels.first().map(|channels| job_client(channels, i))
+    }
+
+    /// Resident memory of the first standby (0 without one).
+    fn standby_rss_kib(&self) -> u64 {
+        self.standbys.first().and_then(|(c, _)| c.id()).map_or(0, rss_kib)
     }
 
     /// User + system CPU time of the process so far.
@@ -237,11 +262,7 @@ impl Relay {
     }
 
     fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
-            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-            .unwrap_or(0)
+        rss_kib(self.pid)
     }
 
     async fn stop(mut self) {
@@ -250,6 +271,20 @@ impl Relay {
             let _ = standby.kill().await;
         }
     }
+}
+
+fn job_client(channels: &[Channel], i: usize) -> JobClient {
+    JobClient::new(channels[i % channels.len()].clone())
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
 }
 
 fn clock_ticks() -> u64 {
@@ -280,8 +315,13 @@ async fn relay_job(
     req: pb::SubmitJobRequest,
 ) -> anyhow::Result<Vec<(Instant, pb::JobEvent)>> {
     let job = client.submit_job(req).await?.into_inner();
+    follow(client, job.id).await
+}
+
+/// Follows job `id` to its terminal event; returns the arrival time of each event.
+async fn follow(client: &mut JobClient, id: String) -> anyhow::Result<Vec<(Instant, pb::JobEvent)>> {
     let mut stream = client
-        .stream_job(pb::StreamJobRequest { job_id: job.id, after_sequence: 0, skip_previews: false })
+        .stream_job(pb::StreamJobRequest { job_id: id, after_sequence: 0, skip_previews: false })
         .await?
         .into_inner();
     let mut events = Vec::new();
@@ -342,6 +382,17 @@ impl Direct {
 // ---------------------------------------------------------------------------------------------------
 // Reporting
 // ---------------------------------------------------------------------------------------------------
+
+fn report_lags(label: &str, lags: &mut [Duration]) {
+    let n = lags.len();
+    let (p50, p99, max) = (pct(lags, 0.5), pct(lags, 0.99), pct(lags, 1.0));
+    println!(
+        "{label:<48} n={n} p50={:.2} ms  p99={:.2} ms  max={:.2} ms",
+        p50.as_secs_f64() * 1000.0,
+        p99.as_secs_f64() * 1000.0,
+        max.as_secs_f64() * 1000.0
+    );
+}
 
 fn pct(samples: &mut [Duration], q: f64) -> Duration {
     samples.sort();
@@ -540,8 +591,10 @@ async fn main() -> anyhow::Result<()> {
         report_throughput("comfyrelay, 8 clients", per * 8, start.elapsed(), Some(relay.cpu() - cpu0));
     println!("{:<48} {:.2}x the direct client's throughput", "", relay_rate / direct_rate);
 
-    // 3. Frame lag of a 50-frame SaveImageWebsocket job.
+    // 3. Frame lag of a 50-frame SaveImageWebsocket job, at a subscriber of the leader and (with standbys)
+    // at one of a standby, following the same job at the same time.
     let mut lags = Vec::new();
+    let mut standby_lags = Vec::new();
     for _ in 0..5 {
         let req = pb::SubmitJobRequest {
             source: Some(pb::submit_job_request::Source::Workflow("progress-websocket".into())),
@@ -554,7 +607,16 @@ async fn main() -> anyhow::Result<()> {
             ..Default::default()
         };
         emulator.faults().record_frame_times(true);
-        let events = relay_job(&mut client, req).await?;
+        let job = client.submit_job(req).await?.into_inner();
+        let on_standby = relay.standby_client(0).map(|mut c| {
+            let id = job.id.clone();
+            tokio::spawn(async move { follow(&mut c, id).await })
+        });
+        let events = follow(&mut client, job.id).await?;
+        let standby_events = match on_standby {
+            Some(task) => Some(task.await??),
+            None => None,
+        };
         let sent = emulator.faults().take_frame_times();
         emulator.faults().record_frame_times(false);
         let received: Vec<Instant> = events
@@ -569,17 +631,23 @@ async fn main() -> anyhow::Result<()> {
             received.len()
         );
         lags.extend(sent.iter().zip(&received).map(|(s, r)| r.saturating_duration_since(*s)));
+        if let Some(standby_events) = standby_events {
+            anyhow::ensure!(
+                standby_events.iter().map(|(_, e)| e).eq(events.iter().map(|(_, e)| e)),
+                "the standby streamed other events than the leader"
+            );
+            let received = standby_events
+                .iter()
+                .filter(|(_, e)| matches!(e.kind, Some(pb::job_event::Kind::OutputReady(_))))
+                .map(|(t, _)| *t);
+            standby_lags.extend(sent.iter().zip(received).map(|(s, r)| r.saturating_duration_since(*s)));
+        }
         done += 1;
     }
-    let n = lags.len();
-    let (p50, p99, max) = (pct(&mut lags, 0.5), pct(&mut lags, 0.99), pct(&mut lags, 1.0));
-    println!(
-        "{:<48} n={n} p50={:.2} ms  p99={:.2} ms  max={:.2} ms",
-        "frame lag at a subscriber (50-frame websocket job)",
-        p50.as_secs_f64() * 1000.0,
-        p99.as_secs_f64() * 1000.0,
-        max.as_secs_f64() * 1000.0
-    );
+    report_lags("frame lag at a subscriber (50-frame websocket job)", &mut lags);
+    if !standby_lags.is_empty() {
+        report_lags("  the same frames at a standby's subscriber", &mut standby_lags);
+    }
 
     // 4. Memory after `total` jobs.
     let remaining = total.saturating_sub(done);
@@ -658,65 +726,82 @@ async fn main() -> anyhow::Result<()> {
         ComfyEmulator::start(tokio::net::TcpListener::bind("127.0.0.1:0").await?, Default::default()).await?;
     let data3 = tempfile::tempdir()?;
     let relay3 = start_relay(data3.path(), &emulator3.url(), &[], &storage).await?;
-    // The first job holds the only ComfyUI while everyone subscribes; the others wait in the queue.
-    emulator3.faults().set_node_delay(Duration::from_secs(3));
     let live_jobs = 100usize;
-    let mut ids = Vec::new();
-    for _ in 0..live_jobs {
-        ids.push(relay3.client(0).submit_job(invert_request(&image)).await?.into_inner().id);
+    let mut sides = vec![("leader", false)];
+    if relay3.standby_client(0).is_some() {
+        sides.push(("first standby", true));
     }
-    let rss_before = relay3.rss_kib();
-    let opened = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(subscribers);
-    for s in 0..subscribers {
-        let mut c = relay3.client(s);
-        let id = ids[s % live_jobs].clone();
-        let opened = opened.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut stream = c
-                .stream_job(pb::StreamJobRequest { job_id: id, after_sequence: 0, skip_previews: false })
-                .await?
-                .into_inner();
-            let mut last = 0u64;
-            let mut first = true;
-            while let Some(e) = stream.message().await? {
-                anyhow::ensure!(e.sequence == last + 1, "gap or duplicate: {} after {last}", e.sequence);
-                last = e.sequence;
-                if first {
-                    opened.fetch_add(1, Ordering::Relaxed);
-                    first = false;
-                }
-                if matches!(e.kind, Some(pb::job_event::Kind::Succeeded(_))) {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while opened.load(Ordering::Relaxed) < subscribers && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await; // a bench polling its own counter
-    }
-    let open_now = opened.load(Ordering::Relaxed);
-    let rss_open = relay3.rss_kib();
-    println!(
-        "{:<48} {open_now} of {subscribers} open after {:.2} s on {live_jobs} live jobs: +{} KiB ({:.1} KiB each)",
-        "concurrent StreamJob subscribers, 8 connections",
-        start.elapsed().as_secs_f64(),
-        rss_open.saturating_sub(rss_before),
-        rss_open.saturating_sub(rss_before) as f64 / open_now.max(1) as f64
-    );
-    emulator3.faults().set_node_delay(Duration::ZERO);
-    let mut complete = 0usize;
-    let mut failed = 0usize;
-    for t in tasks {
-        match t.await? {
-            Ok(true) => complete += 1,
-            Ok(false) | Err(_) => failed += 1,
+    for (round, (side, on_standby)) in sides.into_iter().enumerate() {
+        // ComfyUI holds its queue while everyone subscribes, so every job is live until it is released.
+        // Each round has an image of its own: ComfyUI runs an image it has seen from its cache, at once.
+        emulator3.hold_queue(true);
+        let image = Bytes::from(png(8, 8, 100 + round as u32));
+        let mut ids = Vec::new();
+        for _ in 0..live_jobs {
+            ids.push(relay3.client(0).submit_job(invert_request(&image)).await?.into_inner().id);
         }
+        let rss = || if on_standby { relay3.standby_rss_kib() } else { relay3.rss_kib() };
+        // Enough connections for every subscriber to have a stream (the server allows 1,024 per connection).
+        let conns = subscribers.div_ceil(1000).max(8);
+        let channels = connect(if on_standby { relay3.standby_addrs[0] } else { relay3.addr }, conns).await?;
+        let rss_before = rss();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(subscribers);
+        for s in 0..subscribers {
+            let mut c = job_client(&channels, s);
+            let id = ids[s % live_jobs].clone();
+            let opened = opened.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut stream = c
+                    .stream_job(pb::StreamJobRequest { job_id: id, after_sequence: 0, skip_previews: false })
+                    .await?
+                    .into_inner();
+                let mut last = 0u64;
+                let mut first = true;
+                while let Some(e) = stream.message().await? {
+                    anyhow::ensure!(e.sequence == last + 1, "gap or duplicate: {} after {last}", e.sequence);
+                    last = e.sequence;
+                    if first {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        first = false;
+                    }
+                    if matches!(e.kind, Some(pb::job_event::Kind::Succeeded(_))) {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            }));
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while opened.load(Ordering::Relaxed) < subscribers && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await; // a bench polling its own counter
+        }
+        let open_now = opened.load(Ordering::Relaxed);
+        let rss_open = rss();
+        println!(
+            "{:<48} {open_now} of {subscribers} open after {:.2} s on {live_jobs} live jobs: +{} KiB ({:.1} KiB each)",
+            format!("StreamJob subscribers on the {side}, {conns} conns"),
+            start.elapsed().as_secs_f64(),
+            rss_open.saturating_sub(rss_before),
+            rss_open.saturating_sub(rss_before) as f64 / open_now.max(1) as f64
+        );
+        emulator3.hold_queue(false);
+        let released = Instant::now();
+        let mut complete = 0usize;
+        let mut failed = 0usize;
+        for t in tasks {
+            match t.await? {
+                Ok(true) => complete += 1,
+                Ok(false) | Err(_) => failed += 1,
+            }
+        }
+        println!(
+            "{:<48} {complete} complete and gap-free, {failed} not; the last {:.2} s after ComfyUI was released",
+            "",
+            released.elapsed().as_secs_f64()
+        );
     }
-    println!("{:<48} {complete} complete and gap-free, {failed} not", "");
     relay3.stop().await;
     cancel.cancel();
     emulator.shutdown().await;
