@@ -37,6 +37,7 @@ const STAGE: &str = "comfyrelay_job_stage_seconds";
 const EVENTS_RELAYED: &str = "comfyrelay_events_relayed_total";
 const SUBSCRIBERS: &str = "comfyrelay_stream_subscribers";
 const SUBSCRIBERS_COALESCED: &str = "comfyrelay_stream_subscribers_coalesced_total";
+const FOLLOWER_LOG_READS: &str = "comfyrelay_follower_log_reads_total";
 const GRPC_REQUESTS: &str = "comfyrelay_grpc_requests_total";
 const GRPC_DURATION: &str = "comfyrelay_grpc_request_duration_seconds";
 const COMFYUI_CONNECTED: &str = "comfyrelay_comfyui_connected";
@@ -148,6 +149,10 @@ fn describe() {
     describe_counter!(
         SUBSCRIBERS_COALESCED,
         "Times a subscriber fell behind the live feed and caught up from the log with progress coalesced."
+    );
+    describe_counter!(
+        FOLLOWER_LOG_READS,
+        "Reads of the shared database a standby made for the StreamJob subscribers of jobs another replica runs (one per notice of a followed job, shared by its subscribers)."
     );
     describe_counter!(GRPC_REQUESTS, "gRPC calls that ended, by method and status code.");
     describe_histogram!(
@@ -275,6 +280,11 @@ impl Drop for SubscriberGuard {
 /// A subscriber fell behind the live feed and catches up from the log, coalescing progress.
 pub fn subscriber_coalesced() {
     counter!(SUBSCRIBERS_COALESCED).increment(1);
+}
+
+/// A standby read a followed job's log (or its row) from the shared database for its subscribers.
+pub fn follower_log_read() {
+    counter!(FOLLOWER_LOG_READS).increment(1);
 }
 
 // ---- store ----
@@ -455,6 +465,7 @@ const ALL: &[&str] = &[
     EVENTS_RELAYED,
     SUBSCRIBERS,
     SUBSCRIBERS_COALESCED,
+    FOLLOWER_LOG_READS,
     GRPC_REQUESTS,
     GRPC_DURATION,
     COMFYUI_CONNECTED,

@@ -8,12 +8,21 @@
 //! subscribe"), and every subscriber is woken whenever the listener (re)connects, because PostgreSQL
 //! drops the notifications of a listener that is not connected.
 //!
+//! The subscribers of one job share its reads (a [`Tail`]): after a notice, the first subscriber to ask
+//! reads the new events once, under the job's lock, and the others take them from the tail, so a notice
+//! costs one read of the log whatever the number of subscribers (`comfyrelay_follower_log_reads_total`
+//! counts them). A tail is fresh while no wake-up came after its last read began; a subscriber behind the
+//! tail's window, or a tail not yet started, reads the log for itself.
+//!
 //! Per subscriber this holds one `watch` receiver and at most one page of the log; wake-ups while it is
-//! busy collapse into one.
+//! busy collapse into one. Per followed job, at most [`TAIL_EVENTS`] recent events.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -25,6 +34,10 @@ use crate::store::{ArtifactStore, EventNotice, PgStore, Store as _};
 
 /// How long the listener waits before it connects again after the database could not be reached.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+/// The recent events a followed job's [`Tail`] keeps for its subscribers.
+const TAIL_EVENTS: usize = 256;
+/// The events one read of the log brings into a tail.
+const TAIL_PAGE: u32 = 256;
 
 /// Jobs read from the shared database, for a replica that does not run them (a standby).
 #[derive(Debug, Clone)]
@@ -75,20 +88,63 @@ impl JobFollower {
         Ok(EventStream::following(self.clone(), id, after_sequence, skip_previews, wake))
     }
 
-    /// Reads logged events after `after`, at most `limit`.
+    /// Logged events after `after`, at most `limit`: from the job's tail when its subscribers' last read
+    /// is fresh and covers them, else read (once for all its subscribers when they are at the tail).
     pub(super) async fn events_after(
         &self,
         id: JobId,
         after: u64,
         limit: u32,
-    ) -> Result<Vec<Event>, JobError> {
-        let rows = self.store.events_after(&id.to_string(), after, limit).await?;
-        rows.iter().map(log::decode_event).collect()
+    ) -> Result<Vec<Arc<Event>>, JobError> {
+        let Some(followed) = self.wakers.get(&id.to_string()) else {
+            return self.read(id, after, limit).await;
+        };
+        let mut tail = followed.tail.lock().await;
+        let Some(last) = tail.last else {
+            // Not started: this subscriber's read starts it when it reaches the end of the log.
+            let wakes = followed.wakes.load(Ordering::SeqCst);
+            let page = self.read(id, after, limit).await?;
+            if !page.is_empty() && (page.len() as u64) < u64::from(limit) {
+                tail.extend(&page, wakes);
+            }
+            return Ok(page);
+        };
+        if !tail.is_fresh(&followed) && after >= tail.first().saturating_sub(1) {
+            // One read for every subscriber at the tail; a full page leaves the tail stale (more to read).
+            let wakes = followed.wakes.load(Ordering::SeqCst);
+            let page = self.read(id, last, TAIL_PAGE).await?;
+            let reached_end = (page.len() as u64) < u64::from(TAIL_PAGE);
+            let fresh_as_of = if reached_end { wakes } else { tail.fresh_as_of };
+            tail.extend(&page, fresh_as_of);
+        }
+        match tail.after(after, limit) {
+            Some(events) => Ok(events),
+            // Behind the tail's window: this subscriber reads for itself.
+            None => {
+                drop(tail);
+                self.read(id, after, limit).await
+            }
+        }
     }
 
-    /// Whether the job has ended (or is gone).
+    /// Whether the job has ended (or is gone): known from a fresh tail, else read.
     pub(super) async fn has_ended(&self, id: JobId) -> Result<bool, JobError> {
+        if let Some(followed) = self.wakers.get(&id.to_string()) {
+            let tail = followed.tail.lock().await;
+            // A job's row turns terminal in the commit of its terminal event, so a fresh tail knows.
+            if tail.last.is_some() && tail.is_fresh(&followed) {
+                return Ok(tail.ended);
+            }
+        }
+        crate::metrics::follower_log_read();
         Ok(self.store.get_job(&id.to_string()).await?.is_none_or(|row| row.terminal))
+    }
+
+    /// Reads the log after `after`, at most `limit`.
+    async fn read(&self, id: JobId, after: u64, limit: u32) -> Result<Vec<Arc<Event>>, JobError> {
+        crate::metrics::follower_log_read();
+        let rows = self.store.events_after(&id.to_string(), after, limit).await?;
+        rows.iter().map(|row| log::decode_event(row).map(Arc::new)).collect()
     }
 
     /// The output's metadata with inline bytes when small enough.
@@ -97,31 +153,113 @@ impl JobFollower {
     }
 }
 
-/// The wake-ups of the jobs being followed, by job id.
+/// The jobs being followed, by job id.
 #[derive(Debug, Default)]
 struct Wakers {
-    jobs: Mutex<HashMap<String, watch::Sender<()>>>,
+    jobs: Mutex<HashMap<String, Arc<Followed>>>,
+}
+
+/// One followed job: its subscribers' wake-up and the reads they share.
+#[derive(Debug)]
+struct Followed {
+    wake: watch::Sender<()>,
+    /// Wake-ups so far (notices of this job and resyncs); a tail read that began at this count holds
+    /// every commit announced until then.
+    wakes: AtomicU64,
+    tail: tokio::sync::Mutex<Tail>,
+}
+
+/// The recent events of a followed job, read once for all its subscribers.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Consecutive events, oldest first, at most [`TAIL_EVENTS`].
+    events: VecDeque<Arc<Event>>,
+    /// The sequence of the last event read; `None` until a read reached the end of the log.
+    last: Option<u64>,
+    /// [`Followed::wakes`] when the last read that reached the end of the log began.
+    fresh_as_of: u64,
+    /// A terminal event was read.
+    ended: bool,
+}
+
+impl Tail {
+    /// Whether no wake-up came since the last read that reached the end of the log began.
+    fn is_fresh(&self, followed: &Followed) -> bool {
+        self.fresh_as_of == followed.wakes.load(Ordering::SeqCst)
+    }
+
+    /// The sequence of the oldest event held (one past `last` when none is).
+    fn first(&self) -> u64 {
+        self.events.front().map_or_else(|| self.last.unwrap_or(0) + 1, |e| e.seq)
+    }
+
+    /// Appends the events of a read (the ones after `last`), fresh as of `wakes`.
+    fn extend(&mut self, page: &[Arc<Event>], wakes: u64) {
+        for e in page {
+            if self.last.is_some_and(|last| e.seq <= last) {
+                continue;
+            }
+            self.ended |= e.kind.is_terminal();
+            self.last = Some(e.seq);
+            self.events.push_back(e.clone());
+            if self.events.len() > TAIL_EVENTS {
+                self.events.pop_front();
+            }
+        }
+        self.fresh_as_of = wakes;
+    }
+
+    /// The events after `after`, at most `limit`, when the tail holds all of them up to its end.
+    fn after(&self, after: u64, limit: u32) -> Option<Vec<Arc<Event>>> {
+        let last = self.last?;
+        if after >= last {
+            return Some(Vec::new());
+        }
+        if after + 1 < self.first() {
+            return None;
+        }
+        let skip = usize::try_from(after + 1 - self.first()).ok()?;
+        Some(self.events.iter().skip(skip).take(limit as usize).cloned().collect())
+    }
 }
 
 impl Wakers {
     fn register(self: &Arc<Self>, job_id: &str) -> Wake {
         let mut jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let rx = jobs.entry(job_id.to_owned()).or_insert_with(|| watch::channel(()).0).subscribe();
-        Wake { rx, job_id: job_id.to_owned(), wakers: self.clone() }
+        let followed = jobs.entry(job_id.to_owned()).or_insert_with(|| {
+            Arc::new(Followed {
+                wake: watch::channel(()).0,
+                wakes: AtomicU64::new(0),
+                tail: tokio::sync::Mutex::new(Tail::default()),
+            })
+        });
+        Wake { rx: followed.wake.subscribe(), job_id: job_id.to_owned(), wakers: self.clone() }
+    }
+
+    fn get(&self, job_id: &str) -> Option<Arc<Followed>> {
+        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(job_id).cloned()
     }
 
     fn wake(&self, job_id: &str) {
         let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(tx) = jobs.get(job_id) {
-            tx.send_replace(());
+        if let Some(followed) = jobs.get(job_id) {
+            followed.woken();
         }
     }
 
     fn wake_all(&self) {
         let jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for tx in jobs.values() {
-            tx.send_replace(());
+        for followed in jobs.values() {
+            followed.woken();
         }
+    }
+}
+
+impl Followed {
+    /// The log may have grown: the tail is stale (counted first), then the subscribers wake.
+    fn woken(&self) {
+        self.wakes.fetch_add(1, Ordering::SeqCst);
+        self.wake.send_replace(());
     }
 }
 
@@ -147,7 +285,7 @@ impl Drop for Wake {
     fn drop(&mut self) {
         let mut jobs = self.wakers.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // This receiver still counts: the last one out removes the entry.
-        if jobs.get(&self.job_id).is_some_and(|tx| tx.receiver_count() <= 1) {
+        if jobs.get(&self.job_id).is_some_and(|followed| followed.wake.receiver_count() <= 1) {
             jobs.remove(&self.job_id);
         }
     }

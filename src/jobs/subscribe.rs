@@ -127,7 +127,10 @@ impl EventStream {
                     continue;
                 }
                 let page = match &self.source {
-                    Source::Engine(manager) => manager.events_after(self.id, self.last, PAGE).await,
+                    Source::Engine(manager) => manager
+                        .events_after(self.id, self.last, PAGE)
+                        .await
+                        .map(|page| page.into_iter().map(Arc::new).collect()),
                     Source::Shared(follower) => follower.events_after(self.id, self.last, PAGE).await,
                 };
                 let page = match page {
@@ -159,7 +162,6 @@ impl EventStream {
                         }
                     }
                 } else {
-                    let page: Vec<Arc<Event>> = page.into_iter().map(Arc::new).collect();
                     self.backlog.extend(if self.coalesce { coalesce(page) } else { page });
                 }
                 continue;

@@ -783,3 +783,65 @@ async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_re
     assert_eq!(terminal(&rest), "succeeded", "{rest:?}");
     assert_eq!(comfy.queued_total(), 1, "the prompt was queued once");
 }
+
+/// The value of the counter `name` on a replica's `/metrics` (0 while it has not been counted).
+async fn counter(replica: &mut Replica, name: &str) -> f64 {
+    let addr = replica.wait_for("serving metrics").await;
+    let scrape =
+        reqwest::get(format!("http://{addr}/metrics")).await.expect("scrape").text().await.expect("body");
+    scrape.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("sharing").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    comfy.faults().set_node_delay(Duration::from_millis(20));
+    comfy.faults().set_node_progress_steps(4);
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+
+    // Twenty subscribers of one job on the standby, all open before it runs.
+    comfy.hold_queue(true);
+    let job = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .submit_job(submit_request("invert", png(16, 16)))
+        .await
+        .expect("submit on the leader")
+        .into_inner();
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut stream = pb::job_service_client::JobServiceClient::new(b_channel.clone())
+            .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), ..Default::default() })
+            .await
+            .expect("StreamJob on the standby")
+            .into_inner();
+        let first = stream.message().await.expect("an event").expect("a first event");
+        streams.push((vec![first], stream));
+    }
+    let reads_before = counter(&mut b, "comfyrelay_follower_log_reads_total").await;
+    comfy.hold_queue(false);
+    let all = futures::future::join_all(streams.into_iter().map(|(mut seen, mut stream)| async move {
+        while let Some(e) = stream.message().await.expect("the standby's stream") {
+            seen.push(e);
+        }
+        seen
+    }));
+    let all = tokio::time::timeout(Duration::from_secs(30), all).await.expect("the streams end within 30 s");
+    let from_leader = collect_events(&a_channel, &job.id, 0).await;
+    assert_eq!(terminal(&from_leader), "succeeded", "{from_leader:?}");
+    for streamed in &all {
+        assert_eq!(streamed, &from_leader, "every subscriber of the standby gets the leader's stream");
+    }
+    // Each commit is announced once and read once for all twenty: at most one read per event streamed
+    // live (a notice per commit), and a second when a commit lands during a read; twenty subscribers each
+    // reading for themselves would read at least twenty times per commit.
+    let reads = counter(&mut b, "comfyrelay_follower_log_reads_total").await - reads_before;
+    let live = from_leader.len() as f64 - 1.0;
+    assert!(live >= 6.0, "enough events to count: {from_leader:?}");
+    assert!(reads >= 1.0, "the standby counts its reads");
+    assert!(reads <= 2.0 * live, "{reads} reads of the log for {live} live events and 20 subscribers");
+}
