@@ -13,6 +13,11 @@
 //! (a client certificate cannot be forwarded, so with `grpc.tls` a standby does not forward and answers
 //! `UNAVAILABLE`). The standby's health follows the leader's: each service is what the leader says it is,
 //! and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
+//!
+//! In front of both sit the leader's connection layers that need no job engine: with `grpc.grpc_web`,
+//! browsers' Host/Origin checks, the console's assets, CORS and gRPC-Web (a browser's call is translated
+//! to gRPC, then served or forwarded like any other); and call tracking, so `grpc.idle_timeout` closes
+//! only connections without open calls.
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,7 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Server};
 use tonic_health::ServingStatus;
 
-use super::{JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, connections, error_details, jobs, tls};
+use super::{
+    JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, browser, connections, console, cors, error_details,
+    jobs, tls,
+};
 use crate::{config::Config, jobs::JobFollower, proto::pb, store::PgStore};
 
 /// How long a standby's server waits, when the replica starts leading (or stops), for its calls to end and
@@ -114,11 +122,20 @@ pub async fn serve_standby(
         g.handshake_timeout,
         max_connections,
     );
-    let mut builder = Server::builder()
+    // The leader's layers that do not need the job engine: browsers' checks, the console's assets, CORS
+    // and gRPC-Web (translated to gRPC before the route or the forwarder sees the call), and call
+    // tracking, without which `grpc.idle_timeout` would close connections whose calls are still open.
+    let web = config.grpc.grpc_web;
+    let served = Server::builder()
+        .accept_http1(web)
         .http2_keepalive_interval(Some(g.keepalive_interval))
         .http2_keepalive_timeout(Some(g.keepalive_timeout))
-        .max_concurrent_streams(Some(g.max_concurrent_streams));
-    let served = builder
+        .max_concurrent_streams(Some(g.max_concurrent_streams))
+        .layer(browser::BrowserCheckLayer::new(&g.allowed_hosts, &g.cors_origins))
+        .layer(tower::util::option_layer(web.then_some(console::ConsoleLayer)))
+        .layer(tower::util::option_layer(web.then(|| cors::layer(&g.cors_origins))))
+        .layer(tower::util::option_layer(web.then(tonic_web::GrpcWebLayer::new)))
+        .layer(connections::CallTrackingLayer)
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(incoming, until.clone().cancelled_owned());
     tokio::pin!(served);

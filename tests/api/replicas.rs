@@ -845,3 +845,113 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
     assert!(reads >= 1.0, "the standby counts its reads");
     assert!(reads <= 2.0 * live, "{reads} reads of the log for {live} live events and 20 subscribers");
 }
+
+#[tokio::test]
+async fn a_standby_keeps_a_connection_with_an_open_stream_past_the_idle_timeout() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("idle").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    // Three nodes of 700 ms: the job, and its stream on the standby, last twice the idle timeout.
+    comfy.faults().set_node_delay(Duration::from_millis(700));
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let short = [
+        ("COMFYRELAY_AUTH__MODE", "none"),
+        ("COMFYRELAY_GRPC__IDLE_TIMEOUT", "1s"),
+        ("COMFYRELAY_GRPC__KEEPALIVE_INTERVAL", "200ms"),
+    ];
+    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &short);
+    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+    let job = pb::job_service_client::JobServiceClient::new(a_channel)
+        .submit_job(submit_request("invert", png(8, 8)))
+        .await
+        .expect("submit on the leader")
+        .into_inner();
+    let mut stream = pb::job_service_client::JobServiceClient::new(b_channel)
+        .stream_job(pb::StreamJobRequest { job_id: job.id, ..Default::default() })
+        .await
+        .expect("StreamJob on the standby")
+        .into_inner();
+    let read = async {
+        let mut events = Vec::new();
+        while let Some(event) = stream.message().await.expect("the stream is not cut") {
+            events.push(event);
+        }
+        events
+    };
+    let events = tokio::time::timeout(Duration::from_secs(60), read).await.expect("the job ends");
+    assert_gap_free(&events, 0);
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+}
+
+/// The frames of a gRPC-Web answer: its messages and its trailers.
+fn grpc_web_frames(body: &[u8]) -> (Vec<Vec<u8>>, String) {
+    let (mut messages, mut trailers, mut rest) = (Vec::new(), String::new(), body);
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        let frame = rest[5..5 + len].to_vec();
+        if rest[0] & 0x80 == 0 {
+            messages.push(frame);
+        } else {
+            trailers.push_str(&String::from_utf8_lossy(&frame));
+        }
+        rest = &rest[5 + len..];
+    }
+    (messages, trailers)
+}
+
+#[tokio::test]
+async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself() {
+    use prost::Message as _;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("web").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    until_serving(&channel(b_addr).await, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+    let job = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .submit_job(submit_request("invert", png(8, 8)))
+        .await
+        .expect("submit on the leader")
+        .into_inner();
+    let from_leader = collect_events(&a_channel, &job.id, 0).await;
+
+    // A browser speaks gRPC-Web over HTTP/1.1 (frame = flag + u32 length + message).
+    let web_call = |method: &str, message: Vec<u8>| {
+        let mut body = vec![0u8];
+        body.extend((message.len() as u32).to_be_bytes());
+        body.extend(message);
+        reqwest::Client::new()
+            .post(format!("http://{b_addr}/{method}"))
+            .header("content-type", "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .body(body)
+            .send()
+    };
+    // Forwarded to the leader: the catalog.
+    let resp = web_call("comfyrelay.v1.WorkflowService/ListWorkflows", Vec::new()).await.expect("grpc-web");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/grpc-web+proto")
+    );
+    let (messages, trailers) = grpc_web_frames(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let workflows =
+        pb::ListWorkflowsResponse::decode(messages[0].as_slice()).expect("a ListWorkflowsResponse");
+    assert!(workflows.workflows.iter().any(|w| w.name == "invert"), "{workflows:?}");
+
+    // Served by the standby from the shared log: the job's whole stream, as the leader streams it.
+    let request = pb::StreamJobRequest { job_id: job.id.clone(), ..Default::default() }.encode_to_vec();
+    let resp = web_call("comfyrelay.v1.JobService/StreamJob", request).await.expect("grpc-web");
+    assert_eq!(resp.status(), 200);
+    let (messages, trailers) = grpc_web_frames(&resp.bytes().await.expect("body"));
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+    let streamed: Vec<pb::JobEvent> =
+        messages.iter().map(|m| pb::JobEvent::decode(m.as_slice()).expect("a JobEvent")).collect();
+    assert_eq!(streamed, from_leader);
+}
