@@ -1,6 +1,6 @@
 //! Artifacts in an object store (`storage.artifacts_url`), here object_store's local filesystem backend
 //! (`file://`): inputs and outputs go there, not to `<data_dir>/artifacts`, and DownloadOutput streams them
-//! back. (No S3 server in the test environment: `s3://` goes through the same code from the URL on.)
+//! back. `s3://` is tested against moto's S3 server with replicas (`replicas.rs`).
 
 use std::path::{Path, PathBuf};
 

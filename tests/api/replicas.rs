@@ -16,6 +16,8 @@ use crate::helpers::{assert_gap_free, collect_events, png, submit_request, termi
 
 #[path = "../support/postgres.rs"]
 mod pg_server;
+#[path = "../support/s3.rs"]
+mod s3_server;
 
 /// One `comfyrelay serve` process; its JSON log lines arrive on `log`.
 struct Replica {
@@ -954,4 +956,116 @@ async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself()
     let streamed: Vec<pb::JobEvent> =
         messages.iter().map(|m| pb::JobEvent::decode(m.as_slice()).expect("a JobEvent")).collect();
     assert_eq!(streamed, from_leader);
+}
+
+/// Downloads output `filename` of `job_id` through `channel`.
+async fn download(channel: &Channel, job_id: &str, filename: &str) -> Vec<u8> {
+    let mut stream = pb::job_service_client::JobServiceClient::new(channel.clone())
+        .download_output(pb::DownloadOutputRequest {
+            job_id: job_id.into(),
+            filename: filename.into(),
+            chunk_size: 1024,
+        })
+        .await
+        .expect("download")
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.expect("chunk") {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    bytes
+}
+
+#[tokio::test]
+async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_serves_them() {
+    use sha2::Digest as _;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let Some(s3) = s3_server::S3Server::start().await else { return };
+    s3.create_bucket("comfyrelay").await;
+    let url = pg.database("objects").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let dir = tempfile::tempdir().unwrap();
+    // Test values for the emulated S3 (it checks no signature); the directory is set but not used.
+    let env = [
+        ("COMFYRELAY_AUTH__MODE", "none"),
+        ("COMFYRELAY_STORAGE__ARTIFACTS_URL", "s3://comfyrelay/artifacts"),
+        ("COMFYRELAY_JOBS__INLINE_OUTPUT_MAX_BYTES", "0"),
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("AWS_ALLOW_HTTP", "true"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let mut a = Replica::spawn_with(&url, dir.path(), &[&comfy], &env);
+    let a_channel = channel(a.wait_for("serving gRPC").await).await;
+    let mut b = Replica::spawn_with(&url, dir.path(), &[&comfy], &env);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let b_channel = channel(b_addr).await;
+    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+
+    // Submitted through the standby, run by the leader: input and output are objects in the bucket.
+    let input = png(32, 16);
+    let job = pb::job_service_client::JobServiceClient::new(b_channel.clone())
+        .submit_job(submit_request("invert", input.clone()))
+        .await
+        .expect("submit through the standby")
+        .into_inner();
+    let events = collect_events(&b_channel, &job.id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    let output = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .get_job(pb::GetJobRequest { job_id: job.id.clone() })
+        .await
+        .expect("get_job")
+        .into_inner()
+        .outputs
+        .into_iter()
+        .next()
+        .expect("an output");
+    let input_sha = hex::encode(sha2::Sha256::digest(&input));
+    let keys = s3.keys("comfyrelay").await;
+    let key_of = |sha: &str| format!("artifacts/{}/{sha}", &sha[..2]);
+    assert!(keys.contains(&key_of(&input_sha)), "the input is in the bucket: {keys:?}");
+    assert!(keys.contains(&key_of(&output.sha256)), "the output is in the bucket: {keys:?}");
+    assert!(
+        std::fs::read_dir(dir.path()).map_or(true, |mut d| d.next().is_none()),
+        "nothing written to the directory"
+    );
+    let stored = download(&a_channel, &job.id, &output.filename).await;
+    assert_eq!(stored.len() as u64, output.size_bytes);
+    assert_eq!(hex::encode(sha2::Sha256::digest(&stored)), output.sha256, "read back as its digest says");
+
+    // An output past 4 MiB goes up as a multipart upload (noise does not compress).
+    let noise = image::RgbImage::from_fn(1400, 1200, |x, y| {
+        let h = (x.wrapping_mul(2_654_435_761) ^ y.wrapping_mul(40_503)).wrapping_mul(2_246_822_519);
+        image::Rgb([(h >> 8) as u8, (h >> 16) as u8, (h >> 24) as u8])
+    });
+    let mut big = std::io::Cursor::new(Vec::new());
+    noise.write_to(&mut big, image::ImageFormat::Png).expect("encode png");
+    let job2 = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .submit_job(submit_request("invert", big.into_inner()))
+        .await
+        .expect("submit a large image")
+        .into_inner();
+    let events = collect_events(&a_channel, &job2.id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    let large = pb::job_service_client::JobServiceClient::new(a_channel.clone())
+        .get_job(pb::GetJobRequest { job_id: job2.id.clone() })
+        .await
+        .expect("get_job")
+        .into_inner()
+        .outputs
+        .into_iter()
+        .next()
+        .expect("an output");
+    assert!(large.size_bytes > 4 << 20, "an output past the spill size: {} bytes", large.size_bytes);
+    assert!(s3.keys("comfyrelay").await.contains(&key_of(&large.sha256)));
+    let large_bytes = download(&b_channel, &job2.id, &large.filename).await;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&large_bytes)), large.sha256);
+
+    // The leader dies: the next one serves the same output from the bucket.
+    a.child.start_kill().expect("SIGKILL the leader");
+    a.child.wait().await.expect("the leader exits");
+    b.wait_for("serving gRPC").await;
+    let b_channel = channel(b_addr).await;
+    assert_eq!(download(&b_channel, &job.id, &output.filename).await, stored);
 }
