@@ -378,7 +378,11 @@ impl Pool {
         if was_ready {
             self.send(PoolEvent::Removed { machine_id: id.clone(), reason: reason.clone() });
         }
-        self.persist(&id).await;
+        // Written ahead of the DELETE, which a deposed leader (its write fenced) must not send: the machine
+        // is the next leader's now.
+        if !self.persist(&id).await {
+            return;
+        }
         info!(machine = %id, %reason, "stopping RunComfy machine");
         // The client already retried transient failures; these pauses are between its attempts.
         let mut pauses = ExponentialBuilder::default()

@@ -24,6 +24,8 @@ impl Pool {
         let store = &self.inner.store;
         (|| store.put_machine(row))
             .retry(store_backoff())
+            // Another replica leads: no attempt can succeed, and the caller must not act on the machine.
+            .when(|e| !matches!(e, StoreError::Fenced { .. }))
             .notify(|e, delay| {
                 warn!(machine = %row.id, error = %ErrorChain(e), ?delay, "cannot write a machine record; retrying");
             })
@@ -36,6 +38,7 @@ impl Pool {
         let store = &self.inner.store;
         let deleted = (|| store.delete_machine(record_id))
             .retry(store_backoff())
+            .when(|e| !matches!(e, StoreError::Fenced { .. }))
             .notify(|e, delay| {
                 warn!(launch = %record_id, error = %ErrorChain(e), ?delay, "cannot delete a launch record; retrying");
             })
@@ -45,11 +48,14 @@ impl Pool {
         }
     }
 
-    pub(super) async fn persist(&self, id: &str) {
+    /// Writes a machine's row as it is in memory. `false` when the write was fenced: another replica
+    /// leads now and manages the machine, so this one must not act on it (no DELETE, no lease extension).
+    /// Other failures are logged and return `true`: the machine stays tracked in memory.
+    pub(super) async fn persist(&self, id: &str) -> bool {
         let row = {
             let now = Instant::now();
             let st = self.state();
-            let Some(e) = st.machines.get(id) else { return };
+            let Some(e) = st.machines.get(id) else { return true };
             MachineRow {
                 id: e.id.clone(),
                 kind: KIND_MACHINE.into(),
@@ -62,16 +68,26 @@ impl Pool {
                 body: serde_json::to_string(&e.record(now)).unwrap_or_default(),
             }
         };
-        if let Err(e) = self.put_row(&row).await {
-            // The machine is still tracked in memory and its lease bounds the cost if we die now.
-            error!(machine = %id, error = %ErrorChain(&e), "cannot record a machine's state; it stays tracked in memory, and its lease stops it if comfyrelay dies");
+        match self.put_row(&row).await {
+            Ok(()) => true,
+            Err(StoreError::Fenced { .. }) => {
+                warn!(machine = %id, "another replica leads now and manages this machine; leaving it alone");
+                false
+            }
+            Err(e) => {
+                // The machine is still tracked in memory and its lease bounds the cost if we die now.
+                error!(machine = %id, error = %ErrorChain(&e), "cannot record a machine's state; it stays tracked in memory, and its lease stops it if comfyrelay dies");
+                true
+            }
         }
     }
 
     pub(super) fn persist_later(&self, id: &str) {
         let pool = self.clone();
         let id = id.to_string();
-        self.inner.tracker.spawn(async move { pool.persist(&id).await });
+        self.inner.tracker.spawn(async move {
+            pool.persist(&id).await;
+        });
     }
 
     pub(super) fn spawn_reconcile(&self) {
