@@ -542,23 +542,8 @@ async fn any_replica_serves_any_call_by_forwarding_it_to_the_leader() {
         .into_iter()
         .next()
         .expect("an output");
-    let mut downloads = Vec::new();
-    for channel in [a, b] {
-        let mut stream = pb::job_service_client::JobServiceClient::new(channel.clone())
-            .download_output(pb::DownloadOutputRequest {
-                job_id: job.id.clone(),
-                filename: output.filename.clone(),
-                chunk_size: 1024,
-            })
-            .await
-            .expect("download")
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = stream.message().await.expect("chunk") {
-            bytes.extend_from_slice(&chunk.data);
-        }
-        downloads.push(bytes);
-    }
+    let downloads =
+        [download(a, &job.id, &output.filename).await, download(b, &job.id, &output.filename).await];
     assert_eq!(downloads[0].len() as u64, output.size_bytes);
     assert_eq!(downloads[0], downloads[1], "the same bytes through a standby");
 
@@ -623,23 +608,56 @@ async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_re
     }
 }
 
+/// A leader (`a`) and a standby (`b`) on a fresh database `db` of their own PostgreSQL server, on `comfy`,
+/// sharing an artifact directory, with `a_env` and `b_env` added to their settings (`auth.mode = none`
+/// unless given).
+struct Pair {
+    a: Replica,
+    a_channel: Channel,
+    b: Replica,
+    b_addr: SocketAddr,
+    b_channel: Channel,
+    url: String,
+    artifacts: tempfile::TempDir,
+    _pg: pg_server::PgServer,
+}
+
+impl Pair {
+    /// `None` (the test returns) without PostgreSQL.
+    async fn start(
+        db: &str,
+        comfy: &ComfyEmulator,
+        a_env: &[(&str, &str)],
+        b_env: &[(&str, &str)],
+    ) -> Option<Self> {
+        let pg = pg_server::PgServer::start().await?;
+        let url = pg.database(db).await;
+        let artifacts = tempfile::tempdir().unwrap();
+        fn with_auth<'e>(extra: &[(&'e str, &'e str)]) -> Vec<(&'e str, &'e str)> {
+            let mut env = vec![("COMFYRELAY_AUTH__MODE", "none")];
+            env.extend_from_slice(extra);
+            env
+        }
+        let mut a = Replica::spawn_with(&url, artifacts.path(), &[comfy], &with_auth(a_env));
+        let a_channel = channel(a.wait_for("serving gRPC").await).await;
+        let mut b = Replica::spawn_with(&url, artifacts.path(), &[comfy], &with_auth(b_env));
+        let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+        let b_channel = channel(b_addr).await;
+        Some(Self { a, a_channel, b, b_addr, b_channel, url, artifacts, _pg: pg })
+    }
+}
+
 #[tokio::test]
 async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader() {
     use sqlx::Connection as _;
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("following").await;
     let comfy = crate::helpers::spawn_comfy().await;
     // Several progress events per node, so the stream has more than a handful of live events.
     comfy.faults().set_node_delay(Duration::from_millis(20));
     comfy.faults().set_node_progress_steps(4);
-    let artifacts = tempfile::tempdir().unwrap();
     // The leader advertises an address nobody answers: its standby cannot forward one call to it.
-    let unreachable =
-        [("COMFYRELAY_AUTH__MODE", "none"), ("COMFYRELAY_GRPC__ADVERTISE_URL", "http://127.0.0.1:9")];
-    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &unreachable);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+    let unreachable = [("COMFYRELAY_GRPC__ADVERTISE_URL", "http://127.0.0.1:9")];
+    let Some(pair) = Pair::start("following", &comfy, &unreachable, &[]).await else { return };
+    let (a_channel, b_channel, url) = (pair.a_channel.clone(), pair.b_channel.clone(), pair.url.clone());
     let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel.clone());
 
     // The job cannot get past ComfyUI's queue until the stream on the standby is open and delivering.
@@ -708,15 +726,12 @@ async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader
 
 #[tokio::test]
 async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_resume() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("switch").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-    let b_channel = channel(b_addr).await;
+    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: _artifacts, _pg }) =
+        Pair::start("switch", &comfy, &[], &[]).await
+    else {
+        return;
+    };
 
     // A job held in ComfyUI's queue, streamed from the standby, and a health watch on the standby.
     comfy.hold_queue(true);
@@ -796,16 +811,11 @@ async fn counter(replica: &mut Replica, name: &str) -> f64 {
 
 #[tokio::test]
 async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("sharing").await;
     let comfy = crate::helpers::spawn_comfy().await;
     comfy.faults().set_node_delay(Duration::from_millis(20));
     comfy.faults().set_node_progress_steps(4);
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+    let Some(mut pair) = Pair::start("sharing", &comfy, &[], &[]).await else { return };
+    let (a_channel, b_channel) = (pair.a_channel.clone(), pair.b_channel.clone());
 
     // Twenty subscribers of one job on the standby, all open before it runs.
     comfy.hold_queue(true);
@@ -824,7 +834,7 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
         let first = stream.message().await.expect("an event").expect("a first event");
         streams.push((vec![first], stream));
     }
-    let reads_before = counter(&mut b, "comfyrelay_follower_log_reads_total").await;
+    let reads_before = counter(&mut pair.b, "comfyrelay_follower_log_reads_total").await;
     comfy.hold_queue(false);
     let all = futures::future::join_all(streams.into_iter().map(|(mut seen, mut stream)| async move {
         while let Some(e) = stream.message().await.expect("the standby's stream") {
@@ -841,7 +851,7 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
     // Each commit is announced once and read once for all twenty: at most one read per event streamed
     // live (a notice per commit), and a second when a commit lands during a read; twenty subscribers each
     // reading for themselves would read at least twenty times per commit.
-    let reads = counter(&mut b, "comfyrelay_follower_log_reads_total").await - reads_before;
+    let reads = counter(&mut pair.b, "comfyrelay_follower_log_reads_total").await - reads_before;
     let live = from_leader.len() as f64 - 1.0;
     assert!(live >= 6.0, "enough events to count: {from_leader:?}");
     assert!(reads >= 1.0, "the standby counts its reads");
@@ -850,21 +860,12 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
 
 #[tokio::test]
 async fn a_standby_keeps_a_connection_with_an_open_stream_past_the_idle_timeout() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("idle").await;
     let comfy = crate::helpers::spawn_comfy().await;
     // Three nodes of 700 ms: the job, and its stream on the standby, last twice the idle timeout.
     comfy.faults().set_node_delay(Duration::from_millis(700));
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let short = [
-        ("COMFYRELAY_AUTH__MODE", "none"),
-        ("COMFYRELAY_GRPC__IDLE_TIMEOUT", "1s"),
-        ("COMFYRELAY_GRPC__KEEPALIVE_INTERVAL", "200ms"),
-    ];
-    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &short);
-    let b_channel = channel(b.wait_for("standby: serving health only until this replica leads").await).await;
+    let short = [("COMFYRELAY_GRPC__IDLE_TIMEOUT", "1s"), ("COMFYRELAY_GRPC__KEEPALIVE_INTERVAL", "200ms")];
+    let Some(pair) = Pair::start("idle", &comfy, &[], &short).await else { return };
+    let (a_channel, b_channel) = (pair.a_channel.clone(), pair.b_channel.clone());
     let job = pb::job_service_client::JobServiceClient::new(a_channel)
         .submit_job(submit_request("invert", png(8, 8)))
         .await
@@ -906,15 +907,10 @@ fn grpc_web_frames(body: &[u8]) -> (Vec<Vec<u8>>, String) {
 #[tokio::test]
 async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself() {
     use prost::Message as _;
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("web").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-    until_serving(&channel(b_addr).await, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+    let Some(pair) = Pair::start("web", &comfy, &[], &[]).await else { return };
+    let (a_channel, b_addr) = (pair.a_channel.clone(), pair.b_addr);
+    until_serving(&pair.b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
     let job = pb::job_service_client::JobServiceClient::new(a_channel.clone())
         .submit_job(submit_request("invert", png(8, 8)))
         .await
@@ -958,6 +954,17 @@ async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself()
     assert_eq!(streamed, from_leader);
 }
 
+/// Submits an `invert` job of `image` through `channel`, follows it to its end there and returns its id
+/// and first output.
+async fn run_to_output(channel: &Channel, image: Vec<u8>) -> (String, pb::Output) {
+    let mut jobs = pb::job_service_client::JobServiceClient::new(channel.clone());
+    let job = jobs.submit_job(submit_request("invert", image)).await.expect("submit").into_inner();
+    let events = collect_events(channel, &job.id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    let got = jobs.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect("get_job");
+    (job.id, got.into_inner().outputs.into_iter().next().expect("an output"))
+}
+
 /// Downloads output `filename` of `job_id` through `channel`.
 async fn download(channel: &Channel, job_id: &str, filename: &str) -> Vec<u8> {
     let mut stream = pb::job_service_client::JobServiceClient::new(channel.clone())
@@ -979,15 +986,11 @@ async fn download(channel: &Channel, job_id: &str, filename: &str) -> Vec<u8> {
 #[tokio::test]
 async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_serves_them() {
     use sha2::Digest as _;
-    let Some(pg) = pg_server::PgServer::start().await else { return };
     let Some(s3) = s3_server::S3Server::start().await else { return };
     s3.create_bucket("comfyrelay").await;
-    let url = pg.database("objects").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let dir = tempfile::tempdir().unwrap();
     // Test values for the emulated S3 (it checks no signature); the directory is set but not used.
     let env = [
-        ("COMFYRELAY_AUTH__MODE", "none"),
         ("COMFYRELAY_STORAGE__ARTIFACTS_URL", "s3://comfyrelay/artifacts"),
         ("COMFYRELAY_JOBS__INLINE_OUTPUT_MAX_BYTES", "0"),
         ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
@@ -996,31 +999,16 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", "test"),
     ];
-    let mut a = Replica::spawn_with(&url, dir.path(), &[&comfy], &env);
-    let a_channel = channel(a.wait_for("serving gRPC").await).await;
-    let mut b = Replica::spawn_with(&url, dir.path(), &[&comfy], &env);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-    let b_channel = channel(b_addr).await;
+    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: dir, _pg }) =
+        Pair::start("objects", &comfy, &env, &env).await
+    else {
+        return;
+    };
     until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
 
     // Submitted through the standby, run by the leader: input and output are objects in the bucket.
     let input = png(32, 16);
-    let job = pb::job_service_client::JobServiceClient::new(b_channel.clone())
-        .submit_job(submit_request("invert", input.clone()))
-        .await
-        .expect("submit through the standby")
-        .into_inner();
-    let events = collect_events(&b_channel, &job.id, 0).await;
-    assert_eq!(terminal(&events), "succeeded", "{events:?}");
-    let output = pb::job_service_client::JobServiceClient::new(a_channel.clone())
-        .get_job(pb::GetJobRequest { job_id: job.id.clone() })
-        .await
-        .expect("get_job")
-        .into_inner()
-        .outputs
-        .into_iter()
-        .next()
-        .expect("an output");
+    let (job, output) = run_to_output(&b_channel, input.clone()).await;
     let input_sha = hex::encode(sha2::Sha256::digest(&input));
     let keys = s3.keys("comfyrelay").await;
     let key_of = |sha: &str| format!("artifacts/{}/{sha}", &sha[..2]);
@@ -1030,7 +1018,7 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
         std::fs::read_dir(dir.path()).map_or(true, |mut d| d.next().is_none()),
         "nothing written to the directory"
     );
-    let stored = download(&a_channel, &job.id, &output.filename).await;
+    let stored = download(&a_channel, &job, &output.filename).await;
     assert_eq!(stored.len() as u64, output.size_bytes);
     assert_eq!(hex::encode(sha2::Sha256::digest(&stored)), output.sha256, "read back as its digest says");
 
@@ -1041,25 +1029,10 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
     });
     let mut big = std::io::Cursor::new(Vec::new());
     noise.write_to(&mut big, image::ImageFormat::Png).expect("encode png");
-    let job2 = pb::job_service_client::JobServiceClient::new(a_channel.clone())
-        .submit_job(submit_request("invert", big.into_inner()))
-        .await
-        .expect("submit a large image")
-        .into_inner();
-    let events = collect_events(&a_channel, &job2.id, 0).await;
-    assert_eq!(terminal(&events), "succeeded", "{events:?}");
-    let large = pb::job_service_client::JobServiceClient::new(a_channel.clone())
-        .get_job(pb::GetJobRequest { job_id: job2.id.clone() })
-        .await
-        .expect("get_job")
-        .into_inner()
-        .outputs
-        .into_iter()
-        .next()
-        .expect("an output");
+    let (job2, large) = run_to_output(&a_channel, big.into_inner()).await;
     assert!(large.size_bytes > 4 << 20, "an output past the spill size: {} bytes", large.size_bytes);
     assert!(s3.keys("comfyrelay").await.contains(&key_of(&large.sha256)));
-    let large_bytes = download(&b_channel, &job2.id, &large.filename).await;
+    let large_bytes = download(&b_channel, &job2, &large.filename).await;
     assert_eq!(hex::encode(sha2::Sha256::digest(&large_bytes)), large.sha256);
 
     // The leader dies: the next one serves the same output from the bucket.
@@ -1067,5 +1040,5 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
     a.child.wait().await.expect("the leader exits");
     b.wait_for("serving gRPC").await;
     let b_channel = channel(b_addr).await;
-    assert_eq!(download(&b_channel, &job.id, &output.filename).await, stored);
+    assert_eq!(download(&b_channel, &job, &output.filename).await, stored);
 }
