@@ -13,8 +13,8 @@
 //! 5. durable `SubmitJob`/s with distinct 256 KiB images from 8 clients (a second comfyrelay whose only
 //!    ComfyUI is unreachable, so jobs stay queued and only submission is measured);
 //! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
-//!    gap-free, the memory each costs and how long after ComfyUI is released the last one ends (with
-//!    standbys, then the same on a standby).
+//!    gap-free, the memory each costs, how long after ComfyUI is released the last one ends and the events
+//!    delivered per second meanwhile (with standbys, then the same on a standby).
 //!
 //! Run: `cargo bench --bench throughput`. `BENCH_JOBS=N` sets the sequential count (500), `BENCH_TOTAL=N`
 //! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000).
@@ -746,12 +746,13 @@ async fn main() -> anyhow::Result<()> {
         let channels = connect(if on_standby { relay3.standby_addrs[0] } else { relay3.addr }, conns).await?;
         let rss_before = rss();
         let opened = Arc::new(AtomicUsize::new(0));
+        let delivered = Arc::new(AtomicUsize::new(0));
         let start = Instant::now();
         let mut tasks = Vec::with_capacity(subscribers);
         for s in 0..subscribers {
             let mut c = job_client(&channels, s);
             let id = ids[s % live_jobs].clone();
-            let opened = opened.clone();
+            let (opened, delivered) = (opened.clone(), delivered.clone());
             tasks.push(tokio::spawn(async move {
                 let mut stream = c
                     .stream_job(pb::StreamJobRequest { job_id: id, after_sequence: 0, skip_previews: false })
@@ -762,6 +763,7 @@ async fn main() -> anyhow::Result<()> {
                 while let Some(e) = stream.message().await? {
                     anyhow::ensure!(e.sequence == last + 1, "gap or duplicate: {} after {last}", e.sequence);
                     last = e.sequence;
+                    delivered.fetch_add(1, Ordering::Relaxed);
                     if first {
                         opened.fetch_add(1, Ordering::Relaxed);
                         first = false;
@@ -786,6 +788,7 @@ async fn main() -> anyhow::Result<()> {
             rss_open.saturating_sub(rss_before),
             rss_open.saturating_sub(rss_before) as f64 / open_now.max(1) as f64
         );
+        let delivered_before = delivered.load(Ordering::Relaxed);
         emulator3.hold_queue(false);
         let released = Instant::now();
         let mut complete = 0usize;
@@ -796,10 +799,17 @@ async fn main() -> anyhow::Result<()> {
                 Ok(false) | Err(_) => failed += 1,
             }
         }
+        let live = released.elapsed();
+        let events = delivered.load(Ordering::Relaxed) - delivered_before;
         println!(
             "{:<48} {complete} complete and gap-free, {failed} not; the last {:.2} s after ComfyUI was released",
             "",
-            released.elapsed().as_secs_f64()
+            live.as_secs_f64()
+        );
+        println!(
+            "{:<48} {events} events delivered live: {:.0} events/s",
+            "",
+            events as f64 / live.as_secs_f64()
         );
     }
     relay3.stop().await;
