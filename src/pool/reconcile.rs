@@ -15,6 +15,12 @@ fn store_backoff() -> ExponentialBuilder {
         .with_jitter()
 }
 
+/// Whether a failed machine-row write may succeed when tried again: not when it was fenced (another
+/// replica leads, so no attempt can succeed and the caller must not act on the machine).
+fn worth_retrying(e: &StoreError) -> bool {
+    !matches!(e, StoreError::Fenced { .. })
+}
+
 impl Pool {
     /// Writes a machine row, retrying failures.
     ///
@@ -24,8 +30,7 @@ impl Pool {
         let store = &self.inner.store;
         (|| store.put_machine(row))
             .retry(store_backoff())
-            // Another replica leads: no attempt can succeed, and the caller must not act on the machine.
-            .when(|e| !matches!(e, StoreError::Fenced { .. }))
+            .when(worth_retrying)
             .notify(|e, delay| {
                 warn!(machine = %row.id, error = %ErrorChain(e), ?delay, "cannot write a machine record; retrying");
             })
@@ -38,7 +43,7 @@ impl Pool {
         let store = &self.inner.store;
         let deleted = (|| store.delete_machine(record_id))
             .retry(store_backoff())
-            .when(|e| !matches!(e, StoreError::Fenced { .. }))
+            .when(worth_retrying)
             .notify(|e, delay| {
                 warn!(launch = %record_id, error = %ErrorChain(e), ?delay, "cannot delete a launch record; retrying");
             })

@@ -835,20 +835,7 @@ mod tests {
         let batch = Batch { creates: vec![create("b", 2, Some(&key))], ..Default::default() };
         let writer = store.clone();
         let commit = tokio::spawn(async move { writer.commit(&batch).await });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'race_key' AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
-            if waiting > 0 {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "the batch never waited on the key");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_waiting_on_a_lock(&store, "race_key").await;
         // ... and once the other commits, is tried again and finds the key.
         tx.commit().await.unwrap();
         assert_eq!(commit.await.unwrap().unwrap(), vec![CreateOutcome::Existing { job_id: "a".into() }]);

@@ -125,6 +125,17 @@ async fn leading(replica: &mut Replica) -> String {
         .to_string()
 }
 
+/// Ends, as the database administrator, the sessions of `url`'s server selected by `from_where` (a `FROM`
+/// clause with a `pid` column, without the `FROM`); one `true` per session ended.
+async fn terminate_sessions(url: &str, from_where: &str) -> Vec<bool> {
+    use sqlx::Connection as _;
+    let mut admin = sqlx::PgConnection::connect(url).await.expect("connect as admin");
+    sqlx::query_scalar(&format!("SELECT pg_terminate_backend(pid) FROM {from_where}"))
+        .fetch_all(&mut admin)
+        .await
+        .expect("terminate sessions")
+}
+
 async fn channel(addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect")
 }
@@ -226,7 +237,6 @@ async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice
 
 #[tokio::test]
 async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
-    use sqlx::Connection as _;
     let Some(pg) = pg_server::PgServer::start().await else { return };
     let url = pg.database("fencing").await;
     let comfy = crate::helpers::spawn_comfy().await;
@@ -242,13 +252,7 @@ async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
     );
 
     // The database ends the session that holds the lease (as it does when the leader is cut off).
-    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect as admin");
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .expect("terminate the lease's session");
+    let ended = terminate_sessions(&url, "pg_locks WHERE locktype = 'advisory' AND granted").await;
     assert_eq!(ended, vec![true], "one session held the lease");
 
     // The leader notices at its next check, stops, and says so with its exit status.
@@ -649,7 +653,6 @@ impl Pair {
 
 #[tokio::test]
 async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader() {
-    use sqlx::Connection as _;
     let comfy = crate::helpers::spawn_comfy().await;
     // Several progress events per node, so the stream has more than a handful of live events.
     comfy.faults().set_node_delay(Duration::from_millis(20));
@@ -674,13 +677,7 @@ async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader
     assert_eq!(streamed[0].sequence, 1, "{streamed:?}");
 
     // PostgreSQL ends the standby's LISTEN session: it listens again and re-reads the log, losing nothing.
-    let mut admin = sqlx::PgConnection::connect(&url).await.expect("connect as admin");
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%'",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .expect("terminate the listener's session");
+    let ended = terminate_sessions(&url, "pg_stat_activity WHERE query ILIKE 'LISTEN%'").await;
     assert_eq!(ended, vec![true], "the standby listens on one session");
     comfy.hold_queue(false);
 
