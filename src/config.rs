@@ -1214,6 +1214,74 @@ mod tests {
         assert_eq!(c, Config::default());
     }
 
+    /// The Kubernetes manifests parse (one object per document, no key twice in a mapping), hold the objects
+    /// the README names, and the comfyrelay settings of their containers load.
+    #[test]
+    fn the_kubernetes_manifests_parse_and_their_settings_load() {
+        use serde::Deserialize as _;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/k8s");
+        use std::collections::BTreeMap;
+        let mut kinds = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().to_string();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+                .map(serde_yaml::Value::deserialize)
+                .collect::<Result<_, _>>()
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            // Secret values of the same file, as `name/key`.
+            let secrets: BTreeMap<String, String> = docs
+                .iter()
+                .filter(|d| d["kind"] == "Secret")
+                .flat_map(|d| {
+                    let name = d["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                    d["stringData"].as_mapping().into_iter().flatten().map(move |(k, v)| {
+                        (format!("{name}/{}", k.as_str().unwrap()), v.as_str().unwrap().to_string())
+                    })
+                })
+                .collect();
+            for doc in &docs {
+                let kind = doc["kind"].as_str().unwrap_or_else(|| panic!("{file}: a document without kind"));
+                assert!(doc["metadata"]["name"].is_string(), "{file}: a {kind} without a name");
+                kinds.entry(file.clone()).or_insert_with(Vec::new).push(kind.to_string());
+                let containers = doc["spec"]["template"]["spec"]["containers"].as_sequence();
+                for container in containers.into_iter().flatten() {
+                    let vars: Vec<(String, String)> = container["env"]
+                        .as_sequence()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|var| {
+                            let name = var["name"].as_str()?.to_string();
+                            let value = match (&var["value"], &var["valueFrom"]["secretKeyRef"]) {
+                                (serde_yaml::Value::String(v), _) => v.replace("$(POD_IP)", "10.0.0.5"),
+                                (_, serde_yaml::Value::Mapping(r)) => {
+                                    let key = format!("{}/{}", r["name"].as_str()?, r["key"].as_str()?);
+                                    secrets.get(&key).cloned().unwrap_or_else(|| "from-a-secret".into())
+                                }
+                                _ => return None,
+                            };
+                            name.starts_with("COMFYRELAY_").then_some((name, value))
+                        })
+                        .collect();
+                    assert!(!vars.is_empty(), "{file}: {kind} sets no comfyrelay settings");
+                    Config::load(None, vars).unwrap_or_else(|e| panic!("{file}: {kind}'s settings: {e}"));
+                }
+                if kind == "Deployment" {
+                    assert!(
+                        doc["spec"]["replicas"].as_u64() >= Some(2),
+                        "{file}: a Deployment of one replica"
+                    );
+                }
+            }
+        }
+        assert_eq!(kinds["comfyrelay.yaml"], ["StatefulSet", "Service"]);
+        assert_eq!(
+            kinds["comfyrelay-replicas.yaml"],
+            ["Secret", "PersistentVolumeClaim", "Deployment", "PodDisruptionBudget", "Service"]
+        );
+    }
+
     #[test]
     fn pool_policies_are_checked_by_key() {
         let e = Config::load(
