@@ -261,8 +261,9 @@ pub struct GrpcConfig {
     /// with 403. Empty: none; the console served at `/console` is same-origin and needs no entry.
     pub cors_origins: Vec<String>,
     /// With replicas (`storage.database_url`): the URL the other replicas forward calls to while this one
-    /// leads (`http://10.0.0.5:50051`). Unset: `http://<grpc.listen>` when that is a specific address; with
-    /// `0.0.0.0` standbys cannot reach this leader and answer `UNAVAILABLE` instead of forwarding.
+    /// leads (`http://10.0.0.5:50051`; `https://` with `grpc.tls`). Unset: `http://<grpc.listen>` (or
+    /// `https://`) when that is a specific address; with `0.0.0.0` standbys cannot reach this leader and
+    /// answer `UNAVAILABLE` instead of forwarding.
     pub advertise_url: Option<String>,
 }
 
@@ -281,6 +282,14 @@ pub struct TlsConfig {
     /// How often the files are checked for changes (modification time and size).
     #[serde(with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// With replicas: the CA certificates (PEM) a standby checks the leader's certificate against when it
+    /// forwards calls to it over TLS; usually the CA that signs the replicas' own certificates. Unset: the
+    /// public web roots. Read again each time the standby connects to a new leader.
+    pub leader_ca_file: Option<PathBuf>,
+    /// With replicas: the name a standby expects in the leader's certificate (a DNS SAN), for
+    /// certificates issued to the service's name rather than to each replica's address
+    /// (`comfyrelay.prod.svc`). Unset: the host of the leader's advertised URL.
+    pub leader_server_name: Option<String>,
 }
 
 impl Default for TlsConfig {
@@ -290,6 +299,8 @@ impl Default for TlsConfig {
             key_file: None,
             client_ca_file: None,
             reload_interval: Duration::from_secs(10),
+            leader_ca_file: None,
+            leader_server_name: None,
         }
     }
 }
@@ -772,10 +783,17 @@ impl Config {
             // Never the value.
             return bad("storage.artifacts_url", why);
         }
-        if let Some(url) = &self.grpc.advertise_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return bad("grpc.advertise_url", "must be an http:// URL (http://10.0.0.5:50051)");
+        if let Some(url) = &self.grpc.advertise_url {
+            // Standbys reach the leader as its own clients do: over TLS when its port speaks TLS.
+            if self.grpc.tls.cert_file.is_some() && !url.starts_with("https://") {
+                return bad(
+                    "grpc.advertise_url",
+                    "must be an https:// URL with grpc.tls on (https://10.0.0.5:50051)",
+                );
+            }
+            if self.grpc.tls.cert_file.is_none() && !url.starts_with("http://") {
+                return bad("grpc.advertise_url", "must be an http:// URL (http://10.0.0.5:50051)");
+            }
         }
         if self.jobs.max_attempts == 0 {
             return bad("jobs.max_attempts", "must be at least 1");
@@ -812,6 +830,19 @@ impl Config {
         }
         if tls.reload_interval.is_zero() {
             return bad("grpc.tls.reload_interval", "must be positive");
+        }
+        for (key, set) in [
+            ("grpc.tls.leader_ca_file", tls.leader_ca_file.is_some()),
+            ("grpc.tls.leader_server_name", tls.leader_server_name.is_some()),
+        ] {
+            if set && tls.cert_file.is_none() {
+                return bad(key, "needs TLS on (grpc.tls.cert_file and grpc.tls.key_file)");
+            }
+        }
+        if let Some(name) = &tls.leader_server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return bad("grpc.tls.leader_server_name", "must be a DNS name or IP address");
         }
         for (i, h) in g.allowed_hosts.iter().enumerate() {
             if h.is_empty() || h.contains(['/', ' ', '@', '*']) {
@@ -1141,6 +1172,18 @@ mod tests {
         assert_eq!(c.grpc.tls.reload_interval, Duration::from_secs(60));
         assert_eq!(c.grpc.allowed_hosts, ["relay.example.com", "relay:8443"]);
         assert_eq!(c.grpc.cors_origins, ["https://console.example.com"]);
+        let replicas = Config::load(
+            None,
+            env(&[
+                ("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c"),
+                ("COMFYRELAY_GRPC__TLS__KEY_FILE", "/k"),
+                ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", "/etc/comfyrelay/replicas-ca.crt"),
+                ("COMFYRELAY_GRPC__TLS__LEADER_SERVER_NAME", "comfyrelay.prod.svc"),
+                ("COMFYRELAY_GRPC__ADVERTISE_URL", "https://10.0.0.5:50051"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(replicas.grpc.tls.leader_server_name.as_deref(), Some("comfyrelay.prod.svc"));
 
         for (vars, key) in [
             (&[("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c")][..], "grpc.tls.cert_file"),
@@ -1152,6 +1195,25 @@ mod tests {
                 "grpc.cors_origins[0]",
             ),
             (&[("COMFYRELAY_GRPC__CORS_ORIGINS", r#"["a.example"]"#)][..], "grpc.cors_origins[0]"),
+            (&[("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", "/ca")][..], "grpc.tls.leader_ca_file"),
+            (&[("COMFYRELAY_GRPC__TLS__LEADER_SERVER_NAME", "relay")][..], "grpc.tls.leader_server_name"),
+            (&[("COMFYRELAY_GRPC__ADVERTISE_URL", "https://10.0.0.5:50051")][..], "grpc.advertise_url"),
+            (
+                &[
+                    ("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c"),
+                    ("COMFYRELAY_GRPC__TLS__KEY_FILE", "/k"),
+                    ("COMFYRELAY_GRPC__ADVERTISE_URL", "http://10.0.0.5:50051"),
+                ][..],
+                "grpc.advertise_url",
+            ),
+            (
+                &[
+                    ("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c"),
+                    ("COMFYRELAY_GRPC__TLS__KEY_FILE", "/k"),
+                    ("COMFYRELAY_GRPC__TLS__LEADER_SERVER_NAME", "not a name"),
+                ][..],
+                "grpc.tls.leader_server_name",
+            ),
         ] {
             let e = Config::load(None, env(vars)).expect_err(key);
             assert!(e.to_string().contains(key), "{key}: {e}");

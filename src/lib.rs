@@ -365,11 +365,11 @@ impl Storage {
         metrics::replica_leading(true);
         // Where the standbys forward calls while this replica leads.
         let local = listener.local_addr().context("reading the listener's address")?;
-        let advertised = config
-            .grpc
-            .advertise_url
-            .clone()
-            .or_else(|| (!local.ip().is_unspecified()).then(|| format!("http://{local}")));
+        let advertised = config.grpc.advertise_url.clone().or_else(|| {
+            // Standbys connect the way clients do: over TLS when this port speaks it.
+            let scheme = if config.grpc.tls.cert_file.is_some() { "https" } else { "http" };
+            (!local.ip().is_unspecified()).then(|| format!("{scheme}://{local}"))
+        });
         if advertised.is_none() {
             tracing::warn!(%local, "standbys cannot forward calls to this leader: set grpc.advertise_url");
         }

@@ -10,9 +10,12 @@
 //! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
 //! and body go to the leader on one connection per standby, and the leader's response, trailers and
 //! stream come back; the leader authenticates, validates and bounds every call as if it came directly
-//! (a client certificate cannot be forwarded, so with `grpc.tls` a standby does not forward and answers
-//! `UNAVAILABLE`). The standby's health follows the leader's: each service is what the leader says it is,
-//! and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
+//! (a client certificate cannot be forwarded, so with mTLS, `grpc.tls.client_ca_file`, a standby does not
+//! forward and answers `UNAVAILABLE`). With `grpc.tls` the standby connects to the leader over TLS and
+//! checks its certificate ([`ToLeader`]: against `grpc.tls.leader_ca_file`, for
+//! `grpc.tls.leader_server_name`), so a caller's key goes only to a leader that proves it holds a
+//! replica's certificate. The standby's health follows the leader's: each service is what the leader says
+//! it is, and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
 //!
 //! In front of both sit the leader's connection layers that need no job engine: with `grpc.grpc_web`,
 //! browsers' Host/Origin checks, the console's assets, CORS and gRPC-Web (a browser's call is translated
@@ -23,14 +26,19 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Server};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server};
 use tonic_health::ServingStatus;
 
 use super::{
     JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, browser, connections, console, cors, error_details,
     jobs, tls,
 };
-use crate::{config::Config, jobs::JobFollower, proto::pb, store::PgStore};
+use crate::{
+    config::{Config, TlsConfig},
+    jobs::JobFollower,
+    proto::pb,
+    store::PgStore,
+};
 
 /// How long a standby's server waits, when the replica starts leading (or stops), for its calls to end and
 /// its connections to close by themselves before it cuts the ones left.
@@ -52,8 +60,8 @@ pub struct StandbyParts {
 }
 
 /// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
-/// `StreamJob` from the shared log, and without TLS every other call forwarded to the leader; with TLS,
-/// every other call is UNAVAILABLE, which clients retry. The listener stays open in between: a client's
+/// `StreamJob` from the shared log, and every other call forwarded to the leader (over TLS with
+/// `grpc.tls`); with mTLS every other call is UNAVAILABLE, which clients retry. The listener stays open in between: a client's
 /// connection attempt during the switch waits in its backlog, and every standby connection is closed at
 /// the switch (health watches and streams included; a stream ends with `UNAVAILABLE` naming the sequence
 /// to resume after) so clients reconnect to the leader's server.
@@ -77,13 +85,20 @@ pub async fn serve_standby(
     // Cancelled when the connections did not close by themselves within [`STANDBY_STOP`] of `until`.
     let cut = CancellationToken::new();
     let addr = listener.local_addr()?;
-    let forward = tls.is_none().then_some(store);
+    let to_leader = ToLeader::of(&g.tls);
+    if to_leader.is_none() {
+        tracing::warn!(
+            "standby: with client certificates (grpc.tls.client_ca_file) calls are not forwarded to the leader; \
+             callers get UNAVAILABLE here (StreamJob and health are served)"
+        );
+    }
+    let forward = to_leader.map(|how| (store, how));
     tracing::info!(%addr, forwards = forward.is_some(), "standby: serving health only until this replica leads");
     let leader = tokio::sync::watch::channel::<Option<Channel>>(None);
     // Owned by this call (aborted when it returns): follows the leader's URL and health.
-    let follow = forward.map(|store| {
+    let follow = forward.map(|(store, how)| {
         let (tx, health) = (leader.0, health.clone());
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_leader(store, tx, health)))
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(follow_leader(store, how, tx, health)))
     });
     let leader = leader.1;
     let fallback = tower::service_fn(move |req: http::Request<axum::body::Body>| {
@@ -202,27 +217,94 @@ impl tonic::server::ServerStreamingService<pb::StreamJobRequest> for StreamFromL
     }
 }
 
-/// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed) and mirrors the leader's
-/// health into this standby's.
+/// How a standby connects to the leader it forwards calls to: as the leader's own clients do.
+#[derive(Debug, Clone)]
+enum ToLeader {
+    /// In plaintext: the leader's port speaks no TLS.
+    Plaintext,
+    /// Over TLS, the leader's certificate checked against `grpc.tls.leader_ca_file` (the public web roots
+    /// when unset) for `grpc.tls.leader_server_name` (the URL's host when unset). Without that check a
+    /// caller's key could be forwarded to whoever wrote a URL into the database and answers on it.
+    Tls { ca_file: Option<std::path::PathBuf>, server_name: Option<String> },
+}
+
+impl ToLeader {
+    /// `None` with mTLS: the leader would see the standby's connection, not the caller's certificate.
+    fn of(tls: &TlsConfig) -> Option<Self> {
+        match (&tls.cert_file, &tls.client_ca_file) {
+            (None, _) => Some(Self::Plaintext),
+            (Some(_), None) => Some(Self::Tls {
+                ca_file: tls.leader_ca_file.clone(),
+                server_name: tls.leader_server_name.clone(),
+            }),
+            (Some(_), Some(_)) => None,
+        }
+    }
+
+    /// The endpoint of the leader at `url`. The CA file is read here, once per new leader, so a replaced
+    /// file is used from the next leader on.
+    fn endpoint(&self, url: &str) -> Result<Endpoint, String> {
+        let endpoint =
+            Channel::from_shared(url.to_string()).map_err(|e| format!("the URL does not parse: {e}"))?;
+        let Self::Tls { ca_file, server_name } = self else {
+            return Ok(endpoint);
+        };
+        if !url.starts_with("https://") {
+            return Err("with grpc.tls the leader's URL must be https://".into());
+        }
+        let mut tls = ClientTlsConfig::new();
+        tls = match ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!("grpc.tls.leader_ca_file ({}): cannot read it: {e}", path.display())
+                })?;
+                use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+                if !CertificateDer::pem_slice_iter(&pem).any(|c| c.is_ok()) {
+                    return Err(format!(
+                        "grpc.tls.leader_ca_file ({}): holds no PEM certificate",
+                        path.display()
+                    ));
+                }
+                tls.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => tls.with_webpki_roots(),
+        };
+        if let Some(name) = server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint.tls_config(tls).map_err(|e| format!("the TLS settings for the leader: {e}"))
+    }
+}
+
+/// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed, or while the last one
+/// could not be made: an unreadable CA file, say) and mirrors the leader's health into this standby's.
 async fn follow_leader(
     store: Arc<PgStore>,
+    how: ToLeader,
     leader: tokio::sync::watch::Sender<Option<Channel>>,
     health: tonic_health::server::HealthReporter,
 ) {
     let mut current: Option<String> = None;
+    // Why the current URL has no channel, logged once per reason.
+    let mut refused: Option<String> = None;
     loop {
         match store.setting(LEADER_URL).await {
-            Ok(url) if url != current => {
-                let channel = url.as_deref().and_then(|u| match Channel::from_shared(u.to_string()) {
-                    Ok(endpoint) => Some(endpoint.connect_timeout(FOLLOW_EVERY * 2).connect_lazy()),
-                    Err(e) => {
-                        tracing::warn!(url = u, error = %e, "standby: the leader's URL does not parse");
+            Ok(url) if url != current || (url.is_some() && leader.borrow().is_none()) => {
+                let channel = match url.as_deref().map(|u| (u, how.endpoint(u))) {
+                    None => None,
+                    Some((u, Ok(endpoint))) => {
+                        tracing::info!(leader = u, "standby: forwarding calls to the leader");
+                        refused = None;
+                        Some(endpoint.connect_timeout(FOLLOW_EVERY * 2).connect_lazy())
+                    }
+                    Some((u, Err(why))) => {
+                        if refused.as_ref() != Some(&why) {
+                            tracing::warn!(url = u, "standby: cannot forward calls to the leader: {why}");
+                        }
+                        refused = Some(why);
                         None
                     }
-                });
-                if let Some(u) = &url {
-                    tracing::info!(leader = u, "standby: forwarding calls to the leader");
-                }
+                };
                 current = url;
                 leader.send_replace(channel);
             }

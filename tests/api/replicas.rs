@@ -87,6 +87,12 @@ impl Replica {
 
     /// Waits (bounded) for a log line whose message is `message`; returns its `addr` field.
     async fn wait_for(&mut self, message: &str) -> SocketAddr {
+        let v = self.wait_for_line(message).await;
+        v["fields"]["addr"].as_str().expect("addr").parse().expect("socket addr")
+    }
+
+    /// Waits (bounded) for a log line whose message is `message`; returns it.
+    async fn wait_for_line(&mut self, message: &str) -> serde_json::Value {
         let found = async {
             if let Some(v) = self.seen.iter().find(|v| v["fields"]["message"] == message) {
                 return v.clone();
@@ -99,10 +105,9 @@ impl Replica {
             }
             panic!("comfyrelay exited before logging {message:?}: {:#?}", self.seen);
         };
-        let v = tokio::time::timeout(Duration::from_secs(60), found)
+        tokio::time::timeout(Duration::from_secs(60), found)
             .await
-            .unwrap_or_else(|_| panic!("no {message:?} within 60 s"));
-        v["fields"]["addr"].as_str().expect("addr").parse().expect("socket addr")
+            .unwrap_or_else(|_| panic!("no {message:?} within 60 s"))
     }
 
     fn messages(&mut self) -> Vec<String> {
@@ -564,6 +569,24 @@ async fn any_replica_serves_any_call_by_forwarding_it_to_the_leader() {
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 }
 
+/// A submitter key of `tenant`, made by `comfyrelay keys create` on the replicas' database `url` from a data
+/// directory of its own (which it leaves empty).
+async fn create_key(url: &str, tenant: &str) -> String {
+    let cli_data = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
+        .args(["keys", "create", "--tenant", tenant, "--role", "submitter"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("COMFYRELAY_DATA_DIR", cli_data.path())
+        .env("COMFYRELAY_STORAGE__DATABASE_URL", url)
+        .output()
+        .await
+        .expect("run comfyrelay keys create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!cli_data.path().join("comfyrelay.db").exists(), "the CLI wrote to the shared database only");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 #[tokio::test]
 async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_replica() {
     let Some(pg) = pg_server::PgServer::start().await else { return };
@@ -576,20 +599,7 @@ async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_re
     let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &keys_env);
     let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
 
-    // `comfyrelay keys create` with the replicas' database URL, from a data directory of its own.
-    let cli_data = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
-        .args(["keys", "create", "--tenant", "team-r", "--role", "submitter"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("COMFYRELAY_DATA_DIR", cli_data.path())
-        .env("COMFYRELAY_STORAGE__DATABASE_URL", &url)
-        .output()
-        .await
-        .expect("run comfyrelay keys create");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(!cli_data.path().join("comfyrelay.db").exists(), "the CLI wrote to the shared database only");
+    let key = create_key(&url, "team-r").await;
 
     let b_channel = channel(b_addr).await;
     until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
@@ -610,6 +620,117 @@ async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_re
             .expect_err("no key");
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{name}: {status:?}");
     }
+}
+
+/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), sending `key`.
+async fn tls_channel(addr: SocketAddr, ca: &crate::tls::Ca, key: &str) -> crate::helpers::Keyed {
+    use tonic::transport::{Certificate, ClientTlsConfig};
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let bearer = crate::helpers::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
+    tonic::service::interceptor::InterceptedService::new(channel, bearer)
+}
+
+#[tokio::test]
+async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certificate_it_checks() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("tls_forwarding").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    // Every replica serves the replicas' certificate (for `localhost` and `127.0.0.1`) and checks the
+    // leader's against the replicas' CA; replica C is configured with another CA, as if the URL in the
+    // database led to a server that is not a replica.
+    let (ca, other_ca) = (crate::tls::Ca::new("replicas CA"), crate::tls::Ca::new("another CA"));
+    let leaf = ca.server();
+    let files = tempfile::tempdir().unwrap();
+    let path = |name: &str, contents: &str| {
+        let p = files.path().join(name);
+        std::fs::write(&p, contents).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (cert, key_file) = (path("tls.crt", &leaf.cert), path("tls.key", &leaf.key));
+    let (replicas_ca, another_ca) = (path("ca.crt", &ca.pem()), path("other-ca.crt", &other_ca.pem()));
+    let env = |leader_ca: &str| {
+        vec![
+            ("COMFYRELAY_AUTH__MODE", "keys".to_string()),
+            ("COMFYRELAY_GRPC__TLS__CERT_FILE", cert.clone()),
+            ("COMFYRELAY_GRPC__TLS__KEY_FILE", key_file.clone()),
+            ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", leader_ca.to_string()),
+        ]
+    };
+    let spawn = |leader_ca: &str| {
+        let env = env(leader_ca);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env)
+    };
+    let mut a = spawn(&replicas_ca);
+    let a_addr = a.wait_for("serving gRPC").await;
+    let mut b = spawn(&replicas_ca);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let mut c = spawn(&another_ca);
+    let c_addr = c.wait_for("standby: serving health only until this replica leads").await;
+    let key = create_key(&url, "team-t").await;
+
+    // B reaches the leader over TLS: its health follows the leader's, and a keyed call goes through.
+    let b_channel = tls_channel(b_addr, &ca, &key).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(b_channel.clone());
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let request = tonic_health::pb::HealthCheckRequest { service: "comfyrelay.v1.JobService".into() };
+            let mut watch = health.watch(request).await.expect("watch B's health").into_inner();
+            while let Ok(Some(status)) = watch.message().await {
+                if status.status == SERVING {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .expect("B's JobService SERVING within 10 s");
+    let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel);
+    let job =
+        on_b.submit_job(submit_request("invert", png(8, 8))).await.expect("submit through B").into_inner();
+    let mut stream = on_b
+        .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), after_sequence: 0, skip_previews: false })
+        .await
+        .expect("stream on B")
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(e) = stream.message().await.expect("stream item") {
+            events.push(e);
+        }
+    })
+    .await
+    .expect("the stream ends within 60 s");
+    assert_gap_free(&events, 0);
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    let got = on_b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect("get_job through B");
+    assert_eq!(got.into_inner().state, pb::JobState::Succeeded as i32);
+
+    // C cannot check the leader's certificate: once it has read the leader's URL it forwards nothing and
+    // answers UNAVAILABLE, saying why.
+    c.wait_for_line("standby: forwarding calls to the leader").await;
+    let mut on_c = pb::job_service_client::JobServiceClient::new(tls_channel(c_addr, &ca, &key).await);
+    let status = on_c.submit_job(submit_request("invert", png(8, 8))).await.expect_err("C forwards");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("cannot reach the leader"), "{status:?}");
+    let on_a = pb::job_service_client::JobServiceClient::new(tls_channel(a_addr, &ca, &key).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list on the leader")
+        .into_inner();
+    assert_eq!(
+        on_a.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        [job.id.as_str()],
+        "C's calls never reached the leader"
+    );
 }
 
 /// A leader (`a`) and a standby (`b`) on a fresh database `db` of their own PostgreSQL server, on `comfy`,
