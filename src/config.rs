@@ -290,6 +290,17 @@ pub struct TlsConfig {
     /// certificates issued to the service's name rather than to each replica's address
     /// (`comfyrelay.prod.svc`). Unset: the host of the leader's advertised URL.
     pub leader_server_name: Option<String>,
+    /// With replicas and mTLS: the client certificate (PEM chain) a standby presents to the leader when it
+    /// forwards a call; its subject must be in the leader's `replica_subjects`. Unset: with mTLS a standby
+    /// does not forward.
+    pub replica_cert_file: Option<PathBuf>,
+    /// The key of `replica_cert_file`.
+    pub replica_key_file: Option<PathBuf>,
+    /// With replicas and mTLS: the client-certificate subjects of the replicas themselves. A call on a
+    /// connection with one of these certificates acts as the caller the standby names
+    /// (`x-comfyrelay-forwarded-client`, the subject of the certificate it verified); on any other
+    /// connection that header is dropped.
+    pub replica_subjects: Vec<String>,
 }
 
 impl Default for TlsConfig {
@@ -301,6 +312,9 @@ impl Default for TlsConfig {
             reload_interval: Duration::from_secs(10),
             leader_ca_file: None,
             leader_server_name: None,
+            replica_cert_file: None,
+            replica_key_file: None,
+            replica_subjects: Vec::new(),
         }
     }
 }
@@ -839,6 +853,20 @@ impl Config {
                 return bad(key, "needs TLS on (grpc.tls.cert_file and grpc.tls.key_file)");
             }
         }
+        if tls.replica_cert_file.is_some() != tls.replica_key_file.is_some() {
+            return bad("grpc.tls.replica_cert_file", "and grpc.tls.replica_key_file must be set together");
+        }
+        for (key, set) in [
+            ("grpc.tls.replica_cert_file", tls.replica_cert_file.is_some()),
+            ("grpc.tls.replica_subjects", !tls.replica_subjects.is_empty()),
+        ] {
+            if set && tls.client_ca_file.is_none() {
+                return bad(key, "needs client certificates on (grpc.tls.client_ca_file)");
+            }
+        }
+        if tls.replica_subjects.iter().any(|s| s.is_empty()) {
+            return bad("grpc.tls.replica_subjects", "must not hold an empty subject");
+        }
         if let Some(name) = &tls.leader_server_name
             && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
         {
@@ -1180,10 +1208,15 @@ mod tests {
                 ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", "/etc/comfyrelay/replicas-ca.crt"),
                 ("COMFYRELAY_GRPC__TLS__LEADER_SERVER_NAME", "comfyrelay.prod.svc"),
                 ("COMFYRELAY_GRPC__ADVERTISE_URL", "https://10.0.0.5:50051"),
+                ("COMFYRELAY_GRPC__TLS__CLIENT_CA_FILE", "/etc/comfyrelay/client-ca.crt"),
+                ("COMFYRELAY_GRPC__TLS__REPLICA_CERT_FILE", "/etc/comfyrelay/replica.crt"),
+                ("COMFYRELAY_GRPC__TLS__REPLICA_KEY_FILE", "/etc/comfyrelay/replica.key"),
+                ("COMFYRELAY_GRPC__TLS__REPLICA_SUBJECTS", r#"["comfyrelay-replica"]"#),
             ]),
         )
         .unwrap();
         assert_eq!(replicas.grpc.tls.leader_server_name.as_deref(), Some("comfyrelay.prod.svc"));
+        assert_eq!(replicas.grpc.tls.replica_subjects, ["comfyrelay-replica"]);
 
         for (vars, key) in [
             (&[("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c")][..], "grpc.tls.cert_file"),
@@ -1196,6 +1229,20 @@ mod tests {
             ),
             (&[("COMFYRELAY_GRPC__CORS_ORIGINS", r#"["a.example"]"#)][..], "grpc.cors_origins[0]"),
             (&[("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", "/ca")][..], "grpc.tls.leader_ca_file"),
+            (&[("COMFYRELAY_GRPC__TLS__REPLICA_CERT_FILE", "/r.crt")][..], "grpc.tls.replica_cert_file"),
+            (
+                &[("COMFYRELAY_GRPC__TLS__REPLICA_SUBJECTS", r#"["replica"]"#)][..],
+                "grpc.tls.replica_subjects",
+            ),
+            (
+                &[
+                    ("COMFYRELAY_GRPC__TLS__CERT_FILE", "/c"),
+                    ("COMFYRELAY_GRPC__TLS__KEY_FILE", "/k"),
+                    ("COMFYRELAY_GRPC__TLS__CLIENT_CA_FILE", "/ca"),
+                    ("COMFYRELAY_GRPC__TLS__REPLICA_SUBJECTS", r#"[""]"#),
+                ][..],
+                "grpc.tls.replica_subjects",
+            ),
             (&[("COMFYRELAY_GRPC__TLS__LEADER_SERVER_NAME", "relay")][..], "grpc.tls.leader_server_name"),
             (&[("COMFYRELAY_GRPC__ADVERTISE_URL", "https://10.0.0.5:50051")][..], "grpc.advertise_url"),
             (

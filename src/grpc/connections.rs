@@ -408,17 +408,32 @@ impl Connected for Conn {
     }
 }
 
+/// The header in which a standby names the caller it forwards a call for, with mTLS: the subject of the
+/// client certificate the standby verified. Believed only on a connection whose own client certificate is
+/// a replica's (`grpc.tls.replica_subjects`), and removed from every other call.
+pub(crate) const FORWARDED_CLIENT: &str = "x-comfyrelay-forwarded-client";
+
 /// Counts each call as open on its connection until its response body ends (see the module docs); also
 /// puts tonic's own `TcpConnectInfo` in the request, so `Request::remote_addr` keeps working, and on an
-/// mTLS connection the [`ClientSubject`], for the layers inside this one and the handlers.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct CallTrackingLayer;
+/// mTLS connection the [`ClientSubject`], for the layers inside this one and the handlers: the connection's
+/// own, or on a replica's connection the caller it names in [`FORWARDED_CLIENT`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallTrackingLayer {
+    replicas: Arc<std::collections::HashSet<String>>,
+}
+
+impl CallTrackingLayer {
+    /// Believes [`FORWARDED_CLIENT`] on connections whose client certificate has one of `replica_subjects`.
+    pub(crate) fn new(replica_subjects: &[String]) -> Self {
+        Self { replicas: Arc::new(replica_subjects.iter().cloned().collect()) }
+    }
+}
 
 impl<S> tower::Layer<S> for CallTrackingLayer {
     type Service = CallTracking<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CallTracking { inner }
+        CallTracking { inner, replicas: self.replicas.clone() }
     }
 }
 
@@ -426,6 +441,7 @@ impl<S> tower::Layer<S> for CallTrackingLayer {
 #[derive(Debug, Clone)]
 pub(crate) struct CallTracking<S> {
     inner: S,
+    replicas: Arc<std::collections::HashSet<String>>,
 }
 
 impl<S, B> tower::Service<http::Request<B>> for CallTracking<S>
@@ -442,10 +458,19 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // Never passed on as it came: only a replica's connection may name another caller.
+        let forwarded = req.headers_mut().remove(FORWARDED_CLIENT);
         let info = req.extensions().get::<ConnInfo>().cloned();
         let guard = info.map(|info| {
             req.extensions_mut().insert(info.tcp);
             if let Some(subject) = info.subject {
+                let subject = match forwarded {
+                    // Lossy: a subject that is not UTF-8 matches no mapped subject.
+                    Some(caller) if self.replicas.contains(&subject.0) => {
+                        ClientSubject(String::from_utf8_lossy(caller.as_bytes()).into_owned())
+                    }
+                    _ => subject,
+                };
                 req.extensions_mut().insert(subject);
             }
             info.activity.call_started()

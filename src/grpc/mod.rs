@@ -200,7 +200,7 @@ pub async fn serve(
             .layer(cors::layer(&config.grpc.cors_origins))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(calls)
-            .layer(connections::CallTrackingLayer)
+            .layer(connections::CallTrackingLayer::new(&g.tls.replica_subjects))
             .layer(error_details::ErrorDetailsLayer::new(max))
             .layer(auth.clone())
             .add_service(health_service)
@@ -215,7 +215,7 @@ pub async fn serve(
         builder
             .layer(browser)
             .layer(calls)
-            .layer(connections::CallTrackingLayer)
+            .layer(connections::CallTrackingLayer::new(&g.tls.replica_subjects))
             .layer(error_details::ErrorDetailsLayer::new(max))
             .layer(auth.clone())
             .add_service(health_service)

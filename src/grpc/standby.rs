@@ -10,11 +10,14 @@
 //! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
 //! and body go to the leader on one connection per standby, and the leader's response, trailers and
 //! stream come back; the leader authenticates, validates and bounds every call as if it came directly
-//! (a client certificate cannot be forwarded, so with mTLS, `grpc.tls.client_ca_file`, a standby does not
-//! forward and answers `UNAVAILABLE`). With `grpc.tls` the standby connects to the leader over TLS and
-//! checks its certificate ([`ToLeader`]: against `grpc.tls.leader_ca_file`, for
-//! `grpc.tls.leader_server_name`), so a caller's key goes only to a leader that proves it holds a
-//! replica's certificate. The standby's health follows the leader's: each service is what the leader says
+//! With `grpc.tls` the standby connects to the leader over TLS and checks its certificate ([`ToLeader`]:
+//! against `grpc.tls.leader_ca_file`, for `grpc.tls.leader_server_name`), so a caller's key goes only to a
+//! leader that proves it holds a replica's certificate. A client certificate cannot be forwarded: with
+//! mTLS (`grpc.tls.client_ca_file`) the standby presents its own replica certificate
+//! (`grpc.tls.replica_cert_file`) and names the caller's verified subject in
+//! [`connections::FORWARDED_CLIENT`], which the leader believes from a replica's connection only
+//! (`grpc.tls.replica_subjects`); without a replica certificate it does not forward and answers
+//! `UNAVAILABLE`. The standby's health follows the leader's: each service is what the leader says
 //! it is, and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
 //!
 //! In front of both sit the leader's connection layers that need no job engine: with `grpc.grpc_web`,
@@ -88,8 +91,8 @@ pub async fn serve_standby(
     let to_leader = ToLeader::of(&g.tls);
     if to_leader.is_none() {
         tracing::warn!(
-            "standby: with client certificates (grpc.tls.client_ca_file) calls are not forwarded to the leader; \
-             callers get UNAVAILABLE here (StreamJob and health are served)"
+            "standby: with client certificates (grpc.tls.client_ca_file) and no grpc.tls.replica_cert_file, \
+             calls are not forwarded to the leader; callers get UNAVAILABLE here (StreamJob and health are served)"
         );
     }
     let forward = to_leader.map(|how| (store, how));
@@ -150,7 +153,7 @@ pub async fn serve_standby(
         .layer(tower::util::option_layer(web.then_some(console::ConsoleLayer)))
         .layer(tower::util::option_layer(web.then(|| cors::layer(&g.cors_origins))))
         .layer(tower::util::option_layer(web.then(tonic_web::GrpcWebLayer::new)))
-        .layer(connections::CallTrackingLayer)
+        .layer(connections::CallTrackingLayer::new(&g.tls.replica_subjects))
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(incoming, until.clone().cancelled_owned());
     tokio::pin!(served);
@@ -225,28 +228,35 @@ enum ToLeader {
     /// Over TLS, the leader's certificate checked against `grpc.tls.leader_ca_file` (the public web roots
     /// when unset) for `grpc.tls.leader_server_name` (the URL's host when unset). Without that check a
     /// caller's key could be forwarded to whoever wrote a URL into the database and answers on it.
-    Tls { ca_file: Option<std::path::PathBuf>, server_name: Option<String> },
+    Tls {
+        ca_file: Option<std::path::PathBuf>,
+        server_name: Option<String>,
+        /// With mTLS: the replica's client certificate and key (`grpc.tls.replica_cert_file`).
+        identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    },
 }
 
 impl ToLeader {
-    /// `None` with mTLS: the leader would see the standby's connection, not the caller's certificate.
+    /// `None` with mTLS and no replica certificate: the leader would not let this standby in.
     fn of(tls: &TlsConfig) -> Option<Self> {
-        match (&tls.cert_file, &tls.client_ca_file) {
-            (None, _) => Some(Self::Plaintext),
-            (Some(_), None) => Some(Self::Tls {
+        let identity = tls.replica_cert_file.clone().zip(tls.replica_key_file.clone());
+        match (&tls.cert_file, &tls.client_ca_file, identity) {
+            (None, _, _) => Some(Self::Plaintext),
+            (Some(_), Some(_), None) => None,
+            (Some(_), _, identity) => Some(Self::Tls {
                 ca_file: tls.leader_ca_file.clone(),
                 server_name: tls.leader_server_name.clone(),
+                identity,
             }),
-            (Some(_), Some(_)) => None,
         }
     }
 
-    /// The endpoint of the leader at `url`. The CA file is read here, once per new leader, so a replaced
-    /// file is used from the next leader on.
+    /// The endpoint of the leader at `url`. The CA and replica certificate files are read here, once per
+    /// new leader, so replaced files are used from the next leader on.
     fn endpoint(&self, url: &str) -> Result<Endpoint, String> {
         let endpoint =
             Channel::from_shared(url.to_string()).map_err(|e| format!("the URL does not parse: {e}"))?;
-        let Self::Tls { ca_file, server_name } = self else {
+        let Self::Tls { ca_file, server_name, identity } = self else {
             return Ok(endpoint);
         };
         if !url.starts_with("https://") {
@@ -271,6 +281,16 @@ impl ToLeader {
         };
         if let Some(name) = server_name {
             tls = tls.domain_name(name.clone());
+        }
+        if let Some((cert_file, key_file)) = identity {
+            use secrecy::ExposeSecret as _;
+            let read = |setting: &str, path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| format!("{setting} ({}): cannot read it: {e}", path.display()))
+            };
+            let cert = read("grpc.tls.replica_cert_file", cert_file)?;
+            let key = secrecy::SecretSlice::from(read("grpc.tls.replica_key_file", key_file)?);
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key.expose_secret()));
         }
         endpoint.tls_config(tls).map_err(|e| format!("the TLS settings for the leader: {e}"))
     }
@@ -350,6 +370,21 @@ async fn forward_call(
     let Some(channel) = channel else {
         return unavailable("this replica is a standby and knows no leader yet; retry");
     };
+    let mut req = req;
+    // With mTLS, the caller this standby verified (its own `CallTrackingLayer` removed any such header the
+    // caller sent); the leader believes it from this replica's certificate only.
+    if let Some(subject) = req.extensions().get::<tls::ClientSubject>() {
+        match http::HeaderValue::from_str(&subject.0) {
+            Ok(value) => {
+                req.headers_mut().insert(connections::FORWARDED_CLIENT, value);
+            }
+            Err(_) => {
+                return unavailable(
+                    "this standby cannot forward a caller whose certificate subject is not printable ASCII; call the leader",
+                );
+            }
+        }
+    }
     match channel.oneshot(req.map(tonic::body::Body::new)).await {
         Ok(response) => response.map(axum::body::Body::new),
         Err(e) => {

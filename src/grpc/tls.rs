@@ -13,7 +13,8 @@
 //!   the writes of the two files) keep the previous configuration and log why, once per change.
 //! - **Client identity.** With mTLS, the verified client certificate's subject (its CN, else its first
 //!   DNS, URI or e-mail SAN) is a [`ClientSubject`], put in every request's extensions by
-//!   `connections::CallTrackingLayer` and in each call's span (`client`).
+//!   `connections::CallTrackingLayer` and in each call's span (`client`). On a replica's connection
+//!   (`grpc.tls.replica_subjects`) that layer puts the caller the forwarding standby names instead.
 //! - **Secrets.** The key file's bytes are held as a [`SecretSlice`] (zeroed when dropped) only while
 //!   parsed; errors describe what is wrong with a file, never its contents.
 //!

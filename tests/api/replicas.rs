@@ -733,6 +733,120 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     );
 }
 
+/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), presenting `identity`, with `header`
+/// (`name`, `value`) on every call if given.
+async fn mtls_channel(
+    addr: SocketAddr,
+    ca: &crate::tls::Ca,
+    identity: &crate::tls::Leaf,
+    header: Option<(&'static str, &'static str)>,
+) -> tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + Clone> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name("localhost")
+        .identity(Identity::from_pem(&identity.cert, &identity.key));
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect over mTLS");
+    tonic::service::interceptor::InterceptedService::new(channel, move |mut req: tonic::Request<()>| {
+        if let Some((name, value)) = header {
+            req.metadata_mut().insert(name, value.parse().unwrap());
+        }
+        Ok(req)
+    })
+}
+
+#[tokio::test]
+async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_can_name_a_caller() {
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("mtls_forwarding").await;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let artifacts = tempfile::tempdir().unwrap();
+    // The replicas serve a certificate of the server CA and take client certificates of the client CA:
+    // their own (`comfyrelay-replica`, in grpc.tls.replica_subjects) and two teams', each mapped to a tenant.
+    let (ca, client_ca) = (crate::tls::Ca::new("server CA"), crate::tls::Ca::new("client CA"));
+    let (leaf, replica) = (ca.server(), client_ca.client("comfyrelay-replica"));
+    let (team_a, team_b) = (client_ca.client("team-a-ci"), client_ca.client("team-b-ci"));
+    let files = tempfile::tempdir().unwrap();
+    let path = |name: &str, contents: &str| {
+        let p = files.path().join(name);
+        std::fs::write(&p, contents).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let env = [
+        ("COMFYRELAY_AUTH__MODE", "keys".to_string()),
+        ("COMFYRELAY_GRPC__TLS__CERT_FILE", path("tls.crt", &leaf.cert)),
+        ("COMFYRELAY_GRPC__TLS__KEY_FILE", path("tls.key", &leaf.key)),
+        ("COMFYRELAY_GRPC__TLS__CLIENT_CA_FILE", path("client-ca.crt", &client_ca.pem())),
+        ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", path("ca.crt", &ca.pem())),
+        ("COMFYRELAY_GRPC__TLS__REPLICA_CERT_FILE", path("replica.crt", &replica.cert)),
+        ("COMFYRELAY_GRPC__TLS__REPLICA_KEY_FILE", path("replica.key", &replica.key)),
+        ("COMFYRELAY_GRPC__TLS__REPLICA_SUBJECTS", r#"["comfyrelay-replica"]"#.to_string()),
+        (
+            "COMFYRELAY_AUTH__CLIENT_CERTIFICATES",
+            r#"[{subject = "team-a-ci", tenant = "team-a"}, {subject = "team-b-ci", tenant = "team-b"}]"#
+                .to_string(),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
+    let a_addr = a.wait_for("serving gRPC").await;
+    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
+    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    b.wait_for_line("standby: forwarding calls to the leader").await;
+
+    // team-a through the standby: submitted, streamed and read as team-a.
+    let mut on_b =
+        pb::job_service_client::JobServiceClient::new(mtls_channel(b_addr, &ca, &team_a, None).await);
+    let job =
+        on_b.submit_job(submit_request("invert", png(8, 8))).await.expect("submit through B").into_inner();
+    let mut stream = on_b
+        .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), after_sequence: 0, skip_previews: false })
+        .await
+        .expect("stream on B")
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(e) = stream.message().await.expect("stream item") {
+            events.push(e);
+        }
+    })
+    .await
+    .expect("the stream ends within 60 s");
+    assert_gap_free(&events, 0);
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+    let get = pb::GetJobRequest { job_id: job.id.clone() };
+    on_b.get_job(get.clone()).await.expect("team-a reads its job through B");
+    pb::job_service_client::JobServiceClient::new(mtls_channel(a_addr, &ca, &team_a, None).await)
+        .get_job(get.clone())
+        .await
+        .expect("the job is team-a's on the leader");
+
+    // team-b cannot pass for team-a by naming it, neither through the standby (which names the caller it
+    // verified) nor on the leader (which believes the header from a replica's certificate only).
+    let forged = Some(("x-comfyrelay-forwarded-client", "team-a-ci"));
+    for (name, addr) in [("through the standby", b_addr), ("on the leader", a_addr)] {
+        let mut as_b =
+            pb::job_service_client::JobServiceClient::new(mtls_channel(addr, &ca, &team_b, forged).await);
+        let hidden = as_b.get_job(get.clone()).await.expect_err("team-b reads team-a's job");
+        assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
+        let listed = as_b.list_jobs(pb::ListJobsRequest::default()).await.expect("list").into_inner();
+        assert!(listed.jobs.is_empty(), "{name}: team-b lists {listed:?}");
+    }
+    // The replica's own certificate maps to no tenant: without a forwarded caller it is nobody.
+    let status =
+        pb::job_service_client::JobServiceClient::new(mtls_channel(a_addr, &ca, &replica, None).await)
+            .get_job(get)
+            .await
+            .expect_err("the replica certificate alone reads a job");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}
+
 /// A leader (`a`) and a standby (`b`) on a fresh database `db` of their own PostgreSQL server, on `comfy`,
 /// sharing an artifact directory, with `a_env` and `b_env` added to their settings (`auth.mode = none`
 /// unless given).

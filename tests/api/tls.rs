@@ -53,7 +53,7 @@ impl Ca {
     }
 
     /// A client certificate whose subject CN is `cn`.
-    fn client(&self, cn: &str) -> Leaf {
+    pub(crate) fn client(&self, cn: &str) -> Leaf {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, cn);
         params.subject_alt_names = vec![SanType::URI(format!("spiffe://test/{cn}").try_into().expect("uri"))];
