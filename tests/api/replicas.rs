@@ -622,10 +622,35 @@ async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_re
     }
 }
 
-/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), sending `key`.
-async fn tls_channel(addr: SocketAddr, ca: &crate::tls::Ca, key: &str) -> crate::helpers::Keyed {
-    use tonic::transport::{Certificate, ClientTlsConfig};
-    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
+/// Metadata sent on every call.
+#[derive(Clone)]
+struct Headers(Vec<(&'static str, String)>);
+
+impl tonic::service::Interceptor for Headers {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        for (name, value) in &self.0 {
+            req.metadata_mut().insert(*name, value.parse().unwrap());
+        }
+        Ok(req)
+    }
+}
+
+type TlsChannel = tonic::service::interceptor::InterceptedService<Channel, Headers>;
+
+/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), presenting `identity` if given,
+/// sending `headers` on every call.
+async fn tls_channel(
+    addr: SocketAddr,
+    ca: &crate::tls::Ca,
+    identity: Option<&crate::tls::Leaf>,
+    headers: &[(&'static str, String)],
+) -> TlsChannel {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    }
     let channel = Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
@@ -633,8 +658,55 @@ async fn tls_channel(addr: SocketAddr, ca: &crate::tls::Ca, key: &str) -> crate:
         .connect()
         .await
         .expect("connect over TLS");
-    let bearer = crate::helpers::Bearer(Some(format!("Bearer {key}").parse().unwrap()));
-    tonic::service::interceptor::InterceptedService::new(channel, bearer)
+    tonic::service::interceptor::InterceptedService::new(channel, Headers(headers.to_vec()))
+}
+
+/// The job service over [`tls_channel`].
+async fn tls_jobs(
+    addr: SocketAddr,
+    ca: &crate::tls::Ca,
+    identity: Option<&crate::tls::Leaf>,
+    headers: &[(&'static str, String)],
+) -> pb::job_service_client::JobServiceClient<TlsChannel> {
+    pb::job_service_client::JobServiceClient::new(tls_channel(addr, ca, identity, headers).await)
+}
+
+/// A job's whole stream through `jobs` (bounded).
+async fn stream_to_end(
+    jobs: &mut pb::job_service_client::JobServiceClient<TlsChannel>,
+    job_id: &str,
+) -> Vec<pb::JobEvent> {
+    let request = pb::StreamJobRequest { job_id: job_id.into(), after_sequence: 0, skip_previews: false };
+    let mut stream = jobs.stream_job(request).await.expect("stream_job").into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(e) = stream.message().await.expect("stream item") {
+            events.push(e);
+        }
+    })
+    .await
+    .expect("the stream ends within 60 s");
+    events
+}
+
+/// Files in a directory of their own, named by their paths as strings (for settings).
+struct Files(tempfile::TempDir);
+
+impl Files {
+    fn new() -> Self {
+        Self(tempfile::tempdir().unwrap())
+    }
+
+    fn write(&self, name: &str, contents: &str) -> String {
+        let p = self.0.path().join(name);
+        std::fs::write(&p, contents).unwrap();
+        p.to_str().unwrap().to_string()
+    }
+}
+
+/// `(name, value)` settings as `spawn_with` takes them.
+fn as_env<'a>(vars: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 #[tokio::test]
@@ -648,14 +720,10 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     // database led to a server that is not a replica.
     let (ca, other_ca) = (crate::tls::Ca::new("replicas CA"), crate::tls::Ca::new("another CA"));
     let leaf = ca.server();
-    let files = tempfile::tempdir().unwrap();
-    let path = |name: &str, contents: &str| {
-        let p = files.path().join(name);
-        std::fs::write(&p, contents).unwrap();
-        p.to_str().unwrap().to_string()
-    };
-    let (cert, key_file) = (path("tls.crt", &leaf.cert), path("tls.key", &leaf.key));
-    let (replicas_ca, another_ca) = (path("ca.crt", &ca.pem()), path("other-ca.crt", &other_ca.pem()));
+    let files = Files::new();
+    let (cert, key_file) = (files.write("tls.crt", &leaf.cert), files.write("tls.key", &leaf.key));
+    let (replicas_ca, another_ca) =
+        (files.write("ca.crt", &ca.pem()), files.write("other-ca.crt", &other_ca.pem()));
     let env = |leader_ca: &str| {
         vec![
             ("COMFYRELAY_AUTH__MODE", "keys".to_string()),
@@ -664,21 +732,18 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
             ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", leader_ca.to_string()),
         ]
     };
-    let spawn = |leader_ca: &str| {
-        let env = env(leader_ca);
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env)
-    };
+    let spawn =
+        |leader_ca: &str| Replica::spawn_with(&url, artifacts.path(), &[&comfy], &as_env(&env(leader_ca)));
     let mut a = spawn(&replicas_ca);
     let a_addr = a.wait_for("serving gRPC").await;
     let mut b = spawn(&replicas_ca);
     let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
     let mut c = spawn(&another_ca);
     let c_addr = c.wait_for("standby: serving health only until this replica leads").await;
-    let key = create_key(&url, "team-t").await;
+    let key = [("authorization", format!("Bearer {}", create_key(&url, "team-t").await))];
 
     // B reaches the leader over TLS: its health follows the leader's, and a keyed call goes through.
-    let b_channel = tls_channel(b_addr, &ca, &key).await;
+    let b_channel = tls_channel(b_addr, &ca, None, &key).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(b_channel.clone());
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
@@ -696,19 +761,7 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel);
     let job =
         on_b.submit_job(submit_request("invert", png(8, 8))).await.expect("submit through B").into_inner();
-    let mut stream = on_b
-        .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), after_sequence: 0, skip_previews: false })
-        .await
-        .expect("stream on B")
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(e) = stream.message().await.expect("stream item") {
-            events.push(e);
-        }
-    })
-    .await
-    .expect("the stream ends within 60 s");
+    let events = stream_to_end(&mut on_b, &job.id).await;
     assert_gap_free(&events, 0);
     assert_eq!(terminal(&events), "succeeded", "{events:?}");
     let got = on_b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect("get_job through B");
@@ -717,11 +770,12 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     // C cannot check the leader's certificate: once it has read the leader's URL it forwards nothing and
     // answers UNAVAILABLE, saying why.
     c.wait_for_line("standby: forwarding calls to the leader").await;
-    let mut on_c = pb::job_service_client::JobServiceClient::new(tls_channel(c_addr, &ca, &key).await);
+    let mut on_c = tls_jobs(c_addr, &ca, None, &key).await;
     let status = on_c.submit_job(submit_request("invert", png(8, 8))).await.expect_err("C forwards");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("cannot reach the leader"), "{status:?}");
-    let on_a = pb::job_service_client::JobServiceClient::new(tls_channel(a_addr, &ca, &key).await)
+    let on_a = tls_jobs(a_addr, &ca, None, &key)
+        .await
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .expect("list on the leader")
@@ -731,34 +785,6 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
         [job.id.as_str()],
         "C's calls never reached the leader"
     );
-}
-
-/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), presenting `identity`, with `header`
-/// (`name`, `value`) on every call if given.
-async fn mtls_channel(
-    addr: SocketAddr,
-    ca: &crate::tls::Ca,
-    identity: &crate::tls::Leaf,
-    header: Option<(&'static str, &'static str)>,
-) -> tonic::service::interceptor::InterceptedService<Channel, impl tonic::service::Interceptor + Clone> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca.pem()))
-        .domain_name("localhost")
-        .identity(Identity::from_pem(&identity.cert, &identity.key));
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .expect("tls config")
-        .connect()
-        .await
-        .expect("connect over mTLS");
-    tonic::service::interceptor::InterceptedService::new(channel, move |mut req: tonic::Request<()>| {
-        if let Some((name, value)) = header {
-            req.metadata_mut().insert(name, value.parse().unwrap());
-        }
-        Ok(req)
-    })
 }
 
 #[tokio::test]
@@ -772,12 +798,8 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
     let (ca, client_ca) = (crate::tls::Ca::new("server CA"), crate::tls::Ca::new("client CA"));
     let (leaf, replica) = (ca.server(), client_ca.client("comfyrelay-replica"));
     let (team_a, team_b) = (client_ca.client("team-a-ci"), client_ca.client("team-b-ci"));
-    let files = tempfile::tempdir().unwrap();
-    let path = |name: &str, contents: &str| {
-        let p = files.path().join(name);
-        std::fs::write(&p, contents).unwrap();
-        p.to_str().unwrap().to_string()
-    };
+    let files = Files::new();
+    let path = |name: &str, contents: &str| files.write(name, contents);
     let env = [
         ("COMFYRELAY_AUTH__MODE", "keys".to_string()),
         ("COMFYRELAY_GRPC__TLS__CERT_FILE", path("tls.crt", &leaf.cert)),
@@ -793,7 +815,7 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
                 .to_string(),
         ),
     ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env = as_env(&env);
     let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
     let a_addr = a.wait_for("serving gRPC").await;
     let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
@@ -801,49 +823,36 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
     b.wait_for_line("standby: forwarding calls to the leader").await;
 
     // team-a through the standby: submitted, streamed and read as team-a.
-    let mut on_b =
-        pb::job_service_client::JobServiceClient::new(mtls_channel(b_addr, &ca, &team_a, None).await);
+    let mut on_b = tls_jobs(b_addr, &ca, Some(&team_a), &[]).await;
     let job =
         on_b.submit_job(submit_request("invert", png(8, 8))).await.expect("submit through B").into_inner();
-    let mut stream = on_b
-        .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), after_sequence: 0, skip_previews: false })
-        .await
-        .expect("stream on B")
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(e) = stream.message().await.expect("stream item") {
-            events.push(e);
-        }
-    })
-    .await
-    .expect("the stream ends within 60 s");
+    let events = stream_to_end(&mut on_b, &job.id).await;
     assert_gap_free(&events, 0);
     assert_eq!(terminal(&events), "succeeded", "{events:?}");
     let get = pb::GetJobRequest { job_id: job.id.clone() };
     on_b.get_job(get.clone()).await.expect("team-a reads its job through B");
-    pb::job_service_client::JobServiceClient::new(mtls_channel(a_addr, &ca, &team_a, None).await)
+    tls_jobs(a_addr, &ca, Some(&team_a), &[])
+        .await
         .get_job(get.clone())
         .await
         .expect("the job is team-a's on the leader");
 
     // team-b cannot pass for team-a by naming it, neither through the standby (which names the caller it
     // verified) nor on the leader (which believes the header from a replica's certificate only).
-    let forged = Some(("x-comfyrelay-forwarded-client", "team-a-ci"));
+    let forged = [("x-comfyrelay-forwarded-client", "team-a-ci".to_string())];
     for (name, addr) in [("through the standby", b_addr), ("on the leader", a_addr)] {
-        let mut as_b =
-            pb::job_service_client::JobServiceClient::new(mtls_channel(addr, &ca, &team_b, forged).await);
+        let mut as_b = tls_jobs(addr, &ca, Some(&team_b), &forged).await;
         let hidden = as_b.get_job(get.clone()).await.expect_err("team-b reads team-a's job");
         assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
         let listed = as_b.list_jobs(pb::ListJobsRequest::default()).await.expect("list").into_inner();
         assert!(listed.jobs.is_empty(), "{name}: team-b lists {listed:?}");
     }
     // The replica's own certificate maps to no tenant: without a forwarded caller it is nobody.
-    let status =
-        pb::job_service_client::JobServiceClient::new(mtls_channel(a_addr, &ca, &replica, None).await)
-            .get_job(get)
-            .await
-            .expect_err("the replica certificate alone reads a job");
+    let status = tls_jobs(a_addr, &ca, Some(&replica), &[])
+        .await
+        .get_job(get)
+        .await
+        .expect_err("the replica certificate alone reads a job");
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }
 
