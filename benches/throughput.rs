@@ -11,7 +11,9 @@
 //!    send time (with standbys, also at a subscriber of a standby, which reads the shared log);
 //! 4. jobs until 10,000 have run, then comfyrelay's resident memory;
 //! 5. durable `SubmitJob`/s with distinct 256 KiB images from 8 clients (a second comfyrelay whose only
-//!    ComfyUI is unreachable, so jobs stay queued and only submission is measured);
+//!    ComfyUI is unreachable, so jobs stay queued and only submission is measured); with standbys, then
+//!    the same through the first standby, which forwards each call to the leader (leader, standby,
+//!    leader, standby);
 //! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
 //!    gap-free, the memory each costs, how long after ComfyUI is released the last one ends and the events
 //!    delivered per second meanwhile (with standbys, then the same on a standby).
@@ -21,7 +23,7 @@
 //! `BENCH_DATABASE=postgres` runs every comfyrelay on a throwaway PostgreSQL server on loopback (durable
 //! settings: `fsync` and `synchronous_commit` on) instead of its SQLite file, and `BENCH_STANDBYS=N` starts
 //! N standby replicas beside each one (they wait for the leader lease; the figures are the leader's, but
-//! for phases 3 and 6, which also stream from the first standby).
+//! for phases 3 and 6, which also stream from the first standby, and 5, which also submits through it).
 
 use std::{
     net::SocketAddr,
@@ -236,13 +238,12 @@ impl Relay {
 
     /// User + system CPU time of the process so far.
     fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        // Fields after the command name (which is in parentheses and may contain spaces).
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Duration::from_millis(ticks * 1000 / clock_ticks())
+        cpu_of(self.pid)
+    }
+
+    /// The same of the first standby (zero without one).
+    fn standby_cpu(&self) -> Duration {
+        self.standbys.first().and_then(|(c, _)| c.id()).map_or(Duration::ZERO, cpu_of)
     }
 
     /// Context switches (voluntary + involuntary) of all the process's threads so far: each is a thread
@@ -285,6 +286,17 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_string))
         .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         .unwrap_or(0)
+}
+
+/// User + system CPU time of process `pid` so far.
+fn cpu_of(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 1000 / clock_ticks())
 }
 
 fn clock_ticks() -> u64 {
@@ -469,6 +481,37 @@ async fn count_fsyncs(
         .filter_map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<u64>().ok()))
         .sum();
     Ok(Some(calls as f64 / n as f64))
+}
+
+/// `submits` distinct `SubmitJob` calls spread over `clients` (one task each), request ids `{prefix}-{k}`;
+/// the wall time they took.
+async fn submit_all(
+    clients: Vec<JobClient>,
+    images: &Arc<Vec<Bytes>>,
+    submits: usize,
+    prefix: &str,
+) -> anyhow::Result<Duration> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        let (images, next, prefix) = (images.clone(), next.clone(), prefix.to_string());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= submits {
+                    return anyhow::Ok(());
+                }
+                let mut req = invert_request(&images[k % images.len()]);
+                req.request_id = format!("{prefix}-{k}");
+                c.submit_job(req).await?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(start.elapsed())
 }
 
 fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
@@ -687,38 +730,28 @@ async fn main() -> anyhow::Result<()> {
     let images: Arc<Vec<Bytes>> =
         Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(296, 296, i + 7))).collect());
     let size = images[0].len();
-    let next = Arc::new(AtomicUsize::new(0));
     // Warm-up: the first submit waits for the unreachable backend's /object_info once.
     relay2.client(0).submit_job(invert_request(&images[0])).await?;
-    let cpu0 = relay2.cpu();
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..8 {
-        let (mut c, images, next) = (relay2.client(i), images.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= submits {
-                    return anyhow::Ok(());
-                }
-                let mut req = invert_request(&images[k % images.len()]);
-                req.request_id = format!("bench-{k}");
-                c.submit_job(req).await?;
-            }
-        }));
+    let mut sides = vec![("", (0..8).map(|i| relay2.client(i)).collect::<Vec<_>>())];
+    if let Some(clients) = (0..8).map(|i| relay2.standby_client(i)).collect::<Option<Vec<_>>>() {
+        // Twice each, alternating, so a drift of the machine's speed during the phase shows.
+        sides.push((" through a standby", clients));
+        sides.extend_from_within(..);
     }
-    for t in tasks {
-        t.await??;
+    for (round, (side, clients)) in sides.into_iter().enumerate() {
+        let (cpu0, standby_cpu0) = (relay2.cpu(), relay2.standby_cpu());
+        let wall = submit_all(clients, &images, submits, &format!("bench-{round}")).await?;
+        let per_submit = |d: Duration| d.as_secs_f64() * 1000.0 / submits as f64;
+        println!(
+            "{:<48} {submits} in {:.2} s: {:.0} submits/s ({:.0} MiB/s), CPU per submit: leader {:.2} ms, standby {:.2} ms",
+            format!("durable SubmitJob{side}, {} KiB images, 8 clients", size / 1024),
+            wall.as_secs_f64(),
+            submits as f64 / wall.as_secs_f64(),
+            (submits * size) as f64 / wall.as_secs_f64() / (1 << 20) as f64,
+            per_submit(relay2.cpu() - cpu0),
+            per_submit(relay2.standby_cpu() - standby_cpu0),
+        );
     }
-    let wall = start.elapsed();
-    println!(
-        "{:<48} {submits} in {:.2} s: {:.0} submits/s ({:.0} MiB/s), CPU {:.2} ms/submit",
-        format!("durable SubmitJob, {} KiB images, 8 clients", size / 1024),
-        wall.as_secs_f64(),
-        submits as f64 / wall.as_secs_f64(),
-        (submits * size) as f64 / wall.as_secs_f64() / (1 << 20) as f64,
-        (relay2.cpu() - cpu0).as_secs_f64() * 1000.0 / submits as f64
-    );
     relay2.stop().await;
 
     // 6. Many subscribers on live jobs.
