@@ -12,7 +12,8 @@
 //! reads the new events once, under the job's lock, and the others take them from the tail, so a notice
 //! costs one read of the log whatever the number of subscribers (`comfyrelay_follower_log_reads_total`
 //! counts them). A tail is fresh while no wake-up came after its last read began; a subscriber behind the
-//! tail's window, or a tail not yet started, reads the log for itself.
+//! tail's window, or a tail not yet started, reads the log for itself. The job's row (its tenant, for the
+//! scope check) is read once too, by its first subscriber.
 //!
 //! Per subscriber this holds one `watch` receiver and at most one page of the log; wake-ups while it is
 //! busy collapse into one. Per followed job, at most [`TAIL_EVENTS`] recent events.
@@ -79,12 +80,22 @@ impl JobFollower {
         scope: &Scope,
     ) -> Result<EventStream, JobError> {
         // Woken for every commit from now on, FIRST; then the log is read.
-        let wake = self.wakers.register(&id.to_string());
-        let row = self.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
-        if !scope.sees(&row.tenant) {
+        let (wake, followed) = self.wakers.register(&id.to_string());
+        // A job's tenant never changes: the job's row is read once for all its subscribers. A terminal job
+        // keeps the wake-up of a later subscriber, harmlessly: its stream ends at the terminal event.
+        let (tenant, terminal) = match followed.tenant.get() {
+            Some(tenant) => (tenant.clone(), false),
+            None => {
+                crate::metrics::follower_log_read();
+                let row = self.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+                let _ = followed.tenant.set(row.tenant.clone());
+                (row.tenant, row.terminal)
+            }
+        };
+        if !scope.sees(&tenant) {
             return Err(not_found(id));
         }
-        let wake = (!row.terminal).then_some(wake);
+        let wake = (!terminal).then_some(wake);
         Ok(EventStream::following(self.clone(), id, after_sequence, skip_previews, wake))
     }
 
@@ -167,6 +178,8 @@ struct Followed {
     /// every commit announced until then.
     wakes: AtomicU64,
     tail: tokio::sync::Mutex<Tail>,
+    /// The job's tenant, once a subscriber has read the job's row.
+    tenant: std::sync::OnceLock<String>,
 }
 
 /// The recent events of a followed job, read once for all its subscribers.
@@ -224,16 +237,19 @@ impl Tail {
 }
 
 impl Wakers {
-    fn register(self: &Arc<Self>, job_id: &str) -> Wake {
+    /// A new subscriber's wake-up, and the job it follows.
+    fn register(self: &Arc<Self>, job_id: &str) -> (Wake, Arc<Followed>) {
         let mut jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let followed = jobs.entry(job_id.to_owned()).or_insert_with(|| {
             Arc::new(Followed {
                 wake: watch::channel(()).0,
                 wakes: AtomicU64::new(0),
                 tail: tokio::sync::Mutex::new(Tail::default()),
+                tenant: std::sync::OnceLock::new(),
             })
         });
-        Wake { rx: followed.wake.subscribe(), job_id: job_id.to_owned(), wakers: self.clone() }
+        let wake = Wake { rx: followed.wake.subscribe(), job_id: job_id.to_owned(), wakers: self.clone() };
+        (wake, followed.clone())
     }
 
     fn get(&self, job_id: &str) -> Option<Arc<Followed>> {

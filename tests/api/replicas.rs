@@ -1051,7 +1051,7 @@ async fn counter(replica: &mut Replica, name: &str) -> f64 {
 }
 
 #[tokio::test]
-async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers() {
+async fn a_standby_reads_a_jobs_row_once_and_its_log_once_per_commit_for_all_of_its_subscribers() {
     let comfy = crate::helpers::spawn_comfy().await;
     comfy.faults().set_node_delay(Duration::from_millis(20));
     comfy.faults().set_node_progress_steps(4);
@@ -1066,6 +1066,7 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
         .expect("submit on the leader")
         .into_inner();
     let mut streams = Vec::new();
+    let reads_at_start = counter(&mut pair.b, "comfyrelay_follower_log_reads_total").await;
     for _ in 0..20 {
         let mut stream = pb::job_service_client::JobServiceClient::new(b_channel.clone())
             .stream_job(pb::StreamJobRequest { job_id: job.id.clone(), ..Default::default() })
@@ -1076,6 +1077,10 @@ async fn a_standby_reads_a_jobs_log_once_per_commit_for_all_of_its_subscribers()
         streams.push((vec![first], stream));
     }
     let reads_before = counter(&mut pair.b, "comfyrelay_follower_log_reads_total").await;
+    // Opening: the job's row once (its tenant) and its log once for all twenty, plus a read per commit
+    // that landed meanwhile; each subscriber reading the row for itself would be twenty.
+    let opening = reads_before - reads_at_start;
+    assert!((1.0..10.0).contains(&opening), "{opening} reads to open 20 subscribers of one job");
     comfy.hold_queue(false);
     let all = futures::future::join_all(streams.into_iter().map(|(mut seen, mut stream)| async move {
         while let Some(e) = stream.message().await.expect("the standby's stream") {
