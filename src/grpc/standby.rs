@@ -9,7 +9,7 @@
 //!
 //! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
 //! and body go to the leader on one connection per standby, and the leader's response, trailers and
-//! stream come back; the leader authenticates, validates and bounds every call as if it came directly
+//! stream come back; the leader authenticates, validates and bounds every call as if it came directly.
 //! With `grpc.tls` the standby connects to the leader over TLS and checks its certificate ([`ToLeader`]:
 //! against `grpc.tls.leader_ca_file`, for `grpc.tls.leader_server_name`), so a caller's key goes only to a
 //! leader that proves it holds a replica's certificate. A client certificate cannot be forwarded: with
@@ -64,10 +64,11 @@ pub struct StandbyParts {
 
 /// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
 /// `StreamJob` from the shared log, and every other call forwarded to the leader (over TLS with
-/// `grpc.tls`); with mTLS every other call is UNAVAILABLE, which clients retry. The listener stays open in between: a client's
-/// connection attempt during the switch waits in its backlog, and every standby connection is closed at
-/// the switch (health watches and streams included; a stream ends with `UNAVAILABLE` naming the sequence
-/// to resume after) so clients reconnect to the leader's server.
+/// `grpc.tls`); with mTLS and no replica certificate every other call is UNAVAILABLE, which clients
+/// retry. The listener stays open in between: a client's connection attempt during the switch waits in
+/// its backlog, and every standby connection is closed at the switch (health watches and streams
+/// included; a stream ends with `UNAVAILABLE` naming the sequence to resume after) so clients reconnect
+/// to the leader's server.
 ///
 /// # Errors
 /// A transport failure while serving.
