@@ -13,7 +13,7 @@
 //! 5. durable `SubmitJob`/s with distinct 256 KiB images from 8 clients (a second comfyrelay whose only
 //!    ComfyUI is unreachable, so jobs stay queued and only submission is measured); with standbys, then
 //!    the same through the first standby, which forwards each call to the leader (leader, standby,
-//!    leader, standby);
+//!    leader, standby); with `BENCH_TLS=1`, then all of it again on relays serving TLS;
 //! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
 //!    gap-free, the memory each costs, how long after ComfyUI is released the last one ends and the events
 //!    delivered per second meanwhile (with standbys, then the same on a standby).
@@ -121,6 +121,44 @@ impl Storage {
     }
 }
 
+/// With `BENCH_TLS=1`, phase 5 runs again on relays serving TLS: a CA and a certificate for `localhost`
+/// and `127.0.0.1`, made here; the standbys check the leader's against the CA (`grpc.tls.leader_ca_file`).
+struct BenchTls {
+    _dir: tempfile::TempDir,
+    ca: String,
+    env: Vec<(String, String)>,
+}
+
+impl BenchTls {
+    fn new() -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let key = KeyPair::generate()?;
+        let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?
+            .signed_by(&key, &issuer)?;
+        let dir = tempfile::tempdir()?;
+        let write = |name: &str, contents: &str| -> anyhow::Result<String> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, contents)?;
+            Ok(path.display().to_string())
+        };
+        let env = vec![
+            ("COMFYRELAY_GRPC__TLS__CERT_FILE".into(), write("tls.crt", &leaf.pem())?),
+            ("COMFYRELAY_GRPC__TLS__KEY_FILE".into(), write("tls.key", &key.serialize_pem())?),
+            ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE".into(), write("ca.crt", &issuer.pem())?),
+        ];
+        Ok(Self { ca: issuer.pem(), env, _dir: dir })
+    }
+
+    fn client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca))
+            .domain_name("localhost")
+    }
+}
+
 struct Relay {
     child: tokio::process::Child,
     pid: u32,
@@ -141,7 +179,19 @@ async fn start_relay(
     extra: &[(&str, &str)],
     storage: &Storage,
 ) -> anyhow::Result<Relay> {
-    let env = storage.env().await;
+    start_relay_tls(data_dir, comfy_url, extra, storage, None).await
+}
+
+/// [`start_relay`], serving TLS with `tls`.
+async fn start_relay_tls(
+    data_dir: &Path,
+    comfy_url: &str,
+    extra: &[(&str, &str)],
+    storage: &Storage,
+    tls: Option<&BenchTls>,
+) -> anyhow::Result<Relay> {
+    let mut env = storage.env().await;
+    env.extend(tls.iter().flat_map(|t| t.env.iter().cloned()));
     let mut child = relay_command(data_dir, comfy_url, extra, &env).spawn()?;
     let pid = child.id().unwrap_or_default();
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
@@ -157,18 +207,22 @@ async fn start_relay(
         let addr = await_log(&mut lines, "standby: serving health only until this replica leads").await?;
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         standbys.push((standby, dir));
-        standby_channels.push(connect(addr, 8).await?);
+        standby_channels.push(connect(addr, 8, tls).await?);
         standby_addrs.push(addr);
     }
-    let channels = connect(addr, 8).await?;
+    let channels = connect(addr, 8, tls).await?;
     Ok(Relay { child, pid, channels, standbys, standby_channels, addr, standby_addrs })
 }
 
-/// `n` connections to `addr`.
-async fn connect(addr: SocketAddr, n: usize) -> anyhow::Result<Vec<Channel>> {
+/// `n` connections to `addr` (over TLS with `tls`).
+async fn connect(addr: SocketAddr, n: usize, tls: Option<&BenchTls>) -> anyhow::Result<Vec<Channel>> {
     let mut channels = Vec::new();
     for _ in 0..n {
-        channels.push(Channel::from_shared(format!("http://{addr}"))?.connect().await?);
+        let endpoint = match tls {
+            None => Channel::from_shared(format!("http://{addr}"))?,
+            Some(tls) => Channel::from_shared(format!("https://{addr}"))?.tls_config(tls.client())?,
+        };
+        channels.push(endpoint.connect().await?);
     }
     Ok(channels)
 }
@@ -724,35 +778,39 @@ async fn main() -> anyhow::Result<()> {
     let unreachable = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let dead_url = format!("http://{}", unreachable.local_addr()?);
     drop(unreachable);
-    let data2 = tempfile::tempdir()?;
-    let relay2 =
-        start_relay(data2.path(), &dead_url, &[("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")], &storage).await?;
     let images: Arc<Vec<Bytes>> =
         Arc::new((0..submits.min(1000) as u32).map(|i| Bytes::from(png(296, 296, i + 7))).collect());
     let size = images[0].len();
-    // Warm-up: the first submit waits for the unreachable backend's /object_info once.
-    relay2.client(0).submit_job(invert_request(&images[0])).await?;
-    let mut sides = vec![("", (0..8).map(|i| relay2.client(i)).collect::<Vec<_>>())];
-    if let Some(clients) = (0..8).map(|i| relay2.standby_client(i)).collect::<Option<Vec<_>>>() {
-        // Twice each, alternating, so a drift of the machine's speed during the phase shows.
-        sides.push((" through a standby", clients));
-        sides.extend_from_within(..);
+    let bench_tls = std::env::var_os("BENCH_TLS").map(|_| BenchTls::new()).transpose()?;
+    for tls in std::iter::once(None).chain(bench_tls.as_ref().map(Some)) {
+        let data2 = tempfile::tempdir()?;
+        let queued = [("COMFYRELAY_JOBS__QUEUE_TIMEOUT", "1h")];
+        let relay2 = start_relay_tls(data2.path(), &dead_url, &queued, &storage, tls).await?;
+        let transport = if tls.is_some() { " over TLS" } else { "" };
+        // Warm-up: the first submit waits for the unreachable backend's /object_info once.
+        relay2.client(0).submit_job(invert_request(&images[0])).await?;
+        let mut sides = vec![(String::new(), (0..8).map(|i| relay2.client(i)).collect::<Vec<_>>())];
+        if let Some(clients) = (0..8).map(|i| relay2.standby_client(i)).collect::<Option<Vec<_>>>() {
+            // Twice each, alternating, so a drift of the machine's speed during the phase shows.
+            sides.push((" through a standby".to_string(), clients));
+            sides.extend_from_within(..);
+        }
+        for (round, (side, clients)) in sides.into_iter().enumerate() {
+            let (cpu0, standby_cpu0) = (relay2.cpu(), relay2.standby_cpu());
+            let wall = submit_all(clients, &images, submits, &format!("bench-{round}")).await?;
+            let per_submit = |d: Duration| d.as_secs_f64() * 1000.0 / submits as f64;
+            println!(
+                "{:<48} {submits} in {:.2} s: {:.0} submits/s ({:.0} MiB/s), CPU per submit: leader {:.2} ms, standby {:.2} ms",
+                format!("durable SubmitJob{side}{transport}, {} KiB images, 8 clients", size / 1024),
+                wall.as_secs_f64(),
+                submits as f64 / wall.as_secs_f64(),
+                (submits * size) as f64 / wall.as_secs_f64() / (1 << 20) as f64,
+                per_submit(relay2.cpu() - cpu0),
+                per_submit(relay2.standby_cpu() - standby_cpu0),
+            );
+        }
+        relay2.stop().await;
     }
-    for (round, (side, clients)) in sides.into_iter().enumerate() {
-        let (cpu0, standby_cpu0) = (relay2.cpu(), relay2.standby_cpu());
-        let wall = submit_all(clients, &images, submits, &format!("bench-{round}")).await?;
-        let per_submit = |d: Duration| d.as_secs_f64() * 1000.0 / submits as f64;
-        println!(
-            "{:<48} {submits} in {:.2} s: {:.0} submits/s ({:.0} MiB/s), CPU per submit: leader {:.2} ms, standby {:.2} ms",
-            format!("durable SubmitJob{side}, {} KiB images, 8 clients", size / 1024),
-            wall.as_secs_f64(),
-            submits as f64 / wall.as_secs_f64(),
-            (submits * size) as f64 / wall.as_secs_f64() / (1 << 20) as f64,
-            per_submit(relay2.cpu() - cpu0),
-            per_submit(relay2.standby_cpu() - standby_cpu0),
-        );
-    }
-    relay2.stop().await;
 
     // 6. Many subscribers on live jobs.
     let emulator3 =
@@ -776,7 +834,8 @@ async fn main() -> anyhow::Result<()> {
         let rss = || if on_standby { relay3.standby_rss_kib() } else { relay3.rss_kib() };
         // Enough connections for every subscriber to have a stream (the server allows 1,024 per connection).
         let conns = subscribers.div_ceil(1000).max(8);
-        let channels = connect(if on_standby { relay3.standby_addrs[0] } else { relay3.addr }, conns).await?;
+        let channels =
+            connect(if on_standby { relay3.standby_addrs[0] } else { relay3.addr }, conns, None).await?;
         let rss_before = rss();
         let opened = Arc::new(AtomicUsize::new(0));
         let delivered = Arc::new(AtomicUsize::new(0));
