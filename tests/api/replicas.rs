@@ -637,38 +637,41 @@ impl tonic::service::Interceptor for Headers {
 
 type TlsChannel = tonic::service::interceptor::InterceptedService<Channel, Headers>;
 
-/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), presenting `identity` if given,
-/// sending `headers` on every call.
-async fn tls_channel(
-    addr: SocketAddr,
-    ca: &crate::tls::Ca,
-    identity: Option<&crate::tls::Leaf>,
-    headers: &[(&'static str, String)],
-) -> TlsChannel {
+/// A TLS channel to `addr` trusting `ca` (the server named `localhost`), presenting `identity` if given.
+async fn tls_channel(addr: SocketAddr, ca: &crate::tls::Ca, identity: Option<&crate::tls::Leaf>) -> Channel {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
     let mut tls =
         ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca.pem())).domain_name("localhost");
     if let Some(leaf) = identity {
         tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
     }
-    let channel = Channel::from_shared(format!("https://{addr}"))
+    Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .expect("tls config")
         .connect()
         .await
-        .expect("connect over TLS");
-    tonic::service::interceptor::InterceptedService::new(channel, Headers(headers.to_vec()))
+        .expect("connect over TLS")
 }
 
-/// The job service over [`tls_channel`].
+/// The job service on `channel`, sending `headers` on every call.
+fn with_headers(
+    channel: Channel,
+    headers: &[(&'static str, String)],
+) -> pb::job_service_client::JobServiceClient<TlsChannel> {
+    let intercepted =
+        tonic::service::interceptor::InterceptedService::new(channel, Headers(headers.to_vec()));
+    pb::job_service_client::JobServiceClient::new(intercepted)
+}
+
+/// The job service over [`tls_channel`], sending `headers` on every call.
 async fn tls_jobs(
     addr: SocketAddr,
     ca: &crate::tls::Ca,
     identity: Option<&crate::tls::Leaf>,
     headers: &[(&'static str, String)],
 ) -> pb::job_service_client::JobServiceClient<TlsChannel> {
-    pb::job_service_client::JobServiceClient::new(tls_channel(addr, ca, identity, headers).await)
+    with_headers(tls_channel(addr, ca, identity).await, headers)
 }
 
 /// A job's whole stream through `jobs` (bounded).
@@ -743,22 +746,9 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     let key = [("authorization", format!("Bearer {}", create_key(&url, "team-t").await))];
 
     // B reaches the leader over TLS: its health follows the leader's, and a keyed call goes through.
-    let b_channel = tls_channel(b_addr, &ca, None, &key).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(b_channel.clone());
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let request = tonic_health::pb::HealthCheckRequest { service: "comfyrelay.v1.JobService".into() };
-            let mut watch = health.watch(request).await.expect("watch B's health").into_inner();
-            while let Ok(Some(status)) = watch.message().await {
-                if status.status == SERVING {
-                    return;
-                }
-            }
-        }
-    })
-    .await
-    .expect("B's JobService SERVING within 10 s");
-    let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel);
+    let b_channel = tls_channel(b_addr, &ca, None).await;
+    until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
+    let mut on_b = with_headers(b_channel, &key);
     let job =
         on_b.submit_job(submit_request("invert", png(8, 8))).await.expect("submit through B").into_inner();
     let events = stream_to_end(&mut on_b, &job.id).await;
