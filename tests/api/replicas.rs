@@ -28,16 +28,8 @@ struct Replica {
 }
 
 impl Replica {
-    fn spawn(database_url: &str, artifacts: &Path, comfy: &ComfyEmulator) -> Self {
-        Self::spawn_on(database_url, artifacts, &[comfy])
-    }
-
-    /// A replica whose configured ComfyUI servers are `comfys` (named `gpu0`, `gpu1`, …).
-    fn spawn_on(database_url: &str, artifacts: &Path, comfys: &[&ComfyEmulator]) -> Self {
-        Self::spawn_with(database_url, artifacts, comfys, &[("COMFYRELAY_AUTH__MODE", "none")])
-    }
-
-    /// A replica with `env` added to the test's settings.
+    /// A replica whose configured ComfyUI servers are `comfys` (named `gpu0`, `gpu1`, …), with `env` added
+    /// to the test's settings.
     fn spawn_with(
         database_url: &str,
         artifacts: &Path,
@@ -158,17 +150,11 @@ const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Ser
 
 #[tokio::test]
 async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("takeover").await;
     let comfy = crate::helpers::spawn_comfy().await;
     // Each node takes a while, so jobs are queued and running on ComfyUI when the leader dies.
     comfy.faults().set_node_delay(Duration::from_millis(40));
-    let artifacts = tempfile::tempdir().unwrap();
-
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    let a_addr = a.wait_for("serving gRPC").await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let Some(mut cluster) = Cluster::start("takeover", &[&comfy], [&[], &[]]).await else { return };
+    let ([a, b], [a_addr, b_addr]) = (&mut cluster.replicas, cluster.addrs);
     let b_channel = channel(b_addr).await;
     assert_eq!(health(&b_channel, "").await, SERVING, "a standby is alive");
     // and ready once it follows the leader.
@@ -242,22 +228,13 @@ async fn a_standby_takes_over_when_the_leader_is_killed_and_runs_no_prompt_twice
 
 #[tokio::test]
 async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("fencing").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut a = Replica::spawn(&url, artifacts.path(), &comfy);
-    a.wait_for("serving gRPC").await;
-    let mut b = Replica::spawn(&url, artifacts.path(), &comfy);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-    assert_eq!(
-        (leading(&mut a).await, leading(&mut b).await),
-        ("1".into(), "0".into()),
-        "who leads, by metrics"
-    );
+    let Some(mut cluster) = Cluster::start("fencing", &[&comfy], [&[], &[]]).await else { return };
+    let ([a, b], [_, b_addr], url) = (&mut cluster.replicas, cluster.addrs, &cluster.url);
+    assert_eq!((leading(a).await, leading(b).await), ("1".into(), "0".into()), "who leads, by metrics");
 
     // The database ends the session that holds the lease (as it does when the leader is cut off).
-    let ended = terminate_sessions(&url, "pg_locks WHERE locktype = 'advisory' AND granted").await;
+    let ended = terminate_sessions(url, "pg_locks WHERE locktype = 'advisory' AND granted").await;
     assert_eq!(ended, vec![true], "one session held the lease");
 
     // The leader notices at its next check, stops, and says so with its exit status.
@@ -269,7 +246,7 @@ async fn a_leader_that_loses_its_lease_stops_and_a_standby_takes_over() {
     assert!(a.messages().iter().any(|m| m.contains("giving the lead up")), "{:?}", a.messages());
 
     b.wait_for("serving gRPC").await;
-    assert_eq!(leading(&mut b).await, "1");
+    assert_eq!(leading(b).await, "1");
     let channel = channel(b_addr).await;
     let mut jobs = pb::job_service_client::JobServiceClient::new(channel.clone());
     let job = jobs.submit_job(submit_request("invert", png(8, 8))).await.expect("the new leader takes jobs");
@@ -408,24 +385,20 @@ async fn follow_to_end(channel: &Channel, job_id: &str) -> Vec<pb::JobEvent> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_through_two_leader_kills() {
     const JOBS: usize = 1000;
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("thousand").await;
     let comfys = [crate::helpers::spawn_comfy().await, crate::helpers::spawn_comfy().await];
     for c in &comfys {
         c.faults().set_node_delay(Duration::from_millis(1));
     }
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut replicas = Vec::new();
-    let mut channels = Vec::new();
-    for i in 0..3 {
-        let mut r = Replica::spawn_on(&url, artifacts.path(), &[&comfys[0], &comfys[1]]);
-        let message =
-            if i == 0 { "serving gRPC" } else { "standby: serving health only until this replica leads" };
-        let addr = r.wait_for(message).await;
-        // Lazy: reconnects by itself after the switch from standby to leader.
-        channels.push(Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy());
-        replicas.push(r);
-    }
+    let Some(mut cluster) = Cluster::start("thousand", &[&comfys[0], &comfys[1]], [&[], &[], &[]]).await
+    else {
+        return;
+    };
+    let (replicas, addrs) = (&mut cluster.replicas, cluster.addrs);
+    // Lazy: reconnects by itself after the switch from standby to leader.
+    let channels: Vec<_> = addrs
+        .iter()
+        .map(|addr| Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy())
+        .collect();
     let queued = || comfys.iter().map(ComfyEmulator::queued_total).sum::<usize>();
 
     // 8 clients submit, each job with its own request id, to whichever replica leads; a submit whose
@@ -470,7 +443,7 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
         })
         .await
         .expect("prompts reach ComfyUI");
-        let leader = leader(&mut replicas, &alive).await;
+        let leader = leader(replicas, &alive).await;
         replicas[leader].child.start_kill().expect("SIGKILL the leader");
         replicas[leader].child.wait().await.expect("the leader exits");
         alive.retain(|&i| i != leader);
@@ -483,7 +456,7 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
     let distinct: std::collections::HashSet<_> = ids.iter().map(|(_, id)| id.clone()).collect();
     assert_eq!((ids.len(), distinct.len()), (JOBS, JOBS), "one job per request id");
 
-    let last = leader(&mut replicas, &alive).await;
+    let last = leader(replicas, &alive).await;
     let finished = futures::stream::iter(ids.iter().map(|(_, id)| {
         let channel = channels[last].clone();
         async move { (id.clone(), collect_events(&channel, id, 0).await) }
@@ -505,20 +478,10 @@ async fn a_thousand_jobs_over_three_replicas_and_two_comfyuis_run_exactly_once_t
 
 #[tokio::test]
 async fn any_replica_serves_any_call_by_forwarding_it_to_the_leader() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("forwarding").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
-    let mut replicas = Vec::new();
-    let mut channels = Vec::new();
-    for i in 0..3 {
-        let mut r = Replica::spawn(&url, artifacts.path(), &comfy);
-        let message =
-            if i == 0 { "serving gRPC" } else { "standby: serving health only until this replica leads" };
-        channels.push(channel(r.wait_for(message).await).await);
-        replicas.push(r);
-    }
-    let [a, b, c] = [&channels[0], &channels[1], &channels[2]];
+    let Some(cluster) = Cluster::start("forwarding", &[&comfy], [&[], &[], &[]]).await else { return };
+    let [a, b, c] = cluster.addrs;
+    let [a, b, c] = [&channel(a).await, &channel(b).await, &channel(c).await];
     // A standby is ready while its leader is: it serves every call through it.
     until_serving(b, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
     until_serving(c, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
@@ -589,17 +552,12 @@ async fn create_key(url: &str, tenant: &str) -> String {
 
 #[tokio::test]
 async fn a_key_made_by_the_cli_on_the_shared_database_is_accepted_through_any_replica() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("keys").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
-    let keys_env = [("COMFYRELAY_AUTH__MODE", "keys")];
-    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &keys_env);
-    let a_addr = a.wait_for("serving gRPC").await;
-    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &keys_env);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let keys: &[_] = &[("COMFYRELAY_AUTH__MODE", "keys")];
+    let Some(cluster) = Cluster::start("keys", &[&comfy], [keys, keys]).await else { return };
+    let ([a_addr, b_addr], url) = (cluster.addrs, &cluster.url);
 
-    let key = create_key(&url, "team-r").await;
+    let key = create_key(url, "team-r").await;
 
     let b_channel = channel(b_addr).await;
     until_serving(&b_channel, "comfyrelay.v1.JobService", Duration::from_secs(10)).await;
@@ -714,10 +672,7 @@ fn as_env<'a>(vars: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
 
 #[tokio::test]
 async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certificate_it_checks() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("tls_forwarding").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
     // Every replica serves the replicas' certificate (for `localhost` and `127.0.0.1`) and checks the
     // leader's against the replicas' CA; replica C is configured with another CA, as if the URL in the
     // database led to a server that is not a replica.
@@ -735,15 +690,15 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
             ("COMFYRELAY_GRPC__TLS__LEADER_CA_FILE", leader_ca.to_string()),
         ]
     };
-    let spawn =
-        |leader_ca: &str| Replica::spawn_with(&url, artifacts.path(), &[&comfy], &as_env(&env(leader_ca)));
-    let mut a = spawn(&replicas_ca);
-    let a_addr = a.wait_for("serving gRPC").await;
-    let mut b = spawn(&replicas_ca);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-    let mut c = spawn(&another_ca);
-    let c_addr = c.wait_for("standby: serving health only until this replica leads").await;
-    let key = [("authorization", format!("Bearer {}", create_key(&url, "team-t").await))];
+    let (trusting, distrusting) = (env(&replicas_ca), env(&another_ca));
+    let (trusting, distrusting) = (as_env(&trusting), as_env(&distrusting));
+    let Some(mut cluster) =
+        Cluster::start("tls_forwarding", &[&comfy], [&trusting, &trusting, &distrusting]).await
+    else {
+        return;
+    };
+    let ([_, _, c], [a_addr, b_addr, c_addr]) = (&mut cluster.replicas, cluster.addrs);
+    let key = [("authorization", format!("Bearer {}", create_key(&cluster.url, "team-t").await))];
 
     // B reaches the leader over TLS: its health follows the leader's, and a keyed call goes through.
     let b_channel = tls_channel(b_addr, &ca, None).await;
@@ -779,10 +734,7 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
 
 #[tokio::test]
 async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_can_name_a_caller() {
-    let Some(pg) = pg_server::PgServer::start().await else { return };
-    let url = pg.database("mtls_forwarding").await;
     let comfy = crate::helpers::spawn_comfy().await;
-    let artifacts = tempfile::tempdir().unwrap();
     // The replicas serve a certificate of the server CA and take client certificates of the client CA:
     // their own (`comfyrelay-replica`, in grpc.tls.replica_subjects) and two teams', each mapped to a tenant.
     let (ca, client_ca) = (crate::tls::Ca::new("server CA"), crate::tls::Ca::new("client CA"));
@@ -806,10 +758,8 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
         ),
     ];
     let env = as_env(&env);
-    let mut a = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
-    let a_addr = a.wait_for("serving gRPC").await;
-    let mut b = Replica::spawn_with(&url, artifacts.path(), &[&comfy], &env);
-    let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
+    let Some(mut cluster) = Cluster::start("mtls_forwarding", &[&comfy], [&env, &env]).await else { return };
+    let ([_, b], [a_addr, b_addr]) = (&mut cluster.replicas, cluster.addrs);
     b.wait_for_line("standby: forwarding calls to the leader").await;
 
     // team-a through the standby: submitted, streamed and read as team-a.
@@ -846,9 +796,41 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
     assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
 }
 
-/// A leader (`a`) and a standby (`b`) on a fresh database `db` of their own PostgreSQL server, on `comfy`,
-/// sharing an artifact directory, with `a_env` and `b_env` added to their settings (`auth.mode = none`
-/// unless given).
+/// `N` replicas on a fresh database `db` of their own PostgreSQL server, on the ComfyUI servers `comfys`,
+/// sharing an artifact directory, each with its entry of `envs` added to its settings (`auth.mode = none`
+/// unless given). The first leads (started first, it logs "serving gRPC"); the others are standbys.
+struct Cluster<const N: usize> {
+    replicas: [Replica; N],
+    addrs: [SocketAddr; N],
+    url: String,
+    artifacts: tempfile::TempDir,
+    _pg: pg_server::PgServer,
+}
+
+impl<const N: usize> Cluster<N> {
+    /// `None` (the test returns) without PostgreSQL.
+    async fn start(db: &str, comfys: &[&ComfyEmulator], envs: [&[(&str, &str)]; N]) -> Option<Self> {
+        let pg = pg_server::PgServer::start().await?;
+        let url = pg.database(db).await;
+        let artifacts = tempfile::tempdir().unwrap();
+        let (mut replicas, mut addrs) = (Vec::new(), Vec::new());
+        for (i, extra) in envs.into_iter().enumerate() {
+            // Later settings win: a test's `COMFYRELAY_AUTH__MODE` replaces this one.
+            let env: Vec<_> =
+                [("COMFYRELAY_AUTH__MODE", "none")].into_iter().chain(extra.iter().copied()).collect();
+            let mut r = Replica::spawn_with(&url, artifacts.path(), comfys, &env);
+            let message =
+                if i == 0 { "serving gRPC" } else { "standby: serving health only until this replica leads" };
+            addrs.push(r.wait_for(message).await);
+            replicas.push(r);
+        }
+        let replicas = replicas.try_into().unwrap_or_else(|_| unreachable!("one replica per entry of envs"));
+        let addrs = addrs.try_into().unwrap_or_else(|_| unreachable!("one address per replica"));
+        Some(Self { replicas, addrs, url, artifacts, _pg: pg })
+    }
+}
+
+/// A leader (`a`) and a standby (`b`) on one ComfyUI: a [`Cluster`] of two, with plaintext channels.
 struct Pair {
     a: Replica,
     a_channel: Channel,
@@ -868,20 +850,10 @@ impl Pair {
         a_env: &[(&str, &str)],
         b_env: &[(&str, &str)],
     ) -> Option<Self> {
-        let pg = pg_server::PgServer::start().await?;
-        let url = pg.database(db).await;
-        let artifacts = tempfile::tempdir().unwrap();
-        fn with_auth<'e>(extra: &[(&'e str, &'e str)]) -> Vec<(&'e str, &'e str)> {
-            let mut env = vec![("COMFYRELAY_AUTH__MODE", "none")];
-            env.extend_from_slice(extra);
-            env
-        }
-        let mut a = Replica::spawn_with(&url, artifacts.path(), &[comfy], &with_auth(a_env));
-        let a_channel = channel(a.wait_for("serving gRPC").await).await;
-        let mut b = Replica::spawn_with(&url, artifacts.path(), &[comfy], &with_auth(b_env));
-        let b_addr = b.wait_for("standby: serving health only until this replica leads").await;
-        let b_channel = channel(b_addr).await;
-        Some(Self { a, a_channel, b, b_addr, b_channel, url, artifacts, _pg: pg })
+        let Cluster { replicas: [a, b], addrs: [a_addr, b_addr], url, artifacts, _pg } =
+            Cluster::start(db, &[comfy], [a_env, b_env]).await?;
+        let (a_channel, b_channel) = (channel(a_addr).await, channel(b_addr).await);
+        Some(Self { a, a_channel, b, b_addr, b_channel, url, artifacts, _pg })
     }
 }
 
