@@ -1,4 +1,5 @@
-//! `comfyrelay.v1.JobService`: decode, call the job engine, encode. No logic beyond that.
+//! `comfyrelay.v1.JobService`: decode, call the job engine (or, on a standby, read the shared database),
+//! encode. No logic beyond that.
 
 use std::pin::Pin;
 
@@ -14,21 +15,93 @@ use super::{
     status::{BadField, bad_request, job_error},
 };
 use crate::{
-    jobs::{Event, EventKind, EventStream, JobManager, Violation},
+    jobs::{
+        Event, EventKind, EventStream, Job, JobError, JobFollower, JobId, JobManager, JobPage, ListRequest,
+        OutputFile, OutputView, Scope, Violation,
+    },
     limits::{self, Exceeded, RequestLimits, Unit},
     proto::pb,
 };
 
+/// What the JobService calls: the job engine of the replica that runs the jobs, or a standby's reads of the
+/// shared database and artifacts (README "Replicas on PostgreSQL"). A standby forwards `SubmitJob` and
+/// `CancelJob` to the leader before they reach its `JobApi`.
+#[derive(Debug, Clone)]
+pub(crate) enum Jobs {
+    /// The job engine: every call.
+    Engine(JobManager),
+    /// A standby's: `StreamJob`, `GetJob`, `ListJobs` and `DownloadOutput`, as of each job's last commit.
+    Follower(JobFollower),
+}
+
+impl Jobs {
+    async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, JobError> {
+        match self {
+            Self::Engine(jobs) => jobs.get(id, scope).await,
+            Self::Follower(jobs) => jobs.get(id, scope).await,
+        }
+    }
+
+    async fn list(&self, req: ListRequest, scope: &Scope) -> Result<JobPage, JobError> {
+        match self {
+            Self::Engine(jobs) => jobs.list(req, scope).await,
+            Self::Follower(jobs) => jobs.list(req, scope).await,
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        id: JobId,
+        after: u64,
+        skip_previews: bool,
+        scope: &Scope,
+    ) -> Result<EventStream, JobError> {
+        match self {
+            Self::Engine(jobs) => jobs.subscribe(id, after, skip_previews, scope).await,
+            Self::Follower(jobs) => jobs.subscribe(id, after, skip_previews, scope).await,
+        }
+    }
+
+    async fn open_output(
+        &self,
+        id: JobId,
+        filename: &str,
+        scope: &Scope,
+    ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
+        match self {
+            Self::Engine(jobs) => jobs.open_output(id, filename, scope).await,
+            Self::Follower(jobs) => jobs.open_output(id, filename, scope).await,
+        }
+    }
+
+    async fn output_view(&self, output: &OutputFile) -> Result<OutputView, JobError> {
+        match self {
+            Self::Engine(jobs) => jobs.output_view(output).await,
+            Self::Follower(jobs) => jobs.output_view(output).await,
+        }
+    }
+
+    /// The engine, for the calls only it serves.
+    fn engine(&self) -> Result<&JobManager, Status> {
+        match self {
+            Self::Engine(jobs) => Ok(jobs),
+            // Not reached: the standby routes these calls to the leader.
+            Self::Follower(_) => Err(Status::unavailable("this replica is a standby; call the leader")),
+        }
+    }
+}
+
 /// The JobService adapter.
 #[derive(Debug, Clone)]
 pub(crate) struct JobApi {
-    jobs: JobManager,
+    jobs: Jobs,
     shutdown: CancellationToken,
     limits: RequestLimits,
 }
 
 impl JobApi {
-    pub(crate) fn new(jobs: JobManager, shutdown: CancellationToken, limits: RequestLimits) -> Self {
+    /// `shutdown` ends open streams and downloads, telling clients where to resume.
+    pub(crate) fn new(jobs: Jobs, shutdown: CancellationToken, limits: RequestLimits) -> Self {
         Self { jobs, shutdown, limits }
     }
 
@@ -41,7 +114,7 @@ impl JobApi {
     }
 }
 
-pub(super) type JobEventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
+type JobEventStream = Pin<Box<dyn Stream<Item = Result<pb::JobEvent, Status>> + Send + 'static>>;
 type ChunkStream = ReceiverStream<Result<pb::DownloadOutputResponse, Status>>;
 
 fn bad(v: Violation) -> Status {
@@ -108,7 +181,7 @@ impl Subscription {
 }
 
 /// A `StreamJob` request's job, sequence, previews choice and the caller's scope.
-pub(super) fn stream_request(
+fn stream_request(
     req: Request<pb::StreamJobRequest>,
 ) -> Result<(crate::jobs::JobId, u64, bool, crate::jobs::Scope), Status> {
     let scope = auth::scope(&auth::principal(&req)?);
@@ -119,7 +192,7 @@ pub(super) fn stream_request(
 
 /// The `StreamJob` answer: `events` (of `id`, after `after`) as the client reads them, ended at `shutdown`
 /// by an `UNAVAILABLE` that says where to resume.
-pub(super) fn event_stream(
+fn event_stream(
     id: crate::jobs::JobId,
     after: u64,
     events: EventStream,
@@ -145,7 +218,7 @@ impl pb::job_service_server::JobService for JobApi {
         let principal = auth::principal(&req)?;
         let mut req = convert::submit_request(req.into_inner(), &self.limits).map_err(bad_request)?;
         req.tenant = principal.tenant;
-        let job = self.jobs.submit(req).await.map_err(job_error)?;
+        let job = self.jobs.engine()?.submit(req).await.map_err(job_error)?;
         Ok(Response::new(convert::job_to_pb(&job, Vec::new())))
     }
 
@@ -194,7 +267,7 @@ impl pb::job_service_server::JobService for JobApi {
         if reason.len() > limits::MAX_REASON_BYTES {
             return Err(too_long("reason", &reason, limits::MAX_REASON_BYTES));
         }
-        let job = self.jobs.cancel(id, reason, &scope).await.map_err(job_error)?;
+        let job = self.jobs.engine()?.cancel(id, reason, &scope).await.map_err(job_error)?;
         Ok(Response::new(self.job_with_outputs(&job).await?))
     }
 

@@ -99,7 +99,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
-        job_manager.clone(),
+        jobs::Jobs::Engine(job_manager.clone()),
         shutdown.clone(),
         config.jobs.request_limits(),
     ))

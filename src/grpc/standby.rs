@@ -1,11 +1,14 @@
 //! What a standby replica serves while another replica leads (README "Replicas on PostgreSQL"): health,
-//! `StreamJob` itself, and every other call forwarded as it is to the leader, whose URL the leader writes
-//! into the shared database (`replica_settings.leader_url`). A client may so call any replica.
+//! the job reads itself ([`SERVED_HERE`]: `StreamJob`, `GetJob`, `ListJobs`, `DownloadOutput`), and every
+//! other call forwarded as it is to the leader, whose URL the leader writes into the shared database
+//! (`replica_settings.leader_url`). A client may so call any replica.
 //!
-//! `StreamJob` is served from the shared log ([`crate::jobs::JobFollower`]): replayed from the database,
-//! then each commit announced by PostgreSQL's `NOTIFY` read from the log, so a standby's streams need
-//! no leader connection and cost the leader nothing. The caller is authenticated here, against the keys
-//! in the shared database, as the leader would (`auth` layer).
+//! The reads come from the shared database and artifacts ([`crate::jobs::JobFollower`], through the same
+//! `JobApi` as the leader's): a job as of its last commit, which is never behind what the leader has
+//! answered (it answers after the commit); `StreamJob` replayed from the log, then each commit announced
+//! by PostgreSQL's `NOTIFY` read from the log. So a standby's reads need no leader connection, go on while
+//! no replica leads, and cost the leader nothing. The caller is authenticated here, against the keys in the
+//! shared database, as the leader would (`auth` layer).
 //!
 //! The forwarding is transparent at the HTTP/2 level: the request's headers (`authorization` included)
 //! and body go to the leader on one connection per standby, and the leader's response, trailers and
@@ -63,11 +66,11 @@ pub struct StandbyParts {
 }
 
 /// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
-/// `StreamJob` from the shared log, and every other call forwarded to the leader (over TLS with
+/// the job reads from the shared database, and every other call forwarded to the leader (over TLS with
 /// `grpc.tls`); with mTLS and no replica certificate every other call is UNAVAILABLE, which clients
 /// retry. The listener stays open in between: a client's connection attempt during the switch waits in
-/// its backlog, and every standby connection is closed at the switch (health watches and streams
-/// included; a stream ends with `UNAVAILABLE` naming the sequence to resume after) so clients reconnect
+/// its backlog, and every standby connection is closed at the switch (health watches, streams and
+/// downloads included; a stream ends with `UNAVAILABLE` naming the sequence to resume after) so clients reconnect
 /// to the leader's server.
 ///
 /// # Errors
@@ -85,7 +88,6 @@ pub async fn serve_standby(
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
     let g = &config.grpc;
-    let until_for_streams = until.clone();
     // Cancelled when the connections did not close by themselves within [`STANDBY_STOP`] of `until`.
     let cut = CancellationToken::new();
     let addr = listener.local_addr()?;
@@ -93,7 +95,7 @@ pub async fn serve_standby(
     if to_leader.is_none() {
         tracing::warn!(
             "standby: with client certificates (grpc.tls.client_ca_file) and no grpc.tls.replica_cert_file, \
-             calls are not forwarded to the leader; callers get UNAVAILABLE here (StreamJob and health are served)"
+             calls are not forwarded to the leader; callers get UNAVAILABLE here (health and the job reads are served)"
         );
     }
     let forward = to_leader.map(|how| (store, how));
@@ -110,21 +112,24 @@ pub async fn serve_standby(
         async move { Ok::<_, std::convert::Infallible>(forward_call(channel, req).await) }
     });
     let max = g.max_message_bytes;
-    let stream_job = tower::ServiceBuilder::new()
+    // The reads, served here from the shared database and artifacts (the rest goes to the leader).
+    let reads = tower::ServiceBuilder::new()
         .layer(error_details::ErrorDetailsLayer::new(max))
         .layer(auth::AuthLayer::new(auth))
-        .service(tower::service_fn(move |req: http::Request<axum::body::Body>| {
-            let service = StreamFromLog { follower: follower.clone(), until: until_for_streams.clone() };
-            async move {
-                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
-                    .apply_max_message_size_config(Some(max), Some(max));
-                Ok::<_, std::convert::Infallible>(grpc.server_streaming(service, req).await)
-            }
-        }));
-    let routes = tonic::service::Routes::new(health_service)
-        .into_axum_router()
-        .route_service(STREAM_JOB_PATH, stream_job)
-        .fallback_service(fallback);
+        .service(
+            pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
+                jobs::Jobs::Follower(follower),
+                until.clone(),
+                config.jobs.request_limits(),
+            ))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        );
+    let mut routes = tonic::service::Routes::new(health_service).into_axum_router();
+    for method in SERVED_HERE {
+        routes = routes.route_service(&format!("/{JOB_SERVICE}/{method}"), reads.clone());
+    }
+    let routes = routes.fallback_service(fallback);
     let max_connections =
         connections::effective_max_connections(g.max_connections, connections::open_file_limit());
     let incoming = tls::incoming(
@@ -185,41 +190,8 @@ pub async fn serve_standby(
     Ok(())
 }
 
-/// The one method a standby serves itself.
-const STREAM_JOB_PATH: &str = "/comfyrelay.v1.JobService/StreamJob";
-
-/// `StreamJob` on a standby: the job's events from the shared log, as the leader streams them.
-#[derive(Debug, Clone)]
-struct StreamFromLog {
-    follower: JobFollower,
-    /// Cancelled when this replica leads or stops: open streams end, naming where to resume.
-    until: CancellationToken,
-}
-
-impl tonic::server::ServerStreamingService<pb::StreamJobRequest> for StreamFromLog {
-    type Response = pb::JobEvent;
-    type ResponseStream = jobs::JobEventStream;
-    type Future = std::pin::Pin<
-        Box<
-            dyn Future<Output = Result<tonic::Response<Self::ResponseStream>, tonic::Status>>
-                + Send
-                + 'static,
-        >,
-    >;
-
-    fn call(&mut self, req: tonic::Request<pb::StreamJobRequest>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let (id, after, skip_previews, scope) = jobs::stream_request(req)?;
-            let events = this
-                .follower
-                .subscribe(id, after, skip_previews, &scope)
-                .await
-                .map_err(super::status::job_error)?;
-            Ok(tonic::Response::new(jobs::event_stream(id, after, events, this.until)))
-        })
-    }
-}
+/// The `JobService` methods a standby serves itself: the reads, from the shared database and artifacts.
+const SERVED_HERE: [&str; 4] = ["StreamJob", "GetJob", "ListJobs", "DownloadOutput"];
 
 /// How a standby connects to the leader it forwards calls to: as the leader's own clients do.
 #[derive(Debug, Clone)]

@@ -30,8 +30,11 @@ use std::{
 use tokio::sync::watch;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::{Event, EventStream, JobError, JobId, OutputFile, OutputView, Scope, log, not_found};
-use crate::store::{ArtifactStore, EventNotice, PgStore, Store as _};
+use super::{
+    Event, EventStream, Job, JobError, JobId, JobPage, ListRequest, OutputFile, OutputView, Scope, log,
+    not_found,
+};
+use crate::store::{ArtifactReader, ArtifactStore, EventNotice, PgStore, Store as _};
 
 /// How long the listener waits before it connects again after the database could not be reached.
 const RECONNECT_EVERY: Duration = Duration::from_secs(1);
@@ -99,6 +102,36 @@ impl JobFollower {
         Ok(EventStream::following(self.clone(), id, after_sequence, skip_previews, wake))
     }
 
+    /// One job as of its last commit, as [`super::JobManager::get`] answers for it.
+    ///
+    /// # Errors
+    /// `NotFound` (also for another tenant's job), storage failures.
+    pub async fn get(&self, id: JobId, scope: &Scope) -> Result<Job, JobError> {
+        super::stored_job(&*self.store, id, scope).await
+    }
+
+    /// A page of jobs, newest first, as [`super::JobManager::list`] answers it.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad page token or size, storage failures.
+    pub async fn list(&self, req: ListRequest, scope: &Scope) -> Result<JobPage, JobError> {
+        super::list_stored(&*self.store, req, scope, |_| None).await
+    }
+
+    /// Opens an output of a job for streaming, from the artifacts every replica shares.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown job or file name; artifact failures.
+    pub async fn open_output(
+        &self,
+        id: JobId,
+        filename: &str,
+        scope: &Scope,
+    ) -> Result<(OutputFile, ArtifactReader), JobError> {
+        let job = self.get(id, scope).await?;
+        super::open_output_of(&self.artifacts, &job, filename).await
+    }
+
     /// Logged events after `after`, at most `limit`: from the job's tail when its subscribers' last read
     /// is fresh and covers them, else read (once for all its subscribers when they are at the tail).
     pub(super) async fn events_after(
@@ -159,7 +192,10 @@ impl JobFollower {
     }
 
     /// The output's metadata with inline bytes when small enough.
-    pub(super) async fn output_view(&self, output: &OutputFile) -> Result<OutputView, JobError> {
+    ///
+    /// # Errors
+    /// Artifact failures.
+    pub async fn output_view(&self, output: &OutputFile) -> Result<OutputView, JobError> {
         super::output_view(&self.artifacts, self.inline_output_max_bytes, output).await
     }
 }

@@ -469,11 +469,7 @@ impl JobManager {
             }
             return Ok(live.job());
         }
-        let row = self.inner.store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
-        if !scope.sees(&row.tenant) {
-            return Err(not_found(id));
-        }
-        log::decode_job(&row)
+        stored_job(&*self.inner.store, id, scope).await
     }
 
     /// Lists jobs, newest first.
@@ -481,51 +477,7 @@ impl JobManager {
     /// # Errors
     /// `InvalidArgument` for a bad page token or size, storage failures.
     pub async fn list(&self, req: ListRequest, scope: &Scope) -> Result<JobPage, JobError> {
-        let limit = match req.page_size {
-            0 => 50,
-            n if n > 500 => {
-                return Err(JobError::InvalidArgument(vec![Violation::new(
-                    "page_size",
-                    "must be at most 500",
-                )]));
-            }
-            n => n,
-        };
-        let before = if req.page_token.is_empty() {
-            None
-        } else {
-            Some(decode_page_token(&req.page_token).ok_or_else(|| {
-                JobError::InvalidArgument(vec![Violation::new("page_token", "is not a token from ListJobs")])
-            })?)
-        };
-        let query = JobQuery {
-            tenant: match scope {
-                Scope::All => None,
-                Scope::Tenant(t) => Some(t.clone()),
-            },
-            states: req.states.iter().map(|s| s.as_str().to_string()).collect(),
-            workflow: req.workflow,
-            labels: req.labels.into_iter().collect(),
-            before,
-            ended_since: None,
-            limit: limit + 1,
-        };
-        let mut rows = self.inner.store.list_jobs(&query).await?;
-        let more = rows.len() > limit as usize;
-        rows.truncate(limit as usize);
-        let next_page_token = match (more, rows.last()) {
-            (true, Some(last)) => encode_page_token(last.created_ms, &last.id),
-            _ => String::new(),
-        };
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let live = row.id.parse().ok().and_then(|id| self.inner.log.live(id));
-            match live {
-                Some(live) => jobs.push(live.job()),
-                None => jobs.push(log::decode_job(&row)?),
-            }
-        }
-        Ok(JobPage { jobs, next_page_token })
+        list_stored(&*self.inner.store, req, scope, |id| self.inner.log.live(id).map(|live| live.job())).await
     }
 
     /// Cancels a job: at once if queued; by interrupting its prompt if running; no change if finished.
@@ -616,15 +568,7 @@ impl JobManager {
         scope: &Scope,
     ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
         let job = self.get(id, scope).await?;
-        let output = job
-            .record
-            .outputs
-            .iter()
-            .find(|o| o.filename == filename)
-            .cloned()
-            .ok_or_else(|| JobError::NotFound(format!("output {filename:?} of job {id}")))?;
-        let file = self.inner.artifacts.open_file(&output.sha256).await?;
-        Ok((output, file))
+        open_output_of(&self.inner.artifacts, &job, filename).await
     }
 
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
@@ -706,6 +650,83 @@ async fn output_view(
         None
     };
     Ok(OutputView { output: output.clone(), inline })
+}
+
+/// A job as it is stored, if `scope` sees it: what a replica that does not hold it in memory answers.
+async fn stored_job(store: &dyn Store, id: JobId, scope: &Scope) -> Result<Job, JobError> {
+    let row = store.get_job(&id.to_string()).await?.ok_or_else(|| not_found(id))?;
+    if !scope.sees(&row.tenant) {
+        return Err(not_found(id));
+    }
+    log::decode_job(&row)
+}
+
+/// A page of stored jobs, newest first, each as `live` has it when this replica holds it in memory (the
+/// store has it as of its last commit).
+async fn list_stored(
+    store: &dyn Store,
+    req: ListRequest,
+    scope: &Scope,
+    live: impl Fn(JobId) -> Option<Job>,
+) -> Result<JobPage, JobError> {
+    let limit = match req.page_size {
+        0 => 50,
+        n if n > 500 => {
+            return Err(JobError::InvalidArgument(vec![Violation::new("page_size", "must be at most 500")]));
+        }
+        n => n,
+    };
+    let before = if req.page_token.is_empty() {
+        None
+    } else {
+        Some(decode_page_token(&req.page_token).ok_or_else(|| {
+            JobError::InvalidArgument(vec![Violation::new("page_token", "is not a token from ListJobs")])
+        })?)
+    };
+    let query = JobQuery {
+        tenant: match scope {
+            Scope::All => None,
+            Scope::Tenant(t) => Some(t.clone()),
+        },
+        states: req.states.iter().map(|s| s.as_str().to_string()).collect(),
+        workflow: req.workflow,
+        labels: req.labels.into_iter().collect(),
+        before,
+        ended_since: None,
+        limit: limit + 1,
+    };
+    let mut rows = store.list_jobs(&query).await?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next_page_token = match (more, rows.last()) {
+        (true, Some(last)) => encode_page_token(last.created_ms, &last.id),
+        _ => String::new(),
+    };
+    let mut jobs = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row.id.parse().ok().and_then(&live) {
+            Some(job) => jobs.push(job),
+            None => jobs.push(log::decode_job(&row)?),
+        }
+    }
+    Ok(JobPage { jobs, next_page_token })
+}
+
+/// The output of `job` named `filename`, opened for reading.
+async fn open_output_of(
+    artifacts: &ArtifactStore,
+    job: &Job,
+    filename: &str,
+) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
+    let output = job
+        .record
+        .outputs
+        .iter()
+        .find(|o| o.filename == filename)
+        .cloned()
+        .ok_or_else(|| JobError::NotFound(format!("output {filename:?} of job {}", job.spec.id)))?;
+    let file = artifacts.open_file(&output.sha256).await?;
+    Ok((output, file))
 }
 
 fn not_found(id: JobId) -> JobError {

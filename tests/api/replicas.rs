@@ -858,7 +858,7 @@ impl Pair {
 }
 
 #[tokio::test]
-async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader() {
+async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_without_reaching_the_leader() {
     let comfy = crate::helpers::spawn_comfy().await;
     // Several progress events per node, so the stream has more than a handful of live events.
     comfy.faults().set_node_delay(Duration::from_millis(20));
@@ -921,9 +921,46 @@ async fn a_standby_streams_a_job_from_the_shared_log_without_reaching_the_leader
         .expect_err("a malformed id");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("job_id"), "{status:?}");
-    // Everything else is forwarded, and this leader cannot be reached: the stream above was the standby's.
-    let status =
-        on_b.get_job(pb::GetJobRequest { job_id: job.id.clone() }).await.expect_err("no leader to ask");
+
+    // The reads are the standby's too, and answer as the leader does: the job, a page of jobs, an output.
+    let mut on_a = pb::job_service_client::JobServiceClient::new(a_channel.clone());
+    let get = pb::GetJobRequest { job_id: job.id.clone() };
+    let got = on_b.get_job(get.clone()).await.expect("GetJob on the standby").into_inner();
+    assert_eq!(got, on_a.get_job(get).await.expect("GetJob on the leader").into_inner());
+    assert_eq!(got.state, pb::JobState::Succeeded as i32, "{got:?}");
+    let output = got.outputs.first().expect("an output").clone();
+    assert!(!output.inline_data.is_empty(), "a small output inline, as on the leader: {output:?}");
+    let page = pb::ListJobsRequest { page_size: 1, ..Default::default() };
+    let listed = on_b.list_jobs(page.clone()).await.expect("ListJobs on the standby").into_inner();
+    assert_eq!(listed, on_a.list_jobs(page).await.expect("ListJobs on the leader").into_inner());
+    assert_eq!(listed.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()]);
+    let bytes = download(&b_channel, &job.id, &output.filename).await;
+    assert_eq!(bytes, download(&a_channel, &job.id, &output.filename).await);
+    assert_eq!(bytes, output.inline_data, "the download is the output's bytes");
+    let status = on_b
+        .list_jobs(pb::ListJobsRequest { page_token: "not-a-token".into(), ..Default::default() })
+        .await
+        .expect_err("a bad page token");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("page_token"), "{status:?}");
+    let status = on_b
+        .download_output(pb::DownloadOutputRequest {
+            job_id: job.id.clone(),
+            filename: "no-such-output.png".into(),
+            chunk_size: 0,
+        })
+        .await
+        .expect_err("an unknown output");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+
+    // What changes a job is the leader's, and this one cannot be reached: the answers above were the
+    // standby's own.
+    let status = on_b
+        .cancel_job(pb::CancelJobRequest { job_id: job.id.clone(), reason: String::new() })
+        .await
+        .expect_err("no leader to ask");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let status = on_b.submit_job(submit_request("invert", png(8, 8))).await.expect_err("no leader to ask");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
 
