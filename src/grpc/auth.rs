@@ -122,7 +122,7 @@ where
                         ),
                     )
                 }
-                Err(AuthError::Store(e)) => super::status::internal(&e),
+                Err(AuthError::Store(e)) => super::status::store_error(&e),
                 Err(e) => {
                     failures.log(&req, prefix_for_log(authorization), &e.to_string());
                     let reason = match e {

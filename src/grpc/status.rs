@@ -16,6 +16,7 @@ use crate::{
     jobs::{JobError, Violation, quota::QuotaKind},
     limits::{Exceeded, SETTING_MAX_MESSAGE_BYTES, clip, echo},
     pool::PoolError,
+    store::StoreError,
 };
 
 /// The `ErrorInfo.domain` of every error comfyrelay returns.
@@ -220,6 +221,24 @@ pub fn internal(error: &(dyn std::error::Error + 'static)) -> Status {
     with_reason(Code::Internal, "INTERNAL", "internal error; see the server log")
 }
 
+/// A storage failure: `UNAVAILABLE` with `RetryInfo` and reason `STORAGE_UNAVAILABLE` when the database
+/// cannot be reached or this replica no longer leads ([`StoreError::is_unavailable`]), so clients retry;
+/// else `INTERNAL`. Neither says more than that: the cause (which may name the database's host) is logged.
+pub fn store_error(e: &StoreError) -> Status {
+    if !e.is_unavailable() {
+        return internal(e);
+    }
+    tracing::warn!(error = %crate::telemetry::ErrorChain(e), "storage unavailable; the caller is told to retry");
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+    details.set_error_info(
+        "STORAGE_UNAVAILABLE",
+        ERROR_DOMAIN,
+        std::collections::HashMap::<String, String>::new(),
+    );
+    Status::with_error_details(Code::Unavailable, "the database cannot be reached now; retry", details)
+}
+
 /// `UNAVAILABLE` with `RetryInfo`: comfyrelay is draining.
 fn shutting_down(message: String) -> Status {
     let mut details = ErrorDetails::new();
@@ -298,9 +317,8 @@ pub fn job_error(e: JobError) -> Status {
                 details,
             )
         }
-        e @ (JobError::Store(_) | JobError::Artifact(_) | JobError::Corrupt(_) | JobError::Log(_)) => {
-            internal(&e)
-        }
+        JobError::Store(e) => store_error(&e),
+        e @ (JobError::Artifact(_) | JobError::Corrupt(_) | JobError::Log(_)) => internal(&e),
     }
 }
 
@@ -330,6 +348,24 @@ mod tests {
         assert_eq!(br.field_violations[1].field, "b");
         let info = s.get_details_error_info().expect("error info");
         assert_eq!((info.reason.as_str(), info.metadata["field"].as_str()), ("INVALID_ARGUMENT", "a"));
+    }
+
+    #[test]
+    fn storage_out_of_reach_is_unavailable_with_a_retry_delay_and_a_failing_disk_internal() {
+        for unreachable in [
+            StoreError::Database(sqlx::Error::PoolTimedOut),
+            StoreError::Database(sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())),
+            StoreError::Fenced { term: 1, current: 2 },
+        ] {
+            let s = store_error(&unreachable);
+            assert_eq!(s.code(), Code::Unavailable, "{unreachable:?}");
+            assert_eq!(s.get_details_error_info().expect("ErrorInfo").reason, "STORAGE_UNAVAILABLE");
+            assert!(s.get_details_retry_info().and_then(|r| r.retry_delay).is_some(), "{unreachable:?}");
+        }
+        let disk = StoreError::Io(std::io::Error::other("No space left on device: /var/lib/comfyrelay"));
+        let s = store_error(&disk);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("/var/lib"), "{s:?}");
     }
 
     #[test]

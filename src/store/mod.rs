@@ -84,6 +84,34 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the database could not be reached or could not take the statement now (the server is down
+    /// or restarting, out of connections, the pool waited too long for one), or this replica no longer
+    /// leads: a caller should retry, soon, here or on another replica. Failures of the data itself, the
+    /// disk or a migration are not.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Database(e) => match e {
+                sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLSTATE classes 08 (connection exception) and 53 (insufficient resources: too many
+                // connections), and 57P01–57P03 (the server shutting down, crashed, or not yet accepting).
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || matches!(&*code, "57P01" | "57P02" | "57P03")
+                }),
+                _ => false,
+            },
+            Self::Fenced { .. } => true,
+            Self::Write(_) | Self::Migrate(_) | Self::Io(_) | Self::Legacy { .. } => false,
+        }
+    }
+}
+
 /// One job row: the columns the store filters and sorts on, and two opaque bodies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {

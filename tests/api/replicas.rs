@@ -839,7 +839,7 @@ struct Pair {
     b_channel: Channel,
     url: String,
     artifacts: tempfile::TempDir,
-    _pg: pg_server::PgServer,
+    pg: pg_server::PgServer,
 }
 
 impl Pair {
@@ -853,7 +853,7 @@ impl Pair {
         let Cluster { replicas: [a, b], addrs: [a_addr, b_addr], url, artifacts, _pg } =
             Cluster::start(db, &[comfy], [a_env, b_env]).await?;
         let (a_channel, b_channel) = (channel(a_addr).await, channel(b_addr).await);
-        Some(Self { a, a_channel, b, b_addr, b_channel, url, artifacts, _pg })
+        Some(Self { a, a_channel, b, b_addr, b_channel, url, artifacts, pg: _pg })
     }
 }
 
@@ -965,9 +965,49 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
 }
 
 #[tokio::test]
+async fn while_the_database_is_down_a_replica_answers_unavailable_with_a_retry_delay_and_loses_nothing() {
+    use tonic_types::StatusExt as _;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let Some(mut pair) = Pair::start("outage", &comfy, &[], &[]).await else { return };
+    let job = pb::job_service_client::JobServiceClient::new(pair.a_channel.clone())
+        .submit_job(submit_request("invert", png(8, 8)))
+        .await
+        .expect("submit")
+        .into_inner();
+    let events = collect_events(&pair.a_channel, &job.id, 0).await;
+    assert_eq!(terminal(&events), "succeeded", "{events:?}");
+
+    // The database goes away. The standby reads jobs from it itself: it says to retry, and no more.
+    pair.pg.stop().await;
+    let get = pb::GetJobRequest { job_id: job.id.clone() };
+    let status = pb::job_service_client::JobServiceClient::new(pair.b_channel.clone())
+        .get_job(get.clone())
+        .await
+        .expect_err("a read without its database");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "STORAGE_UNAVAILABLE", "{status:?}");
+    assert!(status.get_details_retry_info().and_then(|r| r.retry_delay).is_some(), "RetryInfo: {status:?}");
+    let port = pair.url.rsplit(':').next().and_then(|p| p.split('/').next()).expect("the database's port");
+    assert!(!status.message().contains(port), "the database's address is not echoed: {status:?}");
+
+    // It comes back: the leader stopped when its lease connection broke, the standby takes the lease, and
+    // the job is there, as it was.
+    pair.pg.start_again().await;
+    pair.b.wait_for("serving gRPC").await;
+    let got = pb::job_service_client::JobServiceClient::new(channel(pair.b_addr).await)
+        .get_job(get)
+        .await
+        .expect("GetJob once the database is back")
+        .into_inner();
+    assert_eq!(got.state, pb::JobState::Succeeded as i32, "{got:?}");
+    assert!(!got.outputs.is_empty(), "{got:?}");
+}
+
+#[tokio::test]
 async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_resume() {
     let comfy = crate::helpers::spawn_comfy().await;
-    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: _artifacts, _pg }) =
+    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: _artifacts, pg: _pg }) =
         Pair::start("switch", &comfy, &[], &[]).await
     else {
         return;
@@ -1244,7 +1284,7 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
         ("AWS_ACCESS_KEY_ID", "test"),
         ("AWS_SECRET_ACCESS_KEY", "test"),
     ];
-    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: dir, _pg }) =
+    let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: dir, pg: _pg }) =
         Pair::start("objects", &comfy, &env, &env).await
     else {
         return;

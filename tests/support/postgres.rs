@@ -39,8 +39,12 @@ pub struct PgServer {
     dir: tempfile::TempDir,
     /// The loopback port it listens on.
     port: u16,
-    /// The `postgres` process.
+    /// The `postgres` process (`None` while stopped).
     child: Option<Child>,
+    /// The directory of the binaries, and whether the server runs with the durable defaults: to start
+    /// it again.
+    bin: PathBuf,
+    durable: bool,
 }
 
 impl PgServer {
@@ -74,12 +78,36 @@ impl PgServer {
             );
             return None;
         };
-        let (dir, port, child) = tokio::task::spawn_blocking(move || init_and_spawn(&bin, durable))
+        let spawned_with = bin.clone();
+        let (dir, port, child) = tokio::task::spawn_blocking(move || init_and_spawn(&spawned_with, durable))
             .await
             .expect("starting PostgreSQL");
-        let mut server = PgServer { dir, port, child: Some(child) };
+        let mut server = PgServer { dir, port, child: Some(child), bin, durable };
         server.wait_ready().await;
         Some(server)
+    }
+
+    /// Stops the server (fast shutdown: its clients are disconnected), as an outage of the database does;
+    /// [`PgServer::start_again`] brings it back on the same port with the same data.
+    pub async fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            tokio::task::spawn_blocking(move || stop(child)).await.expect("stopping PostgreSQL");
+        }
+    }
+
+    /// Starts a stopped server again, ready for connections.
+    ///
+    /// # Panics
+    /// The server does not come up.
+    pub async fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the server is running");
+        let (bin, dir, port, durable) =
+            (self.bin.clone(), self.dir.path().to_path_buf(), self.port, self.durable);
+        let child = tokio::task::spawn_blocking(move || spawn(&bin, &dir, port, durable))
+            .await
+            .expect("starting PostgreSQL");
+        self.child = Some(child);
+        self.wait_ready().await;
     }
 
     /// The URL of the `postgres` database, as the superuser.
@@ -137,19 +165,25 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        // SIGINT: PostgreSQL's fast shutdown (disconnects clients, no waiting for them).
-        let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.take() {
+            stop(child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
+}
+
+/// Stops a server: SIGINT, PostgreSQL's fast shutdown (disconnects clients, no waiting for them), then a
+/// kill after [`STOP_TIMEOUT`]; blocking.
+fn stop(mut child: Child) {
+    let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).status();
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// The directory holding both `initdb` and `postgres`: on `PATH`, else the highest version under
@@ -205,6 +239,17 @@ fn unprivileged_user() -> Option<(u32, u32)> {
     Some(from_passwd.unwrap_or((65534, 65534)))
 }
 
+/// One of PostgreSQL's programs, run in `dir` (the test's directory may not be readable by the unprivileged
+/// user), as that user when this process is root.
+fn command(bin: &Path, program: &str, dir: &Path) -> Command {
+    let mut cmd = Command::new(bin.join(program));
+    cmd.current_dir(dir).env("LC_ALL", "C").env_remove("PGDATA");
+    if let Some((uid, gid)) = unprivileged_user() {
+        cmd.uid(uid).gid(gid);
+    }
+    cmd
+}
+
 /// `initdb`, then the server as a child process; blocking.
 fn init_and_spawn(bin: &Path, durable: bool) -> (tempfile::TempDir, u16, Child) {
     let dir = tempfile::Builder::new().prefix("comfyrelay-pg-").tempdir().expect("temporary directory");
@@ -212,17 +257,8 @@ fn init_and_spawn(bin: &Path, durable: bool) -> (tempfile::TempDir, u16, Child) 
     if let Some((uid, gid)) = user {
         std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).expect("chown the PostgreSQL directory");
     }
-    let command = |program: &str| {
-        let mut cmd = Command::new(bin.join(program));
-        // Its own directory: the test's may not be readable by the unprivileged user.
-        cmd.current_dir(dir.path()).env("LC_ALL", "C").env_remove("PGDATA");
-        if let Some((uid, gid)) = user {
-            cmd.uid(uid).gid(gid);
-        }
-        cmd
-    };
     let data = dir.path().join("data");
-    let out = command("initdb")
+    let out = command(bin, "initdb", dir.path())
         .arg("-D")
         .arg(&data)
         .args(["-A", "trust", "-U", USER, "-N", "--no-instructions", "-E", "UTF8", "--locale=C"])
@@ -240,14 +276,22 @@ fn init_and_spawn(bin: &Path, durable: bool) -> (tempfile::TempDir, u16, Child) 
         .and_then(|l| l.local_addr())
         .expect("a free loopback port")
         .port();
-    let log = File::create(dir.path().join("postgres.log")).expect("the server's log");
-    let child = command("postgres")
+    let child = spawn(bin, dir.path(), port, durable);
+    (dir, port, child)
+}
+
+/// The server on the cluster in `dir`, listening on `port`; blocking.
+fn spawn(bin: &Path, dir: &Path, port: u16, durable: bool) -> Child {
+    // Appended to: a server started again keeps the log of its first run.
+    let log =
+        File::options().create(true).append(true).open(dir.join("postgres.log")).expect("the server's log");
+    command(bin, "postgres", dir)
         .arg("-D")
-        .arg(&data)
+        .arg(dir.join("data"))
         .arg("-p")
         .arg(port.to_string())
         .arg("-k")
-        .arg(dir.path())
+        .arg(dir)
         .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
         // Tests trade durability for speed; a benchmark keeps PostgreSQL's defaults.
         .args(if durable {
@@ -259,8 +303,7 @@ fn init_and_spawn(bin: &Path, durable: bool) -> (tempfile::TempDir, u16, Child) 
         .stdout(log.try_clone().expect("the server's log"))
         .stderr(log)
         .spawn()
-        .expect("starting postgres");
-    (dir, port, child)
+        .expect("starting postgres")
 }
 
 /// The last lines of a log file.
