@@ -16,14 +16,20 @@
 //!    leader, standby); with `BENCH_TLS=1`, then all of it again on relays serving TLS;
 //! 6. 10,000 concurrent `StreamJob` subscribers over 8 connections on 100 live jobs: all complete and
 //!    gap-free, the memory each costs, how long after ComfyUI is released the last one ends and the events
-//!    delivered per second meanwhile (with standbys, then the same on a standby).
+//!    delivered per second meanwhile (with standbys, then the same on a standby);
+//! 7. reads of 20 finished jobs with 256 KiB outputs (`GetJob`, the output inline, then
+//!    `DownloadOutput`) from 8 clients: rate and CPU per read on the leader; with standbys, then on the
+//!    first standby, which serves them from the shared database and artifacts (leader, standby, leader,
+//!    standby).
 //!
 //! Run: `cargo bench --bench throughput`. `BENCH_JOBS=N` sets the sequential count (500), `BENCH_TOTAL=N`
-//! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000).
+//! the jobs before the memory reading (10000), `BENCH_SUBMITS=N` (2000), `BENCH_SUBSCRIBERS=N` (10000),
+//! `BENCH_READS=N` (2000).
 //! `BENCH_DATABASE=postgres` runs every comfyrelay on a throwaway PostgreSQL server on loopback (durable
 //! settings: `fsync` and `synchronous_commit` on) instead of its SQLite file, and `BENCH_STANDBYS=N` starts
 //! N standby replicas beside each one (they wait for the leader lease; the figures are the leader's, but
-//! for phases 3 and 6, which also stream from the first standby, and 5, which also submits through it).
+//! for phases 3 and 6, which also stream from the first standby, 5, which also submits through it, and 7,
+//! which also reads from it).
 
 use std::{
     net::SocketAddr,
@@ -568,6 +574,50 @@ async fn submit_all(
     Ok(start.elapsed())
 }
 
+/// `reads` reads of the jobs `ids` spread over `clients` (one task each): `GetJob` (the output inline when
+/// small enough), then `DownloadOutput` of its output, checked for its size. The wall time and the bytes
+/// received.
+async fn read_all(clients: Vec<JobClient>, ids: &[String], reads: usize) -> anyhow::Result<(Duration, u64)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let ids = Arc::new(ids.to_vec());
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for mut c in clients {
+        let (ids, next) = (ids.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut bytes = 0u64;
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= reads {
+                    return anyhow::Ok(bytes);
+                }
+                let job_id = ids[k % ids.len()].clone();
+                let job = c.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await?.into_inner();
+                let output = anyhow::Context::context(job.outputs.first(), "a finished job with an output")?;
+                bytes += output.inline_data.len() as u64;
+                let request =
+                    pb::DownloadOutputRequest { job_id, filename: output.filename.clone(), chunk_size: 0 };
+                let mut chunks = c.download_output(request).await?.into_inner();
+                let mut size = 0u64;
+                while let Some(chunk) = chunks.message().await? {
+                    size += chunk.data.len() as u64;
+                }
+                anyhow::ensure!(
+                    size == output.size_bytes,
+                    "downloaded {size} of {} bytes",
+                    output.size_bytes
+                );
+                bytes += size;
+            }
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await??;
+    }
+    Ok((start.elapsed(), bytes))
+}
+
 fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
     let rate = jobs as f64 / wall.as_secs_f64();
     let cpu = cpu
@@ -902,6 +952,33 @@ async fn main() -> anyhow::Result<()> {
             "{:<48} {events} events delivered live: {:.0} events/s",
             "",
             events as f64 / live.as_secs_f64()
+        );
+    }
+
+    // 7. Reads of finished jobs, on the leader and (served from the shared database) on a standby.
+    let reads = env_usize("BENCH_READS", 2000);
+    let mut finished = Vec::new();
+    for image in images.iter().take(20) {
+        let events = relay_job(&mut relay3.client(0), invert_request(image)).await?;
+        finished.push(events[0].1.job_id.clone());
+    }
+    let mut sides = vec![("leader", (0..8).map(|i| relay3.client(i)).collect::<Vec<_>>())];
+    if let Some(clients) = (0..8).map(|i| relay3.standby_client(i)).collect::<Option<Vec<_>>>() {
+        sides.push(("standby", clients));
+        sides.extend_from_within(..);
+    }
+    for (side, clients) in sides {
+        let (cpu0, standby_cpu0) = (relay3.cpu(), relay3.standby_cpu());
+        let (wall, bytes) = read_all(clients, &finished, reads).await?;
+        let per_read = |d: Duration| d.as_secs_f64() * 1000.0 / reads as f64;
+        println!(
+            "{:<48} {reads} in {:.2} s: {:.0} reads/s ({:.0} MiB/s), CPU per read: leader {:.2} ms, standby {:.2} ms",
+            format!("GetJob + DownloadOutput on the {side}, 8 clients"),
+            wall.as_secs_f64(),
+            reads as f64 / wall.as_secs_f64(),
+            bytes as f64 / wall.as_secs_f64() / (1 << 20) as f64,
+            per_read(relay3.cpu() - cpu0),
+            per_read(relay3.standby_cpu() - standby_cpu0),
         );
     }
     relay3.stop().await;
