@@ -32,34 +32,41 @@ pub(crate) async fn run(command: ClientCommand) -> Result<Exit, CliError> {
     }
 }
 
-/// Fetches the workflow's schema, types the inputs and submits.
-async fn submit(clients: &Clients, args: SubmitArgs) -> Result<pb::Job, CliError> {
-    let SubmitArgs { workflow, image, params, prompt, request_id, priority, labels } = args;
-    let schema = clients
-        .workflows
-        .clone()
-        .get_workflow(pb::GetWorkflowRequest { name: workflow.clone() })
-        .await?
-        .into_inner();
+/// Fetches the workflow's schema, types the inputs and submits, with an idempotency key (`--request-id`,
+/// else a fresh `cli-<uuid>`). Both calls are retried while the server is unavailable, for up to
+/// `--retry-for` ([`follow::retrying`]): with the key, a submit whose answer was lost finds the job it
+/// created, and never makes a second one.
+async fn submit(clients: &Clients, args: SubmitArgs, printer: Printer) -> Result<pb::Job, CliError> {
+    let SubmitArgs { workflow, image, params, prompt, request_id, priority, labels, retry_for } = args;
+    let get = pb::GetWorkflowRequest { name: workflow.clone() };
+    let schema = follow::retrying("GetWorkflow", retry_for, printer, || {
+        let (mut workflows, get) = (clients.workflows.clone(), get.clone());
+        async move { workflows.get_workflow(get).await }
+    })
+    .await?;
     let inputs = params::build(&schema, image.as_deref(), prompt, &params)?;
     let request = pb::SubmitJobRequest {
         source: Some(pb::submit_job_request::Source::Workflow(workflow)),
         image: inputs.image,
         prompt: inputs.prompt.unwrap_or_default(),
         parameters: inputs.parameters,
-        request_id: request_id.unwrap_or_default(),
+        request_id: request_id.unwrap_or_else(|| format!("cli-{}", uuid::Uuid::new_v4())),
         priority,
         labels: labels.into_iter().collect(),
         deadline: None,
     };
-    Ok(clients.jobs.clone().submit_job(request).await?.into_inner())
+    follow::retrying("SubmitJob", retry_for, printer, || {
+        let (mut jobs, request) = (clients.jobs.clone(), request.clone());
+        async move { jobs.submit_job(request).await }
+    })
+    .await
 }
 
 async fn run_job(args: RunArgs) -> Result<Exit, CliError> {
     let RunArgs { submit: what, out, reconnect_for, connect } = args;
     let printer = Printer { json: connect.json };
     let clients = Clients::connect(&connect).await?;
-    let job = submit(&clients, what).await?;
+    let job = submit(&clients, what, printer).await?;
     if printer.json {
         println!("{}", json::job(&job));
     } else {
@@ -71,8 +78,9 @@ async fn run_job(args: RunArgs) -> Result<Exit, CliError> {
 async fn submit_only(args: SubmitCmd) -> Result<Exit, CliError> {
     let SubmitCmd { submit: what, connect } = args;
     let clients = Clients::connect(&connect).await?;
-    let job = submit(&clients, what).await?;
-    Printer { json: connect.json }.result(&json::job(&job), || job.id.clone());
+    let printer = Printer { json: connect.json };
+    let job = submit(&clients, what, printer).await?;
+    printer.result(&json::job(&job), || job.id.clone());
     Ok(Exit::Success)
 }
 

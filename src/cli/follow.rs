@@ -4,14 +4,15 @@
 //!
 //! Reconnects back off exponentially (`backon`, 200 ms doubling to 5 s, with jitter) and give up when
 //! the stream has stayed broken for `reconnect_for` (a job may be silent for long; only a broken stream
-//! counts).
+//! counts). One-shot calls that are safe to repeat (a submit with its idempotency key) are retried the same
+//! way by [`retrying`].
 
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tonic::Code;
 
-use super::{connect::Clients, error::CliError};
+use super::{connect::Clients, error::CliError, render::Printer};
 use crate::proto::pb;
 
 /// How a followed job ended.
@@ -52,6 +53,58 @@ fn retryable(status: &tonic::Status) -> bool {
     }
 }
 
+/// The delays between attempts: 200 ms doubling to 5 s, with jitter, for as long as the caller's budget.
+fn backoff() -> backon::ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// Whether a one-shot call's error is worth repeating: the server said it is unavailable (draining, no
+/// leader yet, its database away), or the connection broke (`Unknown`).
+fn call_retryable(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown)
+}
+
+/// Calls `call` (named `name` in notices) until it succeeds, fails otherwise than the server being
+/// unavailable, or has been failing so for `retry_for`. Each retry is told: a `{"type": "reconnecting",
+/// "call": ...}` line with `--json`, else a line on stderr. Only for calls that are safe to repeat.
+///
+/// # Errors
+/// The first error not worth a retry, or the last one once `retry_for` has passed.
+pub(crate) async fn retrying<T, Fut>(
+    name: &str,
+    retry_for: Duration,
+    printer: Printer,
+    mut call: impl FnMut() -> Fut,
+) -> Result<T, CliError>
+where
+    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let started = Instant::now();
+    let mut delays = backoff();
+    loop {
+        let status = match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if call_retryable(&status) && started.elapsed() < retry_for => status,
+            Err(status) => return Err(status.into()),
+        };
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
+        if printer.json {
+            println!(
+                "{}",
+                serde_json::json!({ "type": "reconnecting", "call": name, "error": status.message(), "retry_in_seconds": delay.as_secs_f64() })
+            );
+        } else {
+            eprintln!("{name}: {}; retrying in {}", status.message(), humantime::format_duration(delay));
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
 /// Follows `job_id` from after `after` to its terminal event, calling `observe` for each event (once per
 /// sequence) and each reconnect.
 ///
@@ -66,15 +119,7 @@ pub(crate) async fn follow(
     mut observe: impl FnMut(Notice<'_>),
 ) -> Result<End, CliError> {
     let mut last = after;
-    let new_backoff = || {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build()
-    };
-    let mut backoff = new_backoff();
+    let mut delays = backoff();
     // When the stream broke with no event received since.
     let mut broken_since: Option<Instant> = None;
     loop {
@@ -91,7 +136,7 @@ pub(crate) async fn follow(
                                 continue;
                             }
                             last = event.sequence;
-                            backoff = new_backoff();
+                            delays = backoff();
                             broken_since = None;
                             observe(Notice::Event(&event));
                             if let Some(end) = terminal(&event) {
@@ -112,7 +157,7 @@ pub(crate) async fn follow(
             return Err(broke.into());
         }
         observe(Notice::Reconnecting { after_sequence: last, error: broke.message().to_string() });
-        let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+        let delay = delays.next().unwrap_or(Duration::from_secs(5));
         tokio::time::sleep(delay).await;
     }
 }

@@ -64,9 +64,14 @@ pub struct SubmitArgs {
     /// The prompt text, for workflows that take one.
     #[arg(long)]
     pub prompt: Option<String>,
-    /// Idempotency key: resubmitting with the same key returns the same job.
+    /// Idempotency key: resubmitting with the same key returns the same job. Without it a fresh one
+    /// (`cli-<uuid>`) is sent, so a submit retried after a lost answer never makes a second job.
     #[arg(long)]
     pub request_id: Option<String>,
+    /// Retry the submit this long while the server answers UNAVAILABLE or the connection breaks (a
+    /// restart, a replica taking over, its database away); the idempotency key makes a retry safe.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
     /// Scheduling priority (-100..100; higher runs first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,

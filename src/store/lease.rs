@@ -24,8 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
 
-/// The advisory lock's key (in the database's own lock space): "comfyrelay leader" in ASCII, truncated.
-const LEADER_LOCK: i64 = 0x636f_6d66_7972_6c64;
+/// The advisory lock's key (in the database's own lock space): "comfyrelay leader" in ASCII, truncated. A
+/// session holding it (`pg_locks`, `locktype = 'advisory'`) is the leader's.
+pub const LEADER_LOCK: i64 = 0x636f_6d66_7972_6c64;
 /// How often the leader checks its lease connection.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a check may take before the leader gives the lease up.

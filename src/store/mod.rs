@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 pub use artifacts::{
     ArtifactError, ArtifactReader, ArtifactStore, ArtifactWriter, StoredArtifact, check_artifacts_url,
 };
-pub use lease::LeaderLease;
+pub use lease::{LEADER_LOCK, LeaderLease};
 pub use postgres::{DEFAULT_MAX_CONNECTIONS, EVENTS_CHANNEL, EventNotice, EventNotifications, PgStore};
 pub use sqlite::SqliteStore;
 

@@ -1005,6 +1005,74 @@ async fn while_the_database_is_down_a_replica_answers_unavailable_with_a_retry_d
 }
 
 #[tokio::test]
+async fn the_cli_submits_through_a_takeover_once_and_follows_the_job_to_its_end() {
+    use sqlx::Connection as _;
+    let comfy = crate::helpers::spawn_comfy().await;
+    let Some(pg) = pg_server::PgServer::start().await else { return };
+    let url = pg.database("cli_takeover").await;
+    // The test holds the leader lease, as a leader that is going away does: the replica waits as a
+    // standby that knows no leader, and answers UNAVAILABLE to everything it would forward.
+    let mut lease = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(comfyrelay::store::LEADER_LOCK)
+        .execute(&mut lease)
+        .await
+        .expect("take the lease");
+    let artifacts = tempfile::tempdir().unwrap();
+    let mut replica =
+        Replica::spawn_with(&url, artifacts.path(), &[&comfy], &[("COMFYRELAY_AUTH__MODE", "none")]);
+    let addr = replica.wait_for("standby: serving health only until this replica leads").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.png"), png(8, 8)).unwrap();
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
+        .args(["run", "invert", "in.png", "--out", "out", "--json", "--server", &format!("http://{addr}")])
+        .current_dir(dir.path())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn comfyrelay run");
+    let mut lines = BufReader::new(cli.stdout.take().unwrap()).lines();
+    let mut next_line = async || {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
+        let line = line.expect("a line within 60 s").expect("stdout").expect("the CLI ended early");
+        serde_json::from_str::<serde_json::Value>(&line).expect("a JSON line")
+    };
+    // The CLI says it is retrying; then the lease is free and the replica leads.
+    let retry = next_line().await;
+    assert_eq!(retry["type"], "reconnecting", "{retry}");
+    assert!(retry["call"].is_string(), "{retry}");
+    lease.close().await.expect("give the lease up");
+    replica.wait_for("serving gRPC").await;
+
+    let mut seen = vec![retry];
+    loop {
+        let line = next_line().await;
+        let succeeded = line["type"] == "event" && line["kind"] == "succeeded";
+        seen.push(line);
+        if succeeded {
+            break;
+        }
+    }
+    let status =
+        tokio::time::timeout(Duration::from_secs(30), cli.wait()).await.expect("exits").expect("wait");
+    assert_eq!(status.code(), Some(0), "{seen:#?}");
+    let job = seen.iter().find(|l| l["type"] == "job").expect("the job line");
+    assert!(job["request_id"].as_str().is_some_and(|r| r.starts_with("cli-")), "an idempotency key: {job}");
+    let listed = pb::job_service_client::JobServiceClient::new(channel(addr).await)
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 1, "one job for the retried submit: {listed:?}");
+    assert_eq!(comfy.queued_total(), 1, "one prompt");
+    assert_eq!(std::fs::read_dir(dir.path().join("out")).expect("out/").count(), 1, "the output is saved");
+}
+
+#[tokio::test]
 async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_resume() {
     let comfy = crate::helpers::spawn_comfy().await;
     let Some(Pair { mut a, a_channel, mut b, b_addr, b_channel, url: _, artifacts: _artifacts, pg: _pg }) =
