@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server};
 use tonic_health::ServingStatus;
 
+use super::status::NotForwarded;
 use super::{
     JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, browser, connections, console, cors, error_details,
     jobs, tls,
@@ -341,7 +342,7 @@ async fn forward_call(
 ) -> http::Response<axum::body::Body> {
     use tower::ServiceExt as _;
     let Some(channel) = channel else {
-        return unavailable("this replica is a standby and knows no leader yet; retry");
+        return unavailable(NotForwarded::NoLeader);
     };
     let mut req = req;
     // With mTLS, the caller this standby verified (its own `CallTrackingLayer` removed any such header the
@@ -352,9 +353,7 @@ async fn forward_call(
                 req.headers_mut().insert(connections::FORWARDED_CLIENT, value);
             }
             Err(_) => {
-                return unavailable(
-                    "this standby cannot forward a caller whose certificate subject is not printable ASCII; call the leader",
-                );
+                return unavailable(NotForwarded::CallerNotForwardable);
             }
         }
     }
@@ -362,13 +361,13 @@ async fn forward_call(
         Ok(response) => response.map(axum::body::Body::new),
         Err(e) => {
             tracing::debug!(error = %crate::telemetry::ErrorChain(&e), "standby: the leader did not take a forwarded call");
-            unavailable("this replica is a standby and cannot reach the leader; retry")
+            unavailable(NotForwarded::LeaderUnreachable)
         }
     }
 }
 
-/// A gRPC `UNAVAILABLE` answer.
-fn unavailable(message: &str) -> http::Response<axum::body::Body> {
-    let (parts, ()) = tonic::Status::unavailable(message).into_http::<()>().into_parts();
+/// A gRPC `UNAVAILABLE` answer, saying why the call was not forwarded.
+fn unavailable(why: NotForwarded) -> http::Response<axum::body::Body> {
+    let (parts, ()) = super::status::not_forwarded(why).into_http::<()>().into_parts();
     http::Response::from_parts(parts, axum::body::Body::empty())
 }

@@ -239,6 +239,42 @@ pub fn store_error(e: &StoreError) -> Status {
     Status::with_error_details(Code::Unavailable, "the database cannot be reached now; retry", details)
 }
 
+/// Why a standby did not forward a call to the leader (README "Replicas on PostgreSQL").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotForwarded {
+    /// No replica has advertised itself as the leader yet (a takeover under way).
+    NoLeader,
+    /// The leader's URL is known but it did not take the call (unreachable, or its certificate not the
+    /// replicas').
+    LeaderUnreachable,
+    /// With mTLS, the caller's certificate subject cannot be named in a header: only the leader serves it.
+    CallerNotForwardable,
+}
+
+/// A standby's `UNAVAILABLE` for a call it could not forward, with an `ErrorInfo` reason (`NO_LEADER`,
+/// `LEADER_UNREACHABLE`, `CALLER_NOT_FORWARDABLE`) and, when a retry here may work, `RetryInfo`.
+pub fn not_forwarded(why: NotForwarded) -> Status {
+    let (reason, message, retry) = match why {
+        NotForwarded::NoLeader => {
+            ("NO_LEADER", "this replica is a standby and knows no leader yet; retry", true)
+        }
+        NotForwarded::LeaderUnreachable => {
+            ("LEADER_UNREACHABLE", "this replica is a standby and cannot reach the leader; retry", true)
+        }
+        NotForwarded::CallerNotForwardable => (
+            "CALLER_NOT_FORWARDABLE",
+            "this standby cannot forward a caller whose certificate subject is not printable ASCII; call the leader",
+            false,
+        ),
+    };
+    let mut details = ErrorDetails::new();
+    if retry {
+        details.set_retry_info(Some(std::time::Duration::from_secs(1)));
+    }
+    details.set_error_info(reason, ERROR_DOMAIN, std::collections::HashMap::<String, String>::new());
+    Status::with_error_details(Code::Unavailable, message, details)
+}
+
 /// `UNAVAILABLE` with `RetryInfo`: comfyrelay is draining.
 fn shutting_down(message: String) -> Status {
     let mut details = ErrorDetails::new();

@@ -960,6 +960,11 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
         .await
         .expect_err("no leader to ask");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    {
+        use tonic_types::StatusExt as _;
+        assert_eq!(status.get_details_error_info().expect("ErrorInfo").reason, "LEADER_UNREACHABLE");
+        assert!(status.get_details_retry_info().is_some(), "RetryInfo: {status:?}");
+    }
     let status = on_b.submit_job(submit_request("invert", png(8, 8))).await.expect_err("no leader to ask");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
@@ -1044,6 +1049,7 @@ async fn the_cli_submits_through_a_takeover_once_and_follows_the_job_to_its_end(
     // The CLI says it is retrying; then the lease is free and the replica leads.
     let retry = next_line().await;
     assert_eq!(retry["type"], "reconnecting", "{retry}");
+    assert!(retry["error"].as_str().is_some_and(|e| e.contains("knows no leader")), "{retry}");
     assert!(retry["call"].is_string(), "{retry}");
     lease.close().await.expect("give the lease up");
     replica.wait_for("serving gRPC").await;
