@@ -1,16 +1,19 @@
-"""The wrapper against a real ``comfyrelay dev``: submit, stream across a forced disconnect, run, and
-errors decoded from ``google.rpc`` details."""
+"""The wrapper against a real ``comfyrelay dev``: submit, stream across a forced disconnect, run, errors
+decoded from ``google.rpc`` details, and a submit retried until a server comes up."""
 
 from __future__ import annotations
 
 import hashlib
+import socket
+import threading
+import time
 
 import grpc
 import pytest
 
 from comfyrelay import Client, JobFailed, RpcError
 from comfyrelay.v1 import comfyrelay_pb2 as pb
-from conftest import png, png_size
+from conftest import Dev, png, png_size
 
 
 def test_submit_returns_the_queued_job_and_stream_follows_it_to_the_end(dev):
@@ -79,3 +82,37 @@ def test_not_found_is_not_retried(dev):
             list(client.stream("01234567-89ab-7def-8123-456789abcdef"))
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
     assert client.reconnects == 0
+
+
+def test_submit_waits_for_a_server_that_is_not_up_yet_and_makes_one_job(tmp_path):
+    # A port nobody listens on yet: the submit is UNAVAILABLE until a server starts there.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = Client(f"127.0.0.1:{port}", reconnect_for=60)
+    outcome = {}
+
+    def submit() -> None:
+        try:
+            outcome["job"] = client.submit("invert", png(8, 8))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=submit)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while client.submit_retries == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # a probe of the client's own counter
+    assert client.submit_retries > 0, "the submit must be retried while no server answers"
+    server = Dev(tmp_path, env={"COMFYRELAY_GRPC__LISTEN": f"127.0.0.1:{port}"})
+    try:
+        thread.join(90)
+        assert "job" in outcome, outcome
+        job = outcome["job"]
+        assert job.request_id.startswith("py-"), job
+        listed = client.jobs.ListJobs(pb.ListJobsRequest())
+        assert [j.id for j in listed.jobs] == [job.id], "one job for the retried submit"
+        assert client.wait(job.id), "it runs to its outputs"
+    finally:
+        client.close()
+        server.stop()

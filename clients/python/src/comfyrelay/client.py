@@ -9,6 +9,7 @@ import os
 import pathlib
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -29,6 +30,8 @@ _RESUMABLE = (
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.ABORTED,
 )
+# What a submit is retried on (with its idempotency key): the server unavailable, or the connection cut.
+_RETRIED_SUBMIT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
 _MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -75,7 +78,8 @@ class Client:
         target: ``host:port`` of the gRPC server (default: ``$COMFYRELAY_SERVER`` or 127.0.0.1:50051).
         api_key: sent as ``authorization: Bearer <key>`` (default: ``$COMFYRELAY_API_KEY``).
         timeout: seconds for each unary call.
-        reconnect_for: how long ``stream`` keeps trying to resume a broken stream.
+        reconnect_for: how long ``stream`` keeps trying to resume a broken stream, and ``submit`` to
+            submit while the server is unavailable (a restart, a replica taking over).
     """
 
     def __init__(
@@ -108,6 +112,8 @@ class Client:
         self.machines = rpc.MachineServiceStub(self._channel)
         #: How many times ``stream`` resumed after a disconnect.
         self.reconnects = 0
+        #: How many times ``submit`` was tried again while the server was unavailable.
+        self.submit_retries = 0
 
     def __repr__(self) -> str:
         return f"Client(authorized={bool(self._metadata)})"
@@ -145,22 +151,35 @@ class Client:
         """Submits a job and returns it (``QUEUED``) at once.
 
         ``image`` is bytes or a path; ``params`` values are typed by their Python type (bool, int, float,
-        str; bytes or a path for image inputs).
+        str; bytes or a path for image inputs). Without ``request_id`` a fresh one (``py-<uuid>``) is
+        sent, so the submit is retried safely while the server is unavailable or the connection breaks
+        (backing off from 0.2 s to 5 s, for up to ``reconnect_for`` seconds): a retry finds the job the
+        first attempt made, never a second one.
 
         Raises:
-            RpcError: e.g. ``INVALID_ARGUMENT`` with one field violation per problem.
+            RpcError: e.g. ``INVALID_ARGUMENT`` with one field violation per problem; ``UNAVAILABLE``
+                once ``reconnect_for`` has passed.
         """
         request = pb.SubmitJobRequest(
             workflow=workflow,
             prompt=prompt or "",
             parameters={k: _param(v) for k, v in (params or {}).items()},
-            request_id=request_id,
+            request_id=request_id or f"py-{uuid.uuid4()}",
             priority=priority,
             labels=dict(labels or {}),
         )
         if image is not None:
             request.image.CopyFrom(_image(image))
-        return self._call(self.jobs.SubmitJob, request)
+        started, delay = time.monotonic(), 0.2
+        while True:
+            try:
+                return self.jobs.SubmitJob(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() not in _RETRIED_SUBMIT or time.monotonic() - started > self._reconnect_for:
+                    raise RpcError.from_grpc(e) from e
+            self.submit_retries += 1
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
 
     def get(self, job_id: str) -> pb.Job:
         """The job's current state."""
