@@ -86,7 +86,11 @@ impl Jobs {
         match self {
             Self::Engine(jobs) => Ok(jobs),
             // Not reached: the standby routes these calls to the leader.
-            Self::Follower(_) => Err(Status::unavailable("this replica is a standby; call the leader")),
+            Self::Follower(_) => Err(super::status::with_reason(
+                tonic::Code::Unavailable,
+                "NOT_THE_LEADER",
+                "this replica is a standby; call the leader",
+            )),
         }
     }
 }

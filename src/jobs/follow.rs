@@ -1,5 +1,7 @@
 //! Following jobs that another replica runs (README "Replicas on PostgreSQL"): a standby streams a job's
-//! events itself, from the shared log, woken by PostgreSQL's notifications of committed events.
+//! events itself, from the shared log, woken by PostgreSQL's notifications of committed events; it reads
+//! jobs, pages of jobs and outputs from the shared database and artifacts with the leader's own queries
+//! for jobs it does not hold ([`JobFollower::get`], [`JobFollower::list`], [`JobFollower::open_output`]).
 //!
 //! One listener per replica ([`PgStore::listen_events`]) hears `"{job} {seq}"` after each commit and wakes
 //! that job's subscribers, which then read the log after the last sequence they delivered: a notification

@@ -13,7 +13,8 @@
 //! - `runner`: one attempt on one machine.
 //! - `recovery`: start-up (conversion of the previous schema, re-attach, re-queue).
 //! - `subscribe`: one subscriber's gap-free stream (log, then live).
-//! - `follow`: the same streams on a standby, from the shared log, woken by PostgreSQL notifications.
+//! - `follow`: the same streams on a standby, from the shared log, woken by PostgreSQL notifications, and
+//!   the same reads, from the shared database.
 
 mod apply;
 mod error;
