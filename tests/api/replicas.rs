@@ -770,7 +770,9 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
     assert_gap_free(&events, 0);
     assert_eq!(terminal(&events), "succeeded", "{events:?}");
     let get = pb::GetJobRequest { job_id: job.id.clone() };
-    on_b.get_job(get.clone()).await.expect("team-a reads its job through B");
+    let output =
+        on_b.get_job(get.clone()).await.expect("team-a reads its job through B").into_inner().outputs;
+    let output = output.first().expect("an output").filename.clone();
     tls_jobs(a_addr, &ca, Some(&team_a), &[])
         .await
         .get_job(get.clone())
@@ -786,6 +788,14 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
         assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
         let listed = as_b.list_jobs(pb::ListJobsRequest::default()).await.expect("list").into_inner();
         assert!(listed.jobs.is_empty(), "{name}: team-b lists {listed:?}");
+        let download =
+            pb::DownloadOutputRequest { job_id: job.id.clone(), filename: output.clone(), chunk_size: 0 };
+        let hidden = as_b.download_output(download).await.expect_err("team-b downloads team-a's output");
+        assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
+        // A cancel is forwarded by the standby, naming team-b: the leader does not find the job either.
+        let cancel = pb::CancelJobRequest { job_id: job.id.clone(), reason: String::new() };
+        let hidden = as_b.cancel_job(cancel).await.expect_err("team-b cancels team-a's job");
+        assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
     }
     // The replica's own certificate maps to no tenant: without a forwarded caller it is nobody.
     let status = tls_jobs(a_addr, &ca, Some(&replica), &[])
