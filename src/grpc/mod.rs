@@ -64,6 +64,17 @@ pub struct Services {
     pub auth: crate::auth::Authenticator,
 }
 
+/// The call counter of every server of a replica (leader or standby), knowing every method either serves
+/// or forwards.
+fn calls_layer() -> observe::MetricsLayer {
+    observe::MetricsLayer::new(&[
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
+}
+
 /// Serves every service on `listener` until `shutdown` is cancelled, over TLS when `tls` is given (from
 /// [`tls::Tls::load`], before anything else starts, so files that do not load stop the start at once).
 ///
@@ -178,12 +189,7 @@ pub async fn serve(
         tracing::info!("draining gRPC connections");
     };
 
-    let calls = observe::MetricsLayer::new(&[
-        pb::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-    ]);
+    let calls = calls_layer();
     let builder = Server::builder()
         .accept_http1(config.grpc.grpc_web)
         .http2_keepalive_interval(Some(g.keepalive_interval))

@@ -35,10 +35,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Server};
 use tonic_health::ServingStatus;
 
-use super::status::NotForwarded;
 use super::{
     JOB_SERVICE, MACHINE_SERVICE, WORKFLOW_SERVICE, auth, browser, connections, console, cors, error_details,
-    jobs, tls,
+    jobs, observe, status::NotForwarded, tls,
 };
 use crate::{
     config::{Config, TlsConfig},
@@ -148,18 +147,21 @@ pub async fn serve_standby(
         max_connections,
     );
     // The leader's layers that do not need the job engine: browsers' checks, the console's assets, CORS
-    // and gRPC-Web (translated to gRPC before the route or the forwarder sees the call), and call
-    // tracking, without which `grpc.idle_timeout` would close connections whose calls are still open.
+    // and gRPC-Web (translated to gRPC before the route or the forwarder sees the call), the per-call span
+    // and the call counter (served here or forwarded, each call is counted on the replica it reached), and
+    // call tracking, without which `grpc.idle_timeout` would close connections whose calls are still open.
     let web = config.grpc.grpc_web;
     let served = Server::builder()
         .accept_http1(web)
         .http2_keepalive_interval(Some(g.keepalive_interval))
         .http2_keepalive_timeout(Some(g.keepalive_timeout))
         .max_concurrent_streams(Some(g.max_concurrent_streams))
+        .trace_fn(observe::call_span)
         .layer(browser::BrowserCheckLayer::new(&g.allowed_hosts, &g.cors_origins))
         .layer(tower::util::option_layer(web.then_some(console::ConsoleLayer)))
         .layer(tower::util::option_layer(web.then(|| cors::layer(&g.cors_origins))))
         .layer(tower::util::option_layer(web.then(tonic_web::GrpcWebLayer::new)))
+        .layer(super::calls_layer())
         .layer(connections::CallTrackingLayer::new(&g.tls.replica_subjects))
         .add_routes(tonic::service::Routes::from(routes))
         .serve_with_incoming_shutdown(incoming, until.clone().cancelled_owned());

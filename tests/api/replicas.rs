@@ -875,7 +875,7 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
     comfy.faults().set_node_progress_steps(4);
     // The leader advertises an address nobody answers: its standby cannot forward one call to it.
     let unreachable = [("COMFYRELAY_GRPC__ADVERTISE_URL", "http://127.0.0.1:9")];
-    let Some(pair) = Pair::start("following", &comfy, &unreachable, &[]).await else { return };
+    let Some(mut pair) = Pair::start("following", &comfy, &unreachable, &[]).await else { return };
     let (a_channel, b_channel, url) = (pair.a_channel.clone(), pair.b_channel.clone(), pair.url.clone());
     let mut on_b = pb::job_service_client::JobServiceClient::new(b_channel.clone());
 
@@ -977,6 +977,21 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
     }
     let status = on_b.submit_job(submit_request("invert", png(8, 8))).await.expect_err("no leader to ask");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+    // Each call is counted on the replica it reached: served by the standby, or not forwarded by it.
+    let scrape = metrics_of(&mut pair.b).await;
+    for (method, code) in
+        [("GetJob", "OK"), ("ListJobs", "OK"), ("DownloadOutput", "OK"), ("CancelJob", "UNAVAILABLE")]
+    {
+        let (method, code) =
+            (format!(r#"method="comfyrelay.v1.JobService/{method}""#), format!(r#"code="{code}""#));
+        assert!(
+            scrape.lines().any(|l| l.starts_with("comfyrelay_grpc_requests_total{")
+                && l.contains(&method)
+                && l.contains(&code)),
+            "{method} {code} counted on the standby:\n{scrape}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1167,10 +1182,14 @@ async fn a_standby_that_starts_leading_ends_its_calls_cleanly_naming_where_to_re
 
 /// The value of the counter `name` on a replica's `/metrics` (0 while it has not been counted).
 async fn counter(replica: &mut Replica, name: &str) -> f64 {
-    let addr = replica.wait_for("serving metrics").await;
-    let scrape =
-        reqwest::get(format!("http://{addr}/metrics")).await.expect("scrape").text().await.expect("body");
+    let scrape = metrics_of(replica).await;
     scrape.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
+}
+
+/// A scrape of a replica's `/metrics`.
+async fn metrics_of(replica: &mut Replica) -> String {
+    let addr = replica.wait_for("serving metrics").await;
+    reqwest::get(format!("http://{addr}/metrics")).await.expect("scrape").text().await.expect("body")
 }
 
 #[tokio::test]
