@@ -101,9 +101,9 @@ def test_submit_waits_for_a_server_that_is_not_up_yet_and_makes_one_job(tmp_path
     thread = threading.Thread(target=submit)
     thread.start()
     deadline = time.monotonic() + 30
-    while client.submit_retries == 0 and time.monotonic() < deadline:
+    while client.call_retries == 0 and time.monotonic() < deadline:
         time.sleep(0.01)  # a probe of the client's own counter
-    assert client.submit_retries > 0, "the submit must be retried while no server answers"
+    assert client.call_retries > 0, "the submit must be retried while no server answers"
     server = Dev(tmp_path, env={"COMFYRELAY_GRPC__LISTEN": f"127.0.0.1:{port}"})
     try:
         thread.join(90)

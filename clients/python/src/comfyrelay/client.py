@@ -30,8 +30,8 @@ _RESUMABLE = (
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.ABORTED,
 )
-# What a submit is retried on (with its idempotency key): the server unavailable, or the connection cut.
-_RETRIED_SUBMIT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
+# What a call safe to repeat is retried on: the server unavailable, or the connection cut.
+_RETRIED_CALL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN)
 _MAX_MESSAGE = 64 * 1024 * 1024
 
 
@@ -78,8 +78,8 @@ class Client:
         target: ``host:port`` of the gRPC server (default: ``$COMFYRELAY_SERVER`` or 127.0.0.1:50051).
         api_key: sent as ``authorization: Bearer <key>`` (default: ``$COMFYRELAY_API_KEY``).
         timeout: seconds for each unary call.
-        reconnect_for: how long ``stream`` keeps trying to resume a broken stream, and ``submit`` to
-            submit while the server is unavailable (a restart, a replica taking over).
+        reconnect_for: how long ``stream`` keeps trying to resume a broken stream, and the other calls
+            to get through while the server is unavailable (a restart, a replica taking over).
     """
 
     def __init__(
@@ -112,8 +112,9 @@ class Client:
         self.machines = rpc.MachineServiceStub(self._channel)
         #: How many times ``stream`` resumed after a disconnect.
         self.reconnects = 0
-        #: How many times ``submit`` was tried again while the server was unavailable.
-        self.submit_retries = 0
+        #: How many times a call (``submit``, ``get``, ``cancel``, ``workflows``) was tried again while the
+        #: server was unavailable.
+        self.call_retries = 0
 
     def __repr__(self) -> str:
         return f"Client(authorized={bool(self._metadata)})"
@@ -128,10 +129,19 @@ class Client:
         self.close()
 
     def _call(self, method: Any, request: Any) -> Any:
-        try:
-            return method(request, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as e:
-            raise RpcError.from_grpc(e) from e
+        """One call that is safe to repeat (a read, a cancel, a submit with its idempotency key), retried
+        while the server is unavailable or the connection breaks, backing off from 0.2 s to 5 s, for up to
+        ``reconnect_for`` seconds (``call_retries`` counts retries)."""
+        started, delay = time.monotonic(), 0.2
+        while True:
+            try:
+                return method(request, timeout=self._timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() not in _RETRIED_CALL or time.monotonic() - started > self._reconnect_for:
+                    raise RpcError.from_grpc(e) from e
+            self.call_retries += 1
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 5.0)
 
     def workflows(self) -> List[pb.Workflow]:
         """Every workflow in the catalog, with its typed inputs."""
@@ -170,16 +180,7 @@ class Client:
         )
         if image is not None:
             request.image.CopyFrom(_image(image))
-        started, delay = time.monotonic(), 0.2
-        while True:
-            try:
-                return self.jobs.SubmitJob(request, timeout=self._timeout, metadata=self._metadata)
-            except grpc.RpcError as e:
-                if e.code() not in _RETRIED_SUBMIT or time.monotonic() - started > self._reconnect_for:
-                    raise RpcError.from_grpc(e) from e
-            self.submit_retries += 1
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
+        return self._call(self.jobs.SubmitJob, request)
 
     def get(self, job_id: str) -> pb.Job:
         """The job's current state."""
