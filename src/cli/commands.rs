@@ -33,17 +33,13 @@ pub(crate) async fn run(command: ClientCommand) -> Result<Exit, CliError> {
 }
 
 /// Fetches the workflow's schema, types the inputs and submits, with an idempotency key (`--request-id`,
-/// else a fresh `cli-<uuid>`). Both calls are retried while the server is unavailable, for up to
-/// `--retry-for` ([`follow::retrying`]): with the key, a submit whose answer was lost finds the job it
-/// created, and never makes a second one.
-async fn submit(clients: &Clients, args: SubmitArgs, printer: Printer) -> Result<pb::Job, CliError> {
-    let SubmitArgs { workflow, image, params, prompt, request_id, priority, labels, retry_for } = args;
+/// else a fresh `cli-<uuid>`). Both calls are retried while the server is unavailable ([`Clients::call`]):
+/// with the key, a submit whose answer was lost finds the job it created, and never makes a second one.
+async fn submit(clients: &Clients, args: SubmitArgs) -> Result<pb::Job, CliError> {
+    let SubmitArgs { workflow, image, params, prompt, request_id, priority, labels } = args;
     let get = pb::GetWorkflowRequest { name: workflow.clone() };
-    let schema = follow::retrying("GetWorkflow", retry_for, printer, || {
-        let (mut workflows, get) = (clients.workflows.clone(), get.clone());
-        async move { workflows.get_workflow(get).await }
-    })
-    .await?;
+    let schema =
+        clients.call("GetWorkflow", get, |mut c, r| async move { c.workflows.get_workflow(r).await }).await?;
     let inputs = params::build(&schema, image.as_deref(), prompt, &params)?;
     let request = pb::SubmitJobRequest {
         source: Some(pb::submit_job_request::Source::Workflow(workflow)),
@@ -55,18 +51,14 @@ async fn submit(clients: &Clients, args: SubmitArgs, printer: Printer) -> Result
         labels: labels.into_iter().collect(),
         deadline: None,
     };
-    follow::retrying("SubmitJob", retry_for, printer, || {
-        let (mut jobs, request) = (clients.jobs.clone(), request.clone());
-        async move { jobs.submit_job(request).await }
-    })
-    .await
+    clients.call("SubmitJob", request, |mut c, r| async move { c.jobs.submit_job(r).await }).await
 }
 
 async fn run_job(args: RunArgs) -> Result<Exit, CliError> {
     let RunArgs { submit: what, out, reconnect_for, connect } = args;
     let printer = Printer { json: connect.json };
     let clients = Clients::connect(&connect).await?;
-    let job = submit(&clients, what, printer).await?;
+    let job = submit(&clients, what).await?;
     if printer.json {
         println!("{}", json::job(&job));
     } else {
@@ -79,7 +71,7 @@ async fn submit_only(args: SubmitCmd) -> Result<Exit, CliError> {
     let SubmitCmd { submit: what, connect } = args;
     let clients = Clients::connect(&connect).await?;
     let printer = Printer { json: connect.json };
-    let job = submit(&clients, what, printer).await?;
+    let job = submit(&clients, what).await?;
     printer.result(&json::job(&job), || job.id.clone());
     Ok(Exit::Success)
 }
@@ -125,7 +117,8 @@ async fn follow_and_save(
 async fn get(args: JobArgs) -> Result<Exit, CliError> {
     let JobArgs { job, connect } = args;
     let clients = Clients::connect(&connect).await?;
-    let job = clients.jobs.clone().get_job(pb::GetJobRequest { job_id: job }).await?.into_inner();
+    let get = pb::GetJobRequest { job_id: job };
+    let job = clients.call("GetJob", get, |mut c, r| async move { c.jobs.get_job(r).await }).await?;
     Printer { json: connect.json }.result(&json::job(&job), || describe_job(&job));
     Ok(Exit::Success)
 }
@@ -186,18 +179,15 @@ async fn list(args: ListArgs) -> Result<Exit, CliError> {
         println!("{:<36}  {:<12}  {:<20}  created", "job", "state", "workflow");
     }
     while shown < limit {
-        let page = clients
-            .jobs
-            .clone()
-            .list_jobs(pb::ListJobsRequest {
-                page_size: (limit - shown).min(500) as i32,
-                page_token: page_token.clone(),
-                states: states.clone(),
-                workflow: workflow.clone().unwrap_or_default(),
-                labels: labels.clone(),
-            })
-            .await?
-            .into_inner();
+        let request = pb::ListJobsRequest {
+            page_size: (limit - shown).min(500) as i32,
+            page_token: page_token.clone(),
+            states: states.clone(),
+            workflow: workflow.clone().unwrap_or_default(),
+            labels: labels.clone(),
+        };
+        let page =
+            clients.call("ListJobs", request, |mut c, r| async move { c.jobs.list_jobs(r).await }).await?;
         for j in page.jobs.iter().take(limit - shown) {
             printer.result(&json::job(j), || {
                 let created = json::time(j.create_time.as_ref());
@@ -222,8 +212,8 @@ async fn list(args: ListArgs) -> Result<Exit, CliError> {
 async fn cancel(args: CancelArgs) -> Result<Exit, CliError> {
     let CancelArgs { job, reason, connect } = args;
     let clients = Clients::connect(&connect).await?;
-    let job =
-        clients.jobs.clone().cancel_job(pb::CancelJobRequest { job_id: job, reason }).await?.into_inner();
+    let cancel = pb::CancelJobRequest { job_id: job, reason };
+    let job = clients.call("CancelJob", cancel, |mut c, r| async move { c.jobs.cancel_job(r).await }).await?;
     Printer { json: connect.json }
         .result(&json::job(&job), || format!("job {}: {}", job.id, json::state_name(job.state)));
     Ok(Exit::Success)
@@ -233,7 +223,8 @@ async fn download(args: DownloadArgs) -> Result<Exit, CliError> {
     let DownloadArgs { job, filenames, out, connect } = args;
     let clients = Clients::connect(&connect).await?;
     let printer = Printer { json: connect.json };
-    let found = clients.jobs.clone().get_job(pb::GetJobRequest { job_id: job.clone() }).await?.into_inner();
+    let get = pb::GetJobRequest { job_id: job.clone() };
+    let found = clients.call("GetJob", get, |mut c, r| async move { c.jobs.get_job(r).await }).await?;
     let outputs: Vec<pb::Output> = if filenames.is_empty() {
         found.outputs
     } else {
@@ -260,10 +251,22 @@ async fn workflows(args: WorkflowsArgs) -> Result<Exit, CliError> {
     let WorkflowsArgs { name, connect } = args;
     let clients = Clients::connect(&connect).await?;
     let printer = Printer { json: connect.json };
-    let mut client = clients.workflows.clone();
     let list = match name {
-        Some(name) => vec![client.get_workflow(pb::GetWorkflowRequest { name }).await?.into_inner()],
-        None => client.list_workflows(pb::ListWorkflowsRequest {}).await?.into_inner().workflows,
+        Some(name) => {
+            let get = pb::GetWorkflowRequest { name };
+            vec![
+                clients
+                    .call("GetWorkflow", get, |mut c, r| async move { c.workflows.get_workflow(r).await })
+                    .await?,
+            ]
+        }
+        None => {
+            let list = pb::ListWorkflowsRequest {};
+            clients
+                .call("ListWorkflows", list, |mut c, r| async move { c.workflows.list_workflows(r).await })
+                .await?
+                .workflows
+        }
     };
     for w in &list {
         printer.result(&json::workflow(w), || describe_workflow(w));
@@ -308,12 +311,10 @@ async fn machines(args: MachinesArgs) -> Result<Exit, CliError> {
         println!("{:<36}  {:<9}  {:<10}  {:>7}  {:>6}  url", "machine", "kind", "state", "running", "queued");
     }
     loop {
+        let request = pb::ListMachinesRequest { page_size: 100, page_token, include_stopped: all };
         let page = clients
-            .machines
-            .clone()
-            .list_machines(pb::ListMachinesRequest { page_size: 100, page_token, include_stopped: all })
-            .await?
-            .into_inner();
+            .call("ListMachines", request, |mut c, r| async move { c.machines.list_machines(r).await })
+            .await?;
         for m in &page.machines {
             let v = json::machine(m);
             printer.result(&v, || {

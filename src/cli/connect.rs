@@ -5,6 +5,9 @@
 //!
 //! The key is sent as `authorization: Bearer <key>` metadata on every call, marked sensitive, and never
 //! printed (`Debug` redacts it, and clap hides its value in `--help`).
+//!
+//! Every one-shot call goes through [`Clients::call`], which retries it while the server is unavailable
+//! (`--retry-for`): each is safe to repeat (reads, a cancel, a submit with its idempotency key).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -14,7 +17,11 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use super::error::{CliError, chain};
+use super::{
+    error::{CliError, chain},
+    follow,
+    render::Printer,
+};
 use crate::{config::Secret, proto::pb};
 
 /// Largest message the client accepts: outputs inline in events can be large.
@@ -35,6 +42,10 @@ pub struct ConnectArgs {
     /// How long to wait for the connection.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+    /// Retry a call this long while the server answers UNAVAILABLE or the connection breaks (a restart,
+    /// a replica taking over, its database away); every call retried is safe to repeat.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub retry_for: Duration,
     /// For an `https://` server: a PEM CA certificate to trust instead of the public roots.
     #[arg(long, env = "COMFYRELAY_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
@@ -93,6 +104,12 @@ pub(crate) struct Clients {
     pub(crate) jobs: pb::job_service_client::JobServiceClient<Svc>,
     pub(crate) workflows: pb::workflow_service_client::WorkflowServiceClient<Svc>,
     pub(crate) machines: pb::machine_service_client::MachineServiceClient<Svc>,
+    /// `--retry-for`.
+    retry_for: Duration,
+    /// How retries are told (`--json`).
+    printer: Printer,
+    /// Whether the server has answered a call of this process (see [`follow::retrying`]).
+    answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// `host:port` becomes `http://host:port`.
@@ -146,7 +163,29 @@ impl Clients {
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
             machines: pb::machine_service_client::MachineServiceClient::with_interceptor(channel, auth)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            retry_for: args.retry_for,
+            printer: Printer { json: args.json },
+            answered: Default::default(),
         })
+    }
+
+    /// One call (`name` in retry notices) of `request`, retried while the server is unavailable or the
+    /// connection breaks, for up to `--retry-for` ([`follow::retrying`]). Only for calls safe to repeat.
+    ///
+    /// # Errors
+    /// The first error not worth a retry, or the last one once `--retry-for` has passed.
+    pub(crate) async fn call<R: Clone, T, Fut>(
+        &self,
+        name: &str,
+        request: R,
+        call: impl Fn(Self, R) -> Fut,
+    ) -> Result<T, CliError>
+    where
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let answered = &self.answered;
+        follow::retrying(name, self.retry_for, self.printer, answered, || call(self.clone(), request.clone()))
+            .await
     }
 }
 

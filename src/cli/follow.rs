@@ -7,7 +7,10 @@
 //! counts). One-shot calls that are safe to repeat (a submit with its idempotency key) are retried the same
 //! way by [`retrying`].
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tonic::Code;
@@ -73,12 +76,18 @@ fn call_retryable(status: &tonic::Status) -> bool {
 /// unavailable, or has been failing so for `retry_for`. Each retry is told: a `{"type": "reconnecting",
 /// "call": ...}` line with `--json`, else a line on stderr. Only for calls that are safe to repeat.
 ///
+/// An `UNAVAILABLE` the server sent is always worth a retry. A failure of the transport (the status has a
+/// source: no answer came) is retried only once `answered` says the server has answered this process
+/// before: a first call that cannot get through (plaintext to a TLS port, say) fails at once, as the
+/// connection does when nothing listens. Every answer sets `answered`.
+///
 /// # Errors
 /// The first error not worth a retry, or the last one once `retry_for` has passed.
 pub(crate) async fn retrying<T, Fut>(
     name: &str,
     retry_for: Duration,
     printer: Printer,
+    answered: &AtomicBool,
     mut call: impl FnMut() -> Fut,
 ) -> Result<T, CliError>
 where
@@ -87,9 +96,21 @@ where
     let started = Instant::now();
     let mut delays = backoff();
     loop {
-        let status = match call().await {
+        let result = call().await;
+        let from_server =
+            result.as_ref().err().is_none_or(|status| std::error::Error::source(status).is_none());
+        if from_server {
+            answered.store(true, Ordering::Relaxed);
+        }
+        let status = match result {
             Ok(response) => return Ok(response.into_inner()),
-            Err(status) if call_retryable(&status) && started.elapsed() < retry_for => status,
+            Err(status)
+                if call_retryable(&status)
+                    && (from_server || answered.load(Ordering::Relaxed))
+                    && started.elapsed() < retry_for =>
+            {
+                status
+            }
             Err(status) => return Err(status.into()),
         };
         let delay = delays.next().unwrap_or(Duration::from_secs(5));

@@ -68,10 +68,6 @@ pub struct SubmitArgs {
     /// (`cli-<uuid>`) is sent, so a submit retried after a lost answer never makes a second job.
     #[arg(long)]
     pub request_id: Option<String>,
-    /// Retry the submit this long while the server answers UNAVAILABLE or the connection breaks (a
-    /// restart, a replica taking over, its database away); the idempotency key makes a retry safe.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-    pub retry_for: Duration,
     /// Scheduling priority (-100..100; higher runs first).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub priority: i32,

@@ -1034,6 +1034,36 @@ async fn while_the_database_is_down_a_replica_answers_unavailable_with_a_retry_d
     assert!(!got.outputs.is_empty(), "{got:?}");
 }
 
+/// The CLI (the built binary) in `dir`, its `--json` lines read as they come.
+struct Cli {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Cli {
+    fn spawn(dir: &Path, args: &[&str]) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
+            .args(args)
+            .current_dir(dir)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the CLI");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Self { child, lines }
+    }
+
+    /// The next JSON line (bounded).
+    async fn next_json(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(Duration::from_secs(60), self.lines.next_line()).await;
+        let line = line.expect("a line within 60 s").expect("stdout").expect("the CLI ended early");
+        serde_json::from_str(&line).expect("a JSON line")
+    }
+}
+
 #[tokio::test]
 async fn the_cli_submits_through_a_takeover_once_and_follows_the_job_to_its_end() {
     use sqlx::Connection as _;
@@ -1055,33 +1085,33 @@ async fn the_cli_submits_through_a_takeover_once_and_follows_the_job_to_its_end(
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in.png"), png(8, 8)).unwrap();
-    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
-        .args(["run", "invert", "in.png", "--out", "out", "--json", "--server", &format!("http://{addr}")])
-        .current_dir(dir.path())
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn comfyrelay run");
-    let mut lines = BufReader::new(cli.stdout.take().unwrap()).lines();
-    let mut next_line = async || {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-        let line = line.expect("a line within 60 s").expect("stdout").expect("the CLI ended early");
-        serde_json::from_str::<serde_json::Value>(&line).expect("a JSON line")
-    };
-    // The CLI says it is retrying; then the lease is free and the replica leads.
-    let retry = next_line().await;
+    let server = format!("http://{addr}");
+    // A cancel of a job nobody has (forwarded, so it waits for a leader too), and the run.
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let mut cancel = Cli::spawn(dir.path(), &["cancel", &unknown, "--json", "--server", &server]);
+    let mut cli =
+        Cli::spawn(dir.path(), &["run", "invert", "in.png", "--out", "out", "--json", "--server", &server]);
+    // Both say they are retrying; then the lease is free and the replica leads.
+    let retry = cancel.next_json().await;
+    assert_eq!((&retry["type"], &retry["call"]), (&"reconnecting".into(), &"CancelJob".into()), "{retry}");
+    let retry = cli.next_json().await;
     assert_eq!(retry["type"], "reconnecting", "{retry}");
     assert!(retry["error"].as_str().is_some_and(|e| e.contains("knows no leader")), "{retry}");
-    assert!(retry["call"].is_string(), "{retry}");
     lease.close().await.expect("give the lease up");
     replica.wait_for("serving gRPC").await;
 
+    // The cancel got the leader's answer: there is no such job.
+    let mut answer = cancel.next_json().await;
+    while answer["type"] == "reconnecting" {
+        answer = cancel.next_json().await;
+    }
+    assert_eq!((&answer["type"], &answer["code"]), (&"error".into(), &"NotFound".into()), "{answer}");
+    let status = cancel.child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(2), "{answer}");
+
     let mut seen = vec![retry];
     loop {
-        let line = next_line().await;
+        let line = cli.next_json().await;
         let succeeded = line["type"] == "event" && line["kind"] == "succeeded";
         seen.push(line);
         if succeeded {
@@ -1089,7 +1119,7 @@ async fn the_cli_submits_through_a_takeover_once_and_follows_the_job_to_its_end(
         }
     }
     let status =
-        tokio::time::timeout(Duration::from_secs(30), cli.wait()).await.expect("exits").expect("wait");
+        tokio::time::timeout(Duration::from_secs(30), cli.child.wait()).await.expect("exits").expect("wait");
     assert_eq!(status.code(), Some(0), "{seen:#?}");
     let job = seen.iter().find(|l| l["type"] == "job").expect("the job line");
     assert!(job["request_id"].as_str().is_some_and(|r| r.starts_with("cli-")), "an idempotency key: {job}");
