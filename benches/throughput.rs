@@ -595,8 +595,12 @@ async fn read_all(clients: Vec<JobClient>, ids: &[String], reads: usize) -> anyh
                 let job = c.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await?.into_inner();
                 let output = anyhow::Context::context(job.outputs.first(), "a finished job with an output")?;
                 bytes += output.inline_data.len() as u64;
-                let request =
-                    pb::DownloadOutputRequest { job_id, filename: output.filename.clone(), chunk_size: 0 };
+                let request = pb::DownloadOutputRequest {
+                    job_id,
+                    filename: output.filename.clone(),
+                    chunk_size: 0,
+                    offset: 0,
+                };
                 let mut chunks = c.download_output(request).await?.into_inner();
                 let mut size = 0u64;
                 while let Some(chunk) = chunks.message().await? {

@@ -66,11 +66,12 @@ impl Jobs {
         &self,
         id: JobId,
         filename: &str,
+        offset: u64,
         scope: &Scope,
     ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
         match self {
-            Self::Engine(jobs) => jobs.open_output(id, filename, scope).await,
-            Self::Follower(jobs) => jobs.open_output(id, filename, scope).await,
+            Self::Engine(jobs) => jobs.open_output(id, filename, offset, scope).await,
+            Self::Follower(jobs) => jobs.open_output(id, filename, offset, scope).await,
         }
     }
 
@@ -282,7 +283,7 @@ impl pb::job_service_server::JobService for JobApi {
         req: Request<pb::DownloadOutputRequest>,
     ) -> Result<Response<Self::DownloadOutputStream>, Status> {
         let scope = auth::scope(&auth::principal(&req)?);
-        let pb::DownloadOutputRequest { job_id, filename, chunk_size } = req.into_inner();
+        let pb::DownloadOutputRequest { job_id, filename, chunk_size, offset } = req.into_inner();
         let id = convert::job_id("job_id", &job_id).map_err(bad)?;
         if filename.is_empty() {
             return Err(bad(Violation::new("filename", "must name an output of the job")));
@@ -294,14 +295,15 @@ impl pb::job_service_server::JobService for JobApi {
             0 => 256 * 1024,
             n => n.clamp(1024, 4 * 1024 * 1024) as usize,
         };
-        let (output, mut file) = self.jobs.open_output(id, &filename, &scope).await.map_err(job_error)?;
+        let (output, mut file) =
+            self.jobs.open_output(id, &filename, offset, &scope).await.map_err(job_error)?;
         let (tx, rx) = mpsc::channel(4);
         let shutdown = self.shutdown.clone();
-        // A per-call producer that ends at EOF, when the client goes away, or at shutdown (telling the
-        // client where to resume: DownloadOutput is a plain read, so it can be repeated elsewhere).
+        // A per-call producer that ends at EOF, when the client goes away, or at shutdown (UNAVAILABLE:
+        // DownloadOutput is a plain read, resumed elsewhere with `offset` at the bytes received).
         tokio::spawn(
             async move {
-                let mut offset = 0u64;
+                let mut offset = offset;
                 let mut first = Some(convert::output_to_pb(&output, None));
                 loop {
                     let mut buf = vec![0u8; chunk];

@@ -120,18 +120,21 @@ impl JobFollower {
         super::list_stored(&*self.store, req, scope, |_| None).await
     }
 
-    /// Opens an output of a job for streaming, from the artifacts every replica shares.
+    /// Opens an output of a job for streaming from byte `offset` on, from the artifacts every replica
+    /// shares.
     ///
     /// # Errors
-    /// `NotFound` for an unknown job or file name; artifact failures.
+    /// `NotFound` for an unknown job or file name; `InvalidArgument` for an `offset` past its end;
+    /// artifact failures.
     pub async fn open_output(
         &self,
         id: JobId,
         filename: &str,
+        offset: u64,
         scope: &Scope,
     ) -> Result<(OutputFile, ArtifactReader), JobError> {
         let job = self.get(id, scope).await?;
-        super::open_output_of(&self.artifacts, &job, filename).await
+        super::open_output_of(&self.artifacts, &job, filename, offset).await
     }
 
     /// Logged events after `after`, at most `limit`: from the job's tail when its subscribers' last read

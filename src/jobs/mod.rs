@@ -558,18 +558,19 @@ impl JobManager {
         output_view(&self.inner.artifacts, self.inner.config.inline_output_max_bytes, output).await
     }
 
-    /// Opens an output of a job for streaming.
+    /// Opens an output of a job for streaming, from byte `offset` on.
     ///
     /// # Errors
-    /// `NotFound` for an unknown job or file name.
+    /// `NotFound` for an unknown job or file name; `InvalidArgument` for an `offset` past its end.
     pub async fn open_output(
         &self,
         id: JobId,
         filename: &str,
+        offset: u64,
         scope: &Scope,
     ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
         let job = self.get(id, scope).await?;
-        open_output_of(&self.inner.artifacts, &job, filename).await
+        open_output_of(&self.inner.artifacts, &job, filename, offset).await
     }
 
     /// Spawns the runner of `live` on `machine`; it reports the freed slot to the scheduler when done.
@@ -718,6 +719,7 @@ async fn open_output_of(
     artifacts: &ArtifactStore,
     job: &Job,
     filename: &str,
+    offset: u64,
 ) -> Result<(OutputFile, crate::store::ArtifactReader), JobError> {
     let output = job
         .record
@@ -726,7 +728,13 @@ async fn open_output_of(
         .find(|o| o.filename == filename)
         .cloned()
         .ok_or_else(|| JobError::NotFound(format!("output {filename:?} of job {}", job.spec.id)))?;
-    let file = artifacts.open_file(&output.sha256).await?;
+    if offset > output.size {
+        return Err(JobError::InvalidArgument(vec![Violation::new(
+            "offset",
+            format!("must be at most the output's size, {} bytes", output.size),
+        )]));
+    }
+    let file = artifacts.open_file(&output.sha256, offset).await?;
     Ok((output, file))
 }
 

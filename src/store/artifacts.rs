@@ -253,12 +253,30 @@ impl ArtifactStore {
         Ok(data)
     }
 
-    /// Opens an artifact for streaming: a reader that fails with `InvalidData` at the end instead of ending
-    /// when the bytes do not match the digest.
+    /// Opens an artifact for streaming from byte `offset` on (to resume a cut download): a reader that fails
+    /// with `InvalidData` at the end instead of ending when the bytes do not match the digest. The bytes
+    /// before `offset` are read and hashed, not passed on, so the whole file is still checked.
     ///
     /// # Errors
-    /// Missing artifact or invalid digest.
-    pub async fn open_file(&self, sha256: &str) -> Result<ArtifactReader, ArtifactError> {
+    /// Missing artifact, invalid digest, an `offset` past the end ([`ArtifactError::Io`],
+    /// `UnexpectedEof`), or the prefix failing to read.
+    pub async fn open_file(&self, sha256: &str, offset: u64) -> Result<ArtifactReader, ArtifactError> {
+        let mut verified = self.verified(sha256).await?;
+        if offset > 0 {
+            let skipped = tokio::io::copy(&mut (&mut verified).take(offset), &mut tokio::io::sink()).await?;
+            if skipped < offset {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("offset {offset} is past the end of the artifact ({skipped} bytes)"),
+                )
+                .into());
+            }
+        }
+        Ok(Box::new(verified))
+    }
+
+    /// The artifact's bytes through a [`Verified`] reader.
+    async fn verified(&self, sha256: &str) -> Result<Verified, ArtifactError> {
         let inner: ArtifactReader = match &self.backend {
             Backend::Dir(dir) => Box::new(tokio::fs::File::open(dir.path_of(sha256)?).await?),
             Backend::Objects(objects) => {
@@ -267,7 +285,7 @@ impl ArtifactStore {
                 Box::new(tokio_util::io::StreamReader::new(stream.map_err(io::Error::other)))
             }
         };
-        Ok(Box::new(Verified { inner, hasher: Sha256::new(), expected: sha256.to_string(), ended: false }))
+        Ok(Verified { inner, hasher: Sha256::new(), expected: sha256.to_string(), ended: false })
     }
 
     /// Deletes an artifact; a missing one is not an error.
@@ -614,7 +632,11 @@ mod tests {
     }
 
     async fn read_all(store: &ArtifactStore, sha256: &str) -> io::Result<Vec<u8>> {
-        let mut reader = store.open_file(sha256).await.unwrap();
+        read_from(store, sha256, 0).await
+    }
+
+    async fn read_from(store: &ArtifactStore, sha256: &str, offset: u64) -> io::Result<Vec<u8>> {
+        let mut reader = store.open_file(sha256, offset).await.unwrap();
         let mut out = Vec::new();
         reader.read_to_end(&mut out).await?;
         Ok(out)
@@ -694,6 +716,33 @@ mod tests {
         std::fs::write(dir.path().join("2c").join(&a.sha256), b"jello").unwrap();
         assert!(matches!(store.read(&a.sha256).await, Err(ArtifactError::Corrupt { .. })));
         assert_eq!(read_all(&store, &a.sha256).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        // From an offset past the corrupted byte, too: the prefix is read and hashed, not skipped.
+        assert_eq!(read_from(&store, &a.sha256, 3).await.unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn a_file_opened_at_an_offset_streams_the_rest_on_either_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let big: Vec<u8> = (0..(3 * PART_SIZE / 2 + 12345)).map(|i| (i * 31 % 251) as u8).collect();
+        let stores = [
+            ArtifactStore::open(&dir.path().join("dir"), Durability::Crash).await.unwrap(),
+            ArtifactStore::open_url(&format!("file://{}", dir.path().join("objects").display()))
+                .await
+                .unwrap(),
+        ];
+        for store in &stores {
+            let stored = store.put(Bytes::from(big.clone())).await.unwrap();
+            for offset in [0, 1, PART_SIZE as u64, big.len() as u64 - 1, big.len() as u64] {
+                let rest = read_from(store, &stored.sha256, offset).await.unwrap();
+                assert_eq!(rest, big[offset as usize..], "from {offset}");
+            }
+            let past =
+                store.open_file(&stored.sha256, big.len() as u64 + 1).await.err().expect("past the end");
+            assert!(
+                matches!(&past, ArtifactError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
+                "{past:?}"
+            );
+        }
     }
 
     #[test]

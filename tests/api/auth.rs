@@ -48,6 +48,7 @@ async fn call_every_rpc(c: &mut Clients) -> Vec<(&'static str, Result<(), Status
                     job_id: id.clone(),
                     filename: "out.png".into(),
                     chunk_size: 0,
+                    offset: 0,
                 })
                 .await
                 .map(drop)),
@@ -234,6 +235,7 @@ async fn a_tenant_cannot_see_stream_download_cancel_list_or_reuse_the_request_id
                 job_id: job_a.id.clone(),
                 filename: filename.clone(),
                 chunk_size: 0,
+                offset: 0,
             })
             .await
             .map(drop),
@@ -274,7 +276,12 @@ async fn a_tenant_cannot_see_stream_download_cancel_list_or_reuse_the_request_id
     assert_eq!((all_a.clone(), labelled_a), (vec![job_a.id.clone()], vec![job_a.id.clone()]));
     let mut chunks = a
         .jobs
-        .download_output(pb::DownloadOutputRequest { job_id: job_a.id.clone(), filename, chunk_size: 0 })
+        .download_output(pb::DownloadOutputRequest {
+            job_id: job_a.id.clone(),
+            filename,
+            chunk_size: 0,
+            offset: 0,
+        })
         .await
         .expect("A downloads")
         .into_inner();

@@ -9,7 +9,7 @@ use crate::helpers::{
 };
 
 #[tokio::test]
-async fn invert_job_succeeds_with_the_inverted_pixels() {
+async fn invert_job_succeeds_with_the_inverted_pixels_and_its_output_downloads_from_any_offset() {
     let mut app = spawn_app().await;
     let input = png(16, 8);
     let job = app.jobs.submit_job(submit_request("invert", input.clone())).await.unwrap().into_inner();
@@ -56,6 +56,7 @@ async fn invert_job_succeeds_with_the_inverted_pixels() {
             job_id: job.id.clone(),
             filename: out.filename.clone(),
             chunk_size: 1024,
+            offset: 0,
         })
         .await
         .unwrap()
@@ -71,6 +72,37 @@ async fn invert_job_succeeds_with_the_inverted_pixels() {
     }
     assert_eq!(bytes, out.inline_data.to_vec());
     assert_eq!(first.unwrap().sha256, out.sha256);
+
+    // A cut download resumes at the bytes received: from an offset, the rest; at the end, nothing but the
+    // metadata; past the end, an INVALID_ARGUMENT naming `offset`.
+    let download = |offset: u64| {
+        let mut jobs = app.jobs.clone();
+        let request = pb::DownloadOutputRequest {
+            job_id: job.id.clone(),
+            filename: out.filename.clone(),
+            chunk_size: 1024,
+            offset,
+        };
+        async move {
+            let mut stream = jobs.download_output(request).await?.into_inner();
+            let mut chunks = Vec::new();
+            while let Some(chunk) = stream.message().await? {
+                chunks.push(chunk);
+            }
+            Ok::<_, tonic::Status>(chunks)
+        }
+    };
+    let size = bytes.len() as u64;
+    for offset in [size / 2, size - 1, size] {
+        let chunks = download(offset).await.expect("download from an offset");
+        assert_eq!(chunks[0].offset, offset);
+        assert_eq!(chunks[0].output.as_ref().map(|o| o.sha256.as_str()), Some(out.sha256.as_str()));
+        let rest: Vec<u8> = chunks.iter().flat_map(|c| c.data.iter().copied()).collect();
+        assert_eq!(rest, bytes[offset as usize..], "from {offset}");
+    }
+    let past = download(size + 1).await.expect_err("past the end");
+    assert_eq!(past.code(), Code::InvalidArgument);
+    assert_violations(&past, &["offset"]);
 }
 
 #[tokio::test]

@@ -52,6 +52,7 @@ async fn an_invert_job_keeps_its_artifacts_in_the_object_store() {
             job_id: job.id.clone(),
             filename: out.filename.clone(),
             chunk_size: 1024,
+            offset: 0,
         })
         .await
         .unwrap()

@@ -788,8 +788,12 @@ async fn with_mtls_a_standby_forwards_as_the_caller_it_verified_and_nobody_else_
         assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
         let listed = as_b.list_jobs(pb::ListJobsRequest::default()).await.expect("list").into_inner();
         assert!(listed.jobs.is_empty(), "{name}: team-b lists {listed:?}");
-        let download =
-            pb::DownloadOutputRequest { job_id: job.id.clone(), filename: output.clone(), chunk_size: 0 };
+        let download = pb::DownloadOutputRequest {
+            job_id: job.id.clone(),
+            filename: output.clone(),
+            chunk_size: 0,
+            offset: 0,
+        };
         let hidden = as_b.download_output(download).await.expect_err("team-b downloads team-a's output");
         assert_eq!(hidden.code(), tonic::Code::NotFound, "{name}: {hidden:?}");
         // A cancel is forwarded by the standby, naming team-b: the leader does not find the job either.
@@ -958,6 +962,7 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
             job_id: job.id.clone(),
             filename: "no-such-output.png".into(),
             chunk_size: 0,
+            offset: 0,
         })
         .await
         .expect_err("an unknown output");
@@ -1390,6 +1395,7 @@ async fn download(channel: &Channel, job_id: &str, filename: &str) -> Vec<u8> {
             job_id: job_id.into(),
             filename: filename.into(),
             chunk_size: 1024,
+            offset: 0,
         })
         .await
         .expect("download")
