@@ -13,7 +13,7 @@ use super::{
     error::{CliError, Exit},
     follow::{self, End},
     json, params,
-    render::{JobProgress, Printer},
+    render::{JobProgress, Printer, Resume},
 };
 use crate::proto::pb;
 
@@ -394,7 +394,8 @@ async fn save_one(clients: &Clients, job_id: &str, output: &pb::Output, path: &P
     result
 }
 
-/// Writes the output's bytes to `path`, checking their size and SHA-256 against the server's.
+/// Writes the output's bytes to `path`, checking their size and SHA-256 against the server's. A download
+/// cut midway (a restart, a replica going away) resumes at the byte it reached, under `--retry-for`.
 async fn write_checked(
     clients: &Clients,
     job_id: &str,
@@ -405,26 +406,55 @@ async fn write_checked(
     let mut file = std::fs::File::create(path).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut written = 0u64;
-    let mut write = |data: &[u8]| -> Result<(), CliError> {
+    let mut write = |data: &[u8], written: &mut u64| -> Result<(), CliError> {
         hasher.update(data);
-        written += data.len() as u64;
+        *written += data.len() as u64;
         file.write_all(data).map_err(io)
     };
     if !output.inline_data.is_empty() && output.inline_data.len() as u64 == output.size_bytes {
-        write(&output.inline_data)?;
+        write(&output.inline_data, &mut written)?;
     } else {
-        let mut stream = clients
-            .jobs
-            .clone()
-            .download_output(pb::DownloadOutputRequest {
+        let mut retry = clients.retry("DownloadOutput");
+        loop {
+            let request = pb::DownloadOutputRequest {
                 job_id: job_id.to_string(),
                 filename: output.filename.clone(),
                 chunk_size: 0,
-            })
-            .await?
-            .into_inner();
-        while let Some(chunk) = stream.message().await? {
-            write(&chunk.data)?;
+                offset: written,
+            };
+            let cut = match clients.jobs.clone().download_output(request).await {
+                Ok(response) => {
+                    retry.answered();
+                    let mut stream = response.into_inner();
+                    loop {
+                        match stream.message().await {
+                            Ok(Some(chunk)) if chunk.offset != written => {
+                                return Err(CliError::Protocol(format!(
+                                    "{}: a chunk at byte {} where {written} was expected",
+                                    output.filename, chunk.offset
+                                )));
+                            }
+                            Ok(Some(chunk)) => write(&chunk.data, &mut written)?,
+                            Ok(None) if written >= output.size_bytes => break None,
+                            Ok(None) => {
+                                break Some(tonic::Status::unavailable(format!(
+                                    "the download ended at byte {written} of {}",
+                                    output.size_bytes
+                                )));
+                            }
+                            Err(status) => break Some(status),
+                        }
+                    }
+                }
+                Err(status) => Some(status),
+            };
+            match cut {
+                None => break,
+                Some(status) => {
+                    let resume = Resume::AtByte { filename: output.filename.clone(), offset: written };
+                    retry.again(status, resume).await?;
+                }
+            }
         }
     }
     if written != output.size_bytes {

@@ -7,7 +7,8 @@
 //! printed (`Debug` redacts it, and clap hides its value in `--help`).
 //!
 //! Every one-shot call goes through [`Clients::call`], which retries it while the server is unavailable
-//! (`--retry-for`): each is safe to repeat (reads, a cancel, a submit with its idempotency key).
+//! (`--retry-for`): each is safe to repeat (reads, a cancel, a submit with its idempotency key). A
+//! download cut midway resumes at the byte it reached, under the same budget ([`Clients::retry`]).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -19,8 +20,8 @@ use tonic::{
 
 use super::{
     error::{CliError, chain},
-    follow,
-    render::Printer,
+    follow::Retry,
+    render::{Printer, Resume},
 };
 use crate::{config::Secret, proto::pb};
 
@@ -108,7 +109,7 @@ pub(crate) struct Clients {
     retry_for: Duration,
     /// How retries are told (`--json`).
     printer: Printer,
-    /// Whether the server has answered a call of this process (see [`follow::retrying`]).
+    /// Whether the server has answered a call of this process (see [`Retry`]).
     answered: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -169,23 +170,35 @@ impl Clients {
         })
     }
 
-    /// One call (`name` in retry notices) of `request`, retried while the server is unavailable or the
-    /// connection breaks, for up to `--retry-for` ([`follow::retrying`]). Only for calls safe to repeat.
+    /// A retry budget of `--retry-for` for one call (`name` in notices), from now.
+    pub(crate) fn retry(&self, name: &'static str) -> Retry<'_> {
+        Retry::new(name, self.retry_for, self.printer, &self.answered)
+    }
+
+    /// One call (`name` in retry notices) of `request`, repeated while the server is unavailable or the
+    /// connection breaks, for up to `--retry-for` ([`Retry`]). Only for calls safe to repeat.
     ///
     /// # Errors
     /// The first error not worth a retry, or the last one once `--retry-for` has passed.
     pub(crate) async fn call<R: Clone, T, Fut>(
         &self,
-        name: &str,
+        name: &'static str,
         request: R,
         call: impl Fn(Self, R) -> Fut,
     ) -> Result<T, CliError>
     where
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let answered = &self.answered;
-        follow::retrying(name, self.retry_for, self.printer, answered, || call(self.clone(), request.clone()))
-            .await
+        let mut retry = self.retry(name);
+        loop {
+            match call(self.clone(), request.clone()).await {
+                Ok(response) => {
+                    retry.answered();
+                    return Ok(response.into_inner());
+                }
+                Err(status) => retry.again(status, Resume::Repeat).await?,
+            }
+        }
     }
 }
 

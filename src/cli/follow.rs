@@ -4,8 +4,8 @@
 //!
 //! Reconnects back off exponentially (`backon`, 200 ms doubling to 5 s, with jitter) and give up when
 //! the stream has stayed broken for `reconnect_for` (a job may be silent for long; only a broken stream
-//! counts). One-shot calls that are safe to repeat (a submit with its idempotency key) are retried the same
-//! way by [`retrying`].
+//! counts). One-shot calls that are safe to repeat (a submit with its idempotency key) and downloads
+//! (resumed at the byte they reached) are retried the same way, under a [`Retry`] budget.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -15,7 +15,11 @@ use std::{
 use backon::{BackoffBuilder as _, ExponentialBuilder};
 use tonic::Code;
 
-use super::{connect::Clients, error::CliError, render::Printer};
+use super::{
+    connect::Clients,
+    error::CliError,
+    render::{Printer, Reconnect, Resume},
+};
 use crate::proto::pb;
 
 /// How a followed job ended.
@@ -31,8 +35,8 @@ pub(crate) enum End {
 pub(crate) enum Notice<'a> {
     /// An event, each sequence once.
     Event(&'a pb::JobEvent),
-    /// The stream broke; it is re-opened after `after_sequence`.
-    Reconnecting { after_sequence: u64, error: String },
+    /// The stream broke; it is re-opened after the sequence it names.
+    Reconnecting(Reconnect),
 }
 
 /// Whether a stream error is worth a reconnect: transport failures and a server going away.
@@ -72,57 +76,66 @@ fn call_retryable(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown)
 }
 
-/// Calls `call` (named `name` in notices) until it succeeds, fails otherwise than the server being
-/// unavailable, or has been failing so for `retry_for`. Each retry is told: a `{"type": "reconnecting",
-/// "call": ...}` line with `--json`, else a line on stderr. Only for calls that are safe to repeat.
+/// The retry budget of one call (named in notices): attempts while the server is unavailable or the
+/// connection breaks, for up to `retry_for`, backing off between them. Each retry is told (a
+/// [`Reconnect`] notice). Only for calls that are safe to repeat.
 ///
 /// An `UNAVAILABLE` the server sent is always worth a retry. A failure of the transport (the status has a
 /// source: no answer came) is retried only once `answered` says the server has answered this process
 /// before: a first call that cannot get through (plaintext to a TLS port, say) fails at once, as the
 /// connection does when nothing listens. Every answer sets `answered`.
-///
-/// # Errors
-/// The first error not worth a retry, or the last one once `retry_for` has passed.
-pub(crate) async fn retrying<T, Fut>(
-    name: &str,
+#[derive(Debug)]
+pub(crate) struct Retry<'a> {
+    call: &'static str,
     retry_for: Duration,
     printer: Printer,
-    answered: &AtomicBool,
-    mut call: impl FnMut() -> Fut,
-) -> Result<T, CliError>
-where
-    Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-{
-    let started = Instant::now();
-    let mut delays = backoff();
-    loop {
-        let result = call().await;
-        let from_server =
-            result.as_ref().err().is_none_or(|status| std::error::Error::source(status).is_none());
+    answered: &'a AtomicBool,
+    started: Instant,
+    delays: backon::ExponentialBackoff,
+}
+
+impl<'a> Retry<'a> {
+    /// A budget of `retry_for` from now.
+    pub(crate) fn new(
+        call: &'static str,
+        retry_for: Duration,
+        printer: Printer,
+        answered: &'a AtomicBool,
+    ) -> Self {
+        Self { call, retry_for, printer, answered, started: Instant::now(), delays: backoff() }
+    }
+
+    /// The server answered: later transport failures are worth a retry.
+    pub(crate) fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
+    }
+
+    /// After a failed attempt: tells the retry and waits for it, or returns the error when it is not
+    /// worth one or the budget is spent. A stream resumed where it broke (`resume`) also retries the
+    /// failures of a connection cut mid-message (`Internal`, `Cancelled`, `Aborted`).
+    ///
+    /// # Errors
+    /// `status`, when it ends the call.
+    pub(crate) async fn again(&mut self, status: tonic::Status, resume: Resume) -> Result<(), CliError> {
+        let from_server = std::error::Error::source(&status).is_none();
         if from_server {
-            answered.store(true, Ordering::Relaxed);
+            self.answered();
         }
-        let status = match result {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status)
-                if call_retryable(&status)
-                    && (from_server || answered.load(Ordering::Relaxed))
-                    && started.elapsed() < retry_for =>
-            {
-                status
-            }
-            Err(status) => return Err(status.into()),
+        let worth = match resume {
+            Resume::Repeat => call_retryable(&status),
+            Resume::AfterSequence(_) | Resume::AtByte { .. } => retryable(&status),
         };
-        let delay = delays.next().unwrap_or(Duration::from_secs(5));
-        if printer.json {
-            println!(
-                "{}",
-                serde_json::json!({ "type": "reconnecting", "call": name, "error": status.message(), "retry_in_seconds": delay.as_secs_f64() })
-            );
-        } else {
-            eprintln!("{name}: {}; retrying in {}", status.message(), humantime::format_duration(delay));
+        if !worth
+            || !(from_server || self.answered.load(Ordering::Relaxed))
+            || self.started.elapsed() >= self.retry_for
+        {
+            return Err(status.into());
         }
-        tokio::time::sleep(delay).await;
+        let retry_in = self.delays.next().unwrap_or(Duration::from_secs(5));
+        Reconnect { call: self.call, error: status.message().to_string(), retry_in, resume }
+            .print(self.printer);
+        tokio::time::sleep(retry_in).await;
+        Ok(())
     }
 }
 
@@ -177,9 +190,15 @@ pub(crate) async fn follow(
         if broken_since.get_or_insert_with(Instant::now).elapsed() >= reconnect_for {
             return Err(broke.into());
         }
-        observe(Notice::Reconnecting { after_sequence: last, error: broke.message().to_string() });
-        let delay = delays.next().unwrap_or(Duration::from_secs(5));
-        tokio::time::sleep(delay).await;
+        let retry_in = delays.next().unwrap_or(Duration::from_secs(5));
+        let resume = Resume::AfterSequence(last);
+        observe(Notice::Reconnecting(Reconnect {
+            call: "StreamJob",
+            error: broke.message().to_string(),
+            retry_in,
+            resume,
+        }));
+        tokio::time::sleep(retry_in).await;
     }
 }
 

@@ -31,6 +31,76 @@ impl Printer {
     }
 }
 
+/// A call (or stream) that broke and is tried again: one shape for every command, as a JSON line
+/// (`{"type": "reconnecting", "call": ..., "error": ..., "retry_in_seconds": ...}`, plus where a stream
+/// resumes) or a human line.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Reconnect {
+    /// The RPC.
+    pub(crate) call: &'static str,
+    /// Why it broke (the status message; never a key).
+    pub(crate) error: String,
+    /// The delay before the next attempt.
+    pub(crate) retry_in: Duration,
+    /// Where it resumes.
+    pub(crate) resume: Resume,
+}
+
+/// Where a broken call resumes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Resume {
+    /// A one-shot call, repeated whole.
+    Repeat,
+    /// `StreamJob`, after this sequence.
+    AfterSequence(u64),
+    /// `DownloadOutput` of this file, at this byte.
+    AtByte { filename: String, offset: u64 },
+}
+
+impl Reconnect {
+    /// The `--json` line.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let mut line = serde_json::json!({
+            "type": "reconnecting",
+            "call": self.call,
+            "error": self.error,
+            "retry_in_seconds": self.retry_in.as_secs_f64(),
+        });
+        match &self.resume {
+            Resume::Repeat => {}
+            Resume::AfterSequence(sequence) => line["after_sequence"] = (*sequence).into(),
+            Resume::AtByte { filename, offset } => {
+                line["filename"] = filename.as_str().into();
+                line["offset"] = (*offset).into();
+            }
+        }
+        line
+    }
+
+    /// The human line.
+    pub(crate) fn human(&self) -> String {
+        let retry = humantime::format_duration(self.retry_in);
+        match &self.resume {
+            Resume::Repeat => format!("{}: {}; retrying in {retry}", self.call, self.error),
+            Resume::AfterSequence(sequence) => {
+                format!("connection lost ({}); resuming after event {sequence} in {retry}", self.error)
+            }
+            Resume::AtByte { filename, offset } => {
+                format!("{filename}: download cut ({}); resuming at byte {offset} in {retry}", self.error)
+            }
+        }
+    }
+
+    /// Prints it: the JSON line on stdout with `--json`, else the human line on stderr.
+    pub(crate) fn print(&self, printer: Printer) {
+        if printer.json {
+            println!("{}", self.json());
+        } else {
+            eprintln!("{}", self.human());
+        }
+    }
+}
+
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
@@ -120,14 +190,11 @@ impl JobProgress {
     pub(crate) fn notice(&mut self, notice: Notice<'_>) {
         match notice {
             Notice::Event(e) => self.event(e),
-            Notice::Reconnecting { after_sequence, error } => {
+            Notice::Reconnecting(reconnect) => {
                 if self.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({ "type": "reconnecting", "after_sequence": after_sequence, "error": error })
-                    );
+                    println!("{}", reconnect.json());
                 } else {
-                    self.line(format!("connection lost ({error}); resuming after event {after_sequence}"));
+                    self.line(reconnect.human());
                 }
             }
         }
@@ -242,5 +309,32 @@ impl JobProgress {
             bar.abandon();
         }
         self.job.abandon();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reconnect_notice_has_one_shape_plus_where_it_resumes() {
+        let notice = |resume| Reconnect {
+            call: "X",
+            error: "gone".into(),
+            retry_in: Duration::from_millis(250),
+            resume,
+        };
+        assert_eq!(
+            notice(Resume::Repeat).json(),
+            serde_json::json!({ "type": "reconnecting", "call": "X", "error": "gone", "retry_in_seconds": 0.25 })
+        );
+        assert_eq!(notice(Resume::AfterSequence(7)).json()["after_sequence"], 7);
+        let download = notice(Resume::AtByte { filename: "a.png".into(), offset: 1024 });
+        assert_eq!(
+            (&download.json()["filename"], &download.json()["offset"]),
+            (&"a.png".into(), &1024.into())
+        );
+        assert_eq!(download.human(), "a.png: download cut (gone); resuming at byte 1024 in 250ms");
+        assert_eq!(notice(Resume::Repeat).human(), "X: gone; retrying in 250ms");
     }
 }

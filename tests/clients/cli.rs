@@ -343,3 +343,53 @@ fn the_cli_reaches_a_tls_server_with_its_ca_and_a_client_certificate() {
     let out = run(dev.cli().args(["workflows", "--json", "--connect-timeout", "5s", "--server", &plain]));
     assert_eq!(out.code, Some(2), "{out:?}");
 }
+
+/// A PNG of `w`×`h` pseudo-random pixels: about 3 bytes a pixel, however it is inverted.
+fn noise_png(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let [r, g, b, ..] = state.to_le_bytes();
+        image::Rgb([r, g, b])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
+    out.into_inner()
+}
+
+#[test]
+fn a_download_cut_midway_resumes_at_the_byte_it_reached_and_saves_the_whole_file() {
+    let dev = Dev::start(&["--comfy-port", "0"]);
+    std::fs::write(dev.dir.path().join("noise.png"), noise_png(1024, 768)).expect("write image");
+    let ran = run(dev.cli().args(["run", "invert", "noise.png", "--out", "first", "--json"]));
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let lines = ran.json();
+    let job = lines[0]["id"].as_str().expect("job id").to_string();
+    let saved = lines.iter().find(|l| l["type"] == "saved").expect("saved");
+    let whole = std::fs::read(dev.dir.path().join(saved["path"].as_str().expect("path"))).expect("read");
+    assert!(whole.len() > 2 << 20, "an output of {} bytes", whole.len());
+
+    // The first connection is cut after 1 MiB from the server: midway through the download.
+    let proxy = Proxy::cutting_first_after(dev.addr, 1 << 20);
+    let server = format!("http://{}", proxy.addr);
+    let out = run(dev.cli().args(["download", &job, "--out", "again", "--json", "--server", &server]));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let lines = out.json();
+    let resumed: Vec<_> = lines.iter().filter(|l| l["type"] == "reconnecting").collect();
+    assert_eq!(resumed.len(), 1, "{lines:?}");
+    assert_eq!(resumed[0]["call"], "DownloadOutput", "{lines:?}");
+    let offset = resumed[0]["offset"].as_u64().expect("offset");
+    assert!(offset > 0 && offset < whole.len() as u64, "resumed at {offset} of {}", whole.len());
+    assert!(proxy.accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2, "a second connection");
+    let saved = lines.iter().find(|l| l["type"] == "saved").expect("saved");
+    let again = std::fs::read(dev.dir.path().join(saved["path"].as_str().expect("path"))).expect("read");
+    assert!(
+        again == whole,
+        "the resumed file is the whole output ({} of {} bytes)",
+        again.len(),
+        whole.len()
+    );
+    assert_eq!(std::fs::read_dir(dev.dir.path().join("again")).expect("again/").count(), 1, "no part file");
+}

@@ -214,6 +214,12 @@ pub(crate) struct Proxy {
 impl Proxy {
     /// Forwards every connection to `upstream`.
     pub(crate) fn start(upstream: SocketAddr) -> Proxy {
+        Self::cutting_first_after(upstream, u64::MAX)
+    }
+
+    /// Forwards every connection to `upstream`, cutting the first one (both ways, without a goodbye) once
+    /// it has carried `bytes` from the server; later connections are carried whole.
+    pub(crate) fn cutting_first_after(upstream: SocketAddr, bytes: u64) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("addr");
         let open = Arc::new(Mutex::new(Vec::new()));
@@ -234,8 +240,9 @@ impl Proxy {
                     let mut open = o.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     open.extend([client.try_clone(), server.try_clone()].into_iter().flatten());
                 }
-                pump(client.try_clone(), server.try_clone());
-                pump(server.try_clone(), client.try_clone());
+                let limit = if a.load(Ordering::SeqCst) == 1 { bytes } else { u64::MAX };
+                pump(client.try_clone(), server.try_clone(), u64::MAX);
+                pump(server.try_clone(), client.try_clone(), limit);
             }
         });
         Proxy { addr, open, accepted, stop }
@@ -249,10 +256,13 @@ impl Proxy {
     }
 }
 
-fn pump(from: std::io::Result<TcpStream>, to: std::io::Result<TcpStream>) {
-    let (Ok(mut from), Ok(mut to)) = (from, to) else { return };
+/// Copies `from` to `to` (at most `limit` bytes), then shuts both down.
+fn pump(from: std::io::Result<TcpStream>, to: std::io::Result<TcpStream>, limit: u64) {
+    let (Ok(from), Ok(mut to)) = (from, to) else { return };
     std::thread::spawn(move || {
+        let mut from = std::io::Read::take(from, limit);
         let _ = std::io::copy(&mut from, &mut to);
+        let from = from.into_inner();
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
     });
