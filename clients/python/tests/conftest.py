@@ -85,7 +85,16 @@ def png(width: int = 16, height: int = 12) -> bytes:
         b"\x00" + bytes(v for x in range(width) for v in (x * 255 // width, y * 255 // height, salt % 256))
         for y in range(height)
     )
+    return _encode_png(width, height, rows)
 
+
+def noise_png(width: int, height: int) -> bytes:
+    """An 8-bit RGB PNG of random pixels: about 3 bytes a pixel, however it is inverted."""
+    rows = b"".join(b"\x00" + os.urandom(width * 3) for _ in range(height))
+    return _encode_png(width, height, rows)
+
+
+def _encode_png(width: int, height: int, rows: bytes) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -99,9 +108,12 @@ def png_size(data: bytes) -> tuple:
 
 
 class Proxy:
-    """Forwards 127.0.0.1:port to ``upstream``; ``cut()`` drops the open connections (new ones work)."""
+    """Forwards 127.0.0.1:port to ``upstream``; ``cut()`` drops the open connections (new ones work).
+    With ``cut_first_after``, the first connection is also cut once it has carried that many bytes from
+    the server."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, cut_first_after: Optional[int] = None) -> None:
+        self.cut_first_after = cut_first_after
         host, port = upstream.rsplit(":", 1)
         self.upstream = (host, int(port))
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -121,14 +133,21 @@ class Proxy:
             with self.lock:
                 self.accepted += 1
                 self.open += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                limit = self.cut_first_after if self.accepted == 1 else None
+            for a, b, most in ((client, server, None), (server, client, limit)):
+                threading.Thread(target=self._pump, args=(a, b, most), daemon=True).start()
 
     @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
+    def _pump(source: socket.socket, sink: socket.socket, limit: Optional[int]) -> None:
+        left = limit
         try:
-            while data := source.recv(65536):
+            while left is None or left > 0:
+                data = source.recv(65536 if left is None else min(65536, left))
+                if not data:
+                    break
                 sink.sendall(data)
+                if left is not None:
+                    left -= len(data)
         except OSError:
             pass
         for s in (source, sink):

@@ -13,7 +13,7 @@ import pytest
 
 from comfyrelay import Client, JobFailed, RpcError
 from comfyrelay.v1 import comfyrelay_pb2 as pb
-from conftest import Dev, png, png_size
+from conftest import Dev, Proxy, noise_png, png, png_size
 
 
 def test_submit_returns_the_queued_job_and_stream_follows_it_to_the_end(dev):
@@ -116,3 +116,20 @@ def test_submit_waits_for_a_server_that_is_not_up_yet_and_makes_one_job(tmp_path
     finally:
         client.close()
         server.stop()
+
+
+def test_a_download_cut_midway_resumes_at_the_byte_it_reached(dev):
+    # The first connection is cut after 1 MiB from the server: midway through an output of more than 2 MiB.
+    cutting = Proxy(dev.target, cut_first_after=1 << 20)
+    try:
+        with Client(dev.target) as direct, Client(cutting.target) as client:
+            job = direct.submit("invert", noise_png(1024, 768))
+            (whole,) = direct.wait(job.id)
+            assert len(whole.data) > 2 << 20
+            data = client.download(job.id, whole.filename)
+            assert client.reconnects == 1, "the cut must force one resume"
+            assert cutting.accepted >= 2
+            assert hashlib.sha256(data).hexdigest() == whole.sha256
+            assert data == whole.data
+    finally:
+        cutting.close()
