@@ -49,6 +49,32 @@ class Output:
     path: Optional[pathlib.Path] = None
 
 
+class _Reconnects:
+    """The reconnect budget of a resumable stream: backs off from 0.2 s to 5 s (with jitter) between
+    attempts, and gives up once the stream has stayed broken for ``reconnect_for`` seconds with nothing
+    received since."""
+
+    def __init__(self, reconnect_for: float) -> None:
+        self._reconnect_for = reconnect_for
+        self.received()
+
+    def received(self) -> None:
+        """Something came: the stream is healthy again."""
+        self._delay, self._broken_since = 0.2, None
+
+    def broke(self, error: Optional[grpc.RpcError], ended_early: str) -> None:
+        """Waits before the next attempt, or raises ``error`` (else ``ended_early``, as ``UNAVAILABLE``)
+        once the budget is spent."""
+        if self._broken_since is None:
+            self._broken_since = time.monotonic()
+        if time.monotonic() - self._broken_since > self._reconnect_for:
+            if error is not None:
+                raise RpcError.from_grpc(error) from error
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, ended_early)
+        time.sleep(self._delay * (0.5 + random.random()))
+        self._delay = min(self._delay * 2, 5.0)
+
+
 def _image(value: ImageLike, filename: str = "") -> pb.InputImage:
     if isinstance(value, (bytes, bytearray)):
         return pb.InputImage(data=bytes(value), filename=filename)
@@ -202,8 +228,7 @@ class Client:
             RpcError: a non-resumable error (e.g. ``NOT_FOUND``), or the last one after ``reconnect_for``.
         """
         last = after_sequence
-        delay = 0.2
-        broken_since: Optional[float] = None
+        budget = _Reconnects(self._reconnect_for)
         while True:
             request = pb.StreamJobRequest(job_id=job_id, after_sequence=last, skip_previews=skip_previews)
             try:
@@ -211,7 +236,7 @@ class Client:
                     if event.sequence <= last:
                         continue
                     last = event.sequence
-                    delay, broken_since = 0.2, None
+                    budget.received()
                     yield event
                     if event.WhichOneof("kind") in _TERMINAL:
                         return
@@ -221,15 +246,8 @@ class Client:
                 if e.code() not in _RESUMABLE:
                     raise RpcError.from_grpc(e) from e
                 error = e
-            if broken_since is None:
-                broken_since = time.monotonic()
-            if time.monotonic() - broken_since > self._reconnect_for:
-                if error is not None:
-                    raise RpcError.from_grpc(error) from error
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream kept ending before the job did")
+            budget.broke(error, "the event stream kept ending before the job did")
             self.reconnects += 1
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
 
     def download(self, job_id: str, filename: str) -> bytes:
         """The bytes of one output, streamed in chunks.
@@ -243,8 +261,7 @@ class Client:
         """
         data = bytearray()
         size: Optional[int] = None
-        delay = 0.2
-        broken_since: Optional[float] = None
+        budget = _Reconnects(self._reconnect_for)
         while True:
             request = pb.DownloadOutputRequest(job_id=job_id, filename=filename, offset=len(data))
             try:
@@ -257,7 +274,7 @@ class Client:
                     if chunk.HasField("output"):
                         size = chunk.output.size_bytes
                     data += chunk.data
-                    delay, broken_since = 0.2, None
+                    budget.received()
                 if size is not None and len(data) >= size:
                     return bytes(data)
                 # The server ended the download early (it is draining): resume.
@@ -266,15 +283,8 @@ class Client:
                 if e.code() not in _RESUMABLE:
                     raise RpcError.from_grpc(e) from e
                 error = e
-            if broken_since is None:
-                broken_since = time.monotonic()
-            if time.monotonic() - broken_since > self._reconnect_for:
-                if error is not None:
-                    raise RpcError.from_grpc(error) from error
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, f"the download of {filename} kept ending early")
+            budget.broke(error, f"the download of {filename} kept ending early")
             self.reconnects += 1
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
 
     def run(
         self,
