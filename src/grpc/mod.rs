@@ -8,7 +8,7 @@
 //!
 //! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
 //! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
-//! call is counted and timed ([`observe`]) and runs in a span that continues the caller's `traceparent`.
+//! call is counted and timed (`observe`) and runs in a span that continues the caller's `traceparent`.
 //!
 //! Every call but those of `auth.open_services` (health, reflection) is authenticated once by the `auth`
 //! layer, which leaves the caller's `Principal` in the request for the handlers: they scope every job read

@@ -1,12 +1,12 @@
 //! TLS on the gRPC port (issue 11, transport): rustls from `grpc.tls.cert_file` and `grpc.tls.key_file`,
 //! reloaded when the files change, and optional client certificates (mTLS, `grpc.tls.client_ca_file`).
 //!
-//! - **Handshakes off the accept path.** [`incoming`] takes the bounded connections of
-//!   [`super::connections`] and runs their TLS handshakes concurrently (at most one per connection permit),
+//! - **Handshakes off the accept path.** `incoming` takes the bounded connections of
+//!   `super::connections` and runs their TLS handshakes concurrently (at most one per connection permit),
 //!   each within `grpc.handshake_timeout`, so a client that stalls its handshake holds only its own
 //!   connection. A failed handshake (a plaintext client, an unknown CA, no client certificate) closes that
 //!   connection and is logged at debug.
-//! - **Reload.** [`Tls::watch`] polls the files' modification time and size every
+//! - **Reload.** `Tls::watch` polls the files' modification time and size every
 //!   `grpc.tls.reload_interval` and, on a change, builds a new rustls `ServerConfig` (certificate, key and
 //!   client CAs together, so a new CA file is picked up too). New connections get it; open ones keep theirs.
 //!   Files that do not load (unreadable, not PEM, a key that does not match the certificate, e.g. between

@@ -1,7 +1,7 @@
 //! The job engine: submission, scheduling, running on ComfyUI machines, event logs and subscriptions.
 //!
 //! A job is an immutable [`JobSpec`] written once at submit and a log of events; its current
-//! [`JobRecord`] (with the per-state data of its [`JobState`]) is what [`apply`](apply::apply) makes of the
+//! [`JobRecord`] (with the per-state data of its [`JobState`]) is what `apply::apply` makes of the
 //! log, one event at a time, and nothing else changes it. Knows the catalog, the ComfyUI client's event
 //! types and the store; knows nothing of gRPC.
 //!

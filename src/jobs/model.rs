@@ -1,5 +1,5 @@
 //! Domain types of the job engine: ids, the immutable [`JobSpec`], the [`JobState`] with its per-state
-//! data, the [`JobRecord`] that [`apply`](super::apply::apply) moves from event to event, events and
+//! data, the [`JobRecord`] that `apply::apply` moves from event to event, events and
 //! failures.
 //!
 //! Serialized as JSON into the store's opaque bodies; never exposed as protobuf here.
@@ -353,7 +353,7 @@ impl JobState {
     }
 }
 
-/// Everything about a job that changes: moved only by [`apply`](super::apply::apply), one event at a time.
+/// Everything about a job that changes: moved only by `apply::apply`, one event at a time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// The state.

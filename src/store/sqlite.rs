@@ -155,7 +155,7 @@ impl SqliteStore {
         Ok(Self { pool, writer: Arc::new(Mutex::new(writer)), path, checkpointer: Default::default() })
     }
 
-    /// Moves WAL checkpoints off the job log's writer onto a thread of their own (see [`Checkpointer`]): for
+    /// Moves WAL checkpoints off the job log's writer onto a thread of their own (see `Checkpointer`): for
     /// the process that runs the job engine. Idempotent.
     ///
     /// # Errors

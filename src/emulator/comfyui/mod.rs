@@ -5,7 +5,7 @@
 //! [`ComfyVersion::V0_38`], the newer generation as `NEWER.md` describes it from ComfyUI's sources
 //! (canonical-UUID prompt ids, the jobs API, node replacement, assets, `activity` in `progress_state`,
 //! `missing_node_type` and `dependency_cycle`). Layout:
-//! - [`routes`](self::routes): the HTTP surface (axum), including uploads and `/view`;
+//! - `routes`: the HTTP surface (axum), including uploads and `/view`;
 //! - `ws`: the `/ws` endpoint and ComfyUI's per-`clientId` routing;
 //! - `state`: queue (CPython heap order), history, cache and the socket table;
 //! - `executor`: the single prompt worker (ComfyUI's execution order, caching and message sequence);
