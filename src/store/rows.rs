@@ -211,3 +211,39 @@ macro_rules! machine_and_key_stores {
     };
 }
 pub(super) use machine_and_key_stores;
+
+/// The filters of `ListJobs` after the state filter (which each database spells its own way), then the
+/// newest-first order and the page size: one text for both stores, so a filter cannot exist in one only.
+pub(super) fn push_job_filters<'args, DB>(sql: &mut sqlx::QueryBuilder<'args, DB>, q: &'args super::JobQuery)
+where
+    DB: sqlx::Database,
+    &'args String: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'args, DB> + sqlx::Type<DB>,
+{
+    if let Some(t) = &q.tenant {
+        sql.push(" AND j.tenant = ").push_bind(t);
+    }
+    if let Some(since) = q.ended_since {
+        sql.push(" AND j.ended_ms >= ").push_bind(since);
+    }
+    if let Some(w) = &q.workflow {
+        sql.push(" AND j.workflow = ").push_bind(w);
+    }
+    for (k, v) in &q.labels {
+        sql.push(" AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id AND l.key = ")
+            .push_bind(k)
+            .push(" AND l.value = ")
+            .push_bind(v)
+            .push(")");
+    }
+    if let Some((ms, id)) = &q.before {
+        sql.push(" AND (j.created_ms < ")
+            .push_bind(*ms)
+            .push(" OR (j.created_ms = ")
+            .push_bind(*ms)
+            .push(" AND j.id < ")
+            .push_bind(id)
+            .push("))");
+    }
+    sql.push(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ").push_bind(i64::from(q.limit));
+}

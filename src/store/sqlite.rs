@@ -345,32 +345,7 @@ impl Store for SqliteStore {
             }
             sql.push(")");
         }
-        if let Some(t) = &q.tenant {
-            sql.push(" AND j.tenant = ").push_bind(t);
-        }
-        if let Some(since) = q.ended_since {
-            sql.push(" AND j.ended_ms >= ").push_bind(since);
-        }
-        if let Some(w) = &q.workflow {
-            sql.push(" AND j.workflow = ").push_bind(w);
-        }
-        for (k, v) in &q.labels {
-            sql.push(" AND EXISTS (SELECT 1 FROM job_labels l WHERE l.job_id = j.id AND l.key = ")
-                .push_bind(k)
-                .push(" AND l.value = ")
-                .push_bind(v)
-                .push(")");
-        }
-        if let Some((ms, id)) = &q.before {
-            sql.push(" AND (j.created_ms < ")
-                .push_bind(ms)
-                .push(" OR (j.created_ms = ")
-                .push_bind(ms)
-                .push(" AND j.id < ")
-                .push_bind(id)
-                .push("))");
-        }
-        sql.push(" ORDER BY j.created_ms DESC, j.id DESC LIMIT ").push_bind(q.limit as i64);
+        rows::push_job_filters(&mut sql, q);
         let rows = sql.build().fetch_all(&self.pool).await?;
         Ok(rows.iter().map(rows::job).collect::<Result<_, _>>()?)
     }
