@@ -434,7 +434,10 @@ async fn write_checked(
                                     output.filename, chunk.offset
                                 )));
                             }
-                            Ok(Some(chunk)) => write(&chunk.data, &mut written)?,
+                            Ok(Some(chunk)) => {
+                                write(&chunk.data, &mut written)?;
+                                retry.progressed();
+                            }
                             Ok(None) if written >= output.size_bytes => break None,
                             Ok(None) => {
                                 break Some(tonic::Status::unavailable(format!(

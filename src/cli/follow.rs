@@ -9,10 +9,11 @@
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use backon::{BackoffBuilder as _, ExponentialBuilder};
+use tokio::time::Instant;
 use tonic::Code;
 
 use super::{
@@ -108,6 +109,13 @@ impl<'a> Retry<'a> {
     /// The server answered: later transport failures are worth a retry.
     pub(crate) fn answered(&self) {
         self.answered.store(true, Ordering::Relaxed);
+    }
+
+    /// A stream made progress (a download's chunk came): the budget counts again from now, so a long
+    /// download cut late still gets its whole `retry_for`, and the backoff starts over.
+    pub(crate) fn progressed(&mut self) {
+        self.started = Instant::now();
+        self.delays = backoff();
     }
 
     /// After a failed attempt: tells the retry and waits for it, or returns the error when it is not
@@ -229,5 +237,32 @@ pub(crate) fn terminal(event: &pb::JobEvent) -> Option<End> {
             | Kind::Requeued(_),
         )
         | None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_download_that_made_progress_gets_its_whole_retry_budget_again() {
+        let answered = AtomicBool::new(true);
+        let cut = || tonic::Status::unavailable("cut");
+        let resume = || Resume::AtByte { filename: "a.png".into(), offset: 1 };
+        let mut retry =
+            Retry::new("DownloadOutput", Duration::from_secs(10), Printer { json: true }, &answered);
+        assert!(retry.again(cut(), resume()).await.is_ok(), "within the budget: retried");
+        // Eleven seconds of download, then a cut: without progress the budget is spent...
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(retry.again(cut(), resume()).await.is_err(), "no progress for longer than retry_for");
+        // ...and with progress it counts from the last chunk.
+        let mut retry =
+            Retry::new("DownloadOutput", Duration::from_secs(10), Printer { json: true }, &answered);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        retry.progressed();
+        assert!(retry.again(cut(), resume()).await.is_ok(), "progress 0 s ago: retried");
+        // A status that is not worth a retry ends the call at once, budget or not.
+        let refused = retry.again(tonic::Status::not_found("gone"), resume()).await;
+        assert!(refused.is_err());
     }
 }
