@@ -543,6 +543,36 @@ async fn count_fsyncs(
     Ok(Some(calls as f64 / n as f64))
 }
 
+/// `count` calls of `work` spread over `clients`, one task each taking the next index until `count`: the
+/// wall time and the sum of what the calls returned.
+async fn spread<F, Fut>(clients: Vec<JobClient>, count: usize, work: F) -> anyhow::Result<(Duration, u64)>
+where
+    F: Fn(JobClient, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = anyhow::Result<u64>> + Send,
+{
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in clients {
+        let (next, work) = (next.clone(), work.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sum = 0u64;
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= count {
+                    return anyhow::Ok(sum);
+                }
+                sum += work(c.clone(), k).await?;
+            }
+        }));
+    }
+    let mut sum = 0;
+    for t in tasks {
+        sum += t.await??;
+    }
+    Ok((start.elapsed(), sum))
+}
+
 /// `submits` distinct `SubmitJob` calls spread over `clients` (one task each), request ids `{prefix}-{k}`;
 /// the wall time they took.
 async fn submit_all(
@@ -551,75 +581,46 @@ async fn submit_all(
     submits: usize,
     prefix: &str,
 ) -> anyhow::Result<Duration> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for mut c in clients {
-        let (images, next, prefix) = (images.clone(), next.clone(), prefix.to_string());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= submits {
-                    return anyhow::Ok(());
-                }
-                let mut req = invert_request(&images[k % images.len()]);
-                req.request_id = format!("{prefix}-{k}");
-                c.submit_job(req).await?;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(start.elapsed())
+    let (images, prefix) = (images.clone(), Arc::new(prefix.to_string()));
+    let (wall, _) = spread(clients, submits, move |mut c, k| {
+        let (images, prefix) = (images.clone(), prefix.clone());
+        async move {
+            let mut req = invert_request(&images[k % images.len()]);
+            req.request_id = format!("{prefix}-{k}");
+            c.submit_job(req).await?;
+            Ok(0)
+        }
+    })
+    .await?;
+    Ok(wall)
 }
 
 /// `reads` reads of the jobs `ids` spread over `clients` (one task each): `GetJob` (the output inline when
 /// small enough), then `DownloadOutput` of its output, checked for its size. The wall time and the bytes
 /// received.
 async fn read_all(clients: Vec<JobClient>, ids: &[String], reads: usize) -> anyhow::Result<(Duration, u64)> {
-    let next = Arc::new(AtomicUsize::new(0));
     let ids = Arc::new(ids.to_vec());
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for mut c in clients {
-        let (ids, next) = (ids.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut bytes = 0u64;
-            loop {
-                let k = next.fetch_add(1, Ordering::Relaxed);
-                if k >= reads {
-                    return anyhow::Ok(bytes);
-                }
-                let job_id = ids[k % ids.len()].clone();
-                let job = c.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await?.into_inner();
-                let output = anyhow::Context::context(job.outputs.first(), "a finished job with an output")?;
-                bytes += output.inline_data.len() as u64;
-                let request = pb::DownloadOutputRequest {
-                    job_id,
-                    filename: output.filename.clone(),
-                    chunk_size: 0,
-                    offset: 0,
-                };
-                let mut chunks = c.download_output(request).await?.into_inner();
-                let mut size = 0u64;
-                while let Some(chunk) = chunks.message().await? {
-                    size += chunk.data.len() as u64;
-                }
-                anyhow::ensure!(
-                    size == output.size_bytes,
-                    "downloaded {size} of {} bytes",
-                    output.size_bytes
-                );
-                bytes += size;
+    spread(clients, reads, move |mut c, k| {
+        let job_id = ids[k % ids.len()].clone();
+        async move {
+            let job = c.get_job(pb::GetJobRequest { job_id: job_id.clone() }).await?.into_inner();
+            let output = anyhow::Context::context(job.outputs.first(), "a finished job with an output")?;
+            let request = pb::DownloadOutputRequest {
+                job_id,
+                filename: output.filename.clone(),
+                chunk_size: 0,
+                offset: 0,
+            };
+            let mut chunks = c.download_output(request).await?.into_inner();
+            let mut size = 0u64;
+            while let Some(chunk) = chunks.message().await? {
+                size += chunk.data.len() as u64;
             }
-        }));
-    }
-    let mut bytes = 0;
-    for t in tasks {
-        bytes += t.await??;
-    }
-    Ok((start.elapsed(), bytes))
+            anyhow::ensure!(size == output.size_bytes, "downloaded {size} of {} bytes", output.size_bytes);
+            Ok(output.inline_data.len() as u64 + size)
+        }
+    })
+    .await
 }
 
 fn report_throughput(label: &str, jobs: usize, wall: Duration, cpu: Option<Duration>) -> f64 {
