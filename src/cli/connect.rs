@@ -170,9 +170,14 @@ impl Clients {
         })
     }
 
-    /// A retry budget of `--retry-for` for one call (`name` in notices), from now.
+    /// A retry budget of `--retry-for` for one call (`name` in notices).
     pub(crate) fn retry(&self, name: &'static str) -> Retry<'_> {
-        Retry::new(name, self.retry_for, self.printer, &self.answered)
+        self.retry_within(name, self.retry_for)
+    }
+
+    /// A retry budget of `budget` (a stream's `--reconnect-for`) for one call or stream.
+    pub(crate) fn retry_within(&self, name: &'static str, budget: Duration) -> Retry<'_> {
+        Retry::new(name, budget, self.printer, &self.answered)
     }
 
     /// One call (`name` in retry notices) of `request`, repeated while the server is unavailable or the

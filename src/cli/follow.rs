@@ -77,9 +77,10 @@ fn call_retryable(status: &tonic::Status) -> bool {
     matches!(status.code(), Code::Unavailable | Code::Unknown)
 }
 
-/// The retry budget of one call (named in notices): attempts while the server is unavailable or the
-/// connection breaks, for up to `retry_for`, backing off between them. Each retry is told (a
-/// [`Reconnect`] notice). Only for calls that are safe to repeat.
+/// The retry budget of one call or stream (named in notices): attempts while the server is unavailable
+/// or the connection breaks, until it has stayed broken for `retry_for` with no progress since (a job
+/// that is merely silent never counts), backing off between them. Each retry is told (a [`Reconnect`]
+/// notice). Only for calls that are safe to repeat, and streams resumed where they broke.
 ///
 /// An `UNAVAILABLE` the server sent is always worth a retry. A failure of the transport (the status has a
 /// source: no answer came) is retried only once `answered` says the server has answered this process
@@ -91,19 +92,20 @@ pub(crate) struct Retry<'a> {
     retry_for: Duration,
     printer: Printer,
     answered: &'a AtomicBool,
-    started: Instant,
+    /// When the call broke with no progress since.
+    broken_since: Option<Instant>,
     delays: backon::ExponentialBackoff,
 }
 
 impl<'a> Retry<'a> {
-    /// A budget of `retry_for` from now.
+    /// A budget of `retry_for` of unbroken failure.
     pub(crate) fn new(
         call: &'static str,
         retry_for: Duration,
         printer: Printer,
         answered: &'a AtomicBool,
     ) -> Self {
-        Self { call, retry_for, printer, answered, started: Instant::now(), delays: backoff() }
+        Self { call, retry_for, printer, answered, broken_since: None, delays: backoff() }
     }
 
     /// The server answered: later transport failures are worth a retry.
@@ -111,20 +113,32 @@ impl<'a> Retry<'a> {
         self.answered.store(true, Ordering::Relaxed);
     }
 
-    /// A stream made progress (a download's chunk came): the budget counts again from now, so a long
-    /// download cut late still gets its whole `retry_for`, and the backoff starts over.
+    /// A stream made progress (an event, a download's chunk): the next break gets the whole `retry_for`
+    /// again, and the backoff starts over.
     pub(crate) fn progressed(&mut self) {
-        self.started = Instant::now();
+        self.broken_since = None;
         self.delays = backoff();
     }
 
-    /// After a failed attempt: tells the retry and waits for it, or returns the error when it is not
-    /// worth one or the budget is spent. A stream resumed where it broke (`resume`) also retries the
-    /// failures of a connection cut mid-message (`Internal`, `Cancelled`, `Aborted`).
+    /// After a failed attempt: tells the retry ([`Reconnect::print`]) and waits for it, or returns the
+    /// error ([`Retry::next`]).
     ///
     /// # Errors
     /// `status`, when it ends the call.
     pub(crate) async fn again(&mut self, status: tonic::Status, resume: Resume) -> Result<(), CliError> {
+        let reconnect = self.next(status, resume)?;
+        reconnect.print(self.printer);
+        tokio::time::sleep(reconnect.retry_in).await;
+        Ok(())
+    }
+
+    /// After a failed attempt: the retry to tell and wait for, or the error when it is not worth one or
+    /// the call has stayed broken for `retry_for`. A stream resumed where it broke (`resume`) also retries
+    /// the failures of a connection cut mid-message (`Internal`, `Cancelled`, `Aborted`).
+    ///
+    /// # Errors
+    /// `status`, when it ends the call.
+    pub(crate) fn next(&mut self, status: tonic::Status, resume: Resume) -> Result<Reconnect, CliError> {
         let from_server = std::error::Error::source(&status).is_none();
         if from_server {
             self.answered();
@@ -133,17 +147,12 @@ impl<'a> Retry<'a> {
             Resume::Repeat => call_retryable(&status),
             Resume::AfterSequence(_) | Resume::AtByte { .. } => retryable(&status),
         };
-        if !worth
-            || !(from_server || self.answered.load(Ordering::Relaxed))
-            || self.started.elapsed() >= self.retry_for
-        {
+        let broken_for = self.broken_since.get_or_insert_with(Instant::now).elapsed();
+        if !worth || !(from_server || self.answered.load(Ordering::Relaxed)) || broken_for >= self.retry_for {
             return Err(status.into());
         }
         let retry_in = self.delays.next().unwrap_or(Duration::from_secs(5));
-        Reconnect { call: self.call, error: status.message().to_string(), retry_in, resume }
-            .print(self.printer);
-        tokio::time::sleep(retry_in).await;
-        Ok(())
+        Ok(Reconnect { call: self.call, error: status.message().to_string(), retry_in, resume })
     }
 }
 
@@ -161,15 +170,14 @@ pub(crate) async fn follow(
     mut observe: impl FnMut(Notice<'_>),
 ) -> Result<End, CliError> {
     let mut last = after;
-    let mut delays = backoff();
-    // When the stream broke with no event received since.
-    let mut broken_since: Option<Instant> = None;
+    let mut retry = clients.retry_within("StreamJob", reconnect_for);
     loop {
         let mut jobs = clients.jobs.clone();
         let request =
             pb::StreamJobRequest { job_id: job_id.to_string(), after_sequence: last, skip_previews: false };
         let broke = match jobs.stream_job(request).await {
             Ok(response) => {
+                retry.answered();
                 let mut stream = response.into_inner();
                 loop {
                     match stream.message().await {
@@ -178,8 +186,7 @@ pub(crate) async fn follow(
                                 continue;
                             }
                             last = event.sequence;
-                            delays = backoff();
-                            broken_since = None;
+                            retry.progressed();
                             observe(Notice::Event(&event));
                             if let Some(end) = terminal(&event) {
                                 return Ok(end);
@@ -187,25 +194,15 @@ pub(crate) async fn follow(
                         }
                         // The server ended the stream before the terminal event (it is draining): resume.
                         Ok(None) => break tonic::Status::unavailable("the stream ended before the job did"),
-                        Err(status) if retryable(&status) => break status,
-                        Err(status) => return Err(status.into()),
+                        Err(status) => break status,
                     }
                 }
             }
-            Err(status) if retryable(&status) => status,
-            Err(status) => return Err(status.into()),
+            Err(status) => status,
         };
-        if broken_since.get_or_insert_with(Instant::now).elapsed() >= reconnect_for {
-            return Err(broke.into());
-        }
-        let retry_in = delays.next().unwrap_or(Duration::from_secs(5));
-        let resume = Resume::AfterSequence(last);
-        observe(Notice::Reconnecting(Reconnect {
-            call: "StreamJob",
-            error: broke.message().to_string(),
-            retry_in,
-            resume,
-        }));
+        let reconnect = retry.next(broke, Resume::AfterSequence(last))?;
+        let retry_in = reconnect.retry_in;
+        observe(Notice::Reconnecting(reconnect));
         tokio::time::sleep(retry_in).await;
     }
 }
@@ -252,15 +249,20 @@ mod tests {
         let mut retry =
             Retry::new("DownloadOutput", Duration::from_secs(10), Printer { json: true }, &answered);
         assert!(retry.again(cut(), resume()).await.is_ok(), "within the budget: retried");
-        // Eleven seconds of download, then a cut: without progress the budget is spent...
+        // Broken for eleven seconds with no progress since: the budget is spent...
         tokio::time::advance(Duration::from_secs(11)).await;
         assert!(retry.again(cut(), resume()).await.is_err(), "no progress for longer than retry_for");
-        // ...and with progress it counts from the last chunk.
+        // ...and with progress it counts from the next break.
         let mut retry =
             Retry::new("DownloadOutput", Duration::from_secs(10), Printer { json: true }, &answered);
+        assert!(retry.again(cut(), resume()).await.is_ok());
         tokio::time::advance(Duration::from_secs(11)).await;
         retry.progressed();
         assert!(retry.again(cut(), resume()).await.is_ok(), "progress 0 s ago: retried");
+        // A long download (or a silent job) that breaks for the first time gets the whole budget.
+        let mut retry = Retry::new("StreamJob", Duration::from_secs(10), Printer { json: true }, &answered);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        assert!(retry.next(cut(), Resume::AfterSequence(3)).is_ok(), "first break after a long silence");
         // A status that is not worth a retry ends the call at once, budget or not.
         let refused = retry.again(tonic::Status::not_found("gone"), resume()).await;
         assert!(refused.is_err());
