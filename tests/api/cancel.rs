@@ -186,14 +186,14 @@ async fn a_node_that_ignores_every_interrupt_ends_cancelled_at_the_deadline_and_
     assert_eq!(app.comfy.posted_ids(), [a.id.clone(), b.id.clone()]);
     let m = app.machines.get_machine(local()).await.unwrap().into_inner();
     assert_eq!(m.state(), pb::MachineState::Ready, "{m:?}");
-    // The wedged prompt ended in ComfyUI's history before `b` ran. `b` itself may not be there yet:
-    // ComfyUI sends `execution_success` before its `task_done` writes the history, so the job can end
-    // first; when it is there, it is after `a`.
-    let history = app.comfy.history_ids().await;
-    let a_at = history.iter().position(|h| *h == a.id).unwrap_or_else(|| panic!("a in history: {history:?}"));
-    if let Some(b_at) = history.iter().position(|h| *h == b.id) {
-        assert!(a_at < b_at, "{history:?}");
-    }
+    // ComfyUI sends `execution_success` (which can end the job) before its `task_done` writes the
+    // history, so `b` reaches the history just after its terminal event: probed for, then the order.
+    eventually("b is in ComfyUI's history", Duration::from_secs(10), || {
+        app.comfy.history_ids().contains(&b.id)
+    })
+    .await;
+    let history = app.comfy.history_ids();
+    assert!(history.iter().position(|h| *h == a.id) < history.iter().position(|h| *h == b.id), "{history:?}");
 }
 
 /// A job on a RunComfy machine whose node ignores interrupts and `/free`, cancelled with `grace` and

@@ -271,7 +271,7 @@ impl ComfyEmulator {
     }
 
     /// Ids of the prompts in history, oldest first.
-    pub async fn history_ids(&self) -> Vec<String> {
+    pub fn history_ids(&self) -> Vec<String> {
         self.inner.shared.lock().history.keys().cloned().collect()
     }
 

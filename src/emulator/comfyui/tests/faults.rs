@@ -132,7 +132,7 @@ async fn vanished_prompt_leaves_no_trace_and_the_next_one_runs() {
     assert_eq!(get_json(&emu, &format!("/history/{gone}")).await, json!({}));
     let q = get_json(&emu, "/queue").await;
     assert!(!q.to_string().contains(&gone));
-    assert_eq!(emu.history_ids().await, vec![pid]);
+    assert_eq!(emu.history_ids(), vec![pid]);
 }
 
 #[tokio::test]
@@ -233,7 +233,7 @@ async fn restart_wipes_queue_history_counter_and_drops_sockets() {
     let pid = body["prompt_id"].as_str().expect("id").to_string();
     let frames = again.until_done(&pid).await;
     assert!(frames.iter().all(|f| f.data()["prompt_id"] != slow.as_str()));
-    assert!(!emu.history_ids().await.contains(&slow));
+    assert!(!emu.history_ids().contains(&slow));
 }
 
 #[tokio::test]

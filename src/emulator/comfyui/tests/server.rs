@@ -79,7 +79,7 @@ async fn back_to_back_trivial_prompts_each_finish_before_the_next_is_sent() {
         ws.until_done(body["prompt_id"].as_str().expect("id")).await;
     }
     // How fast is for the bench to say (benches/throughput.rs, the direct client), never a test.
-    assert_eq!(emu.history_ids().await.len(), 200);
+    assert_eq!(emu.history_ids().len(), 200);
 }
 
 #[tokio::test]
@@ -130,7 +130,7 @@ async fn duplicate_client_id_old_close_unroutes_the_new_socket() {
     let (_, body) = post_prompt(&emu, &json!({"prompt": c2_prompt("dup", 1), "client_id": "dup"})).await;
     let pid = body["prompt_id"].as_str().expect("id").to_string();
     let deadline = std::time::Instant::now() + WAIT;
-    while !emu.history_ids().await.contains(&pid) {
+    while !emu.history_ids().contains(&pid) {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
@@ -226,9 +226,9 @@ async fn history_paging_delete_and_clear() {
         .await
         .expect("post");
     assert_eq!(resp.status(), 200);
-    assert_eq!(emu.history_ids().await, vec!["p1", "p2"]);
+    assert_eq!(emu.history_ids(), vec!["p1", "p2"]);
     http().post(format!("{}/history", emu.url())).json(&json!({"clear": true})).send().await.expect("post");
-    assert!(emu.history_ids().await.is_empty());
+    assert!(emu.history_ids().is_empty());
 }
 
 #[tokio::test]
@@ -336,7 +336,7 @@ async fn validation_edge_shapes() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["number"], json!(5.0));
     let deadline = std::time::Instant::now() + WAIT;
-    while !emu.history_ids().await.contains(&"conv".to_string()) {
+    while !emu.history_ids().contains(&"conv".to_string()) {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
