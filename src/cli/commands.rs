@@ -434,6 +434,12 @@ async fn write_checked(
                                     output.filename, chunk.offset
                                 )));
                             }
+                            Ok(Some(chunk)) if written + chunk.data.len() as u64 > output.size_bytes => {
+                                return Err(CliError::Protocol(format!(
+                                    "{}: more than the {} bytes the server announced",
+                                    output.filename, output.size_bytes
+                                )));
+                            }
                             Ok(Some(chunk)) => {
                                 write(&chunk.data, &mut written)?;
                                 retry.progressed();

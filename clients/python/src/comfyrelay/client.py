@@ -273,6 +273,8 @@ class Client:
                         )
                     if chunk.HasField("output"):
                         size = chunk.output.size_bytes
+                    if size is not None and len(data) + len(chunk.data) > size:
+                        raise RpcError(grpc.StatusCode.DATA_LOSS, f"{filename}: more than the {size} bytes announced")
                     data += chunk.data
                     budget.received()
                 if size is not None and len(data) >= size:
