@@ -50,9 +50,9 @@ class Output:
 
 
 class _Reconnects:
-    """The reconnect budget of a resumable stream: backs off from 0.2 s to 5 s (with jitter) between
-    attempts, and gives up once the stream has stayed broken for ``reconnect_for`` seconds with nothing
-    received since."""
+    """The retry budget of a call or a resumable stream: backs off from 0.2 s to 5 s (with jitter) between
+    attempts, and gives up once it has stayed broken for ``reconnect_for`` seconds with nothing received
+    since."""
 
     def __init__(self, reconnect_for: float) -> None:
         self._reconnect_for = reconnect_for
@@ -62,7 +62,7 @@ class _Reconnects:
         """Something came: the stream is healthy again."""
         self._delay, self._broken_since = 0.2, None
 
-    def broke(self, error: Optional[grpc.RpcError], ended_early: str) -> None:
+    def broke(self, error: Optional[grpc.RpcError], ended_early: str = "") -> None:
         """Waits before the next attempt, or raises ``error`` (else ``ended_early``, as ``UNAVAILABLE``)
         once the budget is spent."""
         if self._broken_since is None:
@@ -158,16 +158,15 @@ class Client:
         """One call that is safe to repeat (a read, a cancel, a submit with its idempotency key), retried
         while the server is unavailable or the connection breaks, backing off from 0.2 s to 5 s, for up to
         ``reconnect_for`` seconds (``call_retries`` counts retries)."""
-        started, delay = time.monotonic(), 0.2
+        budget = _Reconnects(self._reconnect_for)
         while True:
             try:
                 return method(request, timeout=self._timeout, metadata=self._metadata)
             except grpc.RpcError as e:
-                if e.code() not in _RETRIED_CALL or time.monotonic() - started > self._reconnect_for:
+                if e.code() not in _RETRIED_CALL:
                     raise RpcError.from_grpc(e) from e
+                budget.broke(e)
             self.call_retries += 1
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
 
     def workflows(self) -> List[pb.Workflow]:
         """Every workflow in the catalog, with its typed inputs."""
