@@ -118,18 +118,23 @@ async fn run_service(
     let tls = grpc::tls::Tls::load(&config.grpc.tls, config.grpc.grpc_web).await?;
     let listener = Arc::new(listener);
     let artifacts = open_artifacts(&config).await?;
-    // With PostgreSQL this waits, as a standby, until this replica leads.
-    let Some(storage) = Storage::open(&config, &listener, tls.clone(), &artifacts, &shutdown).await? else {
-        return Ok(());
-    };
-    let store = storage.jobs.clone();
+    // Before the lease: a standby serves the workflows too, and one whose workflows do not load stops at its
+    // start, not when it takes over.
     let catalog = catalog::Catalog::with_bundled(config.workflows_dir.as_deref()).with_context(|| {
         match &config.workflows_dir {
             Some(dir) => format!("loading workflows from {} (workflows_dir)", dir.display()),
             None => "loading the bundled workflows".to_string(),
         }
     })?;
-    let catalog_watch = catalog.watch(shutdown.child_token());
+    // Owned: aborted when this call returns, on every path.
+    let catalog_watch = tokio_util::task::AbortOnDropHandle::new(catalog.watch(shutdown.child_token()));
+    // With PostgreSQL this waits, as a standby, until this replica leads.
+    let Some(storage) =
+        Storage::open(&config, &listener, tls.clone(), &artifacts, &catalog, &shutdown).await?
+    else {
+        return Ok(());
+    };
+    let store = storage.jobs.clone();
 
     let options = comfy::ClientOptions {
         request_timeout: config.comfyui.request_timeout,
@@ -303,13 +308,14 @@ struct Storage {
 
 impl Storage {
     /// Opens the configured store. With `storage.database_url`, serves as a standby on `listener` (health,
-    /// streams from the shared log and `artifacts`, the rest forwarded) until this replica holds the
+    /// the job reads from the shared log and `artifacts`, the workflows of `catalog`, the rest forwarded) until this replica holds the
     /// leader lease; `None` when `shutdown` came first.
     async fn open(
         config: &Config,
         listener: &Arc<TcpListener>,
         tls: Option<grpc::tls::Tls>,
         artifacts: &store::ArtifactStore,
+        catalog: &catalog::Catalog,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<Option<Self>> {
         let Some(url) = &config.storage.database_url else {
@@ -342,6 +348,7 @@ impl Storage {
                 config.jobs.inline_output_max_bytes,
             ),
             auth: auth::Authenticator::new(&config.auth, pg.clone()),
+            catalog: catalog.clone(),
         };
         let standby = grpc::serve_standby(listener.clone(), config, tls, parts, standby_stop.clone());
         tokio::pin!(standby);

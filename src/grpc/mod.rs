@@ -75,6 +75,46 @@ fn calls_layer() -> observe::MetricsLayer {
     ])
 }
 
+/// Server reflection (v1 and v1alpha) of `comfyrelay.v1`, health and the `google.rpc` error detail types
+/// (so reflection clients, `buf curl` and grpcurl, decode an error's details instead of printing bytes):
+/// what the leader and every standby serve.
+fn reflection() -> anyhow::Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    let sets = [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_types::pb::FILE_DESCRIPTOR_SET,
+    ];
+    let v1 = sets
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, set| {
+            b.register_encoded_file_descriptor_set(set)
+        })
+        .build_v1()?;
+    let v1alpha = sets
+        .iter()
+        .fold(tonic_reflection::server::Builder::configure(), |b, set| {
+            b.register_encoded_file_descriptor_set(set)
+        })
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// `WorkflowService` over `catalog`, bounded to `max` bytes a message: served by the leader and by every
+/// standby (the catalog is each replica's own, loaded from its configuration).
+fn workflow_service(
+    catalog: Catalog,
+    max: usize,
+) -> pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi> {
+    pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+}
+
 /// Serves every service on `listener` until `shutdown` is cancelled, over TLS when `tls` is given (from
 /// [`tls::Tls::load`], before anything else starts, so files that do not load stop the start at once).
 ///
@@ -96,18 +136,7 @@ pub async fn serve(
     health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
     health.set_serving::<pb::machine_service_server::MachineServiceServer<machines::MachineApi>>().await;
 
-    // The `google.rpc` error detail types too, so reflection clients (`buf curl`, grpcurl) decode the
-    // details of an error instead of printing them as bytes.
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
 
     let jobs = pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
         jobs::Jobs::Engine(job_manager.clone()),
@@ -116,10 +145,7 @@ pub async fn serve(
     ))
     .max_decoding_message_size(max)
     .max_encoding_message_size(max);
-    let workflows =
-        pb::workflow_service_server::WorkflowServiceServer::new(workflows::WorkflowApi::new(catalog))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+    let workflows = workflow_service(catalog, max);
     let pool_for_health = pool.clone();
     let machines = pb::machine_service_server::MachineServiceServer::new(machines::MachineApi::new(
         job_manager.clone(),

@@ -1,6 +1,7 @@
 //! What a standby replica serves while another replica leads (README "Replicas on PostgreSQL"): health,
-//! the job reads itself ([`SERVED_HERE`]: `StreamJob`, `GetJob`, `ListJobs`, `DownloadOutput`), and every
-//! other call forwarded as it is to the leader, whose URL the leader writes into the shared database
+//! the job reads itself ([`SERVED_HERE`]: `StreamJob`, `GetJob`, `ListJobs`, `DownloadOutput`), the
+//! workflows of its own catalog and server reflection ([`SERVED_WHOLE`]), and every other call forwarded
+//! as it is to the leader, whose URL the leader writes into the shared database
 //! (`replica_settings.leader_url`). A client may so call any replica.
 //!
 //! The reads come from the shared database and artifacts ([`crate::jobs::JobFollower`], through the same
@@ -63,6 +64,8 @@ pub struct StandbyParts {
     pub jobs: JobFollower,
     /// Who is calling (the keys in the shared database).
     pub auth: crate::auth::Authenticator,
+    /// The workflows, this replica's own (`WorkflowService` is served here, not forwarded).
+    pub catalog: crate::catalog::Catalog,
 }
 
 /// Serves a standby on `listener` until `until` is cancelled (the replica leads, or shuts down): health,
@@ -82,11 +85,12 @@ pub async fn serve_standby(
     parts: StandbyParts,
     until: CancellationToken,
 ) -> anyhow::Result<()> {
-    let StandbyParts { store, jobs: follower, auth } = parts;
+    let StandbyParts { store, jobs: follower, auth, catalog } = parts;
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
+    for service in FOLLOWED_HEALTH {
         health.set_service_status(service, ServingStatus::NotServing).await;
     }
+    health.set_service_status(WORKFLOW_SERVICE, ServingStatus::Serving).await;
     let g = &config.grpc;
     // Cancelled when the connections did not close by themselves within [`STANDBY_STOP`] of `until`.
     let cut = CancellationToken::new();
@@ -113,21 +117,31 @@ pub async fn serve_standby(
     });
     let max = g.max_message_bytes;
     // The reads, served here from the shared database and artifacts (the rest goes to the leader).
-    let reads = tower::ServiceBuilder::new()
+    let here = tower::ServiceBuilder::new()
         .layer(error_details::ErrorDetailsLayer::new(max))
-        .layer(auth::AuthLayer::new(auth))
-        .service(
-            pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
-                jobs::Jobs::Follower(follower),
-                until.clone(),
-                config.jobs.request_limits(),
-            ))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
-        );
+        .layer(auth::AuthLayer::new(auth));
+    let reads = here.clone().service(
+        pb::job_service_server::JobServiceServer::new(jobs::JobApi::new(
+            jobs::Jobs::Follower(follower),
+            until.clone(),
+            config.jobs.request_limits(),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max),
+    );
+    // What needs no database either: the workflows (this replica's catalog) and server reflection.
+    let (reflection_v1, reflection_v1alpha) = super::reflection()?;
+    let local = here.service(
+        tonic::service::Routes::new(super::workflow_service(catalog, max))
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha),
+    );
     let mut routes = tonic::service::Routes::new(health_service).into_axum_router();
     for method in SERVED_HERE {
         routes = routes.route_service(&format!("/{JOB_SERVICE}/{method}"), reads.clone());
+    }
+    for service in SERVED_WHOLE {
+        routes = routes.route_service(&format!("/{service}/{{*method}}"), local.clone());
     }
     let routes = routes.fallback_service(fallback);
     let max_connections =
@@ -192,6 +206,14 @@ pub async fn serve_standby(
     }
     Ok(())
 }
+
+/// The services whose health a standby takes from its leader's: the ones it forwards calls of (the job
+/// reads it serves itself are part of `JobService`, whose readiness is the leader's engine).
+const FOLLOWED_HEALTH: [&str; 2] = [JOB_SERVICE, MACHINE_SERVICE];
+
+/// The services a standby serves whole, needing neither the leader nor the database.
+const SERVED_WHOLE: [&str; 3] =
+    [WORKFLOW_SERVICE, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"];
 
 /// The `JobService` methods a standby serves itself: the reads, from the shared database and artifacts.
 const SERVED_HERE: [&str; 4] = ["StreamJob", "GetJob", "ListJobs", "DownloadOutput"];
@@ -310,7 +332,7 @@ async fn follow_leader(
             }
         }
         let channel = leader.borrow().clone();
-        for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE] {
+        for service in FOLLOWED_HEALTH {
             let status = match &channel {
                 Some(channel) => leader_status(channel, service).await,
                 None => ServingStatus::NotServing,

@@ -719,6 +719,19 @@ async fn with_tls_a_standby_forwards_a_callers_key_only_to_a_leader_whose_certif
     let status = on_c.submit_job(submit_request("invert", png(8, 8))).await.expect_err("C forwards");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("cannot reach the leader"), "{status:?}");
+    // The workflows it serves itself, to a caller with a key only.
+    let c_channel = tls_channel(c_addr, &ca, None).await;
+    let workflows = |headers: &[(&'static str, String)]| {
+        let intercepted = tonic::service::interceptor::InterceptedService::new(
+            c_channel.clone(),
+            Headers(headers.to_vec()),
+        );
+        pb::workflow_service_client::WorkflowServiceClient::new(intercepted)
+    };
+    let listed = workflows(&key).list_workflows(pb::ListWorkflowsRequest {}).await.expect("C's workflows");
+    assert!(listed.into_inner().workflows.iter().any(|w| w.name == "invert"));
+    let status = workflows(&[]).list_workflows(pb::ListWorkflowsRequest {}).await.expect_err("no key");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
     let on_a = tls_jobs(a_addr, &ca, None, &key)
         .await
         .list_jobs(pb::ListJobsRequest::default())
@@ -968,6 +981,51 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
         .expect_err("an unknown output");
     assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
 
+    // The workflows are the standby's own catalog, the leader's too; so are reflection and their health.
+    let mut workflows_b = pb::workflow_service_client::WorkflowServiceClient::new(b_channel.clone());
+    let mut workflows_a = pb::workflow_service_client::WorkflowServiceClient::new(a_channel.clone());
+    let listed = workflows_b.list_workflows(pb::ListWorkflowsRequest {}).await.expect("on the standby");
+    let listed = listed.into_inner();
+    assert_eq!(listed, workflows_a.list_workflows(pb::ListWorkflowsRequest {}).await.unwrap().into_inner());
+    assert!(listed.workflows.iter().any(|w| w.name == "invert"), "{listed:?}");
+    let invert = pb::GetWorkflowRequest { name: "invert".into() };
+    assert_eq!(
+        workflows_b.get_workflow(invert.clone()).await.expect("GetWorkflow on the standby").into_inner(),
+        workflows_a.get_workflow(invert).await.expect("GetWorkflow on the leader").into_inner()
+    );
+    let status = workflows_b
+        .get_workflow(pb::GetWorkflowRequest { name: "no-such-workflow".into() })
+        .await
+        .expect_err("an unknown workflow");
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    let health = tonic_health::pb::health_client::HealthClient::new(b_channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: "comfyrelay.v1.WorkflowService".into() })
+        .await
+        .expect("the standby's health")
+        .into_inner();
+    assert_eq!(health.status, SERVING, "the standby serves the workflows whatever its leader");
+    {
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut reflection = ServerReflectionClient::new(b_channel.clone())
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection on the standby")
+            .into_inner();
+        let answer = reflection.message().await.expect("a reflection answer").expect("one message");
+        let Some(MessageResponse::ListServicesResponse(services)) = answer.message_response else {
+            panic!("a list of services: {answer:?}");
+        };
+        let names: Vec<_> = services.service.iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"comfyrelay.v1.JobService"), "{names:?}");
+    }
+
     // What changes a job is the leader's, and this one cannot be reached: the answers above were the
     // standby's own.
     let status = on_b
@@ -985,11 +1043,14 @@ async fn a_standby_streams_reads_and_serves_downloads_from_the_shared_database_w
 
     // Each call is counted on the replica it reached: served by the standby, or not forwarded by it.
     let scrape = metrics_of(&mut pair.b).await;
-    for (method, code) in
-        [("GetJob", "OK"), ("ListJobs", "OK"), ("DownloadOutput", "OK"), ("CancelJob", "UNAVAILABLE")]
-    {
-        let (method, code) =
-            (format!(r#"method="comfyrelay.v1.JobService/{method}""#), format!(r#"code="{code}""#));
+    for (method, code) in [
+        ("JobService/GetJob", "OK"),
+        ("JobService/ListJobs", "OK"),
+        ("JobService/DownloadOutput", "OK"),
+        ("JobService/CancelJob", "UNAVAILABLE"),
+        ("WorkflowService/GetWorkflow", "NOT_FOUND"),
+    ] {
+        let (method, code) = (format!(r#"method="comfyrelay.v1.{method}""#), format!(r#"code="{code}""#));
         assert!(
             scrape.lines().any(|l| l.starts_with("comfyrelay_grpc_requests_total{")
                 && l.contains(&method)
@@ -1353,8 +1414,8 @@ async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself()
             .body(body)
             .send()
     };
-    // Forwarded to the leader: the catalog.
-    let resp = web_call("comfyrelay.v1.WorkflowService/ListWorkflows", Vec::new()).await.expect("grpc-web");
+    // Forwarded to the leader: its machines (the standby runs none).
+    let resp = web_call("comfyrelay.v1.MachineService/ListMachines", Vec::new()).await.expect("grpc-web");
     assert_eq!(resp.status(), 200);
     assert_eq!(
         resp.headers().get("content-type").and_then(|v| v.to_str().ok()),
@@ -1362,9 +1423,8 @@ async fn a_standby_answers_grpc_web_forwarding_calls_and_streaming_jobs_itself()
     );
     let (messages, trailers) = grpc_web_frames(&resp.bytes().await.expect("body"));
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
-    let workflows =
-        pb::ListWorkflowsResponse::decode(messages[0].as_slice()).expect("a ListWorkflowsResponse");
-    assert!(workflows.workflows.iter().any(|w| w.name == "invert"), "{workflows:?}");
+    let machines = pb::ListMachinesResponse::decode(messages[0].as_slice()).expect("a ListMachinesResponse");
+    assert_eq!(machines.machines.len(), 1, "the leader's one ComfyUI: {machines:?}");
 
     // Served by the standby from the shared log: the job's whole stream, as the leader streams it.
     let request = pb::StreamJobRequest { job_id: job.id.clone(), ..Default::default() }.encode_to_vec();
