@@ -258,20 +258,12 @@ impl ArtifactStore {
     /// before `offset` are read and hashed, not passed on, so the whole file is still checked.
     ///
     /// # Errors
-    /// Missing artifact, invalid digest, an `offset` past the end ([`ArtifactError::Io`],
-    /// `UnexpectedEof`), or the prefix failing to read.
+    /// Missing artifact or invalid digest. The prefix is read by the reader's first read, where its
+    /// failures (and an `offset` past the end: `UnexpectedEof`) surface, so a caller's read loop bounds it
+    /// as it bounds the rest (its shutdown, its client going away).
     pub async fn open_file(&self, sha256: &str, offset: u64) -> Result<ArtifactReader, ArtifactError> {
         let mut verified = self.verified(sha256).await?;
-        if offset > 0 {
-            let skipped = tokio::io::copy(&mut (&mut verified).take(offset), &mut tokio::io::sink()).await?;
-            if skipped < offset {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("offset {offset} is past the end of the artifact ({skipped} bytes)"),
-                )
-                .into());
-            }
-        }
+        verified.skip = offset;
         Ok(Box::new(verified))
     }
 
@@ -285,7 +277,14 @@ impl ArtifactStore {
                 Box::new(tokio_util::io::StreamReader::new(stream.map_err(io::Error::other)))
             }
         };
-        Ok(Verified { inner, hasher: Sha256::new(), expected: sha256.to_string(), ended: false })
+        Ok(Verified {
+            inner,
+            hasher: Sha256::new(),
+            expected: sha256.to_string(),
+            ended: false,
+            skip: 0,
+            scratch: Vec::new(),
+        })
     }
 
     /// Deletes an artifact; a missing one is not an error.
@@ -554,17 +553,44 @@ impl tokio::io::AsyncWrite for ArtifactWriter {
     }
 }
 
-/// A reader that hashes what it passes on and fails at the end when the digest does not match.
+/// A reader that hashes what it passes on and fails at the end when the digest does not match. It first
+/// reads and hashes `skip` bytes without passing them on (a download resumed at an offset).
 struct Verified {
     inner: ArtifactReader,
     hasher: Sha256,
     expected: String,
     ended: bool,
+    /// Bytes still to read and hash before passing any on.
+    skip: u64,
+    /// Where skipped bytes are read (allocated once, while skipping).
+    scratch: Vec<u8>,
 }
+
+/// The bytes read at once while skipping.
+const SKIP_CHUNK: usize = 64 * 1024;
 
 impl AsyncRead for Verified {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        while this.skip > 0 {
+            let want = usize::try_from(this.skip).map_or(SKIP_CHUNK, |n| n.min(SKIP_CHUNK));
+            this.scratch.resize(want, 0);
+            let mut skipped = ReadBuf::new(&mut this.scratch[..want]);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut skipped))?;
+            let read = skipped.filled();
+            if read.is_empty() {
+                let e = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the artifact ends {} bytes before the offset asked for", this.skip),
+                );
+                return Poll::Ready(Err(e));
+            }
+            this.hasher.update(read);
+            this.skip -= read.len() as u64;
+            if this.skip == 0 {
+                this.scratch = Vec::new();
+            }
+        }
         let before = buf.filled().len();
         let room = buf.remaining();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
@@ -736,12 +762,10 @@ mod tests {
                 let rest = read_from(store, &stored.sha256, offset).await.unwrap();
                 assert_eq!(rest, big[offset as usize..], "from {offset}");
             }
-            let past =
-                store.open_file(&stored.sha256, big.len() as u64 + 1).await.err().expect("past the end");
-            assert!(
-                matches!(&past, ArtifactError::Io(e) if e.kind() == io::ErrorKind::UnexpectedEof),
-                "{past:?}"
-            );
+            // Opening reads nothing: the prefix is read by the first read, which fails past the end.
+            let mut past = store.open_file(&stored.sha256, big.len() as u64 + 1).await.expect("opened");
+            let error = past.read(&mut [0u8; 16]).await.expect_err("past the end");
+            assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof, "{error:?}");
         }
     }
 
