@@ -393,3 +393,27 @@ fn a_download_cut_midway_resumes_at_the_byte_it_reached_and_saves_the_whole_file
     );
     assert_eq!(std::fs::read_dir(dev.dir.path().join("again")).expect("again/").count(), 1, "no part file");
 }
+
+#[test]
+fn a_download_that_runs_past_the_size_the_server_announced_stops_and_saves_nothing() {
+    // A server that announces 3000 bytes and would stream a megabyte (or, unbounded, fill the disk).
+    let liar = crate::helpers::LyingServer::start(3000, 1 << 20);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = run(comfyrelay()
+        .args(["download", "01234567-89ab-7def-8123-456789abcdef", "--json", "--retry-for", "0s", "--out"])
+        .arg(dir.path())
+        .env("COMFYRELAY_SERVER", &liar.url));
+    assert_eq!(out.code, Some(2), "{out:?}");
+    let lines = out.json();
+    let error = lines.iter().find(|v| v["type"] == "error").expect("an error line");
+    assert_eq!(error["kind"], "protocol", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("more than the 3000 bytes the server announced")),
+        "{error}"
+    );
+    let left: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("read dir").flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "neither the file nor a part file is left: {left:?}");
+}

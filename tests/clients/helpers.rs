@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
+use comfyrelay::proto::pb;
+
 /// The binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_comfyrelay");
 
@@ -280,4 +282,95 @@ impl Drop for Proxy {
 /// The repository root.
 pub(crate) fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A comfyrelay server that breaks the contract, for the clients' defences: it says every job succeeded
+/// with one output, `out.png`, of `announced` bytes (not inline), and streams `sent` bytes when it is
+/// downloaded. Every other call is `UNIMPLEMENTED`. It serves on 127.0.0.1 from a runtime of its own until
+/// dropped.
+pub(crate) struct LyingServer {
+    pub(crate) url: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl LyingServer {
+    pub(crate) fn start(announced: u64, sent: u64) -> LyingServer {
+        use comfyrelay::proto::pb::job_service_server::JobServiceServer;
+        let runtime =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(JobServiceServer::new(Lies { announced, sent }))
+                .serve_with_incoming(incoming),
+        );
+        LyingServer { url, _runtime: runtime }
+    }
+}
+
+struct Lies {
+    announced: u64,
+    sent: u64,
+}
+
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+#[tonic::async_trait]
+impl comfyrelay::proto::pb::job_service_server::JobService for Lies {
+    type StreamJobStream = tokio_stream::Empty<Result<pb::JobEvent, tonic::Status>>;
+    type DownloadOutputStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<pb::DownloadOutputResponse, tonic::Status>>>;
+
+    async fn submit_job(&self, _: tonic::Request<pb::SubmitJobRequest>) -> Answer<pb::Job> {
+        Err(tonic::Status::unimplemented("a lying server"))
+    }
+
+    async fn stream_job(&self, _: tonic::Request<pb::StreamJobRequest>) -> Answer<Self::StreamJobStream> {
+        Err(tonic::Status::unimplemented("a lying server"))
+    }
+
+    async fn get_job(&self, req: tonic::Request<pb::GetJobRequest>) -> Answer<pb::Job> {
+        let output = pb::Output {
+            filename: "out.png".into(),
+            mime_type: "image/png".into(),
+            size_bytes: self.announced,
+            sha256: "0".repeat(64),
+            ..Default::default()
+        };
+        Ok(tonic::Response::new(pb::Job {
+            id: req.into_inner().job_id,
+            state: pb::JobState::Succeeded as i32,
+            outputs: vec![output],
+            ..Default::default()
+        }))
+    }
+
+    async fn list_jobs(&self, _: tonic::Request<pb::ListJobsRequest>) -> Answer<pb::ListJobsResponse> {
+        Err(tonic::Status::unimplemented("a lying server"))
+    }
+
+    async fn cancel_job(&self, _: tonic::Request<pb::CancelJobRequest>) -> Answer<pb::Job> {
+        Err(tonic::Status::unimplemented("a lying server"))
+    }
+
+    async fn download_output(
+        &self,
+        req: tonic::Request<pb::DownloadOutputRequest>,
+    ) -> Answer<Self::DownloadOutputStream> {
+        const CHUNK: u64 = 1024;
+        let mut offset = req.into_inner().offset;
+        let mut chunks = Vec::new();
+        while offset < self.sent {
+            let n = CHUNK.min(self.sent - offset);
+            chunks.push(Ok(pb::DownloadOutputResponse {
+                offset,
+                data: vec![7u8; n as usize].into(),
+                output: None,
+            }));
+            offset += n;
+        }
+        Ok(tonic::Response::new(tokio_stream::iter(chunks)))
+    }
 }

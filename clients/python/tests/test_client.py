@@ -7,12 +7,14 @@ import hashlib
 import socket
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import pytest
 
 from comfyrelay import Client, JobFailed, RpcError
 from comfyrelay.v1 import comfyrelay_pb2 as pb
+from comfyrelay.v1 import comfyrelay_pb2_grpc as rpc
 from conftest import Dev, Proxy, noise_png, png, png_size
 
 
@@ -133,3 +135,38 @@ def test_a_download_cut_midway_resumes_at_the_byte_it_reached(dev):
             assert data == whole.data
     finally:
         cutting.close()
+
+
+class _LyingJobs(rpc.JobServiceServicer):
+    """A server breaking the contract: its download streams ``sent`` bytes of an output it says has
+    ``announced`` (``None``: it never says)."""
+
+    def __init__(self, announced, sent):
+        self.announced, self.sent = announced, sent
+
+    def DownloadOutput(self, request, context):
+        offset = request.offset
+        while offset < self.sent:
+            chunk = pb.DownloadOutputResponse(offset=offset, data=b"\7" * min(1024, self.sent - offset))
+            if offset == request.offset and self.announced is not None:
+                chunk.output.CopyFrom(pb.Output(filename=request.filename, size_bytes=self.announced))
+            yield chunk
+            offset += len(chunk.data)
+
+
+@pytest.mark.parametrize("announced", [3000, None])
+def test_a_download_past_the_announced_size_or_without_one_is_refused(announced):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    rpc.add_JobServiceServicer_to_server(_LyingJobs(announced, sent=1 << 20), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", reconnect_for=0) as client:
+            with pytest.raises(RpcError) as raised:
+                client.download("01234567-89ab-7def-8123-456789abcdef", "out.png")
+        assert raised.value.code == grpc.StatusCode.DATA_LOSS
+        expected = "more than the 3000 bytes" if announced else "before the output's size"
+        assert expected in str(raised.value), raised.value
+        assert client.reconnects == 0
+    finally:
+        server.stop(None)

@@ -272,7 +272,11 @@ class Client:
                         )
                     if chunk.HasField("output"):
                         size = chunk.output.size_bytes
-                    if size is not None and len(data) + len(chunk.data) > size:
+                    if size is None:
+                        # The server names the output in the first message of every download: without its
+                        # size, nothing would bound the stream.
+                        raise RpcError(grpc.StatusCode.DATA_LOSS, f"{filename}: a chunk before the output's size")
+                    if len(data) + len(chunk.data) > size:
                         raise RpcError(grpc.StatusCode.DATA_LOSS, f"{filename}: more than the {size} bytes announced")
                     data += chunk.data
                     budget.received()
