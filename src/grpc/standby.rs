@@ -21,8 +21,9 @@
 //! (`grpc.tls.replica_cert_file`) and names the caller's verified subject in
 //! [`connections::FORWARDED_CLIENT`], which the leader believes from a replica's connection only
 //! (`grpc.tls.replica_subjects`); without a replica certificate it does not forward and answers
-//! `UNAVAILABLE`. The standby's health follows the leader's: each service is what the leader says
-//! it is, and `NOT_SERVING` while no leader answers; the server as a whole (`""`, liveness) is `SERVING`.
+//! `UNAVAILABLE`. The standby's health follows the leader's, change by change ([`mirror_health`]): each
+//! service it forwards is what the leader says it is, and `NOT_SERVING` while no leader answers; the
+//! server as a whole (`""`, liveness) and `WorkflowService` are `SERVING`.
 //!
 //! In front of both sit the leader's connection layers that need no job engine: with `grpc.grpc_web`,
 //! browsers' Host/Origin checks, the console's assets, CORS and gRPC-Web (a browser's call is translated
@@ -295,13 +296,19 @@ impl ToLeader {
 }
 
 /// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed, or while the last one
-/// could not be made: an unreadable CA file, say) and mirrors the leader's health into this standby's.
+/// could not be made: an unreadable CA file, say); beside it, one [`mirror_health`] task per followed
+/// service copies the current leader's health into this standby's as each change comes.
 async fn follow_leader(
     store: Arc<PgStore>,
     how: ToLeader,
     leader: tokio::sync::watch::Sender<Option<Channel>>,
     health: tonic_health::server::HealthReporter,
 ) {
+    // Owned: aborted with this task.
+    let _mirrors = FOLLOWED_HEALTH.map(|service| {
+        let mirror = mirror_health(leader.subscribe(), service, health.clone());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(mirror))
+    });
     let mut current: Option<String> = None;
     // Why the current URL has no channel, logged once per reason.
     let mut refused: Option<String> = None;
@@ -313,7 +320,13 @@ async fn follow_leader(
                     Some((u, Ok(endpoint))) => {
                         tracing::info!(leader = u, "standby: forwarding calls to the leader");
                         refused = None;
-                        Some(endpoint.connect_timeout(FOLLOW_EVERY * 2).connect_lazy())
+                        // Pings find a leader that stopped answering (a paused process, a cut link) while
+                        // the health watches on this channel are open and silent.
+                        let endpoint = endpoint
+                            .connect_timeout(FOLLOW_EVERY * 2)
+                            .http2_keep_alive_interval(FOLLOW_EVERY)
+                            .keep_alive_timeout(FOLLOW_EVERY * 2);
+                        Some(endpoint.connect_lazy())
                     }
                     Some((u, Err(why))) => {
                         if refused.as_ref() != Some(&why) {
@@ -331,30 +344,56 @@ async fn follow_leader(
                 tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "standby: reading the leader's URL failed")
             }
         }
-        let channel = leader.borrow().clone();
-        for service in FOLLOWED_HEALTH {
-            let status = match &channel {
-                Some(channel) => leader_status(channel, service).await,
-                None => ServingStatus::NotServing,
-            };
-            health.set_service_status(service, status).await;
-        }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
 }
 
-/// What the leader's health says of `service` (`NOT_SERVING` when it does not answer in time).
-async fn leader_status(channel: &Channel, service: &str) -> ServingStatus {
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let request = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
-    match tokio::time::timeout(FOLLOW_EVERY, client.check(request)).await {
-        Ok(Ok(r))
-            if r.get_ref().status
-                == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
-        {
-            ServingStatus::Serving
+/// The one writer of this standby's health of `service`: the current leader's (a `Watch` on its channel,
+/// each status as the leader sends it), `NOT_SERVING` while no leader is known or its watch is broken (the
+/// leader is gone or cannot be reached; watched again every [`FOLLOW_EVERY`]). Starts over on the new
+/// channel when the leader changes. Exit policy: runs until aborted by [`follow_leader`], or until the
+/// channel's sender is gone.
+async fn mirror_health(
+    mut leader: tokio::sync::watch::Receiver<Option<Channel>>,
+    service: &'static str,
+    health: tonic_health::server::HealthReporter,
+) {
+    // What this standby says now (`serve_standby` starts it NOT_SERVING): only a change is written, so a
+    // watcher of the standby hears each change once.
+    let last = tokio::sync::Mutex::new(ServingStatus::NotServing);
+    let set = async |status: ServingStatus| {
+        let mut last = last.lock().await;
+        if *last != status {
+            *last = status;
+            health.set_service_status(service, status).await;
         }
-        _ => ServingStatus::NotServing,
+    };
+    loop {
+        let channel = leader.borrow_and_update().clone();
+        let mirrored = async {
+            let Some(channel) = channel else {
+                set(ServingStatus::NotServing).await;
+                return std::future::pending::<()>().await;
+            };
+            let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+            loop {
+                let request = tonic_health::pb::HealthCheckRequest { service: service.to_string() };
+                if let Ok(watch) = client.watch(request).await {
+                    let mut watch = watch.into_inner();
+                    while let Ok(Some(answer)) = watch.message().await {
+                        let serving = answer.status
+                            == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+                        set(if serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                    }
+                }
+                set(ServingStatus::NotServing).await;
+                tokio::time::sleep(FOLLOW_EVERY).await;
+            }
+        };
+        tokio::select! {
+            changed = leader.changed() => if changed.is_err() { return },
+            () = mirrored => {}
+        }
     }
 }
 

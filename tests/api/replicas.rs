@@ -1526,3 +1526,42 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
     let b_channel = channel(b_addr).await;
     assert_eq!(download(&b_channel, &job, &output.filename).await, stored);
 }
+
+#[tokio::test]
+async fn a_standbys_job_service_health_follows_its_leaders_through_every_change() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut comfy = crate::helpers::spawn_comfy().await;
+    let Some(pair) = Pair::start("health", &comfy, &[], &[]).await else { return };
+    let mut watch = HealthClient::new(pair.b_channel.clone())
+        .watch(HealthCheckRequest { service: "comfyrelay.v1.JobService".into() })
+        .await
+        .expect("watch the standby")
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), watch.message())
+            .await
+            .expect("a health change within 30 s")
+            .expect("watch item")
+            .expect("watch open")
+            .status()
+    };
+    // SERVING once the leader is, whose socket to ComfyUI opens (bounded by `next`).
+    while next().await != ServingStatus::Serving {}
+
+    // The leader's only ComfyUI stops: no backend can take a job, on the leader nor through the standby.
+    let addr = comfy.addr();
+    comfy.shutdown().await;
+    assert_eq!(next().await, ServingStatus::NotServing);
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("rebind the emulator's port");
+    comfy = ComfyEmulator::start(listener, Default::default()).await.expect("restart the emulator");
+    assert_eq!(next().await, ServingStatus::Serving);
+
+    // The leader drains (SIGTERM): it says NOT_SERVING first, and so does the standby, before it leads.
+    let pid = pair.a.child.id().expect("running").to_string();
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+    assert!(sent.success(), "kill -TERM {pid}");
+    assert_eq!(next().await, ServingStatus::NotServing);
+    drop(comfy);
+}
