@@ -308,8 +308,8 @@ struct Storage {
 
 impl Storage {
     /// Opens the configured store. With `storage.database_url`, serves as a standby on `listener` (health,
-    /// the job reads from the shared log and `artifacts`, the workflows of `catalog`, the rest forwarded) until this replica holds the
-    /// leader lease; `None` when `shutdown` came first.
+    /// the job reads from the shared log and `artifacts`, the workflows of `catalog`, the rest forwarded)
+    /// until this replica holds the leader lease; `None` when `shutdown` came first.
     async fn open(
         config: &Config,
         listener: &Arc<TcpListener>,

@@ -321,11 +321,13 @@ async fn follow_leader(
                         tracing::info!(leader = u, "standby: forwarding calls to the leader");
                         refused = None;
                         // Pings find a leader that stopped answering (a paused process, a cut link) while
-                        // the health watches on this channel are open and silent.
+                        // the health watches on this channel are open and silent. The answer may take a
+                        // few seconds on a loaded leader before the connection, and the forwarded calls on
+                        // it, are given up.
                         let endpoint = endpoint
                             .connect_timeout(FOLLOW_EVERY * 2)
                             .http2_keep_alive_interval(FOLLOW_EVERY)
-                            .keep_alive_timeout(FOLLOW_EVERY * 2);
+                            .keep_alive_timeout(FOLLOW_EVERY * 5);
                         Some(endpoint.connect_lazy())
                     }
                     Some((u, Err(why))) => {
