@@ -6,8 +6,12 @@
 //! database. The holder checks its connection every `CHECK_EVERY` (1 s) and gives the lease up (the
 //! [`LeaderLease::lost`] token) when a check fails or takes longer than `CHECK_TIMEOUT` (3 s), well before the
 //! database can drop its session and hand the lock to another replica: two replicas never lead at once.
-//! A standby asks for the lock every `ASK_EVERY` (0.5 s) with `pg_try_advisory_lock` (never a blocking
-//! `pg_advisory_lock`, whose waiting backend would outlive a standby that stops).
+//! A standby waits for the lock with `pg_advisory_lock`, so it takes the lease as soon as the holder's
+//! session ends (a poll every 0.5 s made a takeover wait 0.25 s on average for nothing), but never for
+//! long: each wait ends after `WAIT_AT_MOST` (1 s, `lock_timeout`) and starts again, and the backend checks
+//! every `CLIENT_CHECK` (0.25 s, `client_connection_check_interval`, PostgreSQL 14+) that the standby is
+//! still there. So a standby that stops, or is killed, while it waits leaves no backend that would take the
+//! lock after it and hold it for nobody.
 //!
 //! A lease also has a fencing **term** (`leader_term`, migration 0003): the holder adds one to it as it
 //! takes the lock, after the transactions that still hold the previous term ended, and the store's writes
@@ -31,8 +35,12 @@ pub const LEADER_LOCK: i64 = 0x636f_6d66_7972_6c64;
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a check may take before the leader gives the lease up.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
-/// How often a standby asks for the lease.
-const ASK_EVERY: Duration = Duration::from_millis(500);
+/// The longest one wait for the lock lasts before it is asked again.
+const WAIT_AT_MOST: &str = "1s";
+/// How often a waiting backend checks that its standby is still connected.
+const CLIENT_CHECK: &str = "250ms";
+/// How long a standby waits before it connects again after a failure.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// This replica's lease on leadership. Dropping it ends the session, which releases the lock at once.
 #[derive(Debug)]
@@ -58,26 +66,38 @@ impl LeaderLease {
         loop {
             let attempt = async {
                 let mut conn = PgConnection::connect_with(&options).await?;
+                conn.execute(format!("SET lock_timeout = '{WAIT_AT_MOST}'").as_str()).await?;
+                // Before PostgreSQL 14 the setting does not exist: the waits are still bounded.
+                if let Err(e) = conn
+                    .execute(format!("SET client_connection_check_interval = '{CLIENT_CHECK}'").as_str())
+                    .await
+                {
+                    tracing::debug!(error = %e, "the database does not check a waiting standby's connection");
+                }
                 loop {
-                    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    match sqlx::query("SELECT pg_advisory_lock($1)")
                         .bind(LEADER_LOCK)
-                        .fetch_one(&mut conn)
-                        .await?;
-                    if held {
-                        // Waits for the previous leader's transactions that still hold its term.
-                        let term: i64 = sqlx::query_scalar(
-                            "UPDATE leader_term SET term = term + 1 WHERE id = 1 RETURNING term",
-                        )
-                        .fetch_one(&mut conn)
-                        .await?;
-                        return Ok::<_, sqlx::Error>((conn, term));
+                        .execute(&mut conn)
+                        .await
+                    {
+                        Ok(_) => break,
+                        // `lock_not_available`: another replica still leads; wait again.
+                        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {}
+                        Err(e) => return Err(e),
                     }
                     if !waiting_logged {
                         tracing::info!("standby: another replica leads; waiting for its lease");
                         waiting_logged = true;
                     }
-                    tokio::time::sleep(ASK_EVERY).await;
                 }
+                // Waits, however long it takes, for the previous leader's transactions that still hold its
+                // term.
+                conn.execute("SET lock_timeout = 0").await?;
+                let term: i64 =
+                    sqlx::query_scalar("UPDATE leader_term SET term = term + 1 WHERE id = 1 RETURNING term")
+                        .fetch_one(&mut conn)
+                        .await?;
+                Ok::<_, sqlx::Error>((conn, term))
             };
             let result = tokio::select! {
                 () = stop.cancelled() => return Ok(None),
@@ -89,7 +109,7 @@ impl LeaderLease {
                     tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "asking for the leader lease failed; retrying");
                     tokio::select! {
                         () = stop.cancelled() => return Ok(None),
-                        () = tokio::time::sleep(ASK_EVERY * 4) => {}
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
                     }
                 }
             }

@@ -927,6 +927,63 @@ mod tests {
         assert_eq!(seqs, [1, 2, 3]);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_a_standby_that_stops_while_it_waits_for_the_lease_leaves_it_to_the_next() {
+        use crate::store::LeaderLease;
+        let Some(server) = PgServer::start().await else { return };
+        let url = server.database("waiting").await;
+        let store = PgStore::connect(&url).await.unwrap();
+        let never = CancellationToken::new();
+        let holder = LeaderLease::acquire(&url, &never).await.unwrap().expect("the first lease");
+
+        // A standby waits for the lock in the database, then stops while it waits.
+        let stop = CancellationToken::new();
+        let waiting = tokio::spawn({
+            let (url, stop) = (url.clone(), stop.clone());
+            async move { LeaderLease::acquire(&url, &stop).await }
+        });
+        until_waiting_on_a_lock(&store, "waiting").await;
+        // Each wait is bounded (`lock_timeout`): the waiting backend starts its query again.
+        let waits_since = || {
+            sqlx::query_scalar::<_, f64>(
+                "SELECT extract(epoch FROM query_start)::float8 FROM pg_stat_activity \
+                 WHERE datname = 'waiting' AND application_name = 'comfyrelay-leader-lease' \
+                 AND wait_event_type = 'Lock'",
+            )
+            .fetch_optional(&store.pool)
+        };
+        let first = waits_since().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = waits_since().await.unwrap();
+            if now.is_some() && now != first {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the standby's wait for the lock never ended");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        assert!(waiting.await.unwrap().unwrap().is_none(), "a standby that stopped takes no lease");
+
+        // The holder goes: the next standby leads, with the next term. Had the stopped standby's backend
+        // gone on waiting, it would have taken the lock and held it for nobody.
+        drop(holder);
+        let next = tokio::time::timeout(Duration::from_secs(20), LeaderLease::acquire(&url, &never))
+            .await
+            .expect("the next standby leads within 20 s")
+            .unwrap()
+            .expect("the next lease");
+        assert_eq!(next.term(), 2);
+        let holders: Vec<String> = sqlx::query_scalar(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE l.locktype = 'advisory' AND l.granted",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+        assert_eq!(holders, ["comfyrelay-leader-lease"], "one session holds the lock: the next lease's");
+    }
+
     #[tokio::test]
     async fn postgres_a_listener_whose_connection_is_killed_says_resync_and_hears_again() {
         let Some((_server, store)) = store().await else { return };
