@@ -1,25 +1,27 @@
 //! Failover: how long clients go without service when the comfyrelay running their jobs is killed, and
-//! what they lose. Run: `cargo bench --bench failover` (needs PostgreSQL's binaries for the second set-up;
-//! `BENCH_CLIENTS` (4), `BENCH_BEFORE_KILL_MS` (3000), `BENCH_AFTER_KILL_MS` (5000), `BENCH_NODE_DELAY_MS`
-//! (40 per node, 4 nodes a job)).
+//! what they lose. Run: `cargo bench --bench failover` (needs PostgreSQL's binaries for the second
+//! set-up). Settings: `BENCH_ROUNDS` (6), `BENCH_CLIENTS` (4), `BENCH_STANDBYS` (2), `BENCH_BEFORE_KILL_MS`
+//! (3000, plus 97 ms more each round, so the kills land at different points of any polling),
+//! `BENCH_AFTER_KILL_MS` (2000), `BENCH_NODE_DELAY_MS` (2 per node of the emulated ComfyUI).
 //!
-//! Two set-ups in one run, on one emulated ComfyUI, each SIGKILLed under the same load:
+//! Two set-ups in one run, on one emulated ComfyUI, each SIGKILLed once a round under the same load:
 //! 1. **one replica on SQLite, restarted at once** on the same data directory and port (the baseline: the
 //!    best a supervisor that restarts a single replica can do; a real one waits seconds more);
-//! 2. **a leader and a standby on PostgreSQL** (durable settings): the standby takes over, nothing is
-//!    restarted. The clients call the standby's address, which forwards to the leader before the kill and
-//!    leads after it (as a load balancer over both replicas would route).
+//! 2. **a leader and `BENCH_STANDBYS` standbys on PostgreSQL** (durable settings): a standby takes over,
+//!    nothing is restarted. The clients are spread over the standbys' addresses, which forward to the
+//!    leader before the kill; after it one of them leads and the others forward to it (as a load balancer
+//!    over the replicas would route).
 //!
-//! The load: `BENCH_CLIENTS` clients, each submitting `invert` jobs one after another with a request id
-//! (retried every 20 ms while refused or unreachable, so a retry never makes a second job) and following
-//! each to its terminal event (resumed after the last sequence received). The kill comes
-//! `BENCH_BEFORE_KILL_MS` after the start; the clients submit for `BENCH_AFTER_KILL_MS` more, then finish
-//! their last job.
+//! The load: `BENCH_CLIENTS` clients, each running `invert` jobs one after another (a new image each, so
+//! ComfyUI caches nothing), submitting with a request id (retried every 20 ms while refused or
+//! unreachable, so a retry never makes a second job) and following each to its terminal event (resumed
+//! after the last sequence received).
 //!
-//! Printed per set-up: the time from the kill to the first submit accepted after it; the longest any one
-//! submit waited; the jobs in flight at the kill and the time until the last of them ended; every job's
-//! outcome (all must succeed, each once: the prompts ComfyUI received beside the jobs), and whether any
-//! stream had a gap or a duplicate.
+//! Printed per set-up, median and worst over the rounds, from the instant the killed process was reaped:
+//! the time until the next leader serves, until the first job submitted after it is accepted, until the
+//! last job in flight ends, and the longest a client went without a job ending; and every job's outcome
+//! (all must succeed, each once: the prompts ComfyUI received beside the jobs), and the streams with a gap
+//! or a duplicate.
 
 use std::{
     net::SocketAddr,
@@ -199,7 +201,7 @@ async fn run_job(client: &mut JobClient, image: Bytes) -> anyhow::Result<JobRun>
 /// instant returned); the clients go on for `BENCH_AFTER_KILL_MS` more. Returns that instant and each
 /// client's jobs.
 async fn under_load<F>(
-    address: SocketAddr,
+    addresses: &[SocketAddr],
     before: Duration,
     kill: F,
 ) -> anyhow::Result<(Instant, Vec<Vec<JobRun>>)>
@@ -213,6 +215,7 @@ where
     let mut tasks = Vec::new();
     for n in 0..clients {
         // A lazy channel: it connects again by itself after the server went away.
+        let address = addresses[n as usize % addresses.len()];
         let mut client = JobClient::new(Channel::from_shared(format!("http://{address}"))?.connect_lazy());
         tasks.push(tokio::spawn(async move {
             let mut runs = Vec::new();
@@ -357,7 +360,7 @@ async fn main() -> anyhow::Result<()> {
         let prompts_before = emulator.queued_total();
         let restarted = Arc::new(Mutex::new(None));
         let slot = restarted.clone();
-        let (dead, runs) = under_load(address, before(round), async {
+        let (dead, runs) = under_load(&[address], before(round), async {
             replica.kill().await?;
             let dead = Instant::now();
             let again = Replica::start(data.path(), &comfy, &listen, "serving gRPC").await?;
@@ -386,27 +389,40 @@ async fn main() -> anyhow::Result<()> {
             env.push(("COMFYRELAY_GRPC__LISTEN".to_string(), addr.to_string()));
             env
         };
-        let (leader_dir, standby_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+        let leader_dir = tempfile::tempdir()?;
         let leader =
             Replica::start(leader_dir.path(), &comfy, &with_port(free_port()?), "serving gRPC").await?;
-        let address = free_port()?;
-        let standby = Replica::start(
-            standby_dir.path(),
-            &comfy,
-            &with_port(address),
-            "standby: serving health only until this replica leads",
-        )
-        .await?;
+        let mut standbys = Vec::new();
+        for _ in 0..env_u64("BENCH_STANDBYS", 2) {
+            let (dir, address) = (tempfile::tempdir()?, free_port()?);
+            let ready = "standby: serving health only until this replica leads";
+            standbys.push((
+                Replica::start(dir.path(), &comfy, &with_port(address), ready).await?,
+                address,
+                dir,
+            ));
+        }
+        let addresses: Vec<SocketAddr> = standbys.iter().map(|(_, address, _)| *address).collect();
         let prompts_before = emulator.queued_total();
-        let (dead, runs) = under_load(address, before(round), async {
+        let (dead, runs) = under_load(&addresses, before(round), async {
             leader.kill().await?;
             Ok(Instant::now())
         })
         .await?;
-        let leading =
-            standby.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).first().copied();
+        let leading = standbys
+            .iter()
+            .filter_map(|(r, _, _)| {
+                r.serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).first().copied()
+            })
+            .min();
         measured.push(Round::of(dead, &runs, emulator.queued_total() - prompts_before, leading));
     }
-    summary("a leader and a standby on PostgreSQL, the leader SIGKILLed (clients on the standby)", &measured);
+    summary(
+        &format!(
+            "a leader and {} standbys on PostgreSQL, the leader SIGKILLed (the clients spread over the standbys)",
+            env_u64("BENCH_STANDBYS", 2)
+        ),
+        &measured,
+    );
     Ok(())
 }
