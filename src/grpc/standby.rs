@@ -51,8 +51,12 @@ use crate::{
 /// How long a standby's server waits, when the replica starts leading (or stops), for its calls to end and
 /// its connections to close by themselves before it cuts the ones left.
 const STANDBY_STOP: Duration = Duration::from_secs(2);
-/// How often a standby reads the leader's URL and asks the leader's health.
+/// How often a standby pings its leader's connection, and asks for the leader's health again after its
+/// watch broke.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+/// How often a standby reads the leader's URL (one primary-key read): after a takeover, a standby that did
+/// not take over forwards to the new leader within this.
+const READ_LEADER_EVERY: Duration = Duration::from_millis(200);
 /// The shared setting holding the leading replica's URL.
 pub const LEADER_URL: &str = "leader_url";
 
@@ -295,7 +299,7 @@ impl ToLeader {
     }
 }
 
-/// Every [`FOLLOW_EVERY`]: reads the leader's URL (a new channel when it changed, or while the last one
+/// Every [`READ_LEADER_EVERY`]: reads the leader's URL (a new channel when it changed, or while the last one
 /// could not be made: an unreadable CA file, say); beside it, one [`mirror_health`] task per followed
 /// service copies the current leader's health into this standby's as each change comes.
 async fn follow_leader(
@@ -312,8 +316,21 @@ async fn follow_leader(
     let mut current: Option<String> = None;
     // Why the current URL has no channel, logged once per reason.
     let mut refused: Option<String> = None;
+    // Whether the last read failed: a database outage is logged once, not five times a second.
+    let mut failing = false;
     loop {
-        match store.setting(LEADER_URL).await {
+        let read = store.setting(LEADER_URL).await;
+        match &read {
+            Err(e) if !std::mem::replace(&mut failing, true) => {
+                tracing::warn!(error = %crate::telemetry::ErrorChain(e), "standby: reading the leader's URL failed; retrying");
+            }
+            Err(_) => {}
+            Ok(_) if std::mem::take(&mut failing) => {
+                tracing::info!("standby: reading the leader's URL again")
+            }
+            Ok(_) => {}
+        }
+        match read {
             Ok(url) if url != current || (url.is_some() && leader.borrow().is_none()) => {
                 let channel = match url.as_deref().map(|u| (u, how.endpoint(u))) {
                     None => None,
@@ -341,12 +358,9 @@ async fn follow_leader(
                 current = url;
                 leader.send_replace(channel);
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %crate::telemetry::ErrorChain(&e), "standby: reading the leader's URL failed")
-            }
+            Ok(_) | Err(_) => {}
         }
-        tokio::time::sleep(FOLLOW_EVERY).await;
+        tokio::time::sleep(READ_LEADER_EVERY).await;
     }
 }
 
