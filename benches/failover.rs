@@ -26,7 +26,6 @@
 use std::{
     net::SocketAddr,
     path::Path,
-    process::Stdio,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -38,6 +37,8 @@ use tonic::transport::Channel;
 
 #[path = "../tests/support/postgres.rs"]
 mod pg_server;
+#[path = "support/serve.rs"]
+mod serve;
 
 type JobClient = pb::job_service_client::JobServiceClient<Channel>;
 
@@ -65,22 +66,8 @@ impl Replica {
         env: &[(String, String)],
         ready: &str,
     ) -> anyhow::Result<Self> {
-        let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"))
-            .arg("serve")
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("COMFYRELAY_AUTH__MODE", "none")
-            .env("COMFYRELAY_LOG__FORMAT", "json")
-            .env("COMFYRELAY_LOG__FILTER", "warn,comfyrelay::grpc=info")
-            .env("COMFYRELAY_DATA_DIR", data_dir)
-            .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
-            .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{comfy_url}\"}}]"))
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let mut child = serve::serve_command(data_dir, comfy_url, &env).spawn()?;
         let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
         tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await? {

@@ -80,6 +80,8 @@ fn png(w: u32, h: u32, seed: u32) -> Vec<u8> {
 
 #[path = "../tests/support/postgres.rs"]
 mod pg_server;
+#[path = "support/serve.rs"]
+mod serve;
 
 /// Where each comfyrelay stores its jobs: its SQLite file, or a fresh database of one PostgreSQL server.
 struct Storage {
@@ -257,28 +259,9 @@ fn relay_command(
     extra: &[(&str, &str)],
     env: &[(String, String)],
 ) -> tokio::process::Command {
-    let workflows = Path::new(env!("CARGO_MANIFEST_DIR")).join("workflows");
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_comfyrelay"));
-    cmd.arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("COMFYRELAY_GRPC__LISTEN", "127.0.0.1:0")
-        .env("COMFYRELAY_AUTH__MODE", "none")
-        .env("COMFYRELAY_LOG__FORMAT", "json")
-        .env("COMFYRELAY_LOG__FILTER", "warn,comfyrelay::grpc=info")
-        .env("COMFYRELAY_DATA_DIR", data_dir)
-        .env("COMFYRELAY_WORKFLOWS_DIR", &workflows)
-        .env("COMFYRELAY_COMFYUI__SERVERS", format!("[{{name = \"local\", url = \"{comfy_url}\"}}]"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true);
-    for (k, v) in extra {
-        cmd.env(k, v);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
+    let env: Vec<(&str, &str)> =
+        extra.iter().copied().chain(env.iter().map(|(k, v)| (k.as_str(), v.as_str()))).collect();
+    serve::serve_command(data_dir, comfy_url, &env)
 }
 
 impl Relay {

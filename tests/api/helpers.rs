@@ -330,3 +330,27 @@ impl TestApp {
         self.clients_with_header(Some(&format!("Bearer {key}")))
     }
 }
+
+/// A `Watch` of one service's health on `channel`; [`HealthWatch::next`] is its next status (bounded).
+pub(crate) struct HealthWatch(tonic::Streaming<tonic_health::pb::HealthCheckResponse>);
+
+impl HealthWatch {
+    pub(crate) async fn start(channel: &Channel, service: &str) -> Self {
+        let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let watch = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+            .watch(request)
+            .await
+            .expect("watch the health");
+        Self(watch.into_inner())
+    }
+
+    /// The next status sent, within 30 s.
+    pub(crate) async fn next(&mut self) -> tonic_health::pb::health_check_response::ServingStatus {
+        tokio::time::timeout(Duration::from_secs(30), self.0.message())
+            .await
+            .expect("a health change within 30 s")
+            .expect("watch item")
+            .expect("watch open")
+            .status()
+    }
+}

@@ -463,19 +463,8 @@ async fn each_job_is_one_trace_continuing_the_callers_traceparent() {
 #[tokio::test]
 async fn job_service_health_follows_its_only_comfyui() {
     let mut app = spawn_app().await;
-    let mut watch = HealthClient::new(app.channel.clone())
-        .watch(HealthCheckRequest { service: "comfyrelay.v1.JobService".into() })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(30), watch.message())
-            .await
-            .expect("a health change within 30 s")
-            .expect("watch item")
-            .expect("watch open")
-            .status()
-    };
+    let mut watch = crate::helpers::HealthWatch::start(&app.channel, "comfyrelay.v1.JobService").await;
+    let mut next = async || watch.next().await;
     // NOT_SERVING until the socket to ComfyUI is open (bounded by `next`).
     while next().await != ServingStatus::Serving {}
 

@@ -1529,24 +1529,11 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
 
 #[tokio::test]
 async fn a_standbys_job_service_health_follows_its_leaders_through_every_change() {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
+    use tonic_health::pb::health_check_response::ServingStatus;
     let mut comfy = crate::helpers::spawn_comfy().await;
     let Some(pair) = Pair::start("health", &comfy, &[], &[]).await else { return };
-    let mut watch = HealthClient::new(pair.b_channel.clone())
-        .watch(HealthCheckRequest { service: "comfyrelay.v1.JobService".into() })
-        .await
-        .expect("watch the standby")
-        .into_inner();
-    let mut next = async || {
-        tokio::time::timeout(Duration::from_secs(30), watch.message())
-            .await
-            .expect("a health change within 30 s")
-            .expect("watch item")
-            .expect("watch open")
-            .status()
-    };
+    let mut watch = crate::helpers::HealthWatch::start(&pair.b_channel, "comfyrelay.v1.JobService").await;
+    let mut next = async || watch.next().await;
     // SERVING once the leader is, whose socket to ComfyUI opens (bounded by `next`).
     while next().await != ServingStatus::Serving {}
 
