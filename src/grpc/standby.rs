@@ -366,7 +366,10 @@ async fn follow_leader(
 
 /// The one writer of this standby's health of `service`: the current leader's (a `Watch` on its channel,
 /// each status as the leader sends it), `NOT_SERVING` while no leader is known or its watch is broken (the
-/// leader is gone or cannot be reached; watched again every [`FOLLOW_EVERY`]). Starts over on the new
+/// leader is gone or cannot be reached; watched again every [`FOLLOW_EVERY`]). A watch is held only while
+/// the leader says `SERVING`, so the change that matters (to `NOT_SERVING`: a drain, its backends gone)
+/// comes at once, and a draining leader, which says `NOT_SERVING` first, is never kept waiting for it;
+/// while it says `NOT_SERVING` it is asked again every [`FOLLOW_EVERY`]. Starts over on the new
 /// channel when the leader changes. Exit policy: runs until aborted by [`follow_leader`], or until the
 /// channel's sender is gone.
 async fn mirror_health(
@@ -400,6 +403,11 @@ async fn mirror_health(
                         let serving = answer.status
                             == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
                         set(if serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+                        if !serving {
+                            // Dropped (the call cancelled): a leader that drains would wait for an open
+                            // watch until its shutdown deadline. Asked again below.
+                            break;
+                        }
                     }
                 }
                 set(ServingStatus::NotServing).await;

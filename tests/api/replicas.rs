@@ -1531,7 +1531,9 @@ async fn replicas_keep_artifacts_in_an_s3_compatible_store_and_the_next_leader_s
 async fn a_standbys_job_service_health_follows_its_leaders_through_every_change() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let mut comfy = crate::helpers::spawn_comfy().await;
-    let Some(pair) = Pair::start("health", &comfy, &[], &[]).await else { return };
+    // A long grace: a drain held open (by a watch of the standby's, say) would show as a late exit.
+    let grace = [("COMFYRELAY_GRPC__SHUTDOWN_GRACE", "120s")];
+    let Some(mut pair) = Pair::start("health", &comfy, &grace, &[]).await else { return };
     let mut watch = crate::helpers::HealthWatch::start(&pair.b_channel, "comfyrelay.v1.JobService").await;
     let mut next = async || watch.next().await;
     // SERVING once the leader is, whose socket to ComfyUI opens (bounded by `next`).
@@ -1550,5 +1552,11 @@ async fn a_standbys_job_service_health_follows_its_leaders_through_every_change(
     let sent = std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
     assert!(sent.success(), "kill -TERM {pid}");
     assert_eq!(next().await, ServingStatus::NotServing);
+    // Nothing of the standby's holds the leader's drain open: it ends well within its grace.
+    let status = tokio::time::timeout(Duration::from_secs(30), pair.a.child.wait())
+        .await
+        .expect("the leader's drain is not held open: it exits within 30 s of a 120 s grace")
+        .expect("wait");
+    assert!(status.success(), "a drained leader exits 0: {status:?}");
     drop(comfy);
 }
