@@ -7,7 +7,8 @@
 //! ([`crate::console`]) and answers CORS for the origins in `grpc.cors_origins` (`cors`).
 //!
 //! Health tells the truth: `comfyrelay.v1.JobService` follows [`crate::health`] (NOT_SERVING while no
-//! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING. Every
+//! backend can take a job), and at drain every service and the overall one (`""`) turn NOT_SERVING, after
+//! which every `Watch` ends (`health`), so none holds the graceful stop open. Every
 //! call is counted and timed (`observe`) and runs in a span that continues the caller's `traceparent`.
 //!
 //! Every call but those of `auth.open_services` (health, reflection) is authenticated once by the `auth`
@@ -28,6 +29,7 @@ mod console;
 mod convert;
 mod cors;
 mod error_details;
+mod health;
 mod jobs;
 mod machines;
 mod observe;
@@ -130,7 +132,13 @@ pub async fn serve(
     let Services { jobs: job_manager, catalog, pool, auth } = services;
     let auth = auth::AuthLayer::new(auth);
     let max = config.grpc.max_message_bytes;
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    // Cancelled once the drain's statuses are set: then every health watch ends (`health`).
+    let drained = CancellationToken::new();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(health::DrainingHealth::new(
+        health.clone(),
+        drained.clone(),
+    ));
     // JobService starts NOT_SERVING: the readiness watch turns it SERVING once a backend can take a job.
     health.set_not_serving::<pb::job_service_server::JobServiceServer<jobs::JobApi>>().await;
     health.set_serving::<pb::workflow_service_server::WorkflowServiceServer<workflows::WorkflowApi>>().await;
@@ -212,6 +220,7 @@ pub async fn serve(
         for service in [JOB_SERVICE, WORKFLOW_SERVICE, MACHINE_SERVICE, ""] {
             health.set_service_status(service, tonic_health::ServingStatus::NotServing).await;
         }
+        drained.cancel();
         tracing::info!("draining gRPC connections");
     };
 

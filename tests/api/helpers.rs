@@ -344,6 +344,13 @@ impl HealthWatch {
         Self(watch.into_inner())
     }
 
+    /// Asserts that the watch ends (cleanly) within 10 s, with no status before.
+    pub(crate) async fn ended(&mut self) {
+        let end =
+            tokio::time::timeout(Duration::from_secs(10), self.0.message()).await.expect("the watch ends");
+        assert!(matches!(end, Ok(None)), "{end:?}");
+    }
+
     /// The next status sent, within 30 s.
     pub(crate) async fn next(&mut self) -> tonic_health::pb::health_check_response::ServingStatus {
         tokio::time::timeout(Duration::from_secs(30), self.0.message())

@@ -496,8 +496,10 @@ async fn job_service_health_follows_its_only_comfyui() {
     assert_eq!(next().await, ServingStatus::NotServing);
     let drained = tokio::time::timeout(Duration::from_secs(10), overall.message()).await.expect("drain seen");
     assert_eq!(drained.unwrap().unwrap().status(), ServingStatus::NotServing);
-    // Open Watch calls would hold the graceful stop open.
-    drop(watch);
-    drop(overall);
+    // Then the watches end, so that they do not hold the graceful stop open until its deadline.
+    let ended =
+        tokio::time::timeout(Duration::from_secs(10), overall.message()).await.expect("the watch ends");
+    assert!(matches!(ended, Ok(None)), "{ended:?}");
+    watch.ended().await;
     app.stop().await.unwrap();
 }
