@@ -404,8 +404,10 @@ async fn mirror_health(
                             == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
                         set(if serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
                         if !serving {
-                            // Dropped (the call cancelled): a leader that drains would wait for an open
-                            // watch until its shutdown deadline. Asked again below.
+                            // Dropped (the call cancelled). A leader of this version ends its watches at
+                            // its drain itself (`grpc::health`); one of an earlier version, during a
+                            // rolling upgrade, would wait for this watch until its shutdown deadline.
+                            // Asked again below.
                             break;
                         }
                     }
