@@ -233,8 +233,8 @@ struct Round {
     last_in_flight: Duration,
     /// The longest a client went without a job ending, across `dead`.
     pause: Duration,
-    /// From `dead` until the first job submitted after it was accepted.
-    first_new: Duration,
+    /// From `dead` until the first job submitted after it was accepted (`None`: no job was).
+    first_new: Option<Duration>,
     /// From `dead` until the next leader logged `serving gRPC` (replicas only).
     leading: Option<Duration>,
     jobs: usize,
@@ -263,12 +263,7 @@ impl Round {
                 })
                 .max()
                 .unwrap_or_default(),
-            first_new: runs
-                .iter()
-                .filter(|r| r.submitted > dead)
-                .map(|r| r.accepted - dead)
-                .min()
-                .unwrap_or(GIVE_UP),
+            first_new: runs.iter().filter(|r| r.submitted > dead).map(|r| r.accepted - dead).min(),
             leading: leading.map(|at| at.saturating_duration_since(dead)),
             jobs: runs.len(),
             succeeded: runs.iter().filter(|r| r.outcome == "succeeded").count(),
@@ -293,7 +288,7 @@ fn summary(label: &str, rounds: &[Round]) {
     println!("{label} ({} rounds)", rounds.len());
     line("a job, submit to terminal event (median of a round)", &|r| Some(r.job));
     line("gone → the next leader serves", &|r| r.leading);
-    line("gone → first job submitted after it accepted", &|r| Some(r.first_new));
+    line("gone → first job submitted after it accepted", &|r| r.first_new);
     line("gone → the last job in flight ended", &|r| Some(r.last_in_flight));
     line("longest a client went without a job ending", &|r| Some(r.pause));
     let total = |f: fn(&Round) -> usize| rounds.iter().map(f).sum::<usize>();
